@@ -1,0 +1,3 @@
+from cicada.cli import main
+
+main(prog_name="cicada")

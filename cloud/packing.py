@@ -1,0 +1,264 @@
+"""`cicada pack`: turn a model (factory + optional weights) into a model package, and verify one.
+
+The weights file is written by hand in safetensors format (any safetensors reader loads it)
+because the library orders tensors by dtype and name, and Cicada needs them in stage order so
+each stage is one contiguous read. The header is padded so the data starts 64-byte aligned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import xxhash
+from torch import nn
+
+from cloud.miniloader import Slot, build_model, tensor_slots
+from cloud.stages import plan_stages
+from common.errors import PackageError, PackageIntegrityError, PackageMismatchError
+from common.package import (
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    Architecture,
+    FileEntry,
+    Manifest,
+    StageEntry,
+    TensorEntry,
+    check_weights_file,
+)
+
+TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}
+ALIGN = 64
+HASH_CHUNK = 16 * 1024 * 1024
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from a .pt/.bin read with weights_only=True (no pickle
+    code execution)."""
+    if not path.exists():
+        raise PackageError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PackageError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def _apply_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    result = model.load_state_dict(state, strict=False)
+    # A checkpoint may leave out tied copies (lm_head.weight = wte.weight): missing is fine
+    # only for names whose tensor is the same object as one that was loaded.
+    slots = tensor_slots(model)
+    loaded = {id(slots[n][0].get()) for n in state if n in slots}
+    missing = [n for n in result.missing_keys if id(slots[n][0].get()) not in loaded]
+    if missing or result.unexpected_keys:
+        raise PackageMismatchError(
+            f"{source} does not fit the model: missing {missing[:5]}, "
+            f"unexpected {list(result.unexpected_keys)[:5]}"
+        )
+
+
+def _stored_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Unique tensors in state-dict order, and aliases (tied name -> first name)."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_by_id: dict[int, str] = {}
+    for name, slots in tensor_slots(model).items():
+        tensor = slots[0].get()
+        key = id(tensor)
+        if key in first_by_id:
+            aliases[name] = first_by_id[key]
+        else:
+            first_by_id[key] = name
+            unique[name] = tensor.detach()
+    return unique, aliases
+
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if not flat.numel():
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]
+
+
+def pack(
+    factory: str,
+    out: Path,
+    config: dict[str, Any] | None = None,
+    weights: Path | None = None,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> Manifest:
+    """Build the model, cut it into stages and write the package directory `out`."""
+    config = dict(config or {})
+    out = Path(out)
+    if out.exists() and not force:
+        raise PackageError(f"{out} already exists; pass --force to replace it")
+    json.dumps(config)  # the config must survive the manifest round trip
+    model = build_model(factory, config, init=weights is None)
+    if weights is not None:
+        _apply_weights(model, load_weights_file(weights), weights)
+    tensors, aliases = _stored_tensors(model)
+    for name, t in tensors.items():
+        if t.dtype not in TORCH_TO_SAFETENSORS:
+            raise PackageError(f"tensor {name} has dtype {t.dtype}, which packages cannot hold")
+    nbytes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    plan = plan_stages(model, list(tensors), nbytes)
+    # A tied tensor is stored in the earliest stage that uses it, which plan order guarantees
+    # because the stored name is its first occurrence in registration order.
+
+    order = [n for _, names in plan.stages for n in names]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "cicada"}}
+    offset = 0
+    for n in order:
+        t = tensors[n]
+        header[n] = {
+            "dtype": TORCH_TO_SAFETENSORS[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes[n]],
+        }
+        offset += nbytes[n]
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-(8 + len(header_bytes)) % ALIGN)
+    data_start = 8 + len(header_bytes)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sha = hashlib.sha256()
+    stages: list[StageEntry] = []
+    written, total = 0, offset
+    try:
+        with open(tmp / WEIGHTS_NAME, "wb") as f:
+            prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
+            f.write(prefix)
+            sha.update(prefix)
+            cursor = data_start
+            for index, ((stage_name, names), paths) in enumerate(
+                zip(plan.stages, plan.modules, strict=True)
+            ):
+                stage_hash = xxhash.xxh3_64()
+                entries: list[TensorEntry] = []
+                begin = cursor
+                for n in names:
+                    raw = _raw_bytes(tensors[n])
+                    f.write(raw)
+                    sha.update(raw)
+                    stage_hash.update(raw)
+                    entries.append(
+                        TensorEntry(n, header[n]["dtype"], tuple(tensors[n].shape), cursor,
+                                    cursor + len(raw))
+                    )  # fmt: skip
+                    cursor += len(raw)
+                    written += len(raw)
+                    if progress:
+                        progress(written, total)
+                stages.append(
+                    StageEntry(index, stage_name, tuple(paths), tuple(entries), begin, cursor,
+                               stage_hash.hexdigest())
+                )  # fmt: skip
+            f.flush()
+            os.fsync(f.fileno())
+        size = (tmp / WEIGHTS_NAME).stat().st_size
+        manifest = Manifest(
+            architecture=Architecture(factory, config),
+            stages=tuple(stages),
+            files=(FileEntry(WEIGHTS_NAME, size, sha.hexdigest()),),
+            aliases=aliases,
+            staging_method=plan.method,
+            staging_note=plan.note,
+        )
+        manifest.dump(tmp)
+        # Replace by rename: a process that has the old weights mapped keeps its inode intact.
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_package(package_dir: Path, check_model: bool = True) -> Manifest:
+    """Full check: sha256 of every file, header vs manifest, stage checksums, and (optionally)
+    that the model the manifest names has exactly these tensors with these shapes and dtypes."""
+    from cloud.reader import stage_checksum
+
+    package_dir = Path(package_dir)
+    manifest = Manifest.load(package_dir)
+    for entry in manifest.files:
+        path = package_dir / entry.path
+        if not path.exists():
+            raise PackageIntegrityError(f"{path} is missing")
+        if path.stat().st_size != entry.size:
+            raise PackageIntegrityError(
+                f"{path} is {path.stat().st_size} bytes, manifest says {entry.size}"
+            )
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise PackageIntegrityError(f"{path}: sha256 {digest} != manifest {entry.sha256}")
+    weights = check_weights_file(package_dir, manifest)
+    with open(weights, "rb") as f:
+        for stage in manifest.stages:
+            f.seek(stage.begin)
+            digest = stage_checksum(memoryview(f.read(stage.nbytes)))
+            if digest != stage.xxh3:
+                raise PackageIntegrityError(f"{weights}: stage {stage.name} checksum mismatch")
+    if check_model:
+        model = build_model(manifest.architecture.factory, manifest.architecture.config,
+                            init=False)  # fmt: skip
+        check_coverage(model, manifest)
+    return manifest
+
+
+def check_coverage(model: nn.Module, manifest: Manifest) -> dict[str, list[Slot]]:
+    """Every model tensor is stored (or tied to a stored one) with its shape and dtype."""
+    slots = tensor_slots(model)
+    stored = {t.name: t for t in manifest.tensors()}
+    expected = set(stored) | set(manifest.aliases)
+    missing = sorted(set(slots) - expected)
+    extra = sorted(expected - set(slots))
+    if missing or extra:
+        raise PackageMismatchError(
+            f"package {MANIFEST_NAME} and model {manifest.architecture.factory} disagree: "
+            f"tensors the package lacks: {missing[:5]}; tensors the model lacks: {extra[:5]}"
+        )
+    for name, entry in stored.items():
+        current = slots[name][0].get()
+        dtype = SAFETENSORS_TO_TORCH.get(entry.dtype)
+        if tuple(current.shape) != entry.shape or current.dtype != dtype:
+            raise PackageMismatchError(
+                f"tensor {name}: package holds {entry.dtype}{list(entry.shape)}, the model "
+                f"expects {current.dtype}{list(current.shape)}"
+            )
+    return slots

@@ -1,0 +1,356 @@
+"""The Cicada cold-start pipeline: MiniLoader + WeightDecoupler + priority-aware scheduling.
+
+Lanes and who runs them::
+
+    reader thread   read stage 0 | read stage 1 | ...            (started before `import torch`)
+    main thread     import torch | construct | compute stage 0 | wait? | compute stage 1 | ...
+    apply           whichever thread finds a stage's bytes verified *and* the model built
+
+Scheduling rules, in priority order:
+
+1. Compute on resident stages first: the forward runs on the main thread and only blocks, in a
+   forward pre-hook, at a module whose stage is not resident yet.
+2. I/O in order of need: the reader walks stages in execution order.
+3. Construction fills the gaps: the model is built (milliseconds, MiniLoader) while the reader
+   streams; stages that arrived before construction finished are applied right after it, out
+   of order with respect to their arrival (whatever is there goes in).
+
+A stage is *resident* once its bytes passed the checksum and its tensors sit in the model.
+Each residency is published as a `ResidencyEvent` (callback and iterator); the coordinator's
+handoff policy feeds on them. A result is only returned once every stage has checked out.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cloud.reader import MappedWeights, StageRead, WeightReader
+from cloud.timeline import Timeline
+from common.errors import CicadaError
+from common.package import Manifest, StageEntry, check_weights_file
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from cloud.miniloader import Slot
+
+
+@dataclass(frozen=True)
+class ResidencyEvent:
+    """Stage `stage` of `total_stages` became resident; `eta_s` estimates the rest."""
+
+    stage: int
+    name: str
+    nbytes: int
+    resident_stages: int
+    total_stages: int
+    resident_bytes: int
+    total_bytes: int
+    elapsed_s: float
+    eta_s: float
+
+    @property
+    def done(self) -> bool:
+        return self.resident_stages == self.total_stages
+
+
+class ColdStart:
+    """One cold start of a packaged model.
+
+    Construct it as early as possible (it opens the package and starts reading without torch),
+    then `build()` once torch is imported, then `forward(...)`.
+    """
+
+    def __init__(
+        self,
+        package_dir: Path | str,
+        *,
+        device: str = "cpu",
+        timeline: Timeline | None = None,
+        verify: bool = True,
+        reader_threads: int = 1,
+    ) -> None:
+        self.package_dir = Path(package_dir)
+        self.device = device
+        self.timeline = timeline or Timeline()
+        self.manifest = Manifest.load(self.package_dir)
+        self.weights_path = check_weights_file(self.package_dir, self.manifest)
+        stages = self.manifest.stages
+        self._resident = [threading.Event() for _ in stages]
+        self._error: CicadaError | None = None
+        self._lock = threading.Lock()
+        self._pending: list[StageRead] = []
+        self._model: nn.Module | None = None
+        self._slots: dict[str, list[Slot]] = {}
+        self._hooks: list[Any] = []
+        self._listeners: list[Callable[[ResidencyEvent], None]] = []
+        self._error_listeners: list[Callable[[CicadaError], None]] = []
+        self._resident_bytes = 0
+        self._resident_count = 0
+        self._started = self.timeline.now()
+        self._verify = verify
+        self._reader_threads = reader_threads
+        self._gpu_loader: Any = None
+        self._aliases_of: dict[str, list[str]] = {}
+        for alias, target in self.manifest.aliases.items():
+            self._aliases_of.setdefault(target, []).append(alias)
+        # Compute-lane bookkeeping for per-stage timings (main thread only).
+        self._segment_stage: int | None = None
+        self._segment_start = 0.0
+        self.mapped: MappedWeights | None = None
+        if device == "cpu":
+            self.mapped = MappedWeights(self.weights_path)
+            WeightReader(
+                self.mapped, self.manifest, self._on_stage_read, self.timeline.now,
+                verify=verify, threads=reader_threads,
+            ).start()  # fmt: skip
+        else:
+            # Pinned buffers and CUDA need torch; until it is imported, let the kernel pull
+            # the file into the page cache so the later reads are memory-speed.
+            from cloud.gpu import prefetch_file
+
+            prefetch_file(self.weights_path)
+
+    # -- residency -------------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[ResidencyEvent], None]) -> None:
+        """Call `listener` (from a loader thread) for every stage that becomes resident."""
+        self._listeners.append(listener)
+
+    def residency(self, timeout: float | None = None) -> Iterator[ResidencyEvent]:
+        """Iterate residency events as they happen, ending when every stage is resident."""
+        events: queue.Queue[ResidencyEvent | CicadaError] = queue.Queue()
+        with self._lock:
+            self._listeners.append(events.put)
+            self._error_listeners.append(events.put)
+            already = self._resident_count
+        if already == len(self._resident) or self._error is not None:
+            if self._error is not None:
+                raise self._error
+            return
+        while True:
+            item = events.get(timeout=timeout)
+            if isinstance(item, CicadaError):
+                raise item
+            yield item
+            if item.done:
+                return
+
+    @property
+    def all_resident(self) -> bool:
+        return all(e.is_set() for e in self._resident)
+
+    def is_resident(self, stage: int) -> bool:
+        return self._resident[stage].is_set() and self._error is None
+
+    def wait_stage(self, stage: int, timeout: float | None = None) -> None:
+        if not self._resident[stage].wait(timeout):
+            raise TimeoutError(f"stage {stage} not resident after {timeout} s")
+        if self._error is not None:
+            raise self._error
+
+    def wait_all(self, timeout: float | None = None) -> None:
+        for i in range(len(self._resident)):
+            self.wait_stage(i, timeout)
+
+    # -- the reader's side -----------------------------------------------------------------
+
+    def _on_stage_read(self, read: StageRead) -> None:
+        self.timeline.add("read", read.stage.name, read.start, read.end)
+        if read.error is not None:
+            self._fail(read.error)
+            return
+        with self._lock:
+            if self._model is None:
+                self._pending.append(read)
+                return
+            self._apply(read.stage)
+
+    def _fail(self, error: CicadaError) -> None:
+        with self._lock:
+            if self._error is None:
+                self._error = error
+            listeners = list(self._error_listeners)
+        for e in self._resident:
+            e.set()  # wake every waiter; they see the error
+        for listener in listeners:
+            listener(error)
+
+    # -- construction and application ------------------------------------------------------
+
+    def build(self) -> nn.Module:
+        """Construct the model (MiniLoader) and apply whatever stages already arrived."""
+        import torch
+
+        from cloud.miniloader import build_model, resolve_factory
+        from cloud.packing import check_coverage
+
+        arch = self.manifest.architecture
+        with self.timeline.span("import", "model code"):
+            resolve_factory(arch.factory)
+        with self.timeline.span("construct", "construct"):
+            if self.device == "cpu":  # a device context costs a dispatch hook on every op
+                model = build_model(arch.factory, arch.config, init=False)
+            else:
+                with torch.device(self.device):
+                    model = build_model(arch.factory, arch.config, init=False)
+            self._slots = check_coverage(model, self.manifest)
+            self._install_hooks(model)
+        if self.device != "cpu":
+            from cloud.gpu import GpuStageLoader
+
+            self._gpu_loader = GpuStageLoader(
+                self.weights_path, self.manifest, self._slots, self.device, self.timeline,
+                on_resident=self._publish, on_error=self._fail, verify=self._verify,
+            ).start()  # fmt: skip
+        with self._lock:
+            self._model = model
+            pending, self._pending = self._pending, []
+            for read in pending:
+                self._apply(read.stage)
+        return model
+
+    def _stage_tensors(self, stage: StageEntry) -> Iterator[tuple[str, torch.Tensor]]:
+        import torch
+
+        from cloud.packing import SAFETENSORS_TO_TORCH
+
+        assert self.mapped is not None
+        for t in stage.tensors:
+            dtype = SAFETENSORS_TO_TORCH[t.dtype]
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            numel = t.nbytes // itemsize
+            if numel == 0:
+                yield t.name, torch.empty(t.shape, dtype=dtype)
+            elif t.begin % itemsize == 0:
+                # Zero-copy: the tensor is a view of the mapped file (page-cache pages).
+                flat = torch.frombuffer(self.mapped.map, dtype=dtype, count=numel, offset=t.begin)
+                yield t.name, flat.view(t.shape)
+            else:
+                # Misaligned for its dtype (mixed dtypes with odd sizes): copy once.
+                raw = torch.frombuffer(self.mapped.map, dtype=torch.uint8, count=t.nbytes,
+                                       offset=t.begin)  # fmt: skip
+                yield t.name, raw.clone().view(dtype).view(t.shape)
+
+    def _apply(self, stage: StageEntry) -> None:
+        """Put a verified stage's tensors into the model (caller holds the lock)."""
+        from torch import nn
+
+        aliases_of = self._aliases_of
+        start = self.timeline.now()
+        for name, tensor in self._stage_tensors(stage):
+            new_param: nn.Parameter | None = None
+            for slot_name in (name, *aliases_of.get(name, ())):
+                for slot in self._slots[slot_name]:
+                    if slot.is_parameter:
+                        # One Parameter object for every tied slot keeps the tie.
+                        if new_param is None:
+                            new_param = nn.Parameter(tensor, requires_grad=False)
+                        slot.module._parameters[slot.attr] = new_param
+                    else:
+                        slot.module._buffers[slot.attr] = tensor
+        self.timeline.add("apply", stage.name, start, self.timeline.now())
+        self._publish(stage)
+
+    def _publish(self, stage: StageEntry) -> None:
+        self._resident_bytes += stage.nbytes
+        self._resident_count += 1
+        elapsed = self.timeline.now() - self._started
+        rest = self.manifest.total_bytes - self._resident_bytes
+        rate = self._resident_bytes / elapsed if elapsed > 0 else 0.0
+        event = ResidencyEvent(
+            stage=stage.index, name=stage.name, nbytes=stage.nbytes,
+            resident_stages=self._resident_count, total_stages=len(self._resident),
+            resident_bytes=self._resident_bytes, total_bytes=self.manifest.total_bytes,
+            elapsed_s=elapsed, eta_s=rest / rate if rate > 0 else float("inf"),
+        )  # fmt: skip
+        self._resident[stage.index].set()
+        for listener in list(self._listeners):
+            listener(event)
+
+    # -- execution -------------------------------------------------------------------------
+
+    def _install_hooks(self, model: nn.Module) -> None:
+        """A pre-hook on every module that owns tensors waits for those tensors' stages."""
+        stage_of: dict[str, int] = {}
+        for stage in self.manifest.stages:
+            for t in stage.tensors:
+                stage_of[t.name] = stage.index
+        for alias, target in self.manifest.aliases.items():
+            stage_of[alias] = stage_of[target]
+        for path, module in model.named_modules():
+            prefix = f"{path}." if path else ""
+            owned = [*module._parameters, *module._buffers]
+            needs = sorted({stage_of[prefix + a] for a in owned if prefix + a in stage_of})
+            if needs:
+                self._hooks.append(module.register_forward_pre_hook(self._make_hook(needs)))
+
+    def _make_hook(self, stages: list[int]) -> Callable[..., None]:
+        def wait_for_stages(module: nn.Module, args: Any) -> None:
+            self._enter_stage(stages[-1])
+            for s in stages:
+                if not self._resident[s].is_set():
+                    start = self.timeline.now()
+                    self.wait_stage(s)
+                    now = self.timeline.now()
+                    self.timeline.add("wait", self.manifest.stages[s].name, start, now)
+                    self._segment_start = now
+                elif self._error is not None:
+                    raise self._error
+            if self._gpu_loader is not None:
+                self._gpu_loader.order_compute_after(stages)
+
+        return wait_for_stages
+
+    def _enter_stage(self, stage: int) -> None:
+        if stage == self._segment_stage:
+            return
+        now = self.timeline.now()
+        if self._segment_stage is not None:
+            name = self.manifest.stages[self._segment_stage].name
+            self.timeline.add("compute", name, self._segment_start, now)
+        self._segment_stage, self._segment_start = stage, now
+
+    def _close_compute(self) -> None:
+        if self._segment_stage is not None:
+            if self._gpu_loader is not None:
+                self._gpu_loader.synchronize()
+            name = self.manifest.stages[self._segment_stage].name
+            self.timeline.add("compute", name, self._segment_start, self.timeline.now())
+        self._segment_stage = None
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Run the model; blocks only where a stage is not resident. Returns once every stage
+        has checked out, so no unverified byte is ever part of a released result."""
+        import torch
+
+        if self._model is None:
+            self.build()
+        assert self._model is not None
+        with torch.inference_mode():
+            try:
+                out = self._model(*inputs, **kwargs)
+            finally:
+                self._close_compute()
+        self.wait_all()
+        self.remove_hooks()
+        return out
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError("build() has not run yet")
+        return self._model
+
+    def remove_hooks(self) -> None:
+        """Once everything is resident the hooks only cost time: drop them."""
+        if self.all_resident and self._error is None:
+            for h in self._hooks:
+                h.remove()
+            self._hooks.clear()
