@@ -86,11 +86,17 @@ def resolve_factory(spec: str) -> Callable[..., nn.Module]:
 def build_model(factory: str, config: dict[str, Any], *, init: bool) -> nn.Module:
     """Call the factory; with `init=False` parameters are left uninitialised (MiniLoader)."""
     fn = resolve_factory(factory)
-    if init:
-        model = fn(**config)
-    else:
-        with skip_parameter_init():
+    try:
+        if init:
             model = fn(**config)
+        else:
+            with skip_parameter_init():
+                model = fn(**config)
+    except (TypeError, ValueError) as exc:
+        # Most often a config the factory does not accept (an edited or mismatched manifest).
+        raise PackageError(
+            f"factory {factory} refused its config {config}: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise PackageError(f"factory {factory!r} returned {type(model).__name__}, not nn.Module")
     return model.eval()

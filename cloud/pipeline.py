@@ -91,6 +91,7 @@ class ColdStart:
         self._hooks: list[Any] = []
         self._listeners: list[Callable[[ResidencyEvent], None]] = []
         self._error_listeners: list[Callable[[CicadaError], None]] = []
+        self._published: list[ResidencyEvent] = []
         self._resident_bytes = 0
         self._resident_count = 0
         self._started = self.timeline.now()
@@ -124,18 +125,29 @@ class ColdStart:
         self._listeners.append(listener)
 
     def residency(self, timeout: float | None = None) -> Iterator[ResidencyEvent]:
-        """Iterate residency events as they happen, ending when every stage is resident."""
+        """Every residency event, past ones first, ending when every stage is resident.
+
+        Subscribes at once (not at the first `next()`), so nothing published in between is
+        lost; raises the load's error instead of waiting for events that will never come."""
         events: queue.Queue[ResidencyEvent | CicadaError] = queue.Queue()
         with self._lock:
+            for past in self._published:
+                events.put(past)
+            if self._error is not None:
+                events.put(self._error)
             self._listeners.append(events.put)
             self._error_listeners.append(events.put)
-            already = self._resident_count
-        if already == len(self._resident) or self._error is not None:
-            if self._error is not None:
-                raise self._error
-            return
+        return self._drain(events, timeout)
+
+    @staticmethod
+    def _drain(
+        events: queue.Queue[ResidencyEvent | CicadaError], timeout: float | None
+    ) -> Iterator[ResidencyEvent]:
         while True:
-            item = events.get(timeout=timeout)
+            try:
+                item = events.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no residency event within {timeout} s") from None
             if isinstance(item, CicadaError):
                 raise item
             yield item
@@ -144,7 +156,7 @@ class ColdStart:
 
     @property
     def all_resident(self) -> bool:
-        return all(e.is_set() for e in self._resident)
+        return self._error is None and all(e.is_set() for e in self._resident)
 
     def is_resident(self, stage: int) -> bool:
         return self._resident[stage].is_set() and self._error is None
@@ -207,7 +219,7 @@ class ColdStart:
 
             self._gpu_loader = GpuStageLoader(
                 self.weights_path, self.manifest, self._slots, self.device, self.timeline,
-                on_resident=self._publish, on_error=self._fail, verify=self._verify,
+                on_resident=self._publish_locked, on_error=self._fail, verify=self._verify,
             ).start()  # fmt: skip
         with self._lock:
             self._model = model
@@ -258,7 +270,12 @@ class ColdStart:
         self.timeline.add("apply", stage.name, start, self.timeline.now())
         self._publish(stage)
 
+    def _publish_locked(self, stage: StageEntry) -> None:
+        with self._lock:
+            self._publish(stage)
+
     def _publish(self, stage: StageEntry) -> None:
+        """Record and announce a resident stage (caller holds the lock)."""
         self._resident_bytes += stage.nbytes
         self._resident_count += 1
         elapsed = self.timeline.now() - self._started
@@ -270,6 +287,7 @@ class ColdStart:
             resident_bytes=self._resident_bytes, total_bytes=self.manifest.total_bytes,
             elapsed_s=elapsed, eta_s=rest / rate if rate > 0 else float("inf"),
         )  # fmt: skip
+        self._published.append(event)
         self._resident[stage.index].set()
         for listener in list(self._listeners):
             listener(event)

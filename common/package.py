@@ -223,11 +223,14 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
         if t_cursor != end:
             raise PackageFormatError(f"{at}: tensors do not fill the stage's byte range")
         cursor = end
+        modules = _need(s, "modules", list, at)
+        if not all(isinstance(m, str) for m in modules):
+            raise PackageFormatError(f"{at}: 'modules' must be a list of module paths (strings)")
         stages.append(
             StageEntry(
                 index=index,
                 name=_need(s, "name", str, at),
-                modules=tuple(_need(s, "modules", list, at)),
+                modules=tuple(modules),
                 tensors=tuple(tensors),
                 begin=begin,
                 end=end,
@@ -244,11 +247,17 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
         )
         for p, f in _need(doc, "files", dict, where).items()
     )
+    if any(f.size < 0 for f in files):
+        raise PackageFormatError(f"{where}: a file entry has a negative size")
     aliases = _need(doc, "aliases", dict, where)
     names = {t.name for s in stages for t in s.tensors}
     for alias, target in aliases.items():
+        if not isinstance(target, str):
+            raise PackageFormatError(f"{where}: alias {alias} must name a tensor (a string)")
         if target not in names:
             raise PackageFormatError(f"{where}: alias {alias} points at unknown tensor {target}")
+        if alias in names:
+            raise PackageFormatError(f"{where}: alias {alias} is also a stored tensor")
     manifest = Manifest(
         architecture=architecture,
         stages=tuple(stages),
