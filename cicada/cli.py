@@ -221,5 +221,261 @@ def demo(model: str, cache: Path | None, as_json: bool) -> None:
         _fail(exc)
 
 
+# -- cicada invoke: one call through the coordinator (the client SDK, cicada/client.py) -------
+
+
+@main.command()
+@click.argument("model")
+@click.option(
+    "--input",
+    "input_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An input tensor (.npy); repeat it for a model with several inputs, in order.",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(0, 2),
+    default=1,
+    show_default=True,
+    help="0 latency-critical, 1 normal, 2 quality-seeking.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds the result stays useful; the coordinator answers TIMEOUT rather than late.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the reply at most.",
+)
+@click.option(
+    "--address",
+    default="tcp://127.0.0.1:5555",
+    show_default=True,
+    envvar="CICADA_ADDRESS",
+    show_envvar=True,
+    help="The coordinator's endpoint.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Save the output here (.npy); further outputs go to OUT_1.npy, OUT_2.npy, ...",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
+def invoke(
+    model: str,
+    input_paths: tuple[Path, ...],
+    priority: int,
+    deadline: float | None,
+    timeout: float,
+    address: str,
+    out_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Call MODEL once through the coordinator; print who served it and the timings.
+
+    Exit status: 0 OK, 1 the call failed (TIMEOUT, REJECTED, UNAVAILABLE, BAD_REQUEST,
+    FAILED, or a connection problem; the message says which), 2 usage error.
+    """
+    import numpy as np
+
+    from cicada.client import Client
+    from cicada.errors import ClientError, TransportError
+
+    inputs = []
+    for path in input_paths:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise click.UsageError(f"--input {path} is not a readable .npy file: {exc}") from None
+        if not isinstance(array, np.ndarray):
+            raise click.UsageError(f"--input {path} holds several arrays; save each as .npy")
+        inputs.append(array)
+    try:
+        client = Client(address, timeout=timeout)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        with client:
+            result = client.invoke(model, inputs, priority=priority, deadline=deadline)
+    except (ClientError, TransportError) as exc:
+        if as_json:
+            status = exc.status.value if exc.status is not None else None
+            failure = {"status": status, "error": str(exc), "request_id": exc.request_id,
+                       "served_by": exc.served_by, "side": getattr(exc, "side", None),
+                       "retry_after": getattr(exc, "retry_after", None)}  # fmt: skip
+            click.echo(json.dumps(failure))
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    written: list[Path | None] = []
+    for i, array in enumerate(result.outputs):
+        if out_path is None:
+            written.append(None)
+            continue
+        path = out_path if i == 0 else out_path.with_name(f"{out_path.stem}_{i}.npy")
+        with path.open("wb") as f:  # exactly the path asked for (np.save would add .npy)
+            np.save(f, array, allow_pickle=False)
+        written.append(path)
+    if as_json:
+        click.echo(json.dumps({
+            "status": result.status.value, "request_id": result.request_id,
+            "served_by": result.served_by, "timings": result.timings,
+            "outputs": [{"dtype": a.dtype.name, "shape": list(a.shape),
+                         "path": None if p is None else str(p)}
+                        for a, p in zip(result.outputs, written, strict=True)],
+        }))  # fmt: skip
+        return
+    who = result.served_by
+    click.echo(
+        f"{result.status.value}: served by {who.get('role', '?')} worker {who.get('worker', '?')}"
+        f" (variant {who.get('variant') or '?'}), request {result.request_id}"
+    )
+    click.echo("timings: " + ", ".join(f"{name.removesuffix('_s')} {value:.4f} s"
+                                       for name, value in result.timings.items()))  # fmt: skip
+    for i, (array, saved) in enumerate(zip(result.outputs, written, strict=True)):
+        where = "" if saved is None else f" -> {saved}"
+        click.echo(f"output {i}: {array.dtype.name} {list(array.shape)}{where}")
+
+
+@main.command("export-edge")
+@click.option(
+    "--package",
+    "package_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Model package to cut the edge model from: its manifest names the factory and "
+    "config, and tensors the edge variant shares with it (embeddings, first blocks, head) "
+    "are copied.",
+)
+@click.option(
+    "--model",
+    "factory",
+    metavar="PKG.MODULE:FACTORY",
+    help="Instead of --package: the cloud model's factory, e.g. cloud.models.gpt2:build "
+    "(the edge variant keeps its seeded initialisation).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --model: JSON object of the cloud model's factory keyword arguments.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write model.onnx, model.int8.onnx (--int8) and edge_model.json.",
+)
+@click.option("--int8", is_flag=True, help="Also write an int8 dynamic-quantized model.")
+@click.option(
+    "--shrink",
+    "shrink_items",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a key of the edge config; VALUE is JSON (else a string). Repeatable, e.g. "
+    "--shrink n_layer=2 --shrink 'layers=[1,2,1,1]'.",
+)
+@click.option(
+    "--seq-len",
+    type=int,
+    default=None,
+    help="Token models: trace and check with this many tokens (the axis stays dynamic).",
+)
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export_edge_cmd(
+    package_dir: Path | None,
+    factory: str | None,
+    config_path: Path | None,
+    out: Path,
+    int8: bool,
+    shrink_items: tuple[str, ...],
+    seq_len: int | None,
+    opset: int,
+    force: bool,
+) -> None:
+    """Export a small ONNX model for the edge agent, with the cloud model's signature.
+
+    The edge variant is the same architecture with fewer layers (GPT-2: n_layer/4, BERT:
+    num_hidden_layers/4, ResNet: one block per stage); it takes and returns what the cloud
+    model does, with dynamic batch (and sequence) axes. Its weights are stand-ins for a
+    distilled model. Before anything is written, ONNX Runtime and torch run the variant on
+    the example input and must agree within the tolerances stated in edge_model.json.
+
+    \b
+    Examples:
+      cicada export-edge --package pkg/gpt2 --out edge-models/gpt2 --int8
+      cicada export-edge --model cloud.models.resnet:build --out edge-models/resnet \\
+          --shrink width=32
+    """
+    if (package_dir is None) == (factory is None):
+        raise click.UsageError("pass either --package DIR or --model FACTORY")
+    if config_path is not None and factory is None:
+        raise click.UsageError("--config goes with --model (a package carries its config)")
+    config: dict[str, Any] | None = None
+    if config_path is not None:
+        try:
+            config = json.loads(config_path.read_text())
+        except ValueError as exc:
+            raise click.UsageError(f"--config {config_path} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise click.UsageError(f"--config {config_path} must hold a JSON object")
+    shrink: dict[str, Any] = {}
+    for item in shrink_items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--shrink {item!r} must look like KEY=VALUE")
+        try:
+            shrink[key.strip()] = json.loads(raw)
+        except ValueError:
+            shrink[key.strip()] = raw
+    from edge.export import export_edge
+
+    try:
+        info = export_edge(
+            package_dir, out, factory=factory, config=config, shrink=shrink or None,
+            int8=int8, seq_len=seq_len, opset=opset, force=force,
+        )  # fmt: skip
+    except CicadaError as exc:
+        _fail(exc)
+        return
+    tol, measured = info.tolerance, info.measured
+    fp32 = info.files["fp32"]
+    click.echo(
+        f"wrote {out / fp32['path']}: fp32, {fp32['bytes'] / 1e6:.2f} MB, max |diff| vs torch "
+        f"{measured['fp32_max_abs']:.2g} (tolerance {tol['max_abs']:g})"
+    )
+    if "int8" in info.files:
+        q = info.files["int8"]
+        click.echo(
+            f"wrote {out / q['path']}: int8, {q['bytes'] / 1e6:.2f} MB "
+            f"({q['bytes'] / fp32['bytes']:.0%} of fp32), max |diff| vs torch "
+            f"{measured['int8_max_abs']:.2g} (tolerance {tol['int8_max_abs']:.2g}), argmax "
+            f"agreement {measured['int8_argmax_agreement']:.1%}"
+        )
+    sig_in, sig_out = info.input, info.output
+    click.echo(
+        f"wrote {out / 'edge_model.json'}: variant {info.variant}, "
+        f"{sig_in['name']} {sig_in['dtype']}{sig_in['shape']} -> "
+        f"{sig_out['name']} {sig_out['dtype']}{sig_out['shape']} (-1: dynamic); "
+        + (
+            f"{info.copied_tensors} tensors copied from {package_dir}"
+            if package_dir is not None
+            else "seeded weights (no package)"
+        )
+    )
+
+
+from cicada.serve_commands import register as _register_role_commands  # noqa: E402
+
+_register_role_commands(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,554 @@
+"""The Cicada client SDK: call a model through the coordinator, get arrays back.
+
+    with Client("tcp://127.0.0.1:5555") as client:
+        result = client.invoke("gpt2", ids, priority=0, deadline=0.5)
+        result.output, result.served_by, result.timings
+
+    async with AsyncClient() as client:
+        results = await asyncio.gather(*(client.invoke("gpt2", x) for x in batch))
+
+A call sends one REQUEST and waits for the REPLY with its id (docs/PROTOCOL.md); a status
+other than OK raises the matching `cicada.errors.ClientError`. Every call is bounded by the
+client's own timeout (30 s unless told otherwise) and, when a `deadline` is given, by that
+deadline plus a small grace, so a coordinator that dies mid-call ends the call with
+`Timeout(side="client")`, never a hang. A reply that arrives after its call gave up is
+recognised by its id and discarded.
+
+Both clients talk through a `Transport` (`AsyncTransport`): a ZeroMQ DEALER by default, or an
+in-memory `cicada.testing.MockTransport` in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgpack
+import numpy as np
+import zmq
+import zmq.asyncio
+import zmq.utils.z85
+
+from cicada.errors import BadRequest, Timeout, TransportError, raise_for_reply
+from common.protocol import (
+    DEFAULT_LIMITS,
+    Limits,
+    ProtocolError,
+    Reply,
+    Request,
+    Status,
+    decode,
+    encode,
+)
+from common.sockets import HWM
+from common.sockets import configure as configure_socket
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+DEFAULT_TIMEOUT_S = 30.0
+# Waiting past a deadline by this much lets the coordinator's own TIMEOUT reply arrive (it
+# says more than silence does) before the client gives up by itself.
+DEADLINE_GRACE_S = 0.5
+PRIORITIES = (0, 1, 2)  # latency-critical, normal, quality-seeking
+
+Frame = bytes | memoryview
+Inputs = np.ndarray | Sequence[np.ndarray]
+
+
+# -- configuration and results --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CurveConfig:
+    """CURVE keys (Z85 text, 40 characters each, bytes or str), as `cicada keys` writes them:
+    the coordinator's public key and this client's key pair (listed on the coordinator)."""
+
+    server_public_key: bytes | str
+    public_key: bytes | str
+    secret_key: bytes | str = field(repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("server_public_key", "public_key", "secret_key"):
+            key = _z85(getattr(self, name))
+            try:
+                valid = len(key) == 40 and len(zmq.utils.z85.decode(key)) == 32
+            except (ValueError, KeyError, IndexError, TypeError):
+                valid = False
+            if not valid:
+                raise ValueError(f"CurveConfig.{name} is not a 40-character Z85 CURVE key")
+
+    def apply(self, socket: zmq.Socket[Any]) -> None:
+        """Make `socket` a CURVE client of the coordinator (before it connects)."""
+        if not zmq.has("curve"):
+            raise TransportError("this libzmq was built without CURVE; encryption unavailable")
+        socket.curve_serverkey = _z85(self.server_public_key)
+        socket.curve_publickey = _z85(self.public_key)
+        socket.curve_secretkey = _z85(self.secret_key)
+
+
+def _z85(key: bytes | str) -> bytes:
+    return key.encode("ascii") if isinstance(key, str) else bytes(key)
+
+
+@dataclass(frozen=True)
+class InvokeResult:
+    """A successful call: the outputs, who computed them, and where the time went."""
+
+    outputs: list[np.ndarray]
+    served_by: dict[str, Any]  # {"role": "edge"|"cloud", "worker": str, "variant": str}
+    timings: dict[str, float]  # the coordinator's (queue_s, compute_s, ...) plus client_s
+    request_id: str
+    status: Status = Status.OK
+
+    @property
+    def output(self) -> np.ndarray:
+        """The first output (most models have exactly one)."""
+        if not self.outputs:
+            raise IndexError(f"request {self.request_id} returned no outputs")
+        return self.outputs[0]
+
+
+# -- transports -------------------------------------------------------------------------------
+
+
+class Transport(Protocol):
+    """How the sync `Client` moves frames; one instance serves one client."""
+
+    def send(self, frames: Sequence[Frame]) -> None:
+        """Queue one multipart message; raise `TransportError` if it cannot be queued now."""
+
+    def recv(self, timeout: float) -> list[Frame] | None:
+        """The next message, or None if none arrives within `timeout` seconds."""
+
+    def close(self) -> None: ...
+
+
+class AsyncTransport(Protocol):
+    """How `AsyncClient` moves frames: `recv` waits (cancellably) for the next message."""
+
+    async def send(self, frames: Sequence[Frame]) -> None: ...
+
+    async def recv(self) -> list[Frame]: ...
+
+    def close(self) -> None: ...
+
+
+def _configure(socket: zmq.Socket[Any], curve: CurveConfig | None, limits: Limits) -> None:
+    # LINGER=0 (close never blocks on unsent requests), SNDHWM/RCVHWM, and MAXMSGSIZE (an
+    # oversized reply drops the connection before it is buffered), as every role sets them.
+    configure_socket(socket, limits)
+    if curve is not None:
+        curve.apply(socket)
+
+
+def _connect(socket: zmq.Socket[Any], address: str) -> None:
+    try:
+        socket.connect(address)
+    except zmq.ZMQError as exc:
+        raise ValueError(
+            f"cannot connect to {address!r}: {exc}; give an endpoint like tcp://HOST:PORT"
+        ) from None
+
+
+class ZmqTransport:
+    """One DEALER socket connected to the coordinator (sync)."""
+
+    def __init__(
+        self, address: str, *, curve: CurveConfig | None = None, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        try:
+            _configure(self._socket, curve, limits)
+            _connect(self._socket, address)
+        except Exception:
+            self._socket.close(linger=0)
+            raise
+
+    def send(self, frames: Sequence[Frame]) -> None:
+        try:
+            # Never block: the queue fills only when the coordinator has been gone a while.
+            self._socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise TransportError(
+                f"the send queue is full ({HWM} messages): the coordinator is not reading; "
+                "check that it is running at this address"
+            ) from None
+
+    def recv(self, timeout: float) -> list[Frame] | None:
+        if not self._socket.poll(max(1, round(timeout * 1000)), zmq.POLLIN):
+            return None
+        return [frame.buffer for frame in self._socket.recv_multipart(copy=False)]
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+class AsyncZmqTransport:
+    """One DEALER socket connected to the coordinator (asyncio)."""
+
+    def __init__(
+        self, address: str, *, curve: CurveConfig | None = None, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
+        self._socket: zmq.asyncio.Socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        try:
+            _configure(self._socket, curve, limits)
+            _connect(self._socket, address)
+        except Exception:
+            self._socket.close(linger=0)
+            raise
+
+    async def send(self, frames: Sequence[Frame]) -> None:
+        await self._socket.send_multipart(frames, copy=False)
+
+    async def recv(self) -> list[Frame]:
+        return [frame.buffer for frame in await self._socket.recv_multipart(copy=False)]
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+# -- shared call logic --------------------------------------------------------------------------
+
+
+@dataclass
+class _Call:
+    """One invoke's request, encoded, and how long its caller waits for the reply."""
+
+    request_id: str
+    frames: list[Frame]
+    wait_s: float
+
+
+def _prepare(
+    model: str,
+    inputs: Inputs,
+    priority: int,
+    deadline: float | None,
+    timeout: float | None,
+    default_timeout: float,
+    limits: Limits,
+) -> _Call:
+    if priority not in PRIORITIES:
+        raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
+    wait_s = default_timeout if timeout is None else timeout
+    if not wait_s > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    # Without a deadline the client's own timeout is the budget: the coordinator should never
+    # keep working (or wait for a cold start) for a caller that has already given up.
+    timeout_ms = round(wait_s * 1000)
+    if deadline is not None:
+        if not 0 < deadline < math.inf:
+            raise ValueError(f"deadline must be a positive number of seconds, got {deadline!r}")
+        timeout_ms = min(timeout_ms, round(deadline * 1000))
+        wait_s = min(wait_s, deadline + DEADLINE_GRACE_S)
+    arrays = [inputs] if isinstance(inputs, np.ndarray) else [np.asarray(a) for a in inputs]
+    request_id = uuid.uuid4().hex
+    request = Request(request_id, model, arrays, priority=priority, timeout_ms=timeout_ms)
+    try:
+        frames = encode(request)
+    except ProtocolError as exc:
+        raise BadRequest(
+            f"request {request_id} not sent: {exc}",
+            request_id=request_id,
+            status=Status.BAD_REQUEST,
+        ) from exc
+    size = sum(len(f) for f in frames)
+    if len(frames) > limits.max_frames or size > limits.max_message_bytes:
+        raise BadRequest(
+            f"request {request_id} not sent: {len(arrays)} inputs of {size} bytes in all exceed "
+            f"the protocol limits ({limits.max_frames - 3} tensors, "
+            f"{limits.max_message_bytes} bytes); send smaller batches",
+            request_id=request_id,
+            status=Status.BAD_REQUEST,
+        )
+    return _Call(request_id, frames, wait_s)
+
+
+def _peek_id(frames: Sequence[Frame], limits: Limits) -> str | None:
+    """The id in a message that failed to decode, if its body can still be read."""
+    if len(frames) < 3 or len(frames[2]) > limits.max_body_bytes:
+        return None
+    try:
+        body = msgpack.unpackb(
+            bytes(frames[2]), raw=False, max_str_len=limits.max_str_len,
+            max_array_len=limits.max_items, max_map_len=limits.max_items, max_ext_len=0,
+        )  # fmt: skip
+    except Exception:  # msgpack raises several unrelated types on bad input
+        return None
+    request_id = body.get("id") if isinstance(body, dict) else None
+    return request_id if isinstance(request_id, str) else None
+
+
+def _read_reply(frames: Sequence[Frame], limits: Limits) -> Reply | None:
+    """Decode one incoming message: a Reply, or None for anything a client ignores."""
+    message = decode(frames, limits)  # ProtocolError: the caller decides whose call failed
+    if not isinstance(message, Reply):
+        # PARTIAL is reserved; a coordinator sends clients nothing else. Not ours to act on.
+        log.debug("ignoring %s from the coordinator", type(message).__name__)
+        return None
+    return message
+
+
+def _result(reply: Reply, client_s: float) -> InvokeResult:
+    raise_for_reply(reply)
+    return InvokeResult(
+        outputs=reply.outputs,
+        served_by=dict(reply.served_by),
+        timings={**reply.timings, "client_s": client_s},
+        request_id=reply.id,
+        status=reply.status,
+    )
+
+
+def _client_timeout(call: _Call, address: str) -> Timeout:
+    return Timeout(
+        f"no reply to request {call.request_id} within {call.wait_s:g} s (client-side "
+        f"timeout): is the coordinator at {address} running? If it is busy, allow a longer timeout",
+        side="client",
+        request_id=call.request_id,
+    )
+
+
+def _malformed(request_id: str, exc: ProtocolError) -> TransportError:
+    return TransportError(
+        f"malformed reply to request {request_id}: {exc}; is the peer a CCD/1 coordinator?",
+        request_id=request_id,
+    )
+
+
+# -- the clients ------------------------------------------------------------------------------
+
+
+class Client:
+    """A synchronous client on one DEALER socket.
+
+    Use it from one thread at a time (ZeroMQ sockets are not thread-safe; a concurrent
+    `invoke` raises RuntimeError): give each thread its own Client, or use `AsyncClient` for
+    many calls in flight at once.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        curve: CurveConfig | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.address = address
+        self.timeout = timeout
+        self._limits = DEFAULT_LIMITS
+        self._transport: Transport = (
+            transport if transport is not None else ZmqTransport(address, curve=curve)
+        )
+        self._busy = threading.Lock()
+        self._closed = False
+
+    def invoke(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        priority: int = 1,
+        deadline: float | None = None,
+        timeout: float | None = None,
+    ) -> InvokeResult:
+        """Run `model` on `inputs` (an array or a list of arrays) and return its outputs.
+
+        `priority`: 0 latency-critical, 1 normal, 2 quality-seeking. `deadline`: seconds the
+        result is still useful (sent as the request's budget; the coordinator answers TIMEOUT
+        rather than run it late). `timeout`: how long this call waits at most (default: the
+        client's). Raises a `ClientError` for any status but OK, `TransportError` if the
+        connection lets the call down.
+        """
+        if self._closed:
+            raise RuntimeError("this Client is closed")
+        call = _prepare(model, inputs, priority, deadline, timeout, self.timeout, self._limits)
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(
+                "Client.invoke called from two threads at once: a Client is for one thread; "
+                "use one per thread, or AsyncClient"
+            )
+        try:
+            return self._round_trip(call)
+        finally:
+            self._busy.release()
+
+    def _round_trip(self, call: _Call) -> InvokeResult:
+        start = time.perf_counter()
+        give_up = time.monotonic() + call.wait_s
+        try:
+            self._transport.send(call.frames)
+        except TransportError as exc:
+            exc.request_id = exc.request_id or call.request_id
+            raise
+        while (remaining := give_up - time.monotonic()) > 0:
+            frames = self._transport.recv(remaining)
+            if frames is None:
+                break
+            try:
+                reply = _read_reply(frames, self._limits)
+            except ProtocolError as exc:
+                other = _peek_id(frames, self._limits)
+                if other is not None and other != call.request_id:
+                    log.warning("discarding a malformed message for request %s: %s", other, exc)
+                    continue
+                raise _malformed(call.request_id, exc) from exc
+            if reply is None:
+                continue
+            if reply.id != call.request_id:  # e.g. the late reply to a call that timed out
+                log.debug("discarding a reply for request %s (not waiting for it)", reply.id)
+                continue
+            return _result(reply, time.perf_counter() - start)
+        raise _client_timeout(call, self.address)
+
+    def close(self) -> None:
+        """Close the socket (unsent requests are dropped). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """An asyncio client on one DEALER socket; any number of `invoke`s may be in flight.
+
+    One reader task routes each reply to the call waiting for its id. Use the client from
+    the event loop it was first used in.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        curve: CurveConfig | None = None,
+        transport: AsyncTransport | None = None,
+    ) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.address = address
+        self.timeout = timeout
+        self._limits = DEFAULT_LIMITS
+        self._transport: AsyncTransport = (
+            transport if transport is not None else AsyncZmqTransport(address, curve=curve)
+        )
+        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._broken: TransportError | None = None  # set when the reader stopped for good
+        self._closed = False
+
+    async def invoke(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        priority: int = 1,
+        deadline: float | None = None,
+        timeout: float | None = None,
+    ) -> InvokeResult:
+        """As `Client.invoke`, awaitable; concurrent calls share the socket."""
+        if self._closed:
+            raise RuntimeError("this AsyncClient is closed")
+        if self._broken is not None:
+            raise self._broken
+        call = _prepare(model, inputs, priority, deadline, timeout, self.timeout, self._limits)
+        if self._reader is None:
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[call.request_id] = future
+        start = time.perf_counter()
+        try:
+            reply = await asyncio.wait_for(self._send_and_wait(call, future), call.wait_s)
+        except asyncio.TimeoutError:
+            raise _client_timeout(call, self.address) from None
+        finally:
+            self._pending.pop(call.request_id, None)
+        return _result(reply, time.perf_counter() - start)
+
+    async def _send_and_wait(self, call: _Call, future: asyncio.Future[Reply]) -> Reply:
+        await self._transport.send(call.frames)  # waits while the send queue is full
+        return await future
+
+    async def _read_replies(self) -> None:
+        while True:
+            try:
+                frames = await self._transport.recv()
+            except Exception as exc:  # the socket is gone: every waiting call fails now
+                self._stop_reading(exc)
+                return
+            try:
+                reply = _read_reply(frames, self._limits)
+            except ProtocolError as exc:
+                self._route_malformed(frames, exc)
+                continue
+            if reply is None:
+                continue
+            future = self._pending.pop(reply.id, None)
+            if future is None:  # e.g. the late reply to a call that timed out
+                log.debug("discarding a reply for request %s (not waiting for it)", reply.id)
+            elif not future.done():
+                future.set_result(reply)
+
+    def _stop_reading(self, exc: Exception) -> None:
+        broken = TransportError(f"the connection to {self.address} failed: {exc}")
+        self._broken = broken
+        self._fail_pending(lambda request_id: broken)
+
+    def _route_malformed(self, frames: Sequence[Frame], exc: ProtocolError) -> None:
+        """Fail the call a malformed reply was for; if it names none, every waiting call
+        (the peer is broken or speaks another version: failing fast beats timing out)."""
+        request_id = _peek_id(frames, self._limits)
+        if request_id is None:
+            log.warning("malformed message with no readable id: %s", exc)
+            self._fail_pending(lambda rid: _malformed(rid, exc))
+        elif (future := self._pending.pop(request_id, None)) is not None:
+            if not future.done():
+                future.set_exception(_malformed(request_id, exc))
+        else:
+            log.warning("discarding a malformed message for request %s: %s", request_id, exc)
+
+    def _fail_pending(self, error_for: Callable[[str], BaseException]) -> None:
+        pending, self._pending = self._pending, {}
+        for request_id, future in pending.items():
+            if not future.done():
+                future.set_exception(error_for(request_id))
+
+    async def aclose(self) -> None:
+        """Stop the reader, fail calls still waiting, close the socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        self._fail_pending(
+            lambda request_id: TransportError(
+                f"the client was closed while request {request_id} waited",
+                request_id=request_id,
+            )
+        )
+        self._transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,166 @@
+"""Errors a Cicada client raises.
+
+    CicadaError                  (common.errors: base of every error Cicada raises on purpose)
+    ├── ClientError              the call ended without outputs; the status says why
+    │   ├── Timeout              TIMEOUT from the coordinator, or no reply within the client's own
+    │   │                        timeout; `side` says which ("coordinator" or "client")
+    │   ├── Rejected             REJECTED: the priority's queue is full, or the caller is not
+    │   │                        allowed; back off (`retry_after` seconds, when it is said)
+    │   ├── Unavailable          UNAVAILABLE: nobody can serve the model now; `retry_after` seconds
+    │   ├── BadRequest           BAD_REQUEST: unknown model, inputs the model refuses, a malformed
+    │   │                        request (also raised before sending inputs that cannot travel)
+    │   └── Failed               FAILED: the model raised while running
+    └── TransportError           the connection let the call down: a malformed reply, a send queue
+                                 that is full (wraps `common.protocol.ProtocolError` as __cause__)
+
+Every error carries `request_id`, `status` (a `Status`; None where no status applies) and
+`served_by` (`{role, worker, variant}`, None when not known), and its message says what to do
+next. Programming mistakes (a bad argument, a closed client) raise ValueError/RuntimeError.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from common.errors import CicadaError
+from common.protocol import Reply, Status
+
+TimeoutSide = Literal["coordinator", "client"]
+
+
+class ClientError(CicadaError):
+    """A call ended with a status other than OK (or with no reply in time)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        status: Status | None = None,
+        served_by: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.status = status
+        self.served_by = served_by
+
+
+class Timeout(ClientError):
+    """The deadline passed at the coordinator, or the client stopped waiting (`side`)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        side: TimeoutSide,
+        request_id: str | None = None,
+        served_by: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id, status=Status.TIMEOUT, served_by=served_by)
+        self.side: TimeoutSide = side
+
+
+class Rejected(ClientError):
+    """Back-pressure: the priority's queue is full, or the caller is not allowed; back off
+    (`retry_after` seconds when the coordinator says)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+        served_by: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            message, request_id=request_id, status=Status.REJECTED, served_by=served_by
+        )
+        self.retry_after = retry_after
+
+
+class Unavailable(ClientError):
+    """Nobody can serve the model now; retry after `retry_after` seconds (None: not said)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        request_id: str | None = None,
+        served_by: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            message, request_id=request_id, status=Status.UNAVAILABLE, served_by=served_by
+        )
+        self.retry_after = retry_after
+
+
+class BadRequest(ClientError):
+    """The request cannot be served as it is: fix it before retrying."""
+
+
+class Failed(ClientError):
+    """The model raised while running the request."""
+
+
+class TransportError(CicadaError):
+    """The socket let the call down: a malformed reply, or a message that could not be queued."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        request_id: str | None = None,
+        status: Status | None = None,
+        served_by: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+        self.status = status
+        self.served_by = served_by
+
+
+_ADVICE: dict[Status, str] = {
+    Status.TIMEOUT: "the deadline passed before a result; retry with a larger deadline",
+    Status.BAD_REQUEST: "fix the request (model name, input count, dtypes and shapes)",
+    Status.FAILED: "the model raised while running; see the worker's log",
+}
+
+_BY_STATUS: dict[Status, type[ClientError]] = {
+    Status.BAD_REQUEST: BadRequest,
+    Status.FAILED: Failed,
+}
+
+
+def raise_for_reply(reply: Reply) -> None:
+    """Raise the `ClientError` for a reply's status; return quietly for OK."""
+    if reply.status is Status.OK:
+        return
+    served_by = reply.served_by or None
+    where = ""
+    if served_by:
+        where = f" by {served_by.get('role', '?')} worker {served_by.get('worker', '?')}"
+    head = f"{reply.status.value} for request {reply.id}{where}"
+    detail = f": {reply.error}" if reply.error else ""
+    retry_after = None if reply.retry_after_ms is None else reply.retry_after_ms / 1000
+    when = "later" if retry_after is None else f"in {retry_after:g} s"
+    if reply.status is Status.UNAVAILABLE:
+        raise Unavailable(
+            f"{head}{detail}; nobody can serve the model now, retry {when}",
+            retry_after=retry_after,
+            request_id=reply.id,
+            served_by=served_by,
+        )
+    if reply.status is Status.REJECTED:
+        raise Rejected(
+            f"{head}{detail}; the queue is full or the caller is not allowed, back off and "
+            f"retry {when}",
+            retry_after=retry_after,
+            request_id=reply.id,
+            served_by=served_by,
+        )
+    message = f"{head}{detail}; {_ADVICE.get(reply.status, 'the call did not succeed')}"
+    if reply.status is Status.TIMEOUT:
+        raise Timeout(message, side="coordinator", request_id=reply.id, served_by=served_by)
+    cls = _BY_STATUS.get(reply.status, ClientError)  # a status newer than this client: generic
+    raise cls(message, request_id=reply.id, status=reply.status, served_by=served_by)

@@ -1,0 +1,317 @@
+"""`cicada coordinator | edge | cloud | status | keys`: the long-running roles and their tools.
+
+Each command imports its role only when it runs: `cicada edge` never imports torch, and
+`cicada cloud` opens its package and starts reading weights before torch is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from common.errors import CicadaError
+
+ADDRESS_HELP = "Coordinator endpoint to connect to."
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _curve_keys(key: Path | None, server_key: Path | None) -> Any:
+    if key is None and server_key is None:
+        return None
+    if key is None or server_key is None:
+        raise click.UsageError("CURVE needs both --curve-key and --server-key")
+    from common.sockets import CurveKeys
+
+    return CurveKeys.load(key, server_key)
+
+
+def _curve_options(f: Any) -> Any:
+    f = click.option(
+        "--server-key",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="The coordinator's public key file (NAME.key from `cicada keys`).",
+    )(f)
+    f = click.option(
+        "--curve-key",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="This peer's secret key file (NAME.key_secret): turns CURVE on.",
+    )(f)
+    return f
+
+
+@click.command()
+@click.option(
+    "--bind",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    help="ROUTER endpoint. Without CURVE keys keep it on loopback or a private net.",
+)
+@click.option(
+    "--metrics",
+    "metrics",
+    default="127.0.0.1:9464",
+    show_default=True,
+    help="HOST:PORT for the Prometheus /metrics endpoint; 'off' to disable.",
+)
+@click.option(
+    "--heartbeat",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Heartbeat interval in seconds (a peer is dead after 4 silent intervals).",
+)
+@click.option(
+    "--queue-limit",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Bound of each per-model, per-priority queue; beyond it requests are REJECTED.",
+)
+@click.option(
+    "--curve-secret",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Coordinator's secret key file: turns CURVE encryption on.",
+)
+@click.option(
+    "--allow",
+    "allow_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Directory of public keys (*.key) allowed to connect (with --curve-secret).",
+)
+@click.option("--log-level", default="info", show_default=True)
+def coordinator(
+    bind: str,
+    metrics: str,
+    heartbeat: float,
+    queue_limit: int,
+    curve_secret: Path | None,
+    allow_dir: Path | None,
+    log_level: str,
+) -> None:
+    """Run the coordinator: route requests between clients, edge agents and cloud workers."""
+    _logging(log_level)
+    from edge.coordinator import Coordinator, CoordinatorConfig
+
+    metrics_bind = None
+    if metrics != "off":
+        host, _, port = metrics.rpartition(":")
+        metrics_bind = (host or "127.0.0.1", int(port))
+    if curve_secret is not None and allow_dir is None:
+        raise click.UsageError("--curve-secret needs --allow DIR (the allow-list of public keys)")
+    config = CoordinatorConfig(
+        bind=bind,
+        heartbeat_interval=heartbeat,
+        queue_limit=queue_limit,
+        metrics_bind=metrics_bind,
+        curve_secret_file=curve_secret,
+        curve_allow_dir=allow_dir,
+    )
+    node = Coordinator(config)
+    endpoint = node.bind()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    click.echo(
+        f"coordinator on {endpoint}"
+        + (f", metrics on http://{metrics}/metrics" if metrics_bind else ""),
+        err=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        node.serve_forever()
+
+
+@click.command()
+@click.option("--model", "model_name", required=True, help="Model name clients invoke.")
+@click.option(
+    "--onnx",
+    "model_dir",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="Edge model directory from `cicada export-edge` (or a .onnx file).",
+)
+@click.option(
+    "--coordinator", "address", default=DEFAULT_ADDRESS, show_default=True, help=ADDRESS_HELP
+)
+@click.option(
+    "--capacity",
+    type=int,
+    default=2,
+    show_default=True,
+    help="Requests run at once (bounded concurrency).",
+)
+@click.option(
+    "--threads",
+    type=int,
+    default=1,
+    show_default=True,
+    help="ONNX Runtime intra-op threads per request.",
+)
+@click.option(
+    "--int8/--fp32",
+    "int8",
+    default=None,
+    help="Which exported file to serve (default: int8 if it was exported).",
+)
+@click.option("--name", default="", help="Worker name in replies and metrics.")
+@click.option("--heartbeat", type=float, default=0.5, show_default=True)
+@_curve_options
+@click.option("--log-level", default="info", show_default=True)
+def edge(
+    model_name: str,
+    model_dir: Path,
+    address: str,
+    capacity: int,
+    threads: int,
+    int8: bool | None,
+    name: str,
+    heartbeat: float,
+    curve_key: Path | None,
+    server_key: Path | None,
+    log_level: str,
+) -> None:
+    """Run an edge agent: serve a small ONNX model through the coordinator (no torch)."""
+    _logging(log_level)
+    from edge.agent import EdgeAgent, EdgeAgentConfig
+
+    try:
+        agent = EdgeAgent(
+            EdgeAgentConfig(
+                model_dir=model_dir,
+                model_name=model_name,
+                coordinator=address,
+                worker=name,
+                capacity=capacity,
+                threads=threads,
+                int8=int8,
+                heartbeat_interval=heartbeat,
+                curve=_curve_keys(curve_key, server_key),
+            )
+        )
+    except CicadaError as exc:
+        raise click.ClickException(str(exc)) from None
+    agent.serve_forever()
+
+
+@click.command()
+@click.option("--model", "model_name", required=True, help="Model name clients invoke.")
+@click.option(
+    "--package",
+    required=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Model package from `cicada pack`.",
+)
+@click.option(
+    "--coordinator", "address", default=DEFAULT_ADDRESS, show_default=True, help=ADDRESS_HELP
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--threads", type=int, default=None, help="torch intra-op threads.")
+@click.option("--name", default="", help="Worker name in replies and metrics.")
+@click.option("--heartbeat", type=float, default=0.5, show_default=True)
+@_curve_options
+@click.option("--log-level", default="info", show_default=True)
+def cloud(
+    model_name: str,
+    package: Path,
+    address: str,
+    device: str,
+    threads: int | None,
+    name: str,
+    heartbeat: float,
+    curve_key: Path | None,
+    server_key: Path | None,
+    log_level: str,
+) -> None:
+    """Run a cloud worker: cold-start PACKAGE with the Cicada pipeline and serve it.
+
+    It registers while still cold, reports residency as stages arrive, serves requests while
+    loading (they start on resident stages) and drains cleanly on SIGTERM."""
+    _logging(log_level)
+    keys = _curve_keys(curve_key, server_key)
+    from cloud.service import CloudWorker, CloudWorkerConfig
+
+    try:
+        worker = CloudWorker(
+            CloudWorkerConfig(
+                package=package,
+                model_name=model_name,
+                coordinator=address,
+                worker=name,
+                device=device,
+                threads=threads,
+                heartbeat_interval=heartbeat,
+                curve=keys,
+            )
+        )
+    except CicadaError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(worker.serve_forever())
+
+
+@click.command()
+@click.option(
+    "--metrics",
+    "url",
+    default="http://127.0.0.1:9464/metrics",
+    show_default=True,
+    help="The coordinator's metrics endpoint.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the parsed metrics as JSON.")
+def status(url: str, as_json: bool) -> None:
+    """Show a coordinator's workers, queues and request outcomes (from its /metrics)."""
+    from edge.status import fetch_status, render_status
+
+    try:
+        snapshot = fetch_status(url)
+    except CicadaError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(snapshot, indent=1))
+    else:
+        render_status(snapshot)
+
+
+@click.command()
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write NAME.key (public) and NAME.key_secret into.",
+)
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    required=True,
+    help="Key pair name, e.g. coordinator, edge1, client1 (repeatable).",
+)
+def keys(out_dir: Path, names: tuple[str, ...]) -> None:
+    """Make CURVE key pairs. Give the coordinator its .key_secret and a directory holding the
+    .key (public) files it should allow; give every peer its own .key_secret and the
+    coordinator's .key."""
+    import zmq.auth
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        public, secret = zmq.auth.create_certificates(str(out_dir), name)
+        Path(secret).chmod(0o600)
+        click.echo(f"wrote {public} and {secret}")
+
+
+def register(group: click.Group) -> None:
+    for command in (coordinator, edge, cloud, status, keys):
+        group.add_command(command)

@@ -1,0 +1,153 @@
+"""The cloud worker service: the Cicada pipeline behind the coordinator.
+
+Start-up order is the point: the package is opened and the weight reader started, then the
+worker registers with the coordinator while still cold (pyzmq imports in ~20 ms; torch takes
+~1.25 s), then torch is imported and the model built. Residency progress goes out with every
+stage. A request that arrives while loading starts at once on the resident stages and waits
+only where its next stage is not resident; after that the model runs at full speed.
+
+SIGTERM drains: nothing new is accepted, what runs finishes, DISCONNECT, exit 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cloud.pipeline import ColdStart, ResidencyEvent
+from cloud.timeline import Timeline
+from common.errors import CicadaError
+from common.protocol import Dispatch, Result, Role, Status, WorkerState
+from common.sockets import CurveKeys
+from common.worker import RuntimeConfig, WorkerRuntime, WorkerStatus
+
+log = logging.getLogger("cicada.cloud")
+
+# Before the first stage lands the worker can only guess its ETA: torch import plus the read.
+ASSUMED_START_S = 1.5
+ASSUMED_READ_BPS = 1.0e9
+
+
+@dataclass
+class CloudWorkerConfig:
+    package: Path
+    model_name: str
+    coordinator: str = "tcp://127.0.0.1:5555"
+    worker: str = ""
+    device: str = "cpu"
+    threads: int | None = None
+    heartbeat_interval: float = 0.5
+    curve: CurveKeys | None = None
+
+
+class CloudWorker:
+    def __init__(self, config: CloudWorkerConfig) -> None:
+        self.config = config
+        self.timeline = Timeline()
+        self.cold = ColdStart(config.package, device=config.device, timeline=self.timeline)
+        self.built = threading.Event()
+        self.failed: CicadaError | None = None
+        self._last: ResidencyEvent | None = None
+        self._forward_lock = threading.Lock()
+        name = config.worker or f"cloud-{socket.gethostname()}-{os.getpid()}"
+        self.runtime = WorkerRuntime(
+            RuntimeConfig(
+                address=config.coordinator,
+                role=Role.CLOUD,
+                worker=name,
+                models=[config.model_name],
+                variant=f"{config.model_name}-{config.device}",
+                capacity=1,
+                heartbeat_interval=config.heartbeat_interval,
+                curve=config.curve,
+            ),
+            handler=self.handle,
+            status=self.status,
+        )
+        self.cold.subscribe(self._on_residency)
+
+    def status(self) -> WorkerStatus:
+        total = len(self.cold.manifest.stages)
+        last = self._last
+        if last is not None and last.done and self.built.is_set():
+            return WorkerStatus(WorkerState.READY, total, total, 0.0, None)
+        if last is None:
+            started = self.timeline.now() - self.timeline.entered
+            guess = ASSUMED_START_S + self.cold.manifest.total_bytes / ASSUMED_READ_BPS
+            return WorkerStatus(WorkerState.COLD, 0, total, max(0.1, guess - started), None)
+        return WorkerStatus(WorkerState.LOADING, last.resident_stages, total, last.eta_s, None)
+
+    def _on_residency(self, event: ResidencyEvent) -> None:
+        self._last = event
+        self.runtime.notify()
+
+    def handle(self, dispatch: Dispatch, deadline: float | None) -> Result:
+        import numpy as np
+        import torch
+
+        if self.failed is not None:
+            return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
+        self.built.wait()
+        inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in dispatch.inputs]
+        if self.config.device != "cpu":
+            inputs = [t.to(self.config.device) for t in inputs]
+        try:
+            # One forward at a time: torch already uses every core for one.
+            with self._forward_lock:
+                out = self.cold.forward(*inputs)
+        except CicadaError as exc:
+            return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(exc))
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            return Result(
+                id=dispatch.id,
+                status=Status.BAD_REQUEST,
+                error=f"the model refused the inputs: {type(exc).__name__}: {exc}",
+            )
+        outputs: list[Any] = [out] if isinstance(out, torch.Tensor) else list(out)
+        arrays = [
+            o.detach().to("cpu").float().numpy()
+            if o.dtype == torch.bfloat16
+            else o.detach().to("cpu").numpy()
+            for o in outputs
+        ]
+        return Result(id=dispatch.id, status=Status.OK, outputs=arrays)
+
+    def serve_forever(self) -> int:
+        """Register, load, serve until SIGTERM. Returns the process exit code."""
+        stop = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+        self.runtime.start()  # registers while cold
+        import torch
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        try:
+            self.cold.build()
+            self.built.set()
+            self.cold.wait_all()
+            self.cold.remove_hooks()
+            self.runtime.notify()
+            log.info(
+                "%s resident: %d stages", self.config.model_name, len(self.cold.manifest.stages)
+            )
+        except CicadaError as exc:
+            log.error("cold start failed: %s", exc)
+            self.failed = exc
+            self.built.set()
+            self.runtime.drain()
+            self.runtime.join(10)
+            return 3
+        while not stop.wait(0.2):
+            if self.runtime.stopped.is_set():
+                return 0
+        self.runtime.drain()
+        self.runtime.join(30)
+        return 0

@@ -1,0 +1,394 @@
+"""Cicada wire protocol (docs/PROTOCOL.md): typed messages, validated frames, no pickle.
+
+Every message is a ZeroMQ multipart message::
+
+    frame 0   b"CCD1"                      protocol signature and version
+    frame 1   one byte                     command (`Command`)
+    frame 2   msgpack map                  the body, string keys, size-limited
+    frame 3.. raw tensor bytes             described, in order, by body["tensors"]
+
+A ROUTER adds (and strips) the peer identity in front. `decode` checks every frame against
+`Limits` and raises exactly one exception type, `ProtocolError`, for anything malformed; the
+receiving process logs it, drops the message (or answers BAD_REQUEST where it can name the
+request) and keeps serving.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+from common.errors import CicadaError
+
+SIGNATURE = b"CCD1"
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(CicadaError):
+    """A frame or message does not follow docs/PROTOCOL.md."""
+
+
+class Command(enum.IntEnum):
+    REQUEST = 0x01  # client -> coordinator
+    REPLY = 0x02  # coordinator -> client: the one final outcome of a request
+    PARTIAL = 0x03  # coordinator -> client: a streamed piece before the final REPLY
+    READY = 0x10  # agent/worker -> coordinator: register (also re-register)
+    HEARTBEAT = 0x11  # both ways; from a worker it carries state and residency
+    DISCONNECT = 0x12  # both ways: leaving, or "you are unknown, register again"
+    DISPATCH = 0x20  # coordinator -> agent/worker: run this request
+    RESULT = 0x21  # agent/worker -> coordinator: outcome of a DISPATCH
+
+
+class Status(str, enum.Enum):
+    OK = "OK"
+    TIMEOUT = "TIMEOUT"  # the deadline passed before a result: never run late
+    REJECTED = "REJECTED"  # queue full (back-pressure) or the caller is not allowed
+    UNAVAILABLE = "UNAVAILABLE"  # nobody can serve it now; retry after `retry_after_ms`
+    BAD_REQUEST = "BAD_REQUEST"  # malformed, unknown model, wrong inputs
+    FAILED = "FAILED"  # the model raised while running it
+
+
+class Role(str, enum.Enum):
+    EDGE = "edge"
+    CLOUD = "cloud"
+
+
+class WorkerState(str, enum.Enum):
+    COLD = "cold"  # registered, nothing resident
+    LOADING = "loading"  # some stages resident (serves requests that fit, see residency)
+    READY = "ready"  # everything resident
+    DRAINING = "draining"  # finishing what it has, taking nothing new
+
+
+# Tensor dtypes on the wire: names, so that a client in any language can produce them.
+DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name)
+    for name in ("float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                 "uint8", "bool")
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds checked before anything is allocated or trusted."""
+
+    max_frames: int = 64
+    max_body_bytes: int = 256 * 1024
+    max_tensor_bytes: int = 256 * 1024 * 1024
+    max_message_bytes: int = 512 * 1024 * 1024  # also the socket's ZMQ_MAXMSGSIZE
+    max_dims: int = 8
+    max_str_len: int = 64 * 1024
+    max_items: int = 4096
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def _unpack_body(raw: bytes, limits: Limits) -> dict[str, Any]:
+    if len(raw) > limits.max_body_bytes:
+        raise ProtocolError(f"body of {len(raw)} bytes exceeds {limits.max_body_bytes}")
+    try:
+        body = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_body_bytes,
+            max_array_len=limits.max_items,
+            max_map_len=limits.max_items,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types on bad input
+        raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("body is not a msgpack map")
+    return body
+
+
+def encode_tensor(array: np.ndarray) -> tuple[dict[str, Any], memoryview]:
+    array = np.asarray(array)
+    if not array.flags.c_contiguous:  # (ascontiguousarray would turn 0-d into 1-d)
+        array = array.copy(order="C")
+    name = array.dtype.name
+    if name not in DTYPES:
+        raise ProtocolError(f"dtype {name} cannot travel; use one of {sorted(DTYPES)}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return {"dtype": name, "shape": list(array.shape)}, array.reshape(-1).view(np.uint8).data
+
+
+def decode_tensor(spec: Any, frame: bytes | memoryview, limits: Limits) -> np.ndarray:
+    raw = check_tensor(spec, frame, limits)
+    dtype = DTYPES[raw.spec["dtype"]].newbyteorder("<")
+    # Little-endian on the wire; copy so the array owns aligned, writable memory.
+    return np.frombuffer(frame, dtype=dtype).reshape(raw.spec["shape"]).copy()
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor frame checked against its spec but not copied: what the coordinator forwards
+    (it never needs the values, so it never materialises them)."""
+
+    spec: dict[str, Any]
+    frame: bytes | memoryview
+
+
+def check_tensor(spec: Any, frame: bytes | memoryview, limits: Limits) -> RawTensor:
+    if not isinstance(spec, dict):
+        raise ProtocolError("tensor spec is not a map")
+    dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+    if dtype is None:
+        raise ProtocolError(f"tensor dtype {spec.get('dtype')!r} is not one of {sorted(DTYPES)}")
+    shape = spec.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > limits.max_dims
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise ProtocolError(f"tensor shape {shape!r} is invalid")
+    size = len(frame)
+    if size > limits.max_tensor_bytes:
+        raise ProtocolError(f"tensor of {size} bytes exceeds {limits.max_tensor_bytes}")
+    expected = math.prod(shape) * dtype.itemsize
+    if expected != size:
+        raise ProtocolError(f"tensor frame has {size} bytes; dtype/shape say {expected}")
+    return RawTensor({"dtype": dtype.name, "shape": shape}, frame)
+
+
+# -- messages ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    """Base of every message: body fields are the dataclass fields, minus tensor lists."""
+
+    command: ClassVar[Command]
+    tensor_field: ClassVar[str | None] = None
+
+    def body(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == self.tensor_field:
+                continue
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value
+        return out
+
+
+def _check(body: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool) -> Any:
+    value = body.get(name)
+    if value is None:
+        if optional:
+            return None
+        raise ProtocolError(f"missing field {name!r}")
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ProtocolError(f"field {name!r} must be a number, not a bool")
+    if not isinstance(value, kind):
+        raise ProtocolError(f"field {name!r} has type {type(value).__name__}")
+    return value
+
+
+@dataclass
+class Request(Message):
+    """A client's call: run `model` on `inputs` within `timeout_ms` (None: no deadline)."""
+
+    command: ClassVar[Command] = Command.REQUEST
+    tensor_field: ClassVar[str | None] = "inputs"
+    id: str
+    model: str
+    inputs: list[np.ndarray] = field(default_factory=list)
+    priority: int = 1
+    timeout_ms: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Reply(Message):
+    """The one final outcome of a request."""
+
+    command: ClassVar[Command] = Command.REPLY
+    tensor_field: ClassVar[str | None] = "outputs"
+    id: str
+    status: Status
+    outputs: list[np.ndarray] = field(default_factory=list)
+    error: str = ""
+    retry_after_ms: int | None = None
+    served_by: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Partial(Message):
+    """A streamed piece of a request's answer (e.g. one generated token)."""
+
+    command: ClassVar[Command] = Command.PARTIAL
+    tensor_field: ClassVar[str | None] = "outputs"
+    id: str
+    seq: int
+    outputs: list[np.ndarray] = field(default_factory=list)
+    served_by: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ready(Message):
+    """Registration of an edge agent or cloud worker (sent again after a coordinator restart)."""
+
+    command: ClassVar[Command] = Command.READY
+    role: Role
+    worker: str
+    models: list[str]
+    variant: str = ""
+    capacity: int = 1
+    state: WorkerState = WorkerState.READY
+    resident_stages: int = 0
+    total_stages: int = 0
+    eta_s: float | None = None
+    compute_s: float | None = None  # measured (or estimated) seconds per request
+
+
+@dataclass
+class Heartbeat(Message):
+    command: ClassVar[Command] = Command.HEARTBEAT
+    state: WorkerState | None = None
+    inflight: int = 0
+    load: float = 0.0
+    resident_stages: int = 0
+    total_stages: int = 0
+    eta_s: float | None = None
+    compute_s: float | None = None
+
+
+@dataclass
+class Disconnect(Message):
+    command: ClassVar[Command] = Command.DISCONNECT
+    reason: str = ""
+
+
+@dataclass
+class Dispatch(Message):
+    command: ClassVar[Command] = Command.DISPATCH
+    tensor_field: ClassVar[str | None] = "inputs"
+    id: str
+    model: str
+    inputs: list[np.ndarray] = field(default_factory=list)
+    timeout_ms: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Result(Message):
+    command: ClassVar[Command] = Command.RESULT
+    tensor_field: ClassVar[str | None] = "outputs"
+    id: str
+    status: Status
+    outputs: list[np.ndarray] = field(default_factory=list)
+    error: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    variant: str = ""
+
+
+MESSAGES: dict[Command, type[Message]] = {
+    m.command: m for m in (Request, Reply, Partial, Ready, Heartbeat, Disconnect, Dispatch, Result)
+}
+
+# Field name -> (accepted types, optional). Enums are validated by value below.
+_SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
+    "id": (str, False), "model": (str, False), "priority": (int, True),
+    "timeout_ms": (int, True), "options": (dict, True), "status": (str, False),
+    "error": (str, True), "retry_after_ms": (int, True), "served_by": (dict, True),
+    "timings": (dict, True), "seq": (int, False), "role": (str, False), "worker": (str, False),
+    "models": (list, False), "variant": (str, True), "capacity": (int, True),
+    "state": (str, True), "resident_stages": (int, True), "total_stages": (int, True),
+    "eta_s": ((int, float), True), "compute_s": ((int, float), True), "inflight": (int, True),
+    "load": ((int, float), True), "reason": (str, True),
+}  # fmt: skip
+_ENUMS: dict[str, type[enum.Enum]] = {"status": Status, "role": Role, "state": WorkerState}
+
+
+def encode(message: Message) -> list[bytes | memoryview]:
+    body = message.body()
+    frames: list[bytes | memoryview] = []
+    if message.tensor_field is not None:
+        specs = []
+        for array in getattr(message, message.tensor_field):
+            if isinstance(array, RawTensor):
+                specs.append(array.spec)
+                frames.append(array.frame)
+                continue
+            spec, raw = encode_tensor(np.asarray(array))
+            specs.append(spec)
+            frames.append(raw)
+        body["tensors"] = specs
+    packed = msgpack.packb(body, use_bin_type=True)
+    return [SIGNATURE, bytes([message.command]), packed, *frames]
+
+
+def decode(
+    frames: Sequence[bytes | memoryview],
+    limits: Limits = DEFAULT_LIMITS,
+    materialize: bool = True,
+) -> Message:
+    """Validate and decode one message (without the ROUTER identity frame).
+
+    With `materialize=False` tensors are validated but left as `RawTensor` frames, to be
+    forwarded as they are."""
+    if len(frames) < 3:
+        raise ProtocolError(f"a message has at least 3 frames, got {len(frames)}")
+    if len(frames) > limits.max_frames:
+        raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.max_frames}")
+    if bytes(frames[0]) != SIGNATURE:
+        raise ProtocolError(f"bad signature {bytes(frames[0])[:8]!r}; expected {SIGNATURE!r}")
+    if len(frames[1]) != 1:
+        raise ProtocolError("command frame must be exactly one byte")
+    try:
+        command = Command(bytes(frames[1])[0])
+    except ValueError:
+        raise ProtocolError(f"unknown command 0x{bytes(frames[1])[0]:02x}") from None
+    if sum(len(f) for f in frames) > limits.max_message_bytes:
+        raise ProtocolError("message exceeds the size limit")
+    body = _unpack_body(bytes(frames[2]), limits)
+    cls = MESSAGES[command]
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name == cls.tensor_field:
+            continue
+        spec = _SCHEMA.get(f.name)
+        if spec is None:  # pragma: no cover - a field added without a schema entry
+            raise ProtocolError(f"no schema for field {f.name}")
+        kind, optional = spec
+        value = _check(body, f.name, kind, optional)
+        if value is None:
+            continue
+        if f.name in _ENUMS:
+            try:
+                value = _ENUMS[f.name](value)
+            except ValueError:
+                raise ProtocolError(f"field {f.name!r} has unknown value {value!r}") from None
+        if f.name in ("models",) and not all(isinstance(m, str) for m in value):
+            raise ProtocolError("field 'models' must be a list of strings")
+        if f.name == "timings" and not all(
+            isinstance(k, str) and isinstance(v, (int, float)) for k, v in value.items()
+        ):
+            raise ProtocolError("field 'timings' must map names to numbers")
+        kwargs[f.name] = value
+    tensor_frames = frames[3:]
+    if cls.tensor_field is not None:
+        specs = body.get("tensors", [])
+        if not isinstance(specs, list) or len(specs) != len(tensor_frames):
+            raise ProtocolError(
+                f"body describes {len(specs) if isinstance(specs, list) else '?'} tensors, "
+                f"message carries {len(tensor_frames)}"
+            )
+        convert = decode_tensor if materialize else check_tensor
+        kwargs[cls.tensor_field] = [
+            convert(spec, frame, limits) for spec, frame in zip(specs, tensor_frames, strict=True)
+        ]
+    elif tensor_frames:
+        raise ProtocolError(f"{command.name} carries no tensors, got {len(tensor_frames)} frames")
+    return cls(**kwargs)

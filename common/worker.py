@@ -1,0 +1,298 @@
+"""The runtime shared by edge agents and cloud workers: register, heartbeat, run dispatches.
+
+One I/O thread owns the DEALER socket (ZeroMQ sockets are not thread-safe); dispatches run on
+a pool of `capacity` executor threads, which hand results back through a queue and wake the
+I/O thread through a pipe. So a busy worker keeps heartbeating, and a loading worker reports
+its residency progress the moment it changes (`notify()`).
+
+Liveness: the coordinator is presumed dead after `liveness` heartbeat intervals of silence;
+the runtime then reconnects with a fresh socket and registers again (READY). A DISCONNECT
+from the coordinator ("unknown peer", e.g. after it restarted) triggers the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from common.protocol import (
+    DEFAULT_LIMITS,
+    Disconnect,
+    Dispatch,
+    Heartbeat,
+    Message,
+    ProtocolError,
+    Ready,
+    Result,
+    Role,
+    Status,
+    WorkerState,
+    decode,
+    encode,
+)
+from common.sockets import CurveKeys, apply_curve_client, configure
+
+log = logging.getLogger("cicada.worker")
+
+Handler = Callable[[Dispatch, float | None], Result]  # (dispatch, monotonic deadline) -> result
+
+
+@dataclass
+class WorkerStatus:
+    """What the worker reports in READY and HEARTBEAT."""
+
+    state: WorkerState = WorkerState.READY
+    resident_stages: int = 0
+    total_stages: int = 0
+    eta_s: float | None = None
+    compute_s: float | None = None
+
+
+@dataclass
+class RuntimeConfig:
+    address: str
+    role: Role
+    worker: str
+    models: list[str]
+    variant: str = ""
+    capacity: int = 1
+    heartbeat_interval: float = 0.5
+    liveness: int = 4
+    curve: CurveKeys | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkerRuntime:
+    def __init__(
+        self,
+        config: RuntimeConfig,
+        handler: Handler,
+        status: Callable[[], WorkerStatus] = WorkerStatus,
+        load: Callable[[], float] | None = None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.status = status
+        self.load = load or (lambda: 0.0)
+        self.draining = threading.Event()
+        self.stopped = threading.Event()
+        self.registered = threading.Event()
+        self.registrations = 0  # how many READYs were sent (re-registrations included)
+        self._results: queue.Queue[Result] = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._inflight = 0
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(config.capacity, thread_name_prefix="cicada-exec")
+        self._thread = threading.Thread(target=self._loop, name="cicada-io", daemon=True)
+        self._compute_ema: float | None = None
+
+    # -- public -----------------------------------------------------------------------------
+
+    def start(self) -> WorkerRuntime:
+        self._thread.start()
+        return self
+
+    def notify(self) -> None:
+        """Send a heartbeat now (state or residency changed)."""
+        self._wake(b"h")
+
+    def drain(self) -> None:
+        """Take nothing new, finish what is running, say DISCONNECT, stop."""
+        self.draining.set()
+        self._wake(b"d")
+
+    def join(self, timeout: float | None = None) -> bool:
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    @property
+    def compute_estimate(self) -> float | None:
+        return self._compute_ema
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _wake(self, what: bytes) -> None:
+        with contextlib.suppress(OSError):  # the pipe is closed at shutdown
+            os.write(self._wake_w, what)
+
+    def _connect(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+        sock = ctx.socket(zmq.DEALER)
+        configure(sock)
+        apply_curve_client(sock, self.config.curve)
+        sock.connect(self.config.address)
+        self._send(sock, self._ready())
+        self.registrations += 1
+        return sock
+
+    def _ready(self) -> Ready:
+        s = self.status()
+        return Ready(
+            role=self.config.role,
+            worker=self.config.worker,
+            models=list(self.config.models),
+            variant=self.config.variant,
+            capacity=self.config.capacity,
+            state=WorkerState.DRAINING if self.draining.is_set() else s.state,
+            resident_stages=s.resident_stages,
+            total_stages=s.total_stages,
+            eta_s=s.eta_s,
+            compute_s=self._compute_ema if self._compute_ema is not None else s.compute_s,
+        )
+
+    def _heartbeat(self) -> Heartbeat:
+        s = self.status()
+        return Heartbeat(
+            state=WorkerState.DRAINING if self.draining.is_set() else s.state,
+            inflight=self._inflight,
+            load=self.load(),
+            resident_stages=s.resident_stages,
+            total_stages=s.total_stages,
+            eta_s=s.eta_s,
+            compute_s=self._compute_ema if self._compute_ema is not None else s.compute_s,
+        )
+
+    @staticmethod
+    def _send(sock: zmq.Socket[bytes], message: Message) -> None:
+        sock.send_multipart(encode(message), copy=False)
+
+    def _loop(self) -> None:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        interval = self.config.heartbeat_interval
+        sock = self._connect(ctx)
+        poller = self._poller(sock)
+        heard = time.monotonic()
+        next_beat = heard + interval
+        try:
+            while True:
+                timeout = max(0.0, next_beat - time.monotonic())
+                events = dict(poller.poll(int(timeout * 1000)))
+                now = time.monotonic()
+                if sock in events:
+                    while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                        frames = sock.recv_multipart(copy=True)
+                        heard = now
+                        if self._on_message(sock, frames):
+                            self._send(sock, self._ready())
+                            self.registrations += 1
+                if self._wake_r in events:
+                    try:
+                        wakes = os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        wakes = b""
+                    if b"h" in wakes:
+                        self._send(sock, self._heartbeat())
+                        next_beat = now + interval
+                self._flush_results(sock)
+                if self.draining.is_set() and self._inflight == 0 and self._results.empty():
+                    self._send(sock, Disconnect(reason="draining"))
+                    return
+                if now >= next_beat:
+                    self._send(sock, self._heartbeat())
+                    next_beat = now + interval
+                if now - heard > interval * self.config.liveness:
+                    # The coordinator is gone or restarted: reconnect and register again.
+                    log.warning("coordinator silent for %.1f s: reconnecting", now - heard)
+                    sock.close(linger=0)
+                    sock = self._connect(ctx)
+                    poller = self._poller(sock)
+                    heard = now
+        finally:
+            sock.close(linger=0)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.stopped.set()
+
+    def _poller(self, sock: zmq.Socket[bytes]) -> zmq.Poller:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        return poller
+
+    def _on_message(self, sock: zmq.Socket[bytes], frames: list[bytes]) -> bool:
+        """Handle one message; True means 'register again'."""
+        try:
+            message = decode(frames, DEFAULT_LIMITS)
+        except ProtocolError as exc:
+            log.warning("dropping malformed message from the coordinator: %s", exc)
+            return False
+        if isinstance(message, Disconnect):
+            return True
+        if isinstance(message, Heartbeat):
+            self.registered.set()
+            return False
+        if isinstance(message, Dispatch):
+            self.registered.set()
+            self._accept(sock, message)
+        return False
+
+    def _accept(self, sock: zmq.Socket[bytes], dispatch: Dispatch) -> None:
+        if self.draining.is_set():
+            self._send(
+                sock, Result(id=dispatch.id, status=Status.UNAVAILABLE, error="worker is draining")
+            )
+            return
+        deadline = None
+        if dispatch.timeout_ms is not None:
+            if dispatch.timeout_ms <= 0:
+                self._send(
+                    sock,
+                    Result(
+                        id=dispatch.id,
+                        status=Status.TIMEOUT,
+                        error="deadline passed before the worker got it",
+                    ),
+                )
+                return
+            deadline = time.monotonic() + dispatch.timeout_ms / 1000
+        with self._lock:
+            self._inflight += 1
+        self._pool.submit(self._execute, dispatch, deadline)
+
+    def _execute(self, dispatch: Dispatch, deadline: float | None) -> None:
+        start = time.monotonic()
+        try:
+            if deadline is not None and start >= deadline:
+                result = Result(
+                    id=dispatch.id,
+                    status=Status.TIMEOUT,
+                    error="deadline passed while queued on the worker",
+                )
+            else:
+                result = self.handler(dispatch, deadline)
+        except Exception as exc:  # the model raised: report, keep serving
+            log.exception("request %s failed", dispatch.id)
+            result = Result(
+                id=dispatch.id, status=Status.FAILED, error=f"{type(exc).__name__}: {exc}"
+            )
+        elapsed = time.monotonic() - start
+        result.timings.setdefault("compute_s", elapsed)
+        if result.status is Status.OK:
+            ema = self._compute_ema
+            self._compute_ema = elapsed if ema is None else 0.8 * ema + 0.2 * elapsed
+        result.variant = result.variant or self.config.variant
+        self._results.put(result)
+        self._wake(b"r")
+
+    def _flush_results(self, sock: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                result = self._results.get_nowait()
+            except queue.Empty:
+                return
+            self._send(sock, result)
+            with self._lock:
+                self._inflight -= 1

@@ -1,0 +1,94 @@
+"""The edge agent: serves a small ONNX model next to the coordinator, in milliseconds.
+
+Never imports torch (tested): an edge device runs onnxruntime, numpy, pyzmq and psutil only.
+Concurrency is bounded by `capacity` executor threads sharing one ONNX Runtime session (its
+`run` is thread-safe); the I/O thread keeps heartbeating while they are busy, and reports the
+device's CPU load from psutil.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from common.protocol import Dispatch, Result, Role, Status
+from common.sockets import CurveKeys
+from common.worker import RuntimeConfig, WorkerRuntime, WorkerStatus
+from edge.onnx_model import EdgeModel, EdgeModelError
+
+log = logging.getLogger("cicada.edge")
+
+
+@dataclass
+class EdgeAgentConfig:
+    model_dir: Path
+    model_name: str
+    coordinator: str = "tcp://127.0.0.1:5555"
+    worker: str = ""
+    capacity: int = 2
+    threads: int = 1  # intra-op threads per request
+    int8: bool | None = None
+    heartbeat_interval: float = 0.5
+    curve: CurveKeys | None = None
+
+
+class EdgeAgent:
+    def __init__(self, config: EdgeAgentConfig) -> None:
+        self.config = config
+        self.model = EdgeModel.load(
+            config.model_dir, int8=config.int8, intra_op_num_threads=config.threads
+        )
+        psutil.cpu_percent(None)  # prime: the first call always returns 0.0
+        name = config.worker or f"edge-{socket.gethostname()}-{psutil.Process().pid}"
+        self.runtime = WorkerRuntime(
+            RuntimeConfig(
+                address=config.coordinator,
+                role=Role.EDGE,
+                worker=name,
+                models=[config.model_name],
+                variant=self.model.variant,
+                capacity=config.capacity,
+                heartbeat_interval=config.heartbeat_interval,
+                curve=config.curve,
+            ),
+            handler=self.handle,
+            status=lambda: WorkerStatus(compute_s=self.runtime.compute_estimate),
+            load=lambda: psutil.cpu_percent(None) / 100.0,
+        )
+
+    def handle(self, dispatch: Dispatch, deadline: float | None) -> Result:
+        try:
+            outputs = self.model.run(list(dispatch.inputs))
+        except EdgeModelError as exc:
+            return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
+        return Result(id=dispatch.id, status=Status.OK, outputs=outputs, variant=self.model.variant)
+
+    def serve_forever(self) -> None:
+        """Run until SIGTERM/SIGINT, then drain (finish what runs, say DISCONNECT)."""
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: object) -> None:
+            stop.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
+        self.runtime.start()
+        log.info(
+            "edge agent %s serving %s (%s) via %s",
+            self.runtime.config.worker,
+            self.config.model_name,
+            self.model.variant,
+            self.config.coordinator,
+        )
+        while not stop.wait(0.2):
+            if self.runtime.stopped.is_set():
+                return
+        self.runtime.drain()
+        self.runtime.join(10)

@@ -1,0 +1,619 @@
+"""The coordinator: one ROUTER between clients and the edge agents / cloud workers.
+
+Majordomo-shaped (docs/PROTOCOL.md). Per model it keeps the registered workers of each role
+with their state and residency, and bounded per-priority queues. Every decoded REQUEST ends
+in exactly one REPLY: the worker's result, or TIMEOUT / REJECTED / UNAVAILABLE / BAD_REQUEST.
+Tensor frames are validated and forwarded as they are, never copied into arrays here.
+
+Methods are named for intent, after the Majordomo broker: `dispatch` routes queued work,
+`purge_workers` drops the silent, `expire_requests` answers what ran out of time.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from common.protocol import (
+    DEFAULT_LIMITS,
+    Disconnect,
+    Dispatch,
+    Heartbeat,
+    Limits,
+    ProtocolError,
+    RawTensor,
+    Ready,
+    Reply,
+    Request,
+    Result,
+    Role,
+    Status,
+    WorkerState,
+    decode,
+    encode,
+)
+from common.sockets import configure
+from edge.metrics import CoordinatorMetrics
+from edge.policy import (
+    DEFAULT_CLOUD_COMPUTE_S,
+    DEFAULT_EDGE_COMPUTE_S,
+    DEFAULT_NETWORK_S,
+    PRIORITIES,
+    Route,
+    SideView,
+    choose,
+)
+
+log = logging.getLogger("cicada.coordinator")
+
+
+@dataclass
+class CoordinatorConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    heartbeat_interval: float = 0.5
+    liveness: int = 4
+    queue_limit: int = 1024  # per model and priority
+    retry_after_s: float = 1.0  # suggested to callers when nobody can serve a model
+    network_s: float = DEFAULT_NETWORK_S
+    metrics_bind: tuple[str, int] | None = None  # ("127.0.0.1", 9464) serves /metrics
+    curve_secret_file: Path | None = None  # coordinator's .key_secret: turns CURVE on
+    curve_allow_dir: Path | None = None  # directory of allowed public keys (.key files)
+    limits: Limits = DEFAULT_LIMITS
+
+
+@dataclass
+class WorkerInfo:
+    identity: bytes
+    role: Role
+    name: str
+    models: list[str]
+    variant: str
+    capacity: int
+    state: WorkerState
+    expires_at: float
+    resident_stages: int = 0
+    total_stages: int = 0
+    eta_s: float | None = None
+    compute_s: float | None = None
+    inflight: dict[str, Pending] = field(default_factory=dict)
+
+    @property
+    def accepting(self) -> bool:
+        return self.state is not WorkerState.DRAINING
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.inflight) if self.accepting else 0
+
+    def update(self, m: Ready | Heartbeat) -> None:
+        if m.state is not None:
+            self.state = m.state
+        self.resident_stages, self.total_stages = m.resident_stages, m.total_stages
+        self.eta_s = m.eta_s
+        if m.compute_s is not None:
+            self.compute_s = m.compute_s
+
+
+@dataclass
+class Pending:
+    key: str
+    client: bytes
+    request: Request
+    arrived: float
+    deadline: float | None
+    route: Route | None = None
+    worker: bytes | None = None
+    dispatched_at: float | None = None
+
+    def remaining(self, now: float) -> float | None:
+        return None if self.deadline is None else self.deadline - now
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: CoordinatorConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or CoordinatorConfig()
+        self.clock = clock
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self.pending: dict[str, Pending] = {}
+        # model -> priority -> queue of pending keys (bounded by config.queue_limit)
+        self.queues: dict[str, dict[int, deque[str]]] = {}
+        self._deadlines: list[tuple[float, str]] = []
+        self._ids = itertools.count()
+        self.metrics = CoordinatorMetrics()
+        self.malformed = 0
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self.endpoint = ""
+        self._sock: zmq.Socket[bytes] | None = None
+        self._auth: Any = None
+        self._metrics_server: Any = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def bind(self) -> str:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        sock = ctx.socket(zmq.ROUTER)
+        configure(sock, self.config.limits)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self.config.curve_secret_file is not None:
+            self._enable_curve(ctx, sock)
+        if self.config.bind.endswith(":0"):
+            port = sock.bind_to_random_port(self.config.bind.rsplit(":", 1)[0])
+            self.endpoint = f"{self.config.bind.rsplit(':', 1)[0]}:{port}"
+        else:
+            sock.bind(self.config.bind)
+            self.endpoint = self.config.bind
+        self._sock = sock
+        if self.config.metrics_bind is not None:
+            self._metrics_server = self.metrics.serve(*self.config.metrics_bind)
+        return self.endpoint
+
+    def _enable_curve(self, ctx: zmq.Context[zmq.Socket[bytes]], sock: zmq.Socket[bytes]) -> None:
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        assert self.config.curve_secret_file is not None
+        public, secret = zmq.auth.load_certificate(str(self.config.curve_secret_file))
+        if secret is None:
+            raise ValueError(f"{self.config.curve_secret_file} holds no secret key")
+        if self.config.curve_allow_dir is None:
+            raise ValueError("CURVE needs an allow-list directory of public keys")
+        self._auth = ThreadAuthenticator(ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(self.config.curve_allow_dir))
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    def serve_forever(self) -> None:
+        if self._sock is None:
+            self.bind()
+        sock = self._sock
+        assert sock is not None
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        interval = self.config.heartbeat_interval
+        next_beat = self.clock() + interval
+        self.ready.set()
+        try:
+            while not self.stop_event.is_set():
+                now = self.clock()
+                wait = min(next_beat, self._next_deadline(now + interval)) - now
+                if poller.poll(int(max(0.0, min(wait, 0.1) * 1000))):
+                    # Drain what is there before doing the bookkeeping once.
+                    for _ in range(256):
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.handle([f.buffer for f in frames])
+                now = self.clock()
+                self.expire_requests(now)
+                if now >= next_beat:
+                    self.purge_workers(now)
+                    self.send_heartbeats()
+                    next_beat = now + interval
+                self.dispatch(now)
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def handle(self, frames: list[Any]) -> None:
+        """One message from the ROUTER: identity, then the protocol frames."""
+        if len(frames) < 2:
+            self._malformed(b"?", "no identity frame")
+            return
+        identity, body = bytes(frames[0]), frames[1:]
+        try:
+            message = decode(body, self.config.limits, materialize=False)
+        except ProtocolError as exc:
+            self._answer_malformed(identity, body, exc)
+            return
+        now = self.clock()
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.expires_at = now + self.config.heartbeat_interval * self.config.liveness
+        if isinstance(message, Request):
+            self.accept_request(identity, message, now)
+        elif isinstance(message, Ready):
+            self.register_worker(identity, message, now)
+        elif isinstance(message, Heartbeat):
+            if worker is None:
+                self._send(identity, Disconnect(reason="unknown worker: register again"))
+            else:
+                worker.update(message)
+        elif isinstance(message, Result):
+            if worker is None:
+                self._send(identity, Disconnect(reason="unknown worker: register again"))
+            self.complete(identity, message, now)
+        elif isinstance(message, Disconnect):
+            if worker is not None:
+                self.remove_worker(identity, now, reason=message.reason or "worker left")
+        else:
+            self._malformed(identity, f"unexpected {type(message).__name__} at the coordinator")
+
+    def _answer_malformed(self, identity: bytes, body: list[Any], exc: ProtocolError) -> None:
+        """Log and drop; if the frames are a REQUEST whose id is readable, answer BAD_REQUEST."""
+        self._malformed(identity, str(exc))
+        try:
+            import msgpack
+
+            if len(body) >= 3 and bytes(body[1]) == b"\x01" and len(body[2]) <= 65536:
+                doc = msgpack.unpackb(
+                    bytes(body[2]),
+                    raw=False,
+                    max_str_len=4096,
+                    max_array_len=64,
+                    max_map_len=64,
+                    max_bin_len=4096,
+                )
+                if isinstance(doc, dict) and isinstance(doc.get("id"), str):
+                    model = doc.get("model") if isinstance(doc.get("model"), str) else "?"
+                    self._reply(
+                        identity,
+                        Reply(
+                            id=doc["id"],
+                            status=Status.BAD_REQUEST,
+                            error=f"malformed request: {exc}",
+                        ),
+                        str(model),
+                    )
+        except Exception:  # the frames are garbage: dropping them is the answer
+            pass
+
+    def _malformed(self, identity: bytes, why: str) -> None:
+        self.malformed += 1
+        self.metrics.malformed.inc()
+        log.warning("dropped malformed message from %s: %s", identity.hex()[:16], why)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def accept_request(self, client: bytes, request: Request, now: float) -> None:
+        model = request.model
+        if request.priority not in PRIORITIES:
+            self._reply(
+                client,
+                Reply(
+                    id=request.id,
+                    status=Status.BAD_REQUEST,
+                    error=f"priority must be one of {PRIORITIES}",
+                ),
+                model,
+            )
+            return
+        if not self._known_model(model):
+            self._reply(
+                client,
+                Reply(
+                    id=request.id,
+                    status=Status.UNAVAILABLE,
+                    error=f"no edge agent or cloud worker serves {model!r}",
+                    retry_after_ms=int(self.config.retry_after_s * 1000),
+                ),
+                model,
+            )
+            return
+        queue = self.queues.setdefault(model, {p: deque() for p in PRIORITIES})[request.priority]
+        if len(queue) >= self.config.queue_limit:
+            self._reply(
+                client,
+                Reply(
+                    id=request.id,
+                    status=Status.REJECTED,
+                    error=f"queue for {model} priority {request.priority} is full",
+                    retry_after_ms=int(self.config.retry_after_s * 1000),
+                ),
+                model,
+            )
+            return
+        if request.timeout_ms is not None and request.timeout_ms <= 0:
+            self._reply(
+                client,
+                Reply(
+                    id=request.id,
+                    status=Status.TIMEOUT,
+                    error="deadline passed before the request arrived",
+                ),
+                model,
+            )
+            return
+        key = f"{next(self._ids):x}"
+        deadline = None if request.timeout_ms is None else now + request.timeout_ms / 1000
+        self.pending[key] = Pending(key, client, request, now, deadline)
+        if deadline is not None:
+            heapq.heappush(self._deadlines, (deadline, key))
+        queue.append(key)
+        self.metrics.queue_depth.labels(model, str(request.priority)).set(len(queue))
+
+    def _known_model(self, model: str) -> bool:
+        return any(model in w.models and w.accepting for w in self.workers.values())
+
+    def view(self, model: str, role: Role) -> SideView:
+        workers = [
+            w for w in self.workers.values() if w.role is role and model in w.models and w.accepting
+        ]
+        if role is Role.EDGE:
+            default, ready, eta = DEFAULT_EDGE_COMPUTE_S, True, 0.0
+        else:
+            default = DEFAULT_CLOUD_COMPUTE_S
+            ready = any(w.state is WorkerState.READY for w in workers)
+            etas = [
+                0.0
+                if w.state is WorkerState.READY
+                else (w.eta_s if w.eta_s is not None else float("inf"))
+                for w in workers
+            ]
+            eta = min(etas) if etas else float("inf")
+        computes = [w.compute_s for w in workers if w.compute_s is not None]
+        side = Route.EDGE if role is Role.EDGE else Route.CLOUD
+        queued = sum(
+            1
+            for q in self.queues.get(model, {}).values()
+            for key in q
+            if self.pending[key].route is side
+        )
+        return SideView(
+            workers=len(workers),
+            capacity=sum(w.capacity for w in workers),
+            inflight=sum(len(w.inflight) for w in workers),
+            queued=queued,
+            compute_s=min(computes) if computes else default,
+            ready=ready,
+            eta_s=eta,
+            network_s=self.config.network_s if role is Role.CLOUD else 0.0,
+        )
+
+    def dispatch(self, now: float) -> None:
+        """Route queued requests, highest priority first, to workers with free slots."""
+        for model, queues in self.queues.items():
+            if not any(queues.values()):
+                continue
+            edge, cloud = self.view(model, Role.EDGE), self.view(model, Role.CLOUD)
+            for priority in PRIORITIES:
+                queue = queues[priority]
+                for key in list(queue):
+                    p = self.pending.get(key)
+                    if p is None:
+                        queue.remove(key)
+                        continue
+                    decision = choose(priority, p.remaining(now), edge, cloud)
+                    route = decision.route
+                    if route is Route.UNAVAILABLE:
+                        queue.remove(key)
+                        self._finish(
+                            p,
+                            Reply(
+                                id=p.request.id,
+                                status=Status.UNAVAILABLE,
+                                error=f"no worker can serve {model} now",
+                                retry_after_ms=self._retry_after_ms(cloud),
+                            ),
+                            now,
+                        )
+                        continue
+                    if route is Route.TOO_LATE:
+                        queue.remove(key)
+                        self._finish(
+                            p,
+                            Reply(
+                                id=p.request.id,
+                                status=Status.TIMEOUT,
+                                error="no worker can finish before the deadline",
+                            ),
+                            now,
+                        )
+                        continue
+                    p.route = route
+                    role = Role.EDGE if route is Route.EDGE else Role.CLOUD
+                    worker = self._pick(model, role)
+                    if worker is None:
+                        continue  # stays queued; re-decided next pass (may move sides)
+                    queue.remove(key)
+                    self._send_dispatch(worker, p, now)
+                    edge, cloud = self.view(model, Role.EDGE), self.view(model, Role.CLOUD)
+            for priority in PRIORITIES:
+                self.metrics.queue_depth.labels(model, str(priority)).set(len(queues[priority]))
+
+    def _retry_after_ms(self, cloud: SideView) -> int:
+        if cloud.available and cloud.eta_s != float("inf"):
+            return max(1, int(cloud.eta_s * 1000))
+        return int(self.config.retry_after_s * 1000)
+
+    def _pick(self, model: str, role: Role) -> WorkerInfo | None:
+        best: WorkerInfo | None = None
+        for w in self.workers.values():
+            if w.role is not role or model not in w.models or w.free <= 0:
+                continue
+            key = (w.state is not WorkerState.READY, len(w.inflight) / w.capacity)
+            if best is None or key < (
+                best.state is not WorkerState.READY,
+                len(best.inflight) / best.capacity,
+            ):
+                best = w
+        return best
+
+    def _send_dispatch(self, worker: WorkerInfo, p: Pending, now: float) -> None:
+        remaining = p.remaining(now)
+        message = Dispatch(
+            id=p.key,
+            model=p.request.model,
+            inputs=p.request.inputs,
+            timeout_ms=None if remaining is None else max(0, int(remaining * 1000)),
+            options=p.request.options,
+        )
+        if self._send(worker.identity, message):
+            p.worker, p.dispatched_at = worker.identity, now
+            worker.inflight[p.key] = p
+        else:
+            # The worker vanished between its last message and now: drop it, keep the request.
+            self.queues[p.request.model][p.request.priority].appendleft(p.key)
+            self.remove_worker(worker.identity, now, reason="unreachable")
+
+    def complete(self, identity: bytes, result: Result, now: float) -> None:
+        p = self.pending.get(result.id)
+        if p is None or p.worker != identity:
+            self.metrics.late_results.inc()
+            return  # already answered (e.g. TIMEOUT) or re-routed: exactly one outcome
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.inflight.pop(p.key, None)
+        timings = {f"worker_{k}": float(v) for k, v in result.timings.items()}
+        if p.dispatched_at is not None:
+            timings["queue_s"] = p.dispatched_at - p.arrived
+            timings["worker_s"] = now - p.dispatched_at
+        if "worker_compute_s" in timings:
+            timings["compute_s"] = timings["worker_compute_s"]
+        served_by = {
+            "role": worker.role.value if worker else (p.route.value if p.route else ""),
+            "worker": worker.name if worker else "",
+            "variant": result.variant or (worker.variant if worker else ""),
+        }
+        self._finish(
+            p,
+            Reply(
+                id=p.request.id,
+                status=result.status,
+                outputs=result.outputs,
+                error=result.error,
+                served_by=served_by,
+                timings=timings,
+            ),
+            now,
+        )
+
+    def _finish(self, p: Pending, reply: Reply, now: float) -> None:
+        """Send the one reply for `p` and forget it."""
+        self.pending.pop(p.key, None)
+        if p.worker is not None and p.worker in self.workers:
+            self.workers[p.worker].inflight.pop(p.key, None)
+        reply.timings["total_s"] = now - p.arrived
+        route = reply.served_by.get("role") or "none"
+        self.metrics.observe(p.request.model, str(route), reply.status.value, now - p.arrived)
+        self._reply(p.client, reply, p.request.model, count=False)
+
+    def _reply(self, client: bytes, reply: Reply, model: str, count: bool = True) -> None:
+        if count:
+            self.metrics.observe(model, "none", reply.status.value, 0.0)
+        if not self._send(client, reply):
+            log.info("client %s left before its reply %s", client.hex()[:16], reply.id)
+
+    def expire_requests(self, now: float) -> None:
+        """Answer TIMEOUT for everything whose deadline passed, queued or running."""
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, key = heapq.heappop(self._deadlines)
+            p = self.pending.get(key)
+            if p is None:
+                continue
+            if p.worker is None:
+                queue = self.queues[p.request.model][p.request.priority]
+                if key in queue:
+                    queue.remove(key)
+            where = "while queued" if p.worker is None else "while running"
+            self._finish(
+                p,
+                Reply(id=p.request.id, status=Status.TIMEOUT, error=f"deadline passed {where}"),
+                now,
+            )
+
+    def _next_deadline(self, default: float) -> float:
+        while self._deadlines and self._deadlines[0][1] not in self.pending:
+            heapq.heappop(self._deadlines)
+        return min(default, self._deadlines[0][0]) if self._deadlines else default
+
+    # -- workers -----------------------------------------------------------------------------
+
+    def register_worker(self, identity: bytes, ready: Ready, now: float) -> None:
+        expires = now + self.config.heartbeat_interval * self.config.liveness
+        existing = self.workers.get(identity)
+        if existing is not None:
+            existing.update(ready)
+            existing.models, existing.capacity = list(ready.models), max(1, ready.capacity)
+            existing.variant = ready.variant
+            return
+        worker = WorkerInfo(
+            identity=identity,
+            role=ready.role,
+            name=ready.worker,
+            models=list(ready.models),
+            variant=ready.variant,
+            capacity=max(1, ready.capacity),
+            state=ready.state or WorkerState.READY,
+            expires_at=expires,
+        )
+        worker.update(ready)
+        self.workers[identity] = worker
+        log.info(
+            "registered %s %s for %s (%s)",
+            ready.role.value,
+            ready.worker,
+            ready.models,
+            worker.state.value,
+        )
+        self._send(identity, Heartbeat())
+
+    def purge_workers(self, now: float) -> None:
+        for identity, worker in list(self.workers.items()):
+            if worker.expires_at < now:
+                self.remove_worker(identity, now, reason="missed heartbeats")
+        self.metrics.set_workers(self.workers.values())
+
+    def remove_worker(self, identity: bytes, now: float, reason: str) -> None:
+        """Forget a worker; its in-flight requests are re-routed if they still can be."""
+        worker = self.workers.pop(identity, None)
+        if worker is None:
+            return
+        log.warning("worker %s (%s) removed: %s", worker.name, worker.role.value, reason)
+        for key, p in list(worker.inflight.items()):
+            p.worker, p.dispatched_at, p.route = None, None, None
+            # Back to the front of its queue: dispatch() decides again, or answers
+            # UNAVAILABLE / TIMEOUT if nobody can take it in time.
+            self.queues[p.request.model][p.request.priority].appendleft(key)
+        worker.inflight.clear()
+        self.metrics.set_workers(self.workers.values())
+
+    def send_heartbeats(self) -> None:
+        for identity in list(self.workers):
+            self._send(identity, Heartbeat())
+
+    def _send(self, identity: bytes, message: Any) -> bool:
+        if self._sock is None:
+            return False
+        try:
+            self._sock.send_multipart([identity, *encode(message)], copy=False)
+            return True
+        except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: peer is gone
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            return False
+
+
+__all__ = ["Coordinator", "CoordinatorConfig", "RawTensor"]

@@ -1,0 +1,531 @@
+"""`cicada export-edge`: cut a small ONNX model for the edge agent out of a cloud model.
+
+The edge variant is the cloud model's own factory called with a smaller config, so it takes
+and returns exactly what the cloud model does (same input dtype and rank, same vocabulary or
+class count): a request can be answered by either side without translation. Default shrink
+rules for the reference models:
+
+    cloud.models.gpt2:build    n_layer // 4 (at least 1); width, heads and vocabulary kept
+    cloud.models.bert:build    num_hidden_layers // 4 (at least 1)
+    cloud.models.resnet:build  layers (1, 1, 1, 1)
+
+`shrink` overrides or adds config keys (and is the only rule for other factories).
+
+Weights are stand-ins for a distilled edge model. Without a package the variant keeps the
+factory's seeded initialisation. With a package, every tensor the variant shares by name and
+shape with the packaged model is copied from the package (embeddings, the first k blocks, the
+final norm and head): the usual starting point of layer-dropping distillation, but not a
+trained edge model. A deployment would distil the variant and export that.
+
+Output directory (names in `edge.onnx_model`): model.onnx (fp32), model.int8.onnx (with
+`int8`: ONNX Runtime dynamic quantization, int8 weights), edge_model.json. The export checks
+itself before it writes anything: ONNX Runtime and torch run the same variant on the example
+input and must agree within the tolerances stated in edge_model.json.
+
+Exporter: `torch.onnx.export(..., dynamo=False)`, the TorchScript-tracing exporter. In torch
+2.13 the default (dynamo) exporter needs the onnxscript package, which Cicada does not depend
+on; the tracing exporter ships with torch and handles these models with dynamic batch and
+sequence axes (it warns that it is deprecated; the warning is silenced here).
+
+Torch is imported inside functions only: this module is an offline tool, but it lives in the
+edge package, whose agent must never pay for (or need) torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from common.errors import CicadaError
+from common.package import Manifest, check_weights_file
+from edge.onnx_model import INFO_NAME, INT8_NAME, ONNX_NAME, TensorSpec, tensor_spec
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+    from torch import nn
+
+DEFAULT_OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+
+# fp32: ONNX Runtime and torch compute the same graph with different kernels; measured
+# max |diff| on the reference tiny models is 2e-7..7e-7, so 1e-4 leaves wide margin while
+# still catching a wrong op or a specialised shape.
+FP32_MAX_ABS = 1e-4
+# int8 (dynamic quantization, int8 weights, uint8 activations): error scales with the output,
+# so the bound is relative to max |torch output| on the example input. Measured on the tiny
+# reference models: 0.8% (BERT), 1.1% (GPT-2), 2.2% (ResNet); 10% leaves a margin of 4.5x.
+INT8_REL_TOL = 0.1
+
+
+class EdgeExportError(CicadaError):
+    """An edge model cannot be exported as asked (bad source, failed export, failed check)."""
+
+
+@dataclass(frozen=True)
+class ShrinkRule:
+    """How a known reference model shrinks: its layer-count key and that key's default."""
+
+    family: str  # short name used in variant names, e.g. "gpt2"
+    config_class: str  # the @dataclass config in the factory's module, for defaults
+    layer_key: str
+
+    def shrink(self, full: Mapping[str, Any]) -> dict[str, Any]:
+        value = full[self.layer_key]
+        if isinstance(value, int):
+            return {self.layer_key: max(1, value // 4)}
+        return {self.layer_key: [1] * len(value)}  # ResNet: one block per stage
+
+    def tag(self, edge_config: Mapping[str, Any]) -> str:
+        value = edge_config[self.layer_key]
+        if isinstance(value, int):
+            return f"L{value}"
+        return "L" + "".join(str(v) for v in value)
+
+
+SHRINK_RULES: dict[str, ShrinkRule] = {
+    "cloud.models.gpt2:build": ShrinkRule("gpt2", "GPTConfig", "n_layer"),
+    "cloud.models.bert:build": ShrinkRule("bert", "BertConfig", "num_hidden_layers"),
+    "cloud.models.resnet:build": ShrinkRule("resnet", "ResNetConfig", "layers"),
+}
+
+
+@dataclass
+class EdgeModelInfo:
+    """What edge_model.json holds (`to_json`), plus where it was written (`out`)."""
+
+    source_factory: str
+    source_config: dict[str, Any]
+    edge_config: dict[str, Any]
+    variant: str  # the default file's variant: the int8 one when there is one
+    input: dict[str, Any]  # {"name", "dtype", "shape"}, -1 for a dynamic axis
+    output: dict[str, Any]
+    int8: bool
+    tolerance: dict[str, Any]
+    copied_tensors: int
+    files: dict[str, dict[str, Any]]  # "fp32"/"int8" -> {"path", "variant", "bytes"}
+    measured: dict[str, float]  # max |onnxruntime - torch| on the example input, and more
+    exporter: str
+    opset: int
+    out: Path
+
+    def to_json(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        del doc["out"]
+        return doc
+
+
+# -- the edge variant ------------------------------------------------------------------------
+
+
+def resolve_factory(spec: str) -> tuple[Any, Callable[..., Any]]:
+    """`pkg.module:callable` -> (module, callable). The edge role does not import cloud code,
+    so this mirrors the cloud's resolver rather than importing it."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise EdgeExportError(f"factory {spec!r} must look like 'package.module:callable'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EdgeExportError(f"cannot import {module_name!r} for factory {spec!r}: {exc}") from exc
+    target: Any = module
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise EdgeExportError(f"{module_name!r} has no attribute {attr!r} (factory {spec!r})")
+    if not callable(target):
+        raise EdgeExportError(f"factory {spec!r} is not callable")
+    return module, target
+
+
+def _config_defaults(module: Any, rule: ShrinkRule) -> dict[str, Any]:
+    cls = getattr(module, rule.config_class, None)
+    if cls is None or not dataclasses.is_dataclass(cls):
+        raise EdgeExportError(f"{module.__name__} has no @dataclass {rule.config_class}")
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+
+
+def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
+    # tuples (ResNet layers) become lists, as they would after a JSON round trip
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+def edge_config_for(
+    factory: str, source_config: Mapping[str, Any], shrink: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
+    """The edge variant's config and its variant name (without the "-int8" suffix)."""
+    module, _ = resolve_factory(factory)
+    rule = SHRINK_RULES.get(factory)
+    edge = dict(source_config)
+    if rule is not None:
+        full = {**_config_defaults(module, rule), **source_config}
+        edge.update(rule.shrink(full))
+    edge.update(shrink or {})
+    edge = _jsonable(edge)
+    if rule is None:
+        family = module.__name__.rsplit(".", 1)[-1]
+        return edge, f"{family}-edge"
+    return edge, f"{rule.family}-edge-{rule.tag(edge)}"
+
+
+def copy_package_tensors(model: nn.Module, package_dir: Path, manifest: Manifest) -> int:
+    """Load the package's tensors into `model` where name and shape match; return how many
+    of the model's state-dict entries were filled (tied names count once per name)."""
+    from safetensors.torch import load_file
+
+    weights = check_weights_file(package_dir, manifest)  # size and header, before any byte
+    state = load_file(str(weights))
+    for alias, stored in manifest.aliases.items():  # tied names are stored once
+        if stored in state:
+            state.setdefault(alias, state[stored])
+    own = model.state_dict()
+    matching = {
+        name: tensor
+        for name, tensor in state.items()
+        if name in own and tuple(own[name].shape) == tuple(tensor.shape)
+    }
+    model.load_state_dict(matching, strict=False)
+    return len(matching)
+
+
+def build_edge_variant(
+    factory: str, edge_config: Mapping[str, Any], package_dir: Path | None = None
+) -> tuple[nn.Module, int]:
+    """Build the edge variant in eval mode: seeded init, then the package's matching tensors
+    when a package is given. Returns the model and the number of copied tensors."""
+    import torch
+
+    _, fn = resolve_factory(factory)
+    try:
+        model = fn(**edge_config)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise EdgeExportError(f"{factory} rejects the edge config {edge_config}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise EdgeExportError(f"factory {factory!r} returned {type(model).__name__}, not a Module")
+    copied = 0
+    if package_dir is not None:
+        copied = copy_package_tensors(model, Path(package_dir), Manifest.load(package_dir))
+    return model.eval(), copied
+
+
+def example_input(
+    factory: str,
+    config: Mapping[str, Any],
+    *,
+    batch: int = 1,
+    seed: int = 0,
+    seq_len: int | None = None,
+) -> torch.Tensor:
+    """The factory module's `example_input(config, batch=, seed=)`, optionally stretched or cut
+    to `seq_len` tokens (token models only: int64 of rank 2)."""
+    module, _ = resolve_factory(factory)
+    make = getattr(module, "example_input", None)
+    if make is None:
+        raise EdgeExportError(
+            f"{module.__name__} has no example_input(config, batch, seed) to trace the "
+            "export with: add one beside the factory"
+        )
+    x: torch.Tensor = make(config, batch=batch, seed=seed)
+    if seq_len is not None:
+        if x.dtype.is_floating_point or x.dim() != 2:
+            raise EdgeExportError(
+                f"seq_len applies to token models; {factory}'s input is {x.dtype} {list(x.shape)}"
+            )
+        if seq_len < 1:
+            raise EdgeExportError(f"seq_len must be >= 1, got {seq_len}")
+        x = x.repeat(1, math.ceil(seq_len / x.shape[1]))[:, :seq_len].contiguous()
+    return x
+
+
+def _forward(model: nn.Module, x: torch.Tensor, what: str) -> torch.Tensor:
+    import torch
+
+    try:
+        with torch.no_grad():
+            y = model(x)
+    except Exception as exc:
+        raise EdgeExportError(
+            f"the edge variant fails on {what} {x.dtype} {list(x.shape)}: {exc}"
+        ) from exc
+    if not isinstance(y, torch.Tensor):
+        raise EdgeExportError(
+            f"the edge variant returns {type(y).__name__}; export needs one output tensor"
+        )
+    return y
+
+
+def _changed_axes(a: torch.Tensor, b: torch.Tensor) -> list[int]:
+    if a.dim() != b.dim():
+        raise EdgeExportError(
+            f"the edge variant's output rank depends on the input ({list(a.shape)} vs "
+            f"{list(b.shape)}): an ONNX graph needs a fixed rank"
+        )
+    return [i for i, (m, n) in enumerate(zip(a.shape, b.shape, strict=True)) if m != n]
+
+
+def dynamic_axes(model: nn.Module, x: torch.Tensor) -> dict[str, dict[int, str]]:
+    """Which axes of the input and output are "batch" and "seq", found by running the model on
+    a larger batch (and, for token models, a shorter sequence) and seeing which axes change."""
+    import torch
+
+    token_model = x.dtype == torch.int64 and x.dim() == 2
+    y = _forward(model, x, "the example input")
+    y_batch = _forward(model, torch.cat([x, x[:1]]), "a larger batch")
+    axes_in: dict[int, str] = {0: "batch"}
+    axes_out = {i: "batch" for i in _changed_axes(y, y_batch)}
+    if token_model and x.shape[1] > 1:
+        y_seq = _forward(model, x[:, :-1], "a shorter sequence")
+        axes_in[1] = "seq"
+        axes_out.update({i: "seq" for i in _changed_axes(y, y_seq)})
+    return {INPUT_NAME: axes_in, OUTPUT_NAME: axes_out}
+
+
+def export_onnx(
+    model: nn.Module, x: torch.Tensor, path: Path, axes: dict[str, dict[int, str]], opset: int
+) -> str:
+    """Trace `model` on `x` into `path`; returns the exporter's name."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            # Asserts on shapes in forward() are traced as constants: true for every input
+            # the checks below try, and the dynamic axes keep the graph general.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+            warnings.filterwarnings("ignore", message=".*feature will be removed")
+            torch.onnx.export(
+                model,
+                (x,),
+                str(path),
+                dynamo=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+    except Exception as exc:
+        raise EdgeExportError(
+            f"torch {torch.__version__}'s TorchScript ONNX exporter (dynamo=False) failed: "
+            f"{exc}. (The dynamo exporter needs the onnxscript package, not a Cicada "
+            "dependency.)"
+        ) from exc
+    return "torch.onnx.export(dynamo=False) (TorchScript tracing)"
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextmanager
+def _without_log(prefix: str) -> Iterator[None]:
+    root = logging.getLogger()
+    drop = _DropRecords(prefix)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """ONNX Runtime dynamic quantization: int8 weights (QInt8), activations quantized per
+    batch at run time. No calibration data needed, which suits a stand-in model."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as exc:  # onnxruntime.quantization needs the onnx package
+        raise EdgeExportError(
+            f"int8 export needs onnxruntime.quantization and the onnx package ({exc}): "
+            "pip install onnx"
+        ) from exc
+    # ORT suggests its shape pre-processing; its symbolic shape inference cannot complete
+    # on graphs with dynamic sequence axes, and quantization is correct without it.
+    with _without_log("Please consider"):
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        except Exception as exc:
+            raise EdgeExportError(f"int8 quantization of {src} failed: {exc}") from exc
+
+
+def _ort_run(path: Path, x: np.ndarray) -> np.ndarray:
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {INPUT_NAME: x})[0])
+
+
+def _signature(path: Path) -> tuple[TensorSpec, TensorSpec]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise EdgeExportError(f"{path}: expected one input and one output")
+    return tensor_spec(inputs[0], path), tensor_spec(outputs[0], path)
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def _source(
+    package_dir: Path | None, factory: str | None, config: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any]]:
+    if package_dir is not None:
+        if factory is not None or config is not None:
+            raise EdgeExportError("pass a package or a factory (+ config), not both")
+        manifest = Manifest.load(package_dir)
+        return manifest.architecture.factory, dict(manifest.architecture.config)
+    if factory is None:
+        raise EdgeExportError(
+            "pass a package directory or a factory such as cloud.models.gpt2:build"
+        )
+    return factory, dict(config or {})
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise EdgeExportError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise EdgeExportError(f"{out} already exists and is not empty; pass --force to replace it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    # Replace by rename, as `cicada pack` does: a reader never sees half an edge model.
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def export_edge(
+    package_dir: Path | None,
+    out: Path,
+    *,
+    factory: str | None = None,
+    config: dict[str, Any] | None = None,
+    shrink: dict[str, Any] | None = None,
+    int8: bool = False,
+    seq_len: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+) -> EdgeModelInfo:
+    """Export the edge variant of a packaged model (or of `factory` + `config`) to `out`.
+
+    Writes model.onnx (and model.int8.onnx with `int8`) and edge_model.json, after checking
+    that ONNX Runtime reproduces torch on the example input within the stated tolerances;
+    raises EdgeExportError otherwise and leaves `out` untouched.
+    """
+    import numpy as np
+
+    out = Path(out).resolve()
+    source_factory, source_config = _source(package_dir, factory, config)
+    edge_config, variant = edge_config_for(source_factory, source_config, shrink)
+    model, copied = build_edge_variant(source_factory, edge_config, package_dir)
+
+    # Trace on batch 2 (a batch of 1 lets the tracer treat the batch axis as broadcastable)
+    # and check on the example input proper, so a shape baked into the graph shows up.
+    trace_x = example_input(source_factory, edge_config, batch=2, seed=1, seq_len=seq_len)
+    check_x = example_input(source_factory, edge_config, batch=1, seed=0, seq_len=seq_len)
+    axes = dynamic_axes(model, trace_x)
+    expected = _forward(model, check_x, "the example input").numpy()
+    scale = float(np.abs(expected).max())
+
+    tmp = _prepare_out(out, force)
+    try:
+        fp32_path = tmp / ONNX_NAME
+        exporter = export_onnx(model, trace_x, fp32_path, axes, opset)
+        measured: dict[str, float] = {"output_scale": scale}
+        measured["fp32_max_abs"] = float(
+            np.abs(_ort_run(fp32_path, check_x.numpy()) - expected).max()
+        )
+        if not measured["fp32_max_abs"] <= FP32_MAX_ABS:
+            raise EdgeExportError(
+                f"fp32 ONNX and torch disagree on the example input: max |diff| "
+                f"{measured['fp32_max_abs']:.3g} > {FP32_MAX_ABS:g}"
+            )
+        files: dict[str, dict[str, Any]] = {
+            "fp32": {"path": ONNX_NAME, "variant": variant, "bytes": fp32_path.stat().st_size}
+        }
+        tolerance: dict[str, Any] = {
+            "max_abs": FP32_MAX_ABS,
+            "note": "fp32: max |onnxruntime - torch| on the example input <= max_abs. "
+            "Weights are stand-ins for a distilled model (seeded init and/or tensors copied "
+            "from the package), so these bound the export, not the model's quality.",
+        }
+        if int8:
+            int8_path = tmp / INT8_NAME
+            quantize_int8(fp32_path, int8_path)
+            got = _ort_run(int8_path, check_x.numpy())
+            measured["int8_max_abs"] = float(np.abs(got - expected).max())
+            measured["int8_argmax_agreement"] = float(
+                (got.argmax(-1) == expected.argmax(-1)).mean()
+            )
+            bound = INT8_REL_TOL * scale
+            tolerance["int8_max_abs"] = bound
+            tolerance["int8_rel_to_output_scale"] = INT8_REL_TOL
+            tolerance["note"] += (
+                f" int8 (dynamic quantization, QInt8 weights): max |diff| <= int8_max_abs = "
+                f"{INT8_REL_TOL:g} x max |torch output| ({scale:.4g}) on the example input; "
+                "int8_argmax_agreement is over the last axis (meaningful for logits)."
+            )
+            if not measured["int8_max_abs"] <= bound:
+                raise EdgeExportError(
+                    f"int8 ONNX and torch disagree on the example input: max |diff| "
+                    f"{measured['int8_max_abs']:.3g} > {bound:.3g} ({INT8_REL_TOL:g} x output "
+                    "scale); this model does not quantize well: export without --int8"
+                )
+            files["int8"] = {
+                "path": INT8_NAME,
+                "variant": f"{variant}-int8",
+                "bytes": int8_path.stat().st_size,
+            }
+        input_spec, output_spec = _signature(fp32_path)
+        info = EdgeModelInfo(
+            source_factory=source_factory,
+            source_config=_jsonable(source_config),
+            edge_config=edge_config,
+            variant=files["int8" if int8 else "fp32"]["variant"],
+            input=input_spec.to_json(),
+            output=output_spec.to_json(),
+            int8=int8,
+            tolerance=tolerance,
+            copied_tensors=copied,
+            files=files,
+            measured=measured,
+            exporter=exporter,
+            opset=opset,
+            out=out,
+        )
+        (tmp / INFO_NAME).write_text(json.dumps(info.to_json(), indent=1))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return info

@@ -1,0 +1,215 @@
+"""Run an exported edge model with ONNX Runtime: what the edge agent loads. Torch-free.
+
+An edge model directory, as `cicada export-edge` writes it::
+
+    model.onnx          fp32 graph, input "input", output "output", dynamic batch (and sequence)
+    model.int8.onnx     the same graph with int8 dynamic-quantized weights (with --int8)
+    edge_model.json     where it came from, its signature, tolerances and measured error
+
+`EdgeModel.load(dir)` picks the int8 file when the export made one, else the fp32 one;
+`EdgeModel.load(dir / "model.onnx")` picks a file explicitly. Inputs are checked against the
+graph's own metadata before ONNX Runtime sees them, so a wrong dtype or rank comes back as an
+`EdgeModelError` that says what was expected, not as an ONNX Runtime stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from common.errors import CicadaError
+
+ONNX_NAME = "model.onnx"
+INT8_NAME = "model.int8.onnx"
+INFO_NAME = "edge_model.json"
+
+# ONNX Runtime's type strings -> numpy dtypes (the ones an edge model is likely to take).
+ORT_TO_NUMPY: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
+class EdgeModelError(CicadaError):
+    """An edge model cannot be loaded, or was given inputs it does not take."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. `shape` has None where the axis is dynamic (batch, sequence)."""
+
+    name: str
+    dtype: str  # numpy name, e.g. "int64", "float32"
+    shape: tuple[int | None, ...]
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def to_json(self) -> dict[str, Any]:
+        """The edge_model.json form: -1 marks a dynamic axis."""
+        return {
+            "name": self.name,
+            "dtype": self.dtype,
+            "shape": [-1 if d is None else d for d in self.shape],
+        }
+
+
+def tensor_spec(arg: Any, where: Path) -> TensorSpec:
+    dtype = ORT_TO_NUMPY.get(arg.type)
+    if dtype is None:
+        raise EdgeModelError(f"{where}: {arg.name!r} has type {arg.type}, which is not supported")
+    # ORT reports a dynamic axis as its symbolic name (str) or None.
+    shape = tuple(d if isinstance(d, int) and d >= 0 else None for d in arg.shape)
+    return TensorSpec(arg.name, dtype.name, shape)
+
+
+def read_info(path: Path) -> dict[str, Any]:
+    """Parse edge_model.json, with errors that name the file."""
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EdgeModelError(
+            f"{path} is missing: an edge model directory is written by `cicada export-edge`"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise EdgeModelError(
+            f"{path} is not readable JSON ({exc}): re-run `cicada export-edge`"
+        ) from exc
+    if not isinstance(doc, dict):
+        raise EdgeModelError(f"{path} must hold a JSON object")
+    return doc
+
+
+class EdgeModel:
+    """An ONNX Runtime session over one edge model file, plus its edge_model.json."""
+
+    def __init__(
+        self, session: ort.InferenceSession, path: Path, info: dict[str, Any], variant: str
+    ) -> None:
+        self._session = session
+        self._path = path
+        self._info = info
+        self._variant = variant
+        self.inputs = [tensor_spec(a, path) for a in session.get_inputs()]
+        self.outputs = [tensor_spec(a, path) for a in session.get_outputs()]
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        *,
+        int8: bool | None = None,
+        intra_op_num_threads: int = 1,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> EdgeModel:
+        """Open an edge model: a directory (int8 file if exported, else fp32; `int8` forces
+        one) or a .onnx file with edge_model.json beside it.
+
+        `intra_op_num_threads` defaults to 1: an edge device usually serves other work too,
+        and one thread gives the steadiest latency for small models.
+        """
+        path = Path(path)
+        if path.is_dir():
+            info = read_info(path / INFO_NAME)
+            use_int8 = bool(info.get("int8")) if int8 is None else int8
+            onnx_path = path / (INT8_NAME if use_int8 else ONNX_NAME)
+        else:
+            info = read_info(path.parent / INFO_NAME)
+            onnx_path = path
+        if not onnx_path.is_file():
+            raise EdgeModelError(
+                f"{onnx_path} is missing"
+                + (": export with --int8 to get one" if onnx_path.name == INT8_NAME else "")
+            )
+        if intra_op_num_threads < 1:
+            raise EdgeModelError(f"intra_op_num_threads must be >= 1, got {intra_op_num_threads}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_num_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        try:
+            session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
+        except Exception as exc:  # ORT raises its own types (Fail, InvalidProtobuf, ...)
+            raise EdgeModelError(
+                f"{onnx_path} cannot be loaded by ONNX Runtime ({type(exc).__name__}: {exc}); "
+                "the file is corrupt or not an ONNX model: re-run `cicada export-edge`"
+            ) from exc
+        return cls(session, onnx_path, info, _variant_of(info, onnx_path.name))
+
+    @property
+    def variant(self) -> str:
+        """E.g. "gpt2-edge-L6-int8": which model answered, for replies and metrics."""
+        return self._variant
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The parsed edge_model.json."""
+        return self._info
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """One forward. Inputs in graph order; dtype, rank and fixed axes must match exactly
+        (no silent casting: an int32 token array is an error, not a copy)."""
+        self._check(inputs)
+        feeds = {spec.name: array for spec, array in zip(self.inputs, inputs, strict=True)}
+        try:
+            outputs = self._session.run(None, feeds)
+        except Exception as exc:  # ORT's own exception types
+            raise EdgeModelError(
+                f"{self._path}: ONNX Runtime failed ({type(exc).__name__}: {exc})"
+            ) from exc
+        return [np.asarray(o) for o in outputs]
+
+    def _check(self, inputs: list[np.ndarray]) -> None:
+        if len(inputs) != len(self.inputs):
+            raise EdgeModelError(
+                f"{self._path} takes {len(self.inputs)} input(s) "
+                f"({', '.join(s.name for s in self.inputs)}), got {len(inputs)}"
+            )
+        for spec, array in zip(self.inputs, inputs, strict=True):
+            if not isinstance(array, np.ndarray):
+                raise EdgeModelError(
+                    f"input {spec.name!r}: expected a numpy array, got {type(array).__name__}"
+                )
+            shape = tuple("?" if d is None else d for d in spec.shape)
+            if array.dtype != np.dtype(spec.dtype):
+                raise EdgeModelError(
+                    f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype}"
+                )
+            if array.ndim != spec.rank:
+                raise EdgeModelError(
+                    f"input {spec.name!r}: expected rank {spec.rank} {shape}, "
+                    f"got rank {array.ndim} {array.shape}"
+                )
+            for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
+                if want is not None and want != got:
+                    raise EdgeModelError(
+                        f"input {spec.name!r}: expected shape {shape}, got {array.shape} "
+                        f"(axis {axis})"
+                    )
+
+
+def _variant_of(info: dict[str, Any], file_name: str) -> str:
+    files = info.get("files")
+    if isinstance(files, dict):
+        for entry in files.values():
+            if isinstance(entry, dict) and entry.get("path") == file_name:
+                return str(entry.get("variant", info.get("variant", "")))
+    return str(info.get("variant", file_name))

@@ -1,0 +1,69 @@
+"""`cicada status`: read a coordinator's /metrics and show it. Torch-free."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from common.errors import CicadaError
+
+
+def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            text = response.read().decode()
+    except (urllib.error.URLError, OSError) as exc:
+        raise CicadaError(
+            f"cannot read {url}: {exc}; is the coordinator running with --metrics?"
+        ) from None
+    snapshot: dict[str, Any] = {
+        "workers": [],
+        "queues": [],
+        "requests": [],
+        "malformed": 0,
+        "late_results": 0,
+        "latency": [],
+    }
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels, value = s.labels, s.value
+            if s.name == "cicada_workers" and value:
+                snapshot["workers"].append({**labels, "count": int(value)})
+            elif s.name == "cicada_queue_depth":
+                snapshot["queues"].append({**labels, "depth": int(value)})
+            elif s.name == "cicada_requests_total":
+                snapshot["requests"].append({**labels, "count": int(value)})
+            elif s.name == "cicada_malformed_messages_total":
+                snapshot["malformed"] = int(value)
+            elif s.name == "cicada_late_results_total":
+                snapshot["late_results"] = int(value)
+            elif s.name in ("cicada_request_seconds_count", "cicada_request_seconds_sum"):
+                snapshot["latency"].append({**labels, s.name.rsplit("_", 1)[1]: value})
+    return snapshot
+
+
+def render_status(snapshot: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    workers = Table(title="workers")
+    for col in ("model", "role", "state", "count"):
+        workers.add_column(col)
+    for w in snapshot["workers"]:
+        workers.add_row(w["model"], w["role"], w["state"], str(w["count"]))
+    console.print(workers)
+    requests = Table(title="requests answered")
+    for col in ("model", "route", "status", "count"):
+        requests.add_column(col)
+    for r in snapshot["requests"]:
+        requests.add_row(r["model"], r["route"], r["status"], str(r["count"]))
+    console.print(requests)
+    queued = [q for q in snapshot["queues"] if q["depth"]]
+    console.print(
+        f"queued now: {sum(q['depth'] for q in queued)}; malformed dropped: "
+        f"{snapshot['malformed']}; late results discarded: {snapshot['late_results']}"
+    )
