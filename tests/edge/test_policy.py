@@ -1,0 +1,61 @@
+"""The handoff policy as a pure function: no sockets, no clock."""
+
+from __future__ import annotations
+
+import math
+
+from edge.policy import CRITICAL, NORMAL, QUALITY, Route, SideView, choose
+
+EDGE = SideView(workers=1, capacity=2, inflight=0, queued=0, compute_s=0.01)
+NO_EDGE = SideView(workers=0, capacity=0, inflight=0, queued=0, compute_s=0.01)
+COLD_CLOUD = SideView(workers=1, capacity=1, inflight=0, queued=0, compute_s=0.2, ready=False,
+                      eta_s=2.0, network_s=0.002)  # fmt: skip
+READY_CLOUD = SideView(workers=1, capacity=1, inflight=0, queued=0, compute_s=0.2, ready=True,
+                       network_s=0.002)  # fmt: skip
+NO_CLOUD = SideView(workers=0, capacity=0, inflight=0, queued=0, compute_s=0.2, ready=False,
+                    eta_s=math.inf)  # fmt: skip
+
+
+def test_estimates_follow_the_design_formula() -> None:
+    assert EDGE.estimate() == 0.01  # queue 0 + compute
+    assert COLD_CLOUD.estimate() == 2.0 + 0.2 + 0.002  # max(eta, queue) + compute + network
+    busy = SideView(workers=1, capacity=1, inflight=1, queued=2, compute_s=0.2, network_s=0.0)
+    assert busy.queue_s() == 3 * 0.2  # three ahead of the next one, one slot
+    assert NO_CLOUD.estimate() == math.inf
+
+
+def test_latency_critical_never_waits_for_a_cold_cloud() -> None:
+    assert choose(CRITICAL, None, EDGE, COLD_CLOUD).route is Route.EDGE
+    assert choose(CRITICAL, 10.0, NO_EDGE, COLD_CLOUD).route is Route.UNAVAILABLE
+    # A ready cloud that answers sooner than a swamped edge does take critical work.
+    swamped = SideView(workers=1, capacity=1, inflight=1, queued=50, compute_s=0.05)
+    assert choose(CRITICAL, 1.0, swamped, READY_CLOUD).route is Route.CLOUD
+    assert choose(CRITICAL, 1.0, EDGE, READY_CLOUD).route is Route.EDGE
+
+
+def test_quality_work_goes_to_the_cloud_once_its_estimate_fits_the_deadline() -> None:
+    assert choose(QUALITY, 5.0, EDGE, COLD_CLOUD).route is Route.CLOUD  # 2.2 s fits 5 s
+    assert choose(QUALITY, 1.0, EDGE, COLD_CLOUD).route is Route.EDGE  # 2.2 s does not
+    assert choose(QUALITY, None, EDGE, COLD_CLOUD).route is Route.CLOUD  # no deadline: wait
+    assert choose(QUALITY, 1.0, EDGE, READY_CLOUD).route is Route.CLOUD
+
+
+def test_normal_work_takes_the_cloud_only_when_it_is_ready() -> None:
+    assert choose(NORMAL, 5.0, EDGE, COLD_CLOUD).route is Route.EDGE
+    assert choose(NORMAL, 5.0, EDGE, READY_CLOUD).route is Route.CLOUD
+    assert choose(NORMAL, 0.1, EDGE, READY_CLOUD).route is Route.EDGE  # 0.202 s > 0.1 s
+    # No edge at all: a loading cloud is still better than nothing when it fits.
+    assert choose(NORMAL, 5.0, NO_EDGE, COLD_CLOUD).route is Route.CLOUD
+    assert choose(NORMAL, 1.0, NO_EDGE, COLD_CLOUD).route is Route.TOO_LATE
+
+
+def test_nobody_or_no_time_left() -> None:
+    assert choose(NORMAL, 1.0, NO_EDGE, NO_CLOUD).route is Route.UNAVAILABLE
+    assert choose(QUALITY, 0.0, EDGE, READY_CLOUD).route is Route.TOO_LATE
+    assert choose(NORMAL, -1.0, EDGE, READY_CLOUD).route is Route.TOO_LATE
+
+
+def test_decision_reports_both_estimates() -> None:
+    decision = choose(QUALITY, 5.0, EDGE, COLD_CLOUD)
+    assert decision.edge_estimate_s == EDGE.estimate()
+    assert decision.cloud_estimate_s == COLD_CLOUD.estimate()
