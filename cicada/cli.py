@@ -202,6 +202,48 @@ def _print_event(event: Any) -> None:
     "--model",
     default="gpt2-medium",
     show_default=True,
+    help="Reference model: gpt2-medium (1.4 GB) or gpt2-tiny.",
+)
+@click.option(
+    "--cache",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where packages and edge models are kept (default: ~/.cache/cicada, or $CICADA_CACHE).",
+)
+@click.option(
+    "--requests", "count", type=int, default=60, show_default=True, help="Requests in the burst."
+)
+@click.option(
+    "--rate",
+    type=float,
+    default=12.0,
+    show_default=True,
+    help="Mean arrival rate of the burst (requests/s, Poisson).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print a machine-readable summary: per request id, priority, served_by, latency, status.",
+)
+def demo(model: str, cache: Path | None, count: int, rate: float, as_json: bool) -> None:
+    """Coordinator + edge agent + a cold cloud worker, and a burst of mixed-priority requests.
+
+    Packs the model and exports its int8 edge model once (cached), then starts the three roles
+    as local processes and shows live where each request goes while the cloud cold-starts."""
+    from cicada.live_demo import run_live_demo
+
+    try:
+        run_live_demo(model, cache, as_json, count, rate)
+    except CicadaError as exc:
+        _fail(exc)
+
+
+@main.command()
+@click.option(
+    "--model",
+    default="gpt2-medium",
+    show_default=True,
     help="Reference model to cold-start: gpt2-medium, gpt2-tiny, bert-base, resnet50.",
 )
 @click.option(
@@ -211,8 +253,9 @@ def _print_event(event: Any) -> None:
     help="Where packages are kept (default: ~/.cache/cicada).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def demo(model: str, cache: Path | None, as_json: bool) -> None:
-    """Pack a reference model (once), then cold-start it with each strategy, side by side."""
+def coldstart(model: str, cache: Path | None, as_json: bool) -> None:
+    """Cold-start a reference model once per strategy (cicada, meta, pisel, naive), side by side,
+    each in a fresh process, with live residency progress."""
     from cicada.demo import run_demo
 
     try:

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ class CloudWorker:
         self.built = threading.Event()
         self.failed: CicadaError | None = None
         self._last: ResidencyEvent | None = None
-        self._forward_lock = threading.Lock()
+        self._work: queue.Queue[tuple[Dispatch, Future[Result]]] = queue.Queue()
         name = config.worker or f"cloud-{socket.gethostname()}-{os.getpid()}"
         self.runtime = WorkerRuntime(
             RuntimeConfig(
@@ -85,23 +87,35 @@ class CloudWorker:
 
     def _on_residency(self, event: ResidencyEvent) -> None:
         self._last = event
+        if event.done:
+            log.info("%s resident: %d stages", self.config.model_name, event.total_stages)
         self.runtime.notify()
 
     def handle(self, dispatch: Dispatch, deadline: float | None) -> Result:
+        """Called on the runtime's executor thread: hand the request to the main thread.
+
+        torch's OpenMP pool belongs to the thread that started it; a forward issued from
+        another thread waited ~100 ms per call here for a 1 ms model (2 cores). So every
+        forward runs on the main thread, one at a time (torch already uses every core)."""
+        if self.failed is not None:
+            return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
+        done: Future[Result] = Future()
+        self._work.put((dispatch, done))
+        return done.result()
+
+    def _run(self, dispatch: Dispatch) -> Result:
         import numpy as np
         import torch
 
         if self.failed is not None:
             return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
-        self.built.wait()
         inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in dispatch.inputs]
         if self.config.device != "cpu":
             inputs = [t.to(self.config.device) for t in inputs]
         try:
-            # One forward at a time: torch already uses every core for one.
-            with self._forward_lock:
-                out = self.cold.forward(*inputs)
+            out = self.cold.forward(*inputs)
         except CicadaError as exc:
+            self.failed = exc
             return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(exc))
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             return Result(
@@ -130,24 +144,39 @@ class CloudWorker:
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         try:
+            # The rest of the load (read, verify, apply) finishes on the reader thread while
+            # this thread serves: a request that arrives now starts on the resident stages.
             self.cold.build()
             self.built.set()
-            self.cold.wait_all()
-            self.cold.remove_hooks()
-            self.runtime.notify()
-            log.info(
-                "%s resident: %d stages", self.config.model_name, len(self.cold.manifest.stages)
-            )
         except CicadaError as exc:
-            log.error("cold start failed: %s", exc)
-            self.failed = exc
-            self.built.set()
-            self.runtime.drain()
-            self.runtime.join(10)
-            return 3
-        while not stop.wait(0.2):
-            if self.runtime.stopped.is_set():
-                return 0
+            return self._give_up(exc)
+        while not stop.is_set() and not self.runtime.stopped.is_set():
+            try:
+                dispatch, done = self._work.get(timeout=0.1)
+            except queue.Empty:
+                if self.failed is not None:
+                    return self._give_up(self.failed)
+                continue
+            done.set_result(self._run(dispatch))
         self.runtime.drain()
-        self.runtime.join(30)
+        while not self.runtime.join(0.05):  # finish what was accepted before the drain
+            self._serve_pending()
+        self._serve_pending()
         return 0
+
+    def _serve_pending(self) -> None:
+        while True:
+            try:
+                dispatch, done = self._work.get_nowait()
+            except queue.Empty:
+                return
+            done.set_result(self._run(dispatch))
+
+    def _give_up(self, exc: CicadaError) -> int:
+        log.error("cold start failed: %s", exc)
+        self.failed = exc
+        self.built.set()
+        self.runtime.drain()
+        while not self.runtime.join(0.05):
+            self._serve_pending()
+        return 3

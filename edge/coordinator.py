@@ -251,6 +251,7 @@ class Coordinator:
                 self._send(identity, Disconnect(reason="unknown worker: register again"))
             else:
                 worker.update(message)
+                self.metrics.set_workers(self.workers.values())
         elif isinstance(message, Result):
             if worker is None:
                 self._send(identity, Disconnect(reason="unknown worker: register again"))
@@ -571,6 +572,7 @@ class Coordinator:
         )
         worker.update(ready)
         self.workers[identity] = worker
+        self.metrics.set_workers(self.workers.values())
         log.info(
             "registered %s %s for %s (%s)",
             ready.role.value,

@@ -50,7 +50,23 @@ class CoordinatorMetrics:
             "Results that arrived after their request was answered",
             registry=r,
         )
+        self.residency = Gauge(
+            "cicada_worker_resident_stages",
+            "Stages resident on a cloud worker (of cicada_worker_total_stages)",
+            ["worker", "role"],
+            registry=r,
+        )
+        self.total_stages = Gauge(
+            "cicada_worker_total_stages", "Stages a worker loads", ["worker", "role"], registry=r
+        )
+        self.eta = Gauge(
+            "cicada_worker_eta_seconds",
+            "A worker's estimate of the rest of its load",
+            ["worker", "role"],
+            registry=r,
+        )
         self._worker_labels: set[tuple[str, str, str]] = set()
+        self._worker_names: set[tuple[str, str]] = set()
 
     def observe(self, model: str, route: str, status: str, seconds: float) -> None:
         self.requests.labels(model, route, status).inc()
@@ -58,6 +74,7 @@ class CoordinatorMetrics:
             self.latency.labels(model, route).observe(seconds)
 
     def set_workers(self, workers: Iterable[Any]) -> None:
+        workers = list(workers)
         counts: dict[tuple[str, str, str], int] = {}
         for w in workers:
             for model in w.models:
@@ -68,6 +85,17 @@ class CoordinatorMetrics:
         for key, n in counts.items():
             self.workers.labels(*key).set(n)
         self._worker_labels |= set(counts)
+        names: set[tuple[str, str]] = set()
+        for w in workers:
+            name = (w.name, w.role.value)
+            names.add(name)
+            self.residency.labels(*name).set(w.resident_stages)
+            self.total_stages.labels(*name).set(w.total_stages)
+            self.eta.labels(*name).set(w.eta_s if w.eta_s is not None else -1)
+        for name in self._worker_names - names:  # gone: drop the series
+            for gauge in (self.residency, self.total_stages, self.eta):
+                gauge.remove(*name)
+        self._worker_names = names
 
     def serve(self, host: str, port: int) -> Any:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)

@@ -26,12 +26,20 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
         "malformed": 0,
         "late_results": 0,
         "latency": [],
+        "residency": {},
     }
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels, value = s.labels, s.value
             if s.name == "cicada_workers" and value:
                 snapshot["workers"].append({**labels, "count": int(value)})
+            elif s.name in (
+                "cicada_worker_resident_stages",
+                "cicada_worker_total_stages",
+                "cicada_worker_eta_seconds",
+            ):
+                entry = snapshot["residency"].setdefault(labels["worker"], {"role": labels["role"]})
+                entry[s.name.removeprefix("cicada_worker_")] = value
             elif s.name == "cicada_queue_depth":
                 snapshot["queues"].append({**labels, "depth": int(value)})
             elif s.name == "cicada_requests_total":
