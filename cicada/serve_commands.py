@@ -93,7 +93,17 @@ def _curve_options(f: Any) -> Any:
     help="Directory of public keys (*.key) allowed to connect (with --curve-secret).",
 )
 @click.option("--log-level", default="info", show_default=True)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="TOML file: coordinator settings and the cloud models it "
+    "launches on demand and stops when idle (docs/deploy.md). Options given on the "
+    "command line win over the file.",
+)
+@click.pass_context
 def coordinator(
+    ctx: click.Context,
     bind: str,
     metrics: str,
     heartbeat: float,
@@ -101,11 +111,35 @@ def coordinator(
     curve_secret: Path | None,
     allow_dir: Path | None,
     log_level: str,
+    config_path: Path | None,
 ) -> None:
-    """Run the coordinator: route requests between clients, edge agents and cloud workers."""
+    """Run the coordinator: route requests between clients, edge agents and cloud workers.
+
+    With --config it also runs the serverless lifecycle: the first request for a configured
+    model launches a cloud worker, idle workers drain and stop after their keep-alive."""
     _logging(log_level)
     from edge.coordinator import Coordinator, CoordinatorConfig
 
+    file = None
+    if config_path is not None:
+        from edge.config import load_config
+
+        try:
+            file = load_config(config_path)
+        except CicadaError as exc:
+            raise click.ClickException(str(exc)) from None
+
+        def pick(name: str, value: Any, from_file: Any) -> Any:
+            explicit = ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+            return value if explicit or from_file is None else from_file
+
+        c = file.coordinator
+        bind = pick("bind", bind, c.bind)
+        metrics = pick("metrics", metrics, c.metrics)
+        heartbeat = pick("heartbeat", heartbeat, c.heartbeat)
+        queue_limit = pick("queue_limit", queue_limit, c.queue_limit)
+        curve_secret = pick("curve_secret", curve_secret, c.curve_secret)
+        allow_dir = pick("allow_dir", allow_dir, c.allow)
     metrics_bind = None
     if metrics != "off":
         host, _, port = metrics.rpartition(":")
@@ -122,6 +156,8 @@ def coordinator(
     )
     node = Coordinator(config)
     endpoint = node.bind()
+    if file is not None and file.models:
+        node.lifecycle = _lifecycle(file, endpoint, heartbeat)
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
@@ -132,6 +168,63 @@ def coordinator(
     )
     with contextlib.suppress(KeyboardInterrupt):
         node.serve_forever()
+
+
+def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
+    """Wire the configured launcher into a Lifecycle (this CLI is the composition root: the
+    coordinator itself only knows the Launcher interface)."""
+    import tempfile
+
+    from common.launch import PoolLauncher, ProcessLauncher, WorkerSpec
+    from edge.lifecycle import Lifecycle
+
+    c = file.coordinator
+    log_dir = str(c.log_dir) if c.log_dir else None
+    # Workers connect to where the coordinator listens; a wildcard bind is reached on loopback.
+    address = endpoint.replace("0.0.0.0", "127.0.0.1").replace("*", "127.0.0.1")
+    launcher: Any
+    if c.launcher == "pool":
+        socket_path = str(c.pool_socket or Path(tempfile.mkdtemp(prefix="cicada-pool-")) / "s")
+        launcher = PoolLauncher(socket_path, log_dir=log_dir).start()
+    elif c.launcher == "ray":
+        from cloud.ray_launcher import RayLauncher
+
+        launcher = RayLauncher()
+    else:
+        launcher = ProcessLauncher()
+
+    def spec_for(model: str, cfg: Any, name: str) -> WorkerSpec:
+        return WorkerSpec(
+            model=model,
+            package=str(cfg.package),
+            coordinator=address,
+            name=name,
+            device=cfg.device,
+            threads=cfg.threads,
+            heartbeat=heartbeat,
+            log_dir=log_dir,
+        )
+
+    return Lifecycle(file.models, launcher, spec_for)
+
+
+@click.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Unix socket to listen on for launch requests.",
+)
+@click.option("--log-level", default="info", show_default=True)
+def pool(socket_path: Path, log_level: str) -> None:
+    """Run a warm pool: import torch once, then fork a cloud worker per launch request.
+
+    Started by `cicada coordinator` when its config says launcher = "pool"."""
+    _logging(log_level)
+    from cloud.warm_pool import serve_pool
+
+    serve_pool(str(socket_path))
 
 
 @click.command()
@@ -313,5 +406,5 @@ def keys(out_dir: Path, names: tuple[str, ...]) -> None:
 
 
 def register(group: click.Group) -> None:
-    for command in (coordinator, edge, cloud, status, keys):
+    for command in (coordinator, edge, cloud, status, keys, pool):
         group.add_command(command)

@@ -43,6 +43,7 @@ from common.protocol import (
     encode,
 )
 from common.sockets import configure
+from edge.lifecycle import Lifecycle
 from edge.metrics import CoordinatorMetrics
 from edge.policy import (
     DEFAULT_CLOUD_COMPUTE_S,
@@ -141,6 +142,7 @@ class Coordinator:
         self._sock: zmq.Socket[bytes] | None = None
         self._auth: Any = None
         self._metrics_server: Any = None
+        self.lifecycle: Lifecycle | None = None  # set to launch/stop cloud workers on demand
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -207,6 +209,8 @@ class Coordinator:
                     self.purge_workers(now)
                     self.send_heartbeats()
                     next_beat = now + interval
+                if self.lifecycle is not None:
+                    self.lifecycle.tick(self, now)  # before dispatch: launches count as capacity
                 self.dispatch(now)
         finally:
             self.close()
@@ -215,6 +219,8 @@ class Coordinator:
         self.stop_event.set()
 
     def close(self) -> None:
+        if self.lifecycle is not None:
+            self.lifecycle.close()
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
@@ -250,6 +256,7 @@ class Coordinator:
             if worker is None:
                 self._send(identity, Disconnect(reason="unknown worker: register again"))
             else:
+                self._note_ready(worker, message.state, now)
                 worker.update(message)
                 self.metrics.set_workers(self.workers.values())
         elif isinstance(message, Result):
@@ -347,6 +354,8 @@ class Coordinator:
                 model,
             )
             return
+        if self.lifecycle is not None:
+            self.lifecycle.on_request(model, now)
         key = f"{next(self._ids):x}"
         deadline = None if request.timeout_ms is None else now + request.timeout_ms / 1000
         self.pending[key] = Pending(key, client, request, now, deadline)
@@ -356,7 +365,21 @@ class Coordinator:
         self.metrics.queue_depth.labels(model, str(request.priority)).set(len(queue))
 
     def _known_model(self, model: str) -> bool:
+        if self.lifecycle is not None and self.lifecycle.manages(model):
+            return True
         return any(model in w.models and w.accepting for w in self.workers.values())
+
+    def cloud_demand(self, model: str) -> int:
+        """Requests for `model` that want the large model: queued or running, normal and
+        quality-seeking (latency-critical work never waits for a cloud worker to start)."""
+        return sum(
+            1 for p in self.pending.values() if p.request.model == model and p.request.priority >= 1
+        )
+
+    def forget_worker_named(self, name: str, now: float, reason: str) -> None:
+        for identity, w in list(self.workers.items()):
+            if w.name == name:
+                self.remove_worker(identity, now, reason=reason)
 
     def view(self, model: str, role: Role) -> SideView:
         workers = [
@@ -374,6 +397,11 @@ class Coordinator:
                 for w in workers
             ]
             eta = min(etas) if etas else float("inf")
+        launching = 0
+        if role is Role.CLOUD and self.lifecycle is not None:
+            # Workers launched but not registered yet are capacity with an ETA.
+            launching, launch_eta = self.lifecycle.launching(model, self.clock())
+            eta = min(eta, launch_eta)
         computes = [w.compute_s for w in workers if w.compute_s is not None]
         side = Route.EDGE if role is Role.EDGE else Route.CLOUD
         queued = sum(
@@ -383,8 +411,8 @@ class Coordinator:
             if self.pending[key].route is side
         )
         return SideView(
-            workers=len(workers),
-            capacity=sum(w.capacity for w in workers),
+            workers=len(workers) + launching,
+            capacity=sum(w.capacity for w in workers) + launching,
             inflight=sum(len(w.inflight) for w in workers),
             queued=queued,
             compute_s=min(computes) if computes else default,
@@ -556,6 +584,7 @@ class Coordinator:
         expires = now + self.config.heartbeat_interval * self.config.liveness
         existing = self.workers.get(identity)
         if existing is not None:
+            self._note_ready(existing, ready.state, now)
             existing.update(ready)
             existing.models, existing.capacity = list(ready.models), max(1, ready.capacity)
             existing.variant = ready.variant
@@ -572,6 +601,9 @@ class Coordinator:
         )
         worker.update(ready)
         self.workers[identity] = worker
+        if self.lifecycle is not None and worker.role is Role.CLOUD:
+            self.lifecycle.on_registered(worker.name, now)
+            self._note_ready(worker, ready.state, now, first=True)
         self.metrics.set_workers(self.workers.values())
         log.info(
             "registered %s %s for %s (%s)",
@@ -581,6 +613,16 @@ class Coordinator:
             worker.state.value,
         )
         self._send(identity, Heartbeat())
+
+    def _note_ready(
+        self, worker: WorkerInfo, state: WorkerState | None, now: float, first: bool = False
+    ) -> None:
+        """Tell the lifecycle when a cloud worker first becomes ready (its cold-start time)."""
+        became_ready = state is WorkerState.READY and (
+            first or worker.state is not WorkerState.READY
+        )
+        if became_ready and self.lifecycle is not None and worker.role is Role.CLOUD:
+            self.lifecycle.on_ready(worker.name, now)
 
     def purge_workers(self, now: float) -> None:
         for identity, worker in list(self.workers.items()):

@@ -1,0 +1,302 @@
+"""Starting cloud workers: one small interface, several launchers.
+
+The coordinator asks a `Launcher` for a worker of a model and gets a `WorkerHandle` back; the
+worker then registers over the protocol like any other. Launchers:
+
+* `ProcessLauncher` (the embedded default): `python -m cicada cloud ...` as a child process:
+  a true cold start (process, torch import, weights).
+* `PoolLauncher`: asks a warm pool (`cicada pool`, cloud/warm_pool.py: a process that has
+  already imported torch and the pipeline) to fork a worker: the import is paid in advance.
+* `cloud.ray_launcher.RayLauncher` (extra `[ray]`): the worker as a Ray actor placed by GPU or
+  custom resources.
+
+This module is torch-free: the coordinator lives on the edge side and only ever sees specs,
+handles and processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgpack
+
+from common.errors import CicadaError
+
+
+class LaunchError(CicadaError):
+    """A worker could not be started."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a cloud worker needs to start, whoever starts it."""
+
+    model: str
+    package: str
+    coordinator: str
+    name: str
+    device: str = "cpu"
+    threads: int | None = None
+    heartbeat: float = 0.5
+    curve_key: str | None = None
+    server_key: str | None = None
+    log_dir: str | None = None
+
+    def cli_args(self) -> list[str]:
+        args = [
+            "cloud",
+            "--model",
+            self.model,
+            "--package",
+            self.package,
+            "--coordinator",
+            self.coordinator,
+            "--name",
+            self.name,
+            "--device",
+            self.device,
+            "--heartbeat",
+            str(self.heartbeat),
+        ]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
+        if self.curve_key and self.server_key:
+            args += ["--curve-key", self.curve_key, "--server-key", self.server_key]
+        return args
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> WorkerSpec:
+        if not isinstance(doc, dict):
+            raise LaunchError("worker spec must be a map")
+        try:
+            return cls(**doc)
+        except TypeError as exc:
+            raise LaunchError(f"bad worker spec: {exc}") from None
+
+
+class WorkerHandle(Protocol):
+    name: str
+
+    def alive(self) -> bool: ...
+
+    def terminate(self) -> None:
+        """Ask the worker to drain and stop (SIGTERM or the launcher's equivalent)."""
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    kind: str
+
+    def launch(self, spec: WorkerSpec) -> WorkerHandle: ...
+
+    def close(self) -> None: ...
+
+
+# -- local processes -----------------------------------------------------------------------------
+
+
+@dataclass
+class ProcessHandle:
+    name: str
+    process: subprocess.Popen[bytes]
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def terminate(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.alive():
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+@dataclass
+class ProcessLauncher:
+    """Cold processes, the embedded default."""
+
+    kind: str = "process"
+    handles: list[ProcessHandle] = field(default_factory=list)
+
+    def launch(self, spec: WorkerSpec) -> ProcessHandle:
+        log = _log_file(spec)
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cicada", *spec.cli_args()],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise LaunchError(f"cannot start a worker for {spec.model}: {exc}") from None
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()
+        handle = ProcessHandle(spec.name, proc)
+        self.handles.append(handle)
+        return handle
+
+    def close(self) -> None:
+        for h in self.handles:
+            if h.alive():
+                h.kill()
+        self.handles.clear()
+
+
+def _log_file(spec: WorkerSpec) -> Any:
+    if not spec.log_dir:
+        return subprocess.DEVNULL
+    Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
+    return open(Path(spec.log_dir) / f"{spec.name}.log", "ab")
+
+
+# -- warm pool -----------------------------------------------------------------------------------
+
+# The pool speaks length-prefixed msgpack maps over a unix socket (never pickle):
+#   {"op": "launch", "spec": {...}}  -> {"ok": true, "pid": 123} | {"ok": false, "error": "..."}
+#   {"op": "status", "pid": 123}     -> {"ok": true, "alive": bool, "exit_code": int | nil}
+#   {"op": "ping"}                   -> {"ok": true, "pid": <pool pid>}
+MAX_POOL_MESSAGE = 64 * 1024
+
+
+def pool_call(path: str, request: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            write_frame(s, request)
+            reply = read_frame(s)
+        except OSError as exc:
+            raise LaunchError(f"warm pool at {path} did not answer: {exc}") from None
+    if not reply.get("ok"):
+        raise LaunchError(f"warm pool refused: {reply.get('error', 'unknown error')}")
+    return reply
+
+
+def write_frame(s: socket.socket, doc: dict[str, Any]) -> None:
+    body = msgpack.packb(doc, use_bin_type=True)
+    s.sendall(struct.pack("<I", len(body)) + body)
+
+
+def read_frame(s: socket.socket) -> dict[str, Any]:
+    head = _recv_exact(s, 4)
+    (size,) = struct.unpack("<I", head)
+    if size > MAX_POOL_MESSAGE:
+        raise LaunchError(f"pool message of {size} bytes exceeds {MAX_POOL_MESSAGE}")
+    doc = msgpack.unpackb(
+        _recv_exact(s, size),
+        raw=False,
+        max_str_len=MAX_POOL_MESSAGE,
+        max_array_len=256,
+        max_map_len=256,
+    )
+    if not isinstance(doc, dict):
+        raise LaunchError("pool message is not a map")
+    return doc
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n:
+        chunk = s.recv(n - got)
+        if not chunk:
+            raise LaunchError("pool connection closed mid-message")
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+@dataclass
+class PoolHandle:
+    name: str
+    pid: int
+    socket_path: str
+
+    def alive(self) -> bool:
+        try:
+            return bool(pool_call(self.socket_path, {"op": "status", "pid": self.pid})["alive"])
+        except LaunchError:
+            return False  # the pool died, and its children with it
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+
+@dataclass
+class PoolLauncher:
+    """Forks workers from a warm pool process (`cicada pool`), starting the pool if asked."""
+
+    socket_path: str
+    start_pool: bool = True
+    log_dir: str | None = None
+    kind: str = "pool"
+    _pool: subprocess.Popen[bytes] | None = None
+    handles: list[PoolHandle] = field(default_factory=list)
+
+    def start(self, timeout: float = 60.0) -> PoolLauncher:
+        if self.start_pool:
+            log = (
+                open(Path(self.log_dir) / "pool.log", "ab")  # noqa: SIM115
+                if self.log_dir
+                else subprocess.DEVNULL
+            )
+            self._pool = subprocess.Popen(
+                [sys.executable, "-m", "cicada", "pool", "--socket", self.socket_path],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                pool_call(self.socket_path, {"op": "ping"}, timeout=1.0)
+                return self
+            except LaunchError:
+                if self._pool is not None and self._pool.poll() is not None:
+                    raise LaunchError("the warm pool exited while starting") from None
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def launch(self, spec: WorkerSpec) -> PoolHandle:
+        reply = pool_call(self.socket_path, {"op": "launch", "spec": spec.to_wire()})
+        handle = PoolHandle(spec.name, int(reply["pid"]), self.socket_path)
+        self.handles.append(handle)
+        return handle
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.kill()
+        self.handles.clear()
+        if self._pool is not None and self._pool.poll() is None:
+            self._pool.send_signal(signal.SIGTERM)
+            try:
+                self._pool.wait(10)
+            except subprocess.TimeoutExpired:
+                self._pool.kill()
+                self._pool.wait()
