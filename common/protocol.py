@@ -45,7 +45,7 @@ class Command(enum.IntEnum):
     RESULT = 0x21  # agent/worker -> coordinator: outcome of a DISPATCH
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     OK = "OK"
     TIMEOUT = "TIMEOUT"  # the deadline passed before a result: never run late
     REJECTED = "REJECTED"  # queue full (back-pressure) or the caller is not allowed
@@ -54,12 +54,12 @@ class Status(str, enum.Enum):
     FAILED = "FAILED"  # the model raised while running it
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     EDGE = "edge"
     CLOUD = "cloud"
 
 
-class WorkerState(str, enum.Enum):
+class WorkerState(enum.StrEnum):
     COLD = "cold"  # registered, nothing resident
     LOADING = "loading"  # some stages resident (serves requests that fit, see residency)
     READY = "ready"  # everything resident

@@ -23,10 +23,10 @@ Relative paths are taken relative to the file.
 
 from __future__ import annotations
 
+import tomllib
 from pathlib import Path
 from typing import Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import CicadaError
