@@ -476,7 +476,7 @@ class AsyncClient:
         start = time.perf_counter()
         try:
             reply = await asyncio.wait_for(self._send_and_wait(call, future), call.wait_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _client_timeout(call, self.address) from None
         finally:
             self._pending.pop(call.request_id, None)
