@@ -17,6 +17,7 @@ import queue
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ class CloudWorker:
         self.built = threading.Event()
         self.failed: CicadaError | None = None
         self._last: ResidencyEvent | None = None
-        self._work: queue.Queue[tuple[Dispatch, Future[Result]]] = queue.Queue()
+        self._work: queue.Queue[tuple[Dispatch, float | None, Future[Result]]] = queue.Queue()
         name = config.worker or f"cloud-{socket.gethostname()}-{os.getpid()}"
         self.runtime = WorkerRuntime(
             RuntimeConfig(
@@ -100,15 +101,22 @@ class CloudWorker:
         if self.failed is not None:
             return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
         done: Future[Result] = Future()
-        self._work.put((dispatch, done))
+        self._work.put((dispatch, deadline, done))
         return done.result()
 
-    def _run(self, dispatch: Dispatch) -> Result:
+    def _run(self, dispatch: Dispatch, deadline: float | None) -> Result:
         import numpy as np
         import torch
 
         if self.failed is not None:
             return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
+        if deadline is not None and time.monotonic() >= deadline:
+            # Expired while the model was being built or while queued here: never run late.
+            return Result(
+                id=dispatch.id,
+                status=Status.TIMEOUT,
+                error="deadline passed before the model could start it",
+            )
         inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in dispatch.inputs]
         if self.config.device != "cpu":
             inputs = [t.to(self.config.device) for t in inputs]
@@ -152,12 +160,12 @@ class CloudWorker:
             return self._give_up(exc)
         while not stop.is_set() and not self.runtime.stopped.is_set():
             try:
-                dispatch, done = self._work.get(timeout=0.1)
+                dispatch, deadline, done = self._work.get(timeout=0.1)
             except queue.Empty:
                 if self.failed is not None:
                     return self._give_up(self.failed)
                 continue
-            done.set_result(self._run(dispatch))
+            done.set_result(self._run(dispatch, deadline))
         self.runtime.drain()
         while not self.runtime.join(0.05):  # finish what was accepted before the drain
             self._serve_pending()
@@ -167,10 +175,10 @@ class CloudWorker:
     def _serve_pending(self) -> None:
         while True:
             try:
-                dispatch, done = self._work.get_nowait()
+                dispatch, deadline, done = self._work.get_nowait()
             except queue.Empty:
                 return
-            done.set_result(self._run(dispatch))
+            done.set_result(self._run(dispatch, deadline))
 
     def _give_up(self, exc: CicadaError) -> int:
         log.error("cold start failed: %s", exc)

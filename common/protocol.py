@@ -28,6 +28,7 @@ from common.errors import CicadaError
 
 SIGNATURE = b"CCD1"
 PROTOCOL_VERSION = 1
+MAX_TIMEOUT_MS = 86_400_000  # a budget beyond a day is a mistake, not a deadline
 
 
 class ProtocolError(CicadaError):
@@ -142,7 +143,8 @@ class RawTensor:
 def check_tensor(spec: Any, frame: bytes | memoryview, limits: Limits) -> RawTensor:
     if not isinstance(spec, dict):
         raise ProtocolError("tensor spec is not a map")
-    dtype = DTYPES.get(spec.get("dtype"))  # type: ignore[arg-type]
+    name = spec.get("dtype")
+    dtype = DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise ProtocolError(f"tensor dtype {spec.get('dtype')!r} is not one of {sorted(DTYPES)}")
     shape = spec.get("shape")
@@ -370,10 +372,13 @@ def decode(
                 value = _ENUMS[f.name](value)
             except ValueError:
                 raise ProtocolError(f"field {f.name!r} has unknown value {value!r}") from None
+        if f.name == "timeout_ms" and not -MAX_TIMEOUT_MS <= value <= MAX_TIMEOUT_MS:
+            raise ProtocolError(f"timeout_ms must be within +-{MAX_TIMEOUT_MS} (one day)")
         if f.name in ("models",) and not all(isinstance(m, str) for m in value):
             raise ProtocolError("field 'models' must be a list of strings")
         if f.name == "timings" and not all(
-            isinstance(k, str) and isinstance(v, (int, float)) for k, v in value.items()
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+            for k, v in value.items()
         ):
             raise ProtocolError("field 'timings' must map names to numbers")
         kwargs[f.name] = value

@@ -202,7 +202,12 @@ class Coordinator:
                             frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self.handle([f.buffer for f in frames])
+                        try:
+                            self.handle([f.buffer for f in frames])
+                        except Exception:  # one bad message must never stop the coordinator
+                            log.exception("unexpected error handling a message; dropped")
+                            self.malformed += 1
+                            self.metrics.malformed.inc()
                 now = self.clock()
                 self.expire_requests(now)
                 if now >= next_beat:
@@ -551,7 +556,10 @@ class Coordinator:
 
     def _reply(self, client: bytes, reply: Reply, model: str, count: bool = True) -> None:
         if count:
-            self.metrics.observe(model, "none", reply.status.value, 0.0)
+            # Label by model only for models someone serves: made-up names must not grow
+            # the metrics without bound.
+            label = model if self._known_model(model) else "unknown"
+            self.metrics.observe(label, "none", reply.status.value, 0.0)
         if not self._send(client, reply):
             log.info("client %s left before its reply %s", client.hex()[:16], reply.id)
 
@@ -652,7 +660,10 @@ class Coordinator:
         if self._sock is None:
             return False
         try:
-            self._sock.send_multipart([identity, *encode(message)], copy=False)
+            # Never block: a peer that stops reading fills its pipe to the HWM, and a blocking
+            # send would stall every other peer. Its message is dropped instead (a worker is
+            # then treated as unreachable by the caller).
+            self._sock.send_multipart([identity, *encode(message)], zmq.NOBLOCK, copy=False)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: peer is gone
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
