@@ -157,7 +157,11 @@ def coordinator(
     node = Coordinator(config)
     endpoint = node.bind()
     if file is not None and file.models:
-        node.lifecycle = _lifecycle(file, endpoint, heartbeat)
+        try:
+            node.lifecycle = _lifecycle(file, endpoint, heartbeat)
+        except CicadaError as exc:  # e.g. the warm pool or the Ray cluster is unreachable
+            node.close()
+            raise click.ClickException(str(exc)) from None
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
@@ -189,7 +193,12 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
     elif c.launcher == "ray":
         from cloud.ray_launcher import RayLauncher
 
-        launcher = RayLauncher()
+        launcher = RayLauncher(
+            address=c.ray_address,
+            num_gpus=c.ray_num_gpus,
+            resources=c.ray_resources or None,
+            label_selector=c.ray_label_selector or None,
+        ).start()
     else:
         launcher = ProcessLauncher()
 
@@ -314,6 +323,13 @@ def edge(
 @click.option("--threads", type=int, default=None, help="torch intra-op threads.")
 @click.option("--name", default="", help="Worker name in replies and metrics.")
 @click.option("--heartbeat", type=float, default=0.5, show_default=True)
+@click.option(
+    "--health-port",
+    type=int,
+    default=None,
+    help="Serve GET /ready (200 once every stage is resident) and /healthz on this "
+    "port, for orchestrators' probes (Knative, Kubernetes).",
+)
 @_curve_options
 @click.option("--log-level", default="info", show_default=True)
 def cloud(
@@ -324,6 +340,7 @@ def cloud(
     threads: int | None,
     name: str,
     heartbeat: float,
+    health_port: int | None,
     curve_key: Path | None,
     server_key: Path | None,
     log_level: str,
@@ -347,6 +364,7 @@ def cloud(
                 threads=threads,
                 heartbeat_interval=heartbeat,
                 curve=keys,
+                health_port=health_port,
             )
         )
     except CicadaError as exc:

@@ -47,6 +47,8 @@ class CloudWorkerConfig:
     threads: int | None = None
     heartbeat_interval: float = 0.5
     curve: CurveKeys | None = None
+    health_port: int | None = None  # serve /ready and /healthz for orchestrators (Knative)
+    health_host: str = "0.0.0.0"
 
 
 class CloudWorker:
@@ -147,6 +149,8 @@ class CloudWorker:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             signal.signal(signal.SIGINT, lambda *_: stop.set())
         self.runtime.start()  # registers while cold
+        if self.config.health_port is not None:
+            self._serve_health(self.config.health_host, self.config.health_port)
         import torch
 
         if self.config.threads:
@@ -171,6 +175,47 @@ class CloudWorker:
             self._serve_pending()
         self._serve_pending()
         return 0
+
+    def _serve_health(self, host: str, port: int) -> None:
+        """/ready is 200 only once every stage is resident (a readiness probe that reflects
+        residency); /healthz is 200 unless the load failed. JSON bodies carry the status."""
+        import json
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        worker = self
+
+        class Health(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status = worker.status()
+                ready = status.state is WorkerState.READY and worker.failed is None
+                if self.path == "/ready":
+                    code = 200 if ready else 503
+                elif self.path == "/healthz":
+                    code = 200 if worker.failed is None else 500
+                else:
+                    code = 404
+                body = json.dumps(
+                    {
+                        "state": status.state.value,
+                        "resident_stages": status.resident_stages,
+                        "total_stages": status.total_stages,
+                        "eta_s": status.eta_s,
+                        "error": str(worker.failed) if worker.failed else None,
+                    }
+                ).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # probes every few seconds would flood the log
+
+        server = ThreadingHTTPServer((host, port), Health)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="cicada-health", daemon=True).start()
+        log.info("health endpoint on http://%s:%d/ready", host, port)
 
     def _serve_pending(self) -> None:
         while True:

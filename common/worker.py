@@ -194,7 +194,7 @@ class WorkerRuntime:
                         wakes = os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         wakes = b""
-                    if b"h" in wakes:
+                    if b"h" in wakes or b"d" in wakes:  # state changed: say so now
                         self._send(sock, self._heartbeat())
                         next_beat = now + interval
                 self._flush_results(sock)

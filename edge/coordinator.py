@@ -514,12 +514,23 @@ class Coordinator:
 
     def complete(self, identity: bytes, result: Result, now: float) -> None:
         p = self.pending.get(result.id)
-        if p is None or p.worker != identity:
-            self.metrics.late_results.inc()
-            return  # already answered (e.g. TIMEOUT) or re-routed: exactly one outcome
         worker = self.workers.get(identity)
+        if p is None or p.worker != identity:
+            # Already answered (e.g. TIMEOUT while it ran) or re-routed: exactly one outcome.
+            # The worker's slot, held until now, is free again.
+            if worker is not None:
+                worker.inflight.pop(result.id, None)
+            self.metrics.late_results.inc()
+            return
         if worker is not None:
             worker.inflight.pop(p.key, None)
+            if result.status is Status.UNAVAILABLE:
+                # The worker refused it (draining, or its load failed): not the caller's
+                # outcome. Stop sending it work and give the request another chance.
+                worker.state = WorkerState.DRAINING
+                p.worker, p.dispatched_at, p.route = None, None, None
+                self.queues[p.request.model][p.request.priority].appendleft(p.key)
+                return
         timings = {f"worker_{k}": float(v) for k, v in result.timings.items()}
         if p.dispatched_at is not None:
             timings["queue_s"] = p.dispatched_at - p.arrived
@@ -547,7 +558,9 @@ class Coordinator:
     def _finish(self, p: Pending, reply: Reply, now: float) -> None:
         """Send the one reply for `p` and forget it."""
         self.pending.pop(p.key, None)
-        if p.worker is not None and p.worker in self.workers:
+        if p.worker is not None and p.worker in self.workers and reply.status is not Status.TIMEOUT:
+            # (A request that timed out while running keeps its slot until the worker's late
+            # result comes back: the worker is still busy with it.)
             self.workers[p.worker].inflight.pop(p.key, None)
         reply.timings["total_s"] = now - p.arrived
         route = reply.served_by.get("role") or "none"
@@ -645,6 +658,8 @@ class Coordinator:
             return
         log.warning("worker %s (%s) removed: %s", worker.name, worker.role.value, reason)
         for key, p in list(worker.inflight.items()):
+            if key not in self.pending:
+                continue  # already answered; only its slot was held
             p.worker, p.dispatched_at, p.route = None, None, None
             # Back to the front of its queue: dispatch() decides again, or answers
             # UNAVAILABLE / TIMEOUT if nobody can take it in time.

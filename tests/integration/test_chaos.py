@@ -1,0 +1,799 @@
+"""Chaos on loopback: real `python -m cicada coordinator|edge|cloud` processes, killed mid-work.
+
+Every scenario keeps requests in flight (client threads, or an AsyncClient) while a process is
+SIGKILLed, SIGTERMed or restarted, then checks the one promise that matters to a caller:
+
+* every request sent ends in exactly one outcome: a result, or an explicit error from the SDK's
+  tree (Timeout, Rejected, Unavailable, BadRequest, Failed) — counted call by call;
+* no request id is answered twice: every REPLY that reaches a client's socket is recorded by a
+  wrapping transport, late ones included, and no id may appear twice;
+* nothing hangs: every call has an explicit timeout, every wait here is bounded, and where the
+  coordinator survives, its own count of answered requests equals the number sent.
+
+Times below are generous bounds on waiting for a condition, never latency claims.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from cicada.client import AsyncClient, AsyncZmqTransport, Client, InvokeResult, ZmqTransport
+from cicada.errors import BadRequest, ClientError, Failed, Rejected, Timeout, Unavailable
+from common.protocol import (
+    Disconnect,
+    Dispatch,
+    Heartbeat,
+    ProtocolError,
+    Ready,
+    Reply,
+    Result,
+    Role,
+    Status,
+    WorkerState,
+    decode,
+    encode,
+)
+from tests.stack import ROOT, Stack, make_assets
+
+MODEL = "gpt2"
+HEARTBEAT = 0.2  # tests/stack.py's default: a silent peer is dead after 4 × 0.2 s
+# The SDK's explicit outcomes. TransportError is deliberately not here: nothing in these
+# scenarios is malformed, so a TransportError would be a bug worth seeing.
+EXPLICIT = (Timeout, Rejected, Unavailable, BadRequest, Failed)
+# A GPT-2 big enough that the cloud worker stays cold/loading for seconds on this machine
+# (torch import, then ~200 MB of weights), and still packs in about two seconds.
+BIG_GPT2 = dict(n_layer=8, n_head=8, n_embd=512, vocab_size=50257, block_size=64)
+
+
+# -- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny GPT-2 package, its ONNX edge model and an input; plus a bigger package that
+    loads slowly. The edge model comes from the tiny package either way: its token ids (< 97)
+    are valid for both, and routing, not output equality, is what is tested here."""
+    from cloud.packing import pack
+
+    work = tmp_path_factory.mktemp("chaos-assets")
+    paths = make_assets(work)
+    paths["big"] = work / "pkg-big"
+    pack("cloud.models.gpt2:build", paths["big"], config=BIG_GPT2)
+    return paths
+
+
+@pytest.fixture
+def x(assets: dict[str, Path]) -> np.ndarray:
+    return np.load(assets["input"])
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    with Stack(tmp_path, heartbeat=HEARTBEAT) as s:  # kills every process it started
+        yield s
+
+
+# -- traffic that records every outcome ------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    index: int
+    priority: int
+    deadline: float | None
+    sent: float  # time.monotonic() before the call
+    done: float  # time.monotonic() after it returned or raised
+    result: InvokeResult | None = None
+    error: BaseException | None = None
+
+    @property
+    def request_id(self) -> str | None:
+        if self.result is not None:
+            return self.result.request_id
+        return getattr(self.error, "request_id", None)
+
+    @property
+    def role(self) -> str | None:
+        return None if self.result is None else self.result.served_by.get("role")
+
+
+def _reply_id(frames: Sequence[Any]) -> str | None:
+    try:
+        message = decode(frames)
+    except ProtocolError:
+        return None
+    return message.id if isinstance(message, Reply) else None
+
+
+class RecordingTransport:
+    """The SDK's ZeroMQ transport, noting the id of every REPLY that reaches the socket (also
+    the late ones the client discards), so that a duplicate answer cannot go unseen."""
+
+    def __init__(self, address: str) -> None:
+        self.inner = ZmqTransport(address)
+        self.reply_ids: list[str] = []
+
+    def send(self, frames: Sequence[Any]) -> None:
+        self.inner.send(frames)
+
+    def recv(self, timeout: float) -> list[Any] | None:
+        frames = self.inner.recv(timeout)
+        if frames is not None and (rid := _reply_id(frames)) is not None:
+            self.reply_ids.append(rid)
+        return frames
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class RecordingAsyncTransport:
+    def __init__(self, address: str) -> None:
+        self.inner = AsyncZmqTransport(address)
+        self.reply_ids: list[str] = []
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        await self.inner.send(frames)
+
+    async def recv(self) -> list[Any]:
+        frames = await self.inner.recv()
+        if (rid := _reply_id(frames)) is not None:
+            self.reply_ids.append(rid)
+        return frames
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+Plan = Callable[[int], tuple[int, float | None]]  # request index -> (priority, deadline)
+
+
+def cycle(priorities: Sequence[int], deadline: float | None) -> Plan:
+    return lambda i: (priorities[i % len(priorities)], deadline)
+
+
+class Traffic:
+    """Calls in flight until stopped: `threads` sync Clients (one per thread, as the SDK asks)
+    and/or one AsyncClient with `concurrent` calls at once. Each call has an explicit timeout.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        x: np.ndarray,
+        plan: Plan,
+        *,
+        threads: int = 4,
+        concurrent: int = 0,
+        pause: float = 0.02,
+        timeout: float = 8.0,
+    ) -> None:
+        self.address, self.x, self.plan = address, x, plan
+        self.pause, self.timeout = pause, timeout
+        self.outcomes: list[Outcome] = []
+        self.sent = 0
+        self.wire_ids: list[str] = []
+        self._lock = threading.Lock()
+        self._indices = itertools.count()
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._sync_loop, name=f"chaos-client-{n}", daemon=True)
+            for n in range(threads)
+        ]
+        if concurrent:
+            self._threads.append(
+                threading.Thread(
+                    target=lambda: asyncio.run(self._async_main(concurrent)),
+                    name="chaos-async-client",
+                    daemon=True,
+                )
+            )
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.stop(check=exc_type is None)  # don't hide the error that ended the block
+
+    def stop(self, check: bool = True) -> None:
+        """Stop sending; every call in flight must end within its own timeout (bounded)."""
+        self._stop.set()
+        bound = time.monotonic() + self.timeout + 10.0
+        for t in self._threads:
+            t.join(max(0.0, bound - time.monotonic()))
+        hung = [t.name for t in self._threads if t.is_alive()]
+        assert not (check and hung), f"client threads still waiting on a call: {hung}"
+
+    def _next(self) -> tuple[int, int, float | None]:
+        with self._lock:
+            i = next(self._indices)
+            self.sent += 1
+        priority, deadline = self.plan(i)
+        return i, priority, deadline
+
+    def _record(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+
+    def _sync_loop(self) -> None:
+        transport = RecordingTransport(self.address)
+        with Client(self.address, timeout=self.timeout, transport=transport) as client:
+            while not self._stop.is_set():
+                i, priority, deadline = self._next()
+                o = Outcome(i, priority, deadline, time.monotonic(), 0.0)
+                try:
+                    o.result = client.invoke(MODEL, self.x, priority=priority, deadline=deadline)
+                except Exception as exc:  # judged by check_outcomes: explicit, or a bug
+                    o.error = exc
+                o.done = time.monotonic()
+                self._record(o)
+                time.sleep(self.pause)
+            while transport.recv(0.3) is not None:  # late (duplicate?) replies still coming
+                pass
+        with self._lock:
+            self.wire_ids += transport.reply_ids
+
+    async def _async_main(self, concurrent: int) -> None:
+        transport = RecordingAsyncTransport(self.address)
+        async with AsyncClient(self.address, timeout=self.timeout, transport=transport) as client:
+
+            async def loop() -> None:
+                while not self._stop.is_set():
+                    i, priority, deadline = self._next()
+                    o = Outcome(i, priority, deadline, time.monotonic(), 0.0)
+                    try:
+                        o.result = await client.invoke(
+                            MODEL, self.x, priority=priority, deadline=deadline
+                        )
+                    except Exception as exc:
+                        o.error = exc
+                    o.done = time.monotonic()
+                    self._record(o)
+                    await asyncio.sleep(self.pause)
+
+            await asyncio.gather(*(loop() for _ in range(concurrent)))
+            await asyncio.sleep(0.3)  # late (duplicate?) replies still coming
+        with self._lock:
+            self.wire_ids += transport.reply_ids
+
+    # -- views -------------------------------------------------------------------------------
+
+    def ok(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.result is not None]
+
+    def errors(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.error is not None]
+
+    def summary(self) -> str:
+        kinds = Counter(
+            f"OK/{o.role}" if o.result is not None else _kind(o.error) for o in self.outcomes
+        )
+        return f"sent {self.sent}, outcomes {len(self.outcomes)}: {dict(kinds)}"
+
+
+def _kind(error: BaseException | None) -> str:
+    if isinstance(error, Timeout):
+        return f"Timeout/{error.side}"
+    return type(error).__name__
+
+
+def check_outcomes(traffic: Traffic, slack: float = 2.0) -> None:
+    """Exactly one explicit outcome per request, no id twice, none later than its bound."""
+    outcomes = traffic.outcomes
+    assert traffic.sent > 0
+    assert len(outcomes) == traffic.sent, traffic.summary()
+    assert sorted(o.index for o in outcomes) == list(range(traffic.sent))
+    ids = [o.request_id for o in outcomes]
+    assert None not in ids, "an outcome that names no request"
+    twice = [rid for rid, n in Counter(ids).items() if n > 1]
+    assert not twice, f"request ids with two outcomes: {twice}"
+    wire_twice = [rid for rid, n in Counter(traffic.wire_ids).items() if n > 1]
+    assert not wire_twice, f"request ids the coordinator answered twice: {wire_twice}"
+    answers = {
+        o.request_id
+        for o in outcomes
+        if o.result is not None or getattr(o.error, "side", "coordinator") == "coordinator"
+    }
+    assert answers <= set(traffic.wire_ids), "replies the recording transport did not see"
+    unknown = set(traffic.wire_ids) - set(ids)
+    assert not unknown, f"replies to requests nobody sent: {unknown}"
+    unexplained = [
+        (o.index, repr(o.error))
+        for o in outcomes
+        if o.result is None and not isinstance(o.error, EXPLICIT)
+    ]
+    assert not unexplained, f"outcomes outside the SDK's explicit errors: {unexplained}"
+    bound = {
+        o.index: o.done - o.sent
+        for o in outcomes
+        if o.done - o.sent > (traffic.timeout if o.deadline is None else o.deadline) + slack
+    }
+    assert not bound, f"outcomes later than deadline + {slack} s: {bound}"
+
+
+# -- the stack, seen through the coordinator's /metrics --------------------------------------------
+
+
+def cloud_states(s: Stack) -> set[str]:
+    return {w["state"] for w in s.status()["workers"] if w["role"] == "cloud"}
+
+
+def answered(s: Stack, route: str | None = None, status: str | None = None) -> int:
+    """Requests the coordinator has answered (cicada_requests_total), optionally by label."""
+    return sum(
+        r["count"]
+        for r in s.status()["requests"]
+        if (route is None or r["route"] == route) and (status is None or r["status"] == status)
+    )
+
+
+def wait_answered(s: Stack, expected: int) -> None:
+    """The coordinator owes nothing: it answered every request it got, and only once each."""
+    s.wait_for(
+        lambda st: sum(r["count"] for r in st["requests"]) >= expected,
+        what=f"{expected} requests answered by the coordinator",
+        timeout=20,
+    )
+    time.sleep(3 * HEARTBEAT)  # a second answer to anything would show by now
+    assert answered(s) == expected, s.log("coordinator")
+
+
+def wait_no_workers(s: Stack, role: str | None = None, timeout: float = 15.0) -> None:
+    s.wait_for(
+        lambda st: not [w for w in st["workers"] if role is None or w["role"] == role],
+        what=f"no {role or ''} workers registered",
+        timeout=timeout,
+    )
+
+
+def coordinator_log(s: Stack) -> str:
+    path = s.work / "coordinator.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def logs(s: Stack) -> str:
+    return "\n".join(f"--- {name}.log ---\n{s.log(name)}" for name in s.procs)
+
+
+def invoke(
+    address: str, x: np.ndarray, *, priority: int = 1, deadline: float | None = 5.0
+) -> InvokeResult:
+    with Client(address, timeout=10.0) as client:
+        return client.invoke(MODEL, x, priority=priority, deadline=deadline)
+
+
+def outcome_of(address: str, x: np.ndarray, **kwargs: Any) -> InvokeResult | ClientError:
+    try:
+        return invoke(address, x, **kwargs)
+    except ClientError as exc:
+        return exc
+
+
+# -- 1. the cloud worker dies while it loads -------------------------------------------------------
+
+
+def test_sigkill_cloud_worker_mid_load(
+    stack: Stack, assets: dict[str, Path], x: np.ndarray
+) -> None:
+    s = stack
+    s.coordinator()
+    s.edge(MODEL, assets["edge"])
+    s.wait_workers("edge", 1)
+    s.cloud(MODEL, assets["big"])
+    s.wait_workers("cloud", 1, timeout=30)
+    assert cloud_states(s) <= {"cold", "loading"}, logs(s)
+
+    # Quality-seeking work fits the loading worker's ETA, so it is dispatched to it (one slot)
+    # and held for it in the coordinator; normal work goes to the edge meanwhile.
+    plan = cycle([2, 2, 1, 2, 1, 0], deadline=3.0)
+    with Traffic(s.address, x, plan, threads=6) as traffic:
+        s.wait_for(
+            lambda st: any(q["priority"] == "2" and q["depth"] > 0 for q in st["queues"]),
+            what="quality-seeking requests held for the loading cloud worker",
+            timeout=10,
+        )
+        before = cloud_states(s)
+        assert before <= {"cold", "loading"}, "the cloud finished loading too soon"
+        s.kill("cloud")  # SIGKILL, mid-load
+        killed_at = time.monotonic()
+        wait_no_workers(s, "cloud")
+        time.sleep(1.0)  # traffic goes on with the edge alone
+    print(traffic.summary())
+    check_outcomes(traffic)
+    assert traffic.ok(), traffic.summary()
+    # A cold worker has not even built the model: all that was served, the edge served. (A
+    # worker that reached `loading` may have served something before it died.)
+    roles = {o.role for o in traffic.ok() if before == {"cold"} or o.sent > killed_at}
+    assert roles == {"edge"}, traffic.summary()
+
+    # The coordinator keeps serving, on the edge.
+    after = invoke(s.address, x, priority=2, deadline=3.0)
+    assert after.served_by["role"] == "edge"
+    wait_answered(s, traffic.sent + 1)
+
+
+# -- 2. the edge agent dies while the cloud is ready; then everyone dies ---------------------------
+
+
+def test_sigkill_edge_agent_with_cloud_ready(
+    stack: Stack, assets: dict[str, Path], x: np.ndarray
+) -> None:
+    s = stack
+    s.coordinator()
+    s.edge(MODEL, assets["edge"])
+    s.cloud(MODEL, assets["package"])
+    s.wait_workers("edge", 1)
+    s.wait_workers("cloud", 1, state="ready", timeout=30)
+
+    plan = cycle([0, 1, 2, 0], deadline=3.0)
+    with Traffic(s.address, x, plan, threads=4) as traffic:
+        time.sleep(0.5)  # both sides serving
+        s.kill("edge")
+        killed_at = time.monotonic()  # dead and reaped: nothing sent later can reach it
+        wait_no_workers(s, "edge")
+        time.sleep(1.0)  # the cloud alone
+    print(traffic.summary())
+    check_outcomes(traffic)
+    later = [o for o in traffic.outcomes if o.sent > killed_at]
+    assert later, traffic.summary()
+    assert {o.role for o in later if o.result is not None} <= {"cloud"}, traffic.summary()
+    assert any(o.result is not None for o in later), traffic.summary()
+
+    # Latency-critical work, edge gone and cloud ready: the cloud serves it.
+    for _ in range(5):
+        assert invoke(s.address, x, priority=0, deadline=3.0).served_by["role"] == "cloud"
+    wait_answered(s, traffic.sent + 5)
+
+    # No worker at all: UNAVAILABLE, with a time to retry after.
+    s.kill("cloud")
+    wait_no_workers(s)
+    for priority in (0, 1, 2):
+        with pytest.raises(Unavailable) as info:
+            invoke(s.address, x, priority=priority, deadline=3.0)
+        assert info.value.retry_after is not None and info.value.retry_after > 0
+    with pytest.raises(Unavailable) as info:
+        invoke(s.address, x, deadline=None)
+    assert info.value.retry_after is not None and info.value.retry_after > 0
+
+
+# -- 3. the coordinator restarts; workers drain on SIGTERM -----------------------------------------
+
+
+def test_coordinator_restart_workers_reregister(
+    stack: Stack, assets: dict[str, Path], x: np.ndarray
+) -> None:
+    s = stack
+    s.coordinator()
+    s.edge(MODEL, assets["edge"])
+    s.cloud(MODEL, assets["package"])
+    s.wait_workers("edge", 1)
+    s.wait_workers("cloud", 1, state="ready", timeout=30)
+
+    plan = cycle([0, 1, 2], deadline=2.0)
+    with Traffic(s.address, x, plan, threads=3, concurrent=4, timeout=5.0) as traffic:
+        time.sleep(0.5)
+        s.kill("coordinator")  # SIGKILL: whatever was in flight is lost with it
+        time.sleep(0.5)
+        s.coordinator()  # same port; the workers must find it by themselves
+        s.wait_workers("edge", 1, timeout=30)
+        s.wait_workers("cloud", 1, state="ready", timeout=30)
+        back_at = time.monotonic()
+        time.sleep(1.5)
+    # The very same worker processes came back: they re-registered, nobody restarted them.
+    assert s.procs["edge"].poll() is None and s.procs["cloud"].poll() is None, logs(s)
+    print(traffic.summary())
+    check_outcomes(traffic)
+    # What was in flight ended explicitly (typically the client's own timeout)...
+    assert traffic.errors(), f"nothing was in flight across the restart? {traffic.summary()}"
+    # ... and the same clients are served again once the workers are back.
+    again = [o for o in traffic.outcomes if o.sent > back_at + 3 * HEARTBEAT]
+    assert again and any(o.result is not None for o in again), traffic.summary()
+    for priority in (0, 1, 2):
+        assert invoke(s.address, x, priority=priority).served_by["role"] in {"edge", "cloud"}
+
+
+def test_sigterm_drains_idle_workers(stack: Stack, assets: dict[str, Path], x: np.ndarray) -> None:
+    s = stack
+    s.coordinator()
+    s.edge(MODEL, assets["edge"])
+    s.cloud(MODEL, assets["package"])
+    s.wait_workers("edge", 1)
+    s.wait_workers("cloud", 1, state="ready", timeout=30)
+    assert invoke(s.address, x, priority=1).served_by["role"] == "cloud"
+
+    for name, role in (("cloud", "cloud"), ("edge", "edge")):
+        seen = coordinator_log(s)
+        s.kill(name, signal.SIGTERM)  # drain, DISCONNECT, exit
+        assert s.procs[name].returncode == 0, s.log(name)
+        wait_no_workers(s, role)
+        # It said DISCONNECT on its way out, rather than going silent (liveness would say
+        # "missed heartbeats").
+        news = coordinator_log(s)[len(seen) :]
+        assert f"worker {name} ({role}) removed: draining" in news, news
+        if role == "cloud":
+            assert invoke(s.address, x, priority=2).served_by["role"] == "edge"
+
+
+def test_sigterm_edge_agent_under_load_drains(
+    stack: Stack, assets: dict[str, Path], x: np.ndarray
+) -> None:
+    s = stack
+    s.coordinator()
+    s.edge(MODEL, assets["edge"])
+    s.cloud(MODEL, assets["package"])
+    s.wait_workers("edge", 1)
+    s.wait_workers("cloud", 1, state="ready", timeout=30)
+
+    plan = cycle([0, 0, 1, 2], deadline=3.0)  # latency-critical work keeps the edge busy
+    with Traffic(s.address, x, plan, threads=6, pause=0.005) as traffic:
+        time.sleep(0.5)
+        s.kill("edge", signal.SIGTERM)  # finish what runs, DISCONNECT, exit 0
+        drained_at = time.monotonic()
+        wait_no_workers(s, "edge")
+        time.sleep(0.5)
+    print(traffic.summary())
+    # Unavailable stays allowed here: a dispatch that reaches the agent while it drains is
+    # answered UNAVAILABLE (see test_dispatch_refused_by_a_draining_worker_goes_elsewhere).
+    check_outcomes(traffic)
+    assert s.procs["edge"].returncode == 0, s.log("edge")
+    assert "worker edge (edge) removed: draining" in coordinator_log(s), s.log("coordinator")
+    later = [o for o in traffic.outcomes if o.sent > drained_at and o.result is not None]
+    assert later and {o.role for o in later} == {"cloud"}, traffic.summary()
+    wait_answered(s, traffic.sent)
+
+
+class DrainingWorker(threading.Thread):
+    """A stand-in edge agent (a DEALER in this process) caught in the window between SIGTERM
+    and its next heartbeat: registered `ready`, it answers every DISPATCH exactly as
+    common/worker.py does once draining (RESULT UNAVAILABLE "worker is draining"), and says
+    `draining` from its next heartbeat on, as the real runtime does."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(name="draining-edge", daemon=True)
+        self.address = address
+        self.refused: list[str] = []
+        self.stop = threading.Event()
+
+    def _ready(self) -> Ready:
+        return Ready(role=Role.EDGE, worker="draining-edge", models=[MODEL], capacity=2)
+
+    def run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.address)
+        try:
+            sock.send_multipart(encode(self._ready()))
+            next_beat = time.monotonic() + HEARTBEAT
+            while not self.stop.is_set():
+                if sock.poll(int(HEARTBEAT * 500)):
+                    m = decode(sock.recv_multipart())
+                    if isinstance(m, Dispatch):
+                        self.refused.append(m.id)
+                        refusal = Result(m.id, Status.UNAVAILABLE, error="worker is draining")
+                        sock.send_multipart(encode(refusal))
+                    elif isinstance(m, Disconnect):
+                        sock.send_multipart(encode(self._ready()))
+                if time.monotonic() >= next_beat:
+                    state = WorkerState.DRAINING if self.refused else WorkerState.READY
+                    sock.send_multipart(encode(Heartbeat(state=state)))
+                    next_beat = time.monotonic() + HEARTBEAT
+        finally:
+            sock.close(linger=0)
+
+
+def test_dispatch_refused_by_a_draining_worker_goes_elsewhere(
+    stack: Stack, assets: dict[str, Path], x: np.ndarray
+) -> None:
+    s = stack
+    s.coordinator()
+    s.cloud(MODEL, assets["package"])
+    s.wait_workers("cloud", 1, state="ready", timeout=30)
+    edge = DrainingWorker(s.address)
+    edge.start()
+    try:
+        s.wait_workers("edge", 1)
+        # Latency-critical: the edge looks soonest, so the draining agent is tried first.
+        outcome = outcome_of(s.address, x, priority=0, deadline=3.0)
+    finally:
+        edge.stop.set()
+        edge.join(5)
+    assert edge.refused, "the request never reached the draining agent"
+    assert isinstance(outcome, InvokeResult), f"a ready cloud was there: {outcome!r}"
+    assert outcome.served_by["role"] == "cloud"
+
+
+# -- 3b. a frozen worker: presumed dead, then back with old work in its hands ---------------------
+
+
+def test_frozen_edge_agent_is_replaced_and_its_late_results_discarded(
+    stack: Stack, assets: dict[str, Path], x: np.ndarray
+) -> None:
+    """SIGSTOP looks like death to the coordinator (its in-flight work moves to the cloud), but
+    the process comes back after SIGCONT with results for requests already answered: those
+    must be discarded, never a second reply."""
+    s = stack
+    s.coordinator()
+    s.edge(MODEL, assets["edge"])
+    s.cloud(MODEL, assets["package"])
+    s.wait_workers("edge", 1)
+    s.wait_workers("cloud", 1, state="ready", timeout=30)
+
+    edge = s.procs["edge"]
+    plan = cycle([0, 0, 1, 2], deadline=3.0)
+    with Traffic(s.address, x, plan, threads=4) as traffic:
+        time.sleep(0.5)
+        os.killpg(edge.pid, signal.SIGSTOP)
+        try:
+            wait_no_workers(s, "edge")  # missed heartbeats: dropped, its work re-routed
+            time.sleep(0.5)
+        finally:
+            os.killpg(edge.pid, signal.SIGCONT)
+        s.wait_workers("edge", 1, timeout=30)  # it notices the silence and registers again
+        back_at = time.monotonic()
+        time.sleep(1.0)
+    print(traffic.summary())
+    check_outcomes(traffic)
+    assert any(o.role == "edge" and o.sent > back_at for o in traffic.outcomes), traffic.summary()
+    wait_answered(s, traffic.sent)
+    print("late results discarded:", s.status()["late_results"])
+
+
+# -- 4. deadlines nobody can meet ------------------------------------------------------------------
+
+
+def test_deadlines_nobody_can_meet_end_without_running(
+    stack: Stack, assets: dict[str, Path], x: np.ndarray
+) -> None:
+    s = stack
+    s.coordinator()
+    s.cloud(MODEL, assets["big"])  # no edge at all, and a cloud that is cold for a while
+    s.wait_workers("cloud", 1, timeout=30)
+
+    # Only a cold cloud: latency-critical work never waits for it (UNAVAILABLE, with the ETA
+    # as retry-after); work that could wait has 1 ms, which no side can meet (TIMEOUT).
+    # (Timeout of either side: on a loaded machine the SDK's own 0.5 s grace may run out
+    # before the coordinator's TIMEOUT arrives; the coordinator's count is checked below.)
+    cold = {p: outcome_of(s.address, x, priority=p, deadline=0.001) for p in (0, 1, 2)}
+    critical = outcome_of(s.address, x, priority=0, deadline=5.0)
+    assert cloud_states(s) <= {"cold", "loading"}, "the cloud finished loading too soon"
+    for p in (1, 2):
+        assert isinstance(cold[p], Timeout), cold[p]
+    # 1 ms may run out in the coordinator before the policy is asked: TIMEOUT is fine too.
+    assert isinstance(cold[0], (Unavailable, Timeout)), cold[0]
+    assert isinstance(critical, Unavailable), critical
+    assert critical.retry_after is not None and critical.retry_after > 0
+    wait_answered(s, 4)
+    assert answered(s, route="none", status="TIMEOUT") >= 2, s.status()["requests"]
+
+    # A ready cloud and no edge: 1 ms is still too short for the cloud's estimate, so work
+    # that may wait is answered TIMEOUT by the policy, without a dispatch.
+    s.wait_workers("cloud", 1, state="ready", timeout=60)
+    ready = {p: outcome_of(s.address, x, priority=p, deadline=0.001) for p in (1, 2)}
+    for p, outcome in ready.items():
+        assert isinstance(outcome, Timeout), (p, outcome)
+    wait_answered(s, 6)
+    assert answered(s, route="none", status="TIMEOUT") >= 4, s.status()["requests"]
+    assert answered(s, route="cloud") == 0, s.status()["requests"]  # never reached the cloud
+    assert s.status()["late_results"] == 0, s.status()
+    # Latency-critical work goes to the soonest side regardless of its budget (policy.choose),
+    # so this one is dispatched with 0 ms left; the worker must answer TIMEOUT without running
+    # it (seen directly in test_cloud_worker_returns_timeout_for_expired_dispatch_when_ready),
+    # and the caller gets TIMEOUT either way.
+    critical_late = outcome_of(s.address, x, priority=0, deadline=0.001)
+    assert isinstance(critical_late, Timeout), critical_late
+    wait_answered(s, 7)
+    assert answered(s, route="cloud", status="OK") == 0, s.status()["requests"]
+
+    # The cloud does serve work with a budget it can meet, and the count sees it.
+    assert invoke(s.address, x, priority=1, deadline=10.0).served_by["role"] == "cloud"
+    assert answered(s, route="cloud", status="OK") == 1
+
+
+# -- 4b. the cloud worker itself, behind a stand-in coordinator ------------------------------------
+
+
+class StandInCoordinator:
+    """A bare ROUTER playing coordinator to one real `cicada cloud` process, so that the
+    worker's own answer to a DISPATCH can be seen (the real coordinator answers TIMEOUT itself
+    and discards what the worker sends back late)."""
+
+    def __init__(self) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.identity: bytes | None = None
+
+    def recv(self, until: float) -> Any:
+        """The next message from the worker (heartbeating it meanwhile), or None at `until`."""
+        while time.monotonic() < until:
+            if self.identity is not None:
+                self.send(Heartbeat())
+            if self.sock.poll(int(HEARTBEAT * 1000)):
+                frames = self.sock.recv_multipart()
+                self.identity = frames[0]
+                return decode(frames[1:])
+        return None
+
+    def expect(self, kind: type, until: float, where: Callable[[Any], bool] = bool) -> Any:
+        while (m := self.recv(until)) is not None:
+            if isinstance(m, kind) and where(m):
+                return m
+        raise AssertionError(f"no {kind.__name__} from the worker in time")
+
+    def send(self, message: Any) -> None:
+        assert self.identity is not None
+        self.sock.send_multipart([self.identity, *encode(message)])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+@pytest.fixture
+def stand_in() -> Iterator[StandInCoordinator]:
+    c = StandInCoordinator()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def cloud_process(
+    stand_in: StandInCoordinator, assets: dict[str, Path], tmp_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    with open(tmp_path / "cloud.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cicada", "cloud", "--model", MODEL,
+             "--package", str(assets["package"]), "--name", "cloud",
+             "--coordinator", f"tcp://127.0.0.1:{stand_in.port}", "--heartbeat", str(HEARTBEAT)],
+            cwd=ROOT, stdout=log, stderr=log,
+        )  # fmt: skip
+        try:
+            yield proc
+        finally:
+            proc.kill()
+            proc.wait(30)
+
+
+def test_cloud_worker_returns_timeout_for_expired_dispatch_when_ready(
+    stand_in: StandInCoordinator, cloud_process: subprocess.Popen[bytes], x: np.ndarray
+) -> None:
+    c = stand_in
+    until = time.monotonic() + 60
+    c.expect(Ready, until)
+    c.expect(Heartbeat, until, where=lambda m: m.state is not None and m.state.value == "ready")
+    c.send(Dispatch(id="spent", model=MODEL, inputs=[x], timeout_ms=0))
+    result = c.expect(Result, until)
+    assert (result.id, result.status) == ("spent", Status.TIMEOUT)
+    c.send(Dispatch(id="fine", model=MODEL, inputs=[x], timeout_ms=10_000))
+    result = c.expect(Result, until)
+    assert (result.id, result.status) == ("fine", Status.OK)
+
+
+def test_cold_cloud_worker_never_runs_a_dispatch_that_expired_while_it_loaded(
+    stand_in: StandInCoordinator, cloud_process: subprocess.Popen[bytes], x: np.ndarray
+) -> None:
+    c = stand_in
+    until = time.monotonic() + 60
+    ready = c.expect(Ready, until)
+    assert ready.state is not None and ready.state.value == "cold"
+    # 300 ms: valid when sent, long gone before torch is even imported (~1.25 s here).
+    c.send(Dispatch(id="expires-while-loading", model=MODEL, inputs=[x], timeout_ms=300))
+    result = c.expect(Result, until)
+    assert result.id == "expires-while-loading"
+    assert result.status is Status.TIMEOUT, f"expired work was run: {result.status}"
