@@ -91,7 +91,13 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def _unpack_body(raw: bytes, limits: Limits) -> dict[str, Any]:
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ProtocolError(f"msgpack ext type {code} is not allowed")
+
+
+def unpack_body(raw: bytes, limits: Limits, tolerate_ext: bool = False) -> dict[str, Any]:
+    """The body map, within `limits`. `tolerate_ext` reads past ext types (as None) instead
+    of refusing them: only to find the id of a request that is being answered BAD_REQUEST."""
     if len(raw) > limits.max_body_bytes:
         raise ProtocolError(f"body of {len(raw)} bytes exceeds {limits.max_body_bytes}")
     try:
@@ -103,7 +109,8 @@ def _unpack_body(raw: bytes, limits: Limits) -> dict[str, Any]:
             max_bin_len=limits.max_body_bytes,
             max_array_len=limits.max_items,
             max_map_len=limits.max_items,
-            max_ext_len=0,
+            max_ext_len=limits.max_body_bytes if tolerate_ext else 0,
+            ext_hook=(lambda code, data: None) if tolerate_ext else _refuse_ext,
         )
     except Exception as exc:  # msgpack raises several unrelated types on bad input
         raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None
@@ -354,7 +361,7 @@ def decode(
         raise ProtocolError(f"unknown command 0x{bytes(frames[1])[0]:02x}") from None
     if sum(len(f) for f in frames) > limits.max_message_bytes:
         raise ProtocolError("message exceeds the size limit")
-    body = _unpack_body(bytes(frames[2]), limits)
+    body = unpack_body(bytes(frames[2]), limits)
     cls = MESSAGES[command]
     kwargs: dict[str, Any] = {}
     for f in fields(cls):

@@ -167,8 +167,15 @@ class WorkerRuntime:
         )
 
     @staticmethod
-    def _send(sock: zmq.Socket[bytes], message: Message) -> None:
-        sock.send_multipart(encode(message), copy=False)
+    def _send(sock: zmq.Socket[bytes], message: Message) -> bool:
+        """Never block the I/O thread: with no connection (e.g. a CURVE handshake that was
+        refused) a blocking send would hang it for good. A heartbeat that cannot go is simply
+        dropped; liveness then reconnects."""
+        try:
+            sock.send_multipart(encode(message), zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
 
     def _loop(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -293,6 +300,9 @@ class WorkerRuntime:
                 result = self._results.get_nowait()
             except queue.Empty:
                 return
-            self._send(sock, result)
+            if not self._send(sock, result):
+                # Keep it for the next round rather than lose an outcome.
+                self._results.put(result)
+                return
             with self._lock:
                 self._inflight -= 1

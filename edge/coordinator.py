@@ -41,6 +41,7 @@ from common.protocol import (
     WorkerState,
     decode,
     encode,
+    unpack_body,
 )
 from common.sockets import configure
 from edge.lifecycle import Lifecycle
@@ -278,17 +279,10 @@ class Coordinator:
         """Log and drop; if the frames are a REQUEST whose id is readable, answer BAD_REQUEST."""
         self._malformed(identity, str(exc))
         try:
-            import msgpack
-
-            if len(body) >= 3 and bytes(body[1]) == b"\x01" and len(body[2]) <= 65536:
-                doc = msgpack.unpackb(
-                    bytes(body[2]),
-                    raw=False,
-                    max_str_len=4096,
-                    max_array_len=64,
-                    max_map_len=64,
-                    max_bin_len=4096,
-                )
+            if len(body) >= 3 and bytes(body[1]) == b"\x01":
+                # The protocol's own limits: any request whose id the decoder could have read
+                # gets its BAD_REQUEST.
+                doc: Any = unpack_body(bytes(body[2]), self.config.limits, tolerate_ext=True)
                 if isinstance(doc, dict) and isinstance(doc.get("id"), str):
                     model = doc.get("model") if isinstance(doc.get("model"), str) else "?"
                     self._reply(
