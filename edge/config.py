@@ -6,6 +6,10 @@
     heartbeat = 0.5
     launcher = "process"               # process | pool | ray
     log_dir = "/var/log/cicada"        # worker logs (optional)
+    ray_address = "10.0.0.5:6379"      # launcher = "ray": the cluster to join (default: local)
+    ray_num_gpus = 1                   # per worker actor
+    ray_resources = { cloud = 1 }      # custom resources per worker actor
+    ray_label_selector = { "cicada-tier" = "cloud" }   # node labels (Ray 2.49+)
 
     [models.gpt2]                      # the name clients invoke
     package = "/models/gpt2-medium"    # from `cicada pack`
@@ -69,6 +73,10 @@ class CoordinatorSection(BaseModel):
     launcher: Literal["process", "pool", "ray"] = "process"
     pool_socket: Path | None = None
     log_dir: Path | None = None
+    ray_address: str | None = None
+    ray_num_gpus: float = Field(default=0, ge=0)
+    ray_resources: dict[str, float] = Field(default_factory=dict)
+    ray_label_selector: dict[str, str] = Field(default_factory=dict)
     curve_secret: Path | None = None
     allow: Path | None = None
 

@@ -1,0 +1,303 @@
+"""`RayLauncher`: cloud workers as Ray actors, placed by GPUs, custom resources or node labels.
+
+The coordinator (a Ray driver) asks for a worker of a model; the launcher creates one actor per
+worker, named after the worker, in the namespace ``cicada``::
+
+    launcher = RayLauncher(address="10.0.0.5:6379", resources={"cloud": 1}, num_gpus=1).start()
+    handle = launcher.launch(spec)       # returns at once: the actor is placed asynchronously
+    handle.alive(); handle.terminate()   # drain: finish what runs, DISCONNECT, stop
+    handle.kill()                        # ray.kill
+
+The actor runs an ordinary `cloud.service.CloudWorker` for the spec: it registers with the
+coordinator over the protocol while still cold, exactly like a process worker, so the
+coordinator sees no difference. The actor is threaded (``max_concurrency``): ``run()`` holds
+one thread for the worker's whole life (every forward runs on that thread, as CloudWorker
+wants), ``stop()`` and ``ping()`` are answered on the others.
+
+Liveness is the ``run()`` call itself: its result becomes ready when the worker returns (after
+a drain) or the actor dies (``ray.kill``, a crash, its node lost), so ``alive()`` is a local,
+non-blocking ``ray.wait(timeout=0)`` on an object the driver owns — no RPC per check, which
+matters because the coordinator's loop asks on every tick. An actor that is still waiting for
+a node with the resources it needs counts as alive; the lifecycle's ``start_timeout_s`` kills it
+if it never registers. Once ``run()`` has returned, the handle kills the idle actor so that its
+resources are released at once.
+
+``max_restarts=0``: Ray never restarts a worker behind the coordinator's back; the lifecycle
+notices the death and relaunches with backoff. Actors are not detached, so they share the
+driver's fate: if the coordinator dies, Ray removes its workers.
+
+This module imports ray but never torch: the coordinator lives on the edge side. torch is
+imported inside the actor, by the CloudWorker. The package path in the spec must exist on
+the node the actor lands on (shared storage or the image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from common.launch import LaunchError, WorkerSpec
+
+log = logging.getLogger("cicada.ray")
+
+DEFAULT_NAMESPACE = "cicada"
+
+
+class CloudWorkerActor:
+    """The body of a worker actor (wrapped with `ray.remote` by the launcher)."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = WorkerSpec.from_wire(spec)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._worker: Any = None
+        self._log_to(self.spec)
+
+    @staticmethod
+    def _log_to(spec: WorkerSpec) -> None:
+        handler: logging.Handler
+        if spec.log_dir:
+            Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(Path(spec.log_dir) / f"{spec.name}.log")
+        else:
+            handler = logging.StreamHandler(sys.stderr)  # Ray keeps it in the worker's log
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        cicada = logging.getLogger("cicada")
+        cicada.addHandler(handler)
+        cicada.setLevel(logging.INFO)
+
+    def run(self) -> int:
+        """Become the cloud worker: register, cold-start, serve until stopped. Blocks."""
+        from cloud.service import CloudWorker, CloudWorkerConfig
+        from common.sockets import CurveKeys
+
+        spec = self.spec
+        keys = (
+            CurveKeys.load(Path(spec.curve_key), Path(spec.server_key))
+            if spec.curve_key and spec.server_key
+            else None
+        )
+        worker = CloudWorker(
+            CloudWorkerConfig(
+                package=Path(spec.package),
+                model_name=spec.model,
+                coordinator=spec.coordinator,
+                worker=spec.name,
+                device=spec.device,
+                threads=spec.threads,
+                heartbeat_interval=spec.heartbeat,
+                curve=keys,
+            )
+        )
+        with self._lock:
+            if self._stopping.is_set():
+                return 0  # stopped before it ever registered
+            self._worker = worker
+        code = worker.serve_forever()
+        log.info("%s stopped (exit code %d)", spec.name, code)
+        return code
+
+    def stop(self) -> bool:
+        """Drain: take nothing new, finish what runs, DISCONNECT; `run()` then returns."""
+        with self._lock:
+            self._stopping.set()
+            worker = self._worker
+        if worker is not None:
+            worker.runtime.drain()
+        return worker is not None
+
+    def ping(self) -> dict[str, Any]:
+        """Where and what this worker is (cheap; for tests and operators)."""
+        ctx = ray.get_runtime_context()
+        worker = self._worker
+        return {
+            "name": self.spec.name,
+            "pid": os.getpid(),
+            "node_id": ctx.get_node_id(),
+            "registered": bool(worker is not None and worker.runtime.registered.is_set()),
+            "built": bool(worker is not None and worker.built.is_set()),
+            "stopping": self._stopping.is_set(),
+        }
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on a GCS address nobody listens on: ray.init would retry for minutes."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or "/" in host:
+        return  # "auto", "local", or a form this check does not know: leave it to Ray
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise LaunchError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+
+
+# run() holds one thread for the worker's life; stop() and ping() are answered on the others.
+# No restarts and no retries: the coordinator's lifecycle relaunches, with backoff.
+ACTOR_OPTIONS: dict[str, Any] = {"max_concurrency": 4, "max_restarts": 0, "max_task_retries": 0}
+_remote_class: Any = None
+
+
+def _actor_class() -> Any:
+    global _remote_class
+    if _remote_class is None:
+        _remote_class = ray.remote(CloudWorkerActor)
+    return _remote_class
+
+
+@dataclass
+class RayHandle:
+    name: str
+    actor: Any  # ray.actor.ActorHandle
+    run_ref: Any  # ray.ObjectRef of actor.run(): ready when the worker returned or died
+    namespace: str = DEFAULT_NAMESPACE
+    _done: bool = False
+    _exit_code: int | None = None
+    _error: str | None = None
+
+    def alive(self) -> bool:
+        if self._done:
+            return False
+        if not ray.is_initialized():  # this driver left Ray: its actors went with it
+            self._done, self._error = True, "this process is no longer connected to Ray"
+            return False
+        ready, _ = ray.wait([self.run_ref], timeout=0, fetch_local=False)
+        if not ready:
+            return True  # running, or still waiting for a node to place it on
+        self._done = True
+        try:
+            self._exit_code = int(ray.get(self.run_ref, timeout=1.0))
+        except Exception as exc:  # killed, crashed, node lost, or CloudWorker raised
+            self._error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self._release()
+        return False
+
+    @property
+    def exit_code(self) -> int | None:
+        """The worker's exit code once `run()` returned; None while alive or if it died."""
+        return self._exit_code
+
+    @property
+    def error(self) -> str | None:
+        """Why the actor ended without an exit code (killed, crashed), once known."""
+        return self._error
+
+    def terminate(self) -> None:
+        if not self._done:
+            with contextlib.suppress(Exception):  # a dead actor: nothing to drain
+                self.actor.stop.remote()
+
+    def kill(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(self.actor, no_restart=True)
+
+    def info(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The actor's `ping()`: node id, pid, registered/built. Blocks up to `timeout`."""
+        return dict(ray.get(self.actor.ping.remote(), timeout=timeout))
+
+
+@dataclass
+class RayLauncher:
+    """Launches each cloud worker as a Ray actor.
+
+    `address`: the Ray cluster to join (None: RAY_ADDRESS, a running local cluster, or start a
+    local one — see `ray.init`). Ignored when this process is already connected to Ray.
+    Placement: `num_gpus`, `num_cpus` and custom `resources` (e.g. ``{"cloud": 1}``) reserve
+    capacity on the chosen node; `label_selector` (e.g. ``{"cicada-tier": "cloud"}``) picks
+    nodes by label where the installed Ray supports it (2.49+).
+    """
+
+    address: str | None = None
+    resources: dict[str, float] | None = None
+    num_gpus: float = 0
+    num_cpus: float = 1
+    label_selector: dict[str, str] | None = None
+    namespace: str = DEFAULT_NAMESPACE
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
+    close_grace_s: float = 5.0
+    kind: str = "ray"
+    handles: list[RayHandle] = field(default_factory=list)
+    _owns_ray: bool = False
+
+    def start(self) -> RayLauncher:
+        """Connect to Ray (unless this process already is). Call before serving: joining a
+        cluster takes a second or more, starting a local one ten times that."""
+        if ray.is_initialized():
+            return self
+        if self.address:
+            _check_reachable(self.address)
+        kwargs: dict[str, Any] = {
+            "address": self.address,
+            "namespace": self.namespace,
+            "log_to_driver": False,  # the workers' logs stay in Ray's (or spec.log_dir)
+            **self.init_kwargs,
+        }
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = self.address or "the local Ray cluster"
+            raise LaunchError(f"cannot connect to Ray at {where}: {exc}") from None
+        self._owns_ray = True
+        log.info("connected to Ray: %s", ray.get_runtime_context().gcs_address)
+        return self
+
+    def options(self, spec: WorkerSpec) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            **ACTOR_OPTIONS,
+            "name": spec.name,
+            "namespace": self.namespace,
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+        }
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        if self.label_selector:
+            opts["label_selector"] = dict(self.label_selector)
+        return opts
+
+    def launch(self, spec: WorkerSpec) -> RayHandle:
+        self.start()
+        if spec.device.startswith("cuda") and not self.num_gpus:
+            log.warning("%s wants %s but its actor reserves no GPU (num_gpus=0)", spec.name,
+                        spec.device)  # fmt: skip
+        try:
+            actor = _actor_class().options(**self.options(spec)).remote(spec.to_wire())
+            run_ref = actor.run.remote()
+        except (ValueError, TypeError) as exc:  # e.g. the name is taken, a bad option
+            raise LaunchError(f"cannot create a Ray actor for {spec.name}: {exc}") from None
+        handle = RayHandle(spec.name, actor, run_ref, self.namespace)
+        self.handles.append(handle)
+        self.handles = [h for h in self.handles if not h._done]
+        return handle
+
+    def close(self) -> None:
+        """Drain what still runs (up to `close_grace_s`), kill the rest, leave Ray."""
+        if not ray.is_initialized():
+            self.handles.clear()
+            return
+        live = [h for h in self.handles if h.alive()]
+        for h in live:
+            h.terminate()
+        if live and self.close_grace_s > 0:
+            deadline = time.monotonic() + self.close_grace_s
+            while time.monotonic() < deadline and any(h.alive() for h in live):
+                time.sleep(0.05)
+        for h in live:
+            h.kill()
+        self.handles.clear()
+        if self._owns_ray:
+            self._owns_ray = False
+            with contextlib.suppress(Exception):
+                ray.shutdown()
