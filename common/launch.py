@@ -260,6 +260,8 @@ class PoolLauncher:
 
     def start(self, timeout: float = 60.0) -> PoolLauncher:
         if self.start_pool:
+            if self.log_dir:
+                Path(self.log_dir).mkdir(parents=True, exist_ok=True)
             log = (
                 open(Path(self.log_dir) / "pool.log", "ab")  # noqa: SIM115
                 if self.log_dir

@@ -93,8 +93,10 @@ def load_config(path: Path) -> CicadaConfig:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
         config = CicadaConfig.model_validate(raw)
     except ValidationError as exc:

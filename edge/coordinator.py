@@ -375,6 +375,12 @@ class Coordinator:
             1 for p in self.pending.values() if p.request.model == model and p.request.priority >= 1
         )
 
+    def stop_dispatching_to(self, name: str) -> None:
+        """A worker told to drain takes no new work, even before it says so itself."""
+        for w in self.workers.values():
+            if w.name == name:
+                w.state = WorkerState.DRAINING
+
     def forget_worker_named(self, name: str, now: float, reason: str) -> None:
         for identity, w in list(self.workers.items()):
             if w.name == name:
@@ -501,6 +507,8 @@ class Coordinator:
         if self._send(worker.identity, message):
             p.worker, p.dispatched_at = worker.identity, now
             worker.inflight[p.key] = p
+            if self.lifecycle is not None:
+                self.lifecycle.on_busy(worker.name, now)
         else:
             # The worker vanished between its last message and now: drop it, keep the request.
             self.queues[p.request.model][p.request.priority].appendleft(p.key)
@@ -518,6 +526,8 @@ class Coordinator:
             return
         if worker is not None:
             worker.inflight.pop(p.key, None)
+            if self.lifecycle is not None:
+                self.lifecycle.on_busy(worker.name, now)
             if result.status is Status.UNAVAILABLE:
                 # The worker refused it (draining, or its load failed): not the caller's
                 # outcome. Stop sending it work and give the request another chance.
@@ -651,6 +661,8 @@ class Coordinator:
         if worker is None:
             return
         log.warning("worker %s (%s) removed: %s", worker.name, worker.role.value, reason)
+        if self.lifecycle is not None:
+            self.lifecycle.on_removed(worker.name)
         for key, p in list(worker.inflight.items()):
             if key not in self.pending:
                 continue  # already answered; only its slot was held

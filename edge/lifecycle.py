@@ -115,19 +115,38 @@ class Lifecycle:
         eta = min(max(0.05, lc.expected_start_s() - (now - m.launched_at)) for m in pending)
         return len(pending), eta
 
-    def on_registered(self, name: str, now: float) -> None:
-        for lc in self.models.values():
-            m = lc.workers.get(name)
-            if m is not None and m.registered_at is None:
-                m.registered_at = now
-                m.last_busy = now
-                lc.crashes = 0
-
-    def on_ready(self, name: str, now: float) -> None:
+    def _find(self, name: str) -> tuple[ModelLifecycle, Managed] | None:
         for lc in self.models.values():
             m = lc.workers.get(name)
             if m is not None:
-                lc.start_samples.append(now - m.launched_at)
+                return lc, m
+        return None
+
+    def on_registered(self, name: str, now: float) -> None:
+        found = self._find(name)
+        if found is not None and found[1].registered_at is None:
+            found[1].registered_at = now
+            found[1].last_busy = now
+
+    def on_ready(self, name: str, now: float) -> None:
+        found = self._find(name)
+        if found is not None:
+            lc, m = found
+            lc.start_samples.append(now - m.launched_at)
+            lc.crashes = 0  # only a worker that got all the way up proves the package good
+
+    def on_busy(self, name: str, now: float) -> None:
+        """A request was dispatched to or answered by `name`: it is not idle."""
+        found = self._find(name)
+        if found is not None:
+            found[1].last_busy = now
+
+    def on_removed(self, name: str) -> None:
+        """The coordinator dropped `name` (e.g. missed heartbeats). If its process lives on it
+        will register again; until then it counts as launching, not as gone."""
+        found = self._find(name)
+        if found is not None and not found[1].stopping:
+            found[1].registered_at = None
 
     # -- decisions ------------------------------------------------------------------------------
 
@@ -153,12 +172,7 @@ class Lifecycle:
             if m.stopping:
                 lc.stops += 1
                 continue
-            lc.crashes += 1
-            backoff = min(
-                lc.config.relaunch_backoff_max_s,
-                lc.config.relaunch_backoff_s * 2 ** (lc.crashes - 1),
-            )
-            lc.next_launch_at = now + backoff
+            backoff = self._back_off(lc, now)
             log.warning(
                 "%s exited unasked (crash %d): relaunch no sooner than %.1f s",
                 name,
@@ -212,7 +226,18 @@ class Lifecycle:
             for m in idle[: len(live) - want]:
                 log.info("%s idle for %.1f s: draining (scale down)", m.name, now - m.last_busy)
                 m.stopping = True
+                coord.stop_dispatching_to(m.name)  # before its DISCONNECT arrives
                 m.handle.terminate()
+
+    @staticmethod
+    def _back_off(lc: ModelLifecycle, now: float) -> float:
+        """One more failure: the next launch waits twice as long as the last (capped)."""
+        lc.crashes += 1
+        backoff = min(
+            lc.config.relaunch_backoff_max_s, lc.config.relaunch_backoff_s * 2 ** (lc.crashes - 1)
+        )
+        lc.next_launch_at = now + backoff
+        return backoff
 
     def _launch(self, lc: ModelLifecycle, coord: Coordinator, now: float) -> None:
         name = f"{lc.name}-cloud-{next(self._seq)}"
@@ -220,10 +245,7 @@ class Lifecycle:
         try:
             handle = self.launcher.launch(spec)
         except LaunchError as exc:
-            lc.crashes += 1
-            lc.next_launch_at = now + min(
-                lc.config.relaunch_backoff_max_s, lc.config.relaunch_backoff_s * 2**lc.crashes
-            )
+            self._back_off(lc, now)
             log.error("launching %s failed: %s", name, exc)
             return
         lc.workers[name] = Managed(name, handle, launched_at=now, last_busy=now)
