@@ -122,6 +122,8 @@ class CloudWorker:
         inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in dispatch.inputs]
         if self.config.device != "cpu":
             inputs = [t.to(self.config.device) for t in inputs]
+        during_load = not self.cold.all_resident
+        start = time.monotonic()
         try:
             out = self.cold.forward(*inputs)
         except CicadaError as exc:
@@ -140,7 +142,10 @@ class CloudWorker:
             else o.detach().to("cpu").numpy()
             for o in outputs
         ]
-        return Result(id=dispatch.id, status=Status.OK, outputs=arrays)
+        timings = {"compute_s": time.monotonic() - start}
+        if during_load:
+            timings["during_load"] = 1.0
+        return Result(id=dispatch.id, status=Status.OK, outputs=arrays, timings=timings)
 
     def serve_forever(self) -> int:
         """Register, load, serve until SIGTERM. Returns the process exit code."""
@@ -160,6 +165,7 @@ class CloudWorker:
             # this thread serves: a request that arrives now starts on the resident stages.
             self.cold.build()
             self.built.set()
+            self.runtime.notify()  # READY may be due now (if every stage arrived first)
         except CicadaError as exc:
             return self._give_up(exc)
         while not stop.is_set() and not self.runtime.stopped.is_set():

@@ -167,7 +167,7 @@ def check_tensor(spec: Any, frame: bytes | memoryview, limits: Limits) -> RawTen
     expected = math.prod(shape) * dtype.itemsize
     if expected != size:
         raise ProtocolError(f"tensor frame has {size} bytes; dtype/shape say {expected}")
-    return RawTensor({"dtype": dtype.name, "shape": shape}, frame)
+    return RawTensor({"dtype": name, "shape": shape}, frame)
 
 
 # -- messages ----------------------------------------------------------------------------------

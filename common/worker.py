@@ -286,10 +286,12 @@ class WorkerRuntime:
                 id=dispatch.id, status=Status.FAILED, error=f"{type(exc).__name__}: {exc}"
             )
         elapsed = time.monotonic() - start
-        result.timings.setdefault("compute_s", elapsed)
-        if result.status is Status.OK:
+        compute = result.timings.setdefault("compute_s", elapsed)
+        # A forward that waited for weights (cold start) says nothing about steady-state
+        # compute; letting it in made the coordinator think the cloud was seconds slow.
+        if result.status is Status.OK and not result.timings.get("during_load"):
             ema = self._compute_ema
-            self._compute_ema = elapsed if ema is None else 0.8 * ema + 0.2 * elapsed
+            self._compute_ema = compute if ema is None else 0.8 * ema + 0.2 * compute
         result.variant = result.variant or self.config.variant
         self._results.put(result)
         self._wake(b"r")

@@ -435,6 +435,10 @@ class Coordinator:
             for priority in PRIORITIES:
                 queue = queues[priority]
                 for key in list(queue):
+                    if self._no_free_slot(model, edge, cloud):
+                        # Nothing can be dispatched; deciding again per queued request would
+                        # cost O(queue) per message (deadlines are enforced by expiry).
+                        break
                     p = self.pending.get(key)
                     if p is None:
                         queue.remove(key)
@@ -476,6 +480,19 @@ class Coordinator:
                     edge, cloud = self.view(model, Role.EDGE), self.view(model, Role.CLOUD)
             for priority in PRIORITIES:
                 self.metrics.queue_depth.labels(model, str(priority)).set(len(queues[priority]))
+
+    def _no_free_slot(self, model: str, edge: SideView, cloud: SideView) -> bool:
+        if not edge.available and not cloud.available:
+            return False  # decide anyway: the answer is UNAVAILABLE
+        return (
+            edge.inflight >= edge.capacity
+            and cloud.inflight >= cloud.capacity - self._launching(model)
+        )
+
+    def _launching(self, model: str) -> int:
+        if self.lifecycle is None:
+            return 0
+        return self.lifecycle.launching(model, self.clock())[0]
 
     def _retry_after_ms(self, cloud: SideView) -> int:
         if cloud.available and cloud.eta_s != float("inf"):

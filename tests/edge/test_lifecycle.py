@@ -53,7 +53,6 @@ from common.protocol import (
 from edge.config import ConfigError, ModelConfig, load_config
 from edge.coordinator import Coordinator, CoordinatorConfig
 from edge.lifecycle import Lifecycle
-from edge.policy import Route
 
 MODEL = "m"
 CLIENT = b"client"
@@ -244,7 +243,8 @@ def test_a_launching_worker_is_cloud_capacity_with_an_eta() -> None:
     view = w.coord.view(MODEL, Role.CLOUD)
     assert (view.workers, view.capacity, view.ready) == (1, 1, False)
     assert view.eta_s == pytest.approx(3.0)
-    assert w.coord.pending[next(iter(w.coord.pending))].route is Route.CLOUD
+    # The request waits for it (no reply, not sent to anyone) instead of being refused.
+    assert len(w.coord.pending) == 1 and not w.replies()
     w.tick(1.0)
     assert w.coord.view(MODEL, Role.CLOUD).eta_s == pytest.approx(2.0)
     w.tick(5.0)  # late: the ETA never goes to zero or below while it is not there
