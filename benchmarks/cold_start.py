@@ -85,6 +85,7 @@ UTILIZATION_DEFINITION = (
 )
 READ_CHUNK = 16 * 1024 * 1024
 RSS_FACTOR = 1.15
+NOT_COLD = 0.05  # a cold run that finds more of its weights cached than this is not counted
 RUN_TIMEOUT_S = 600
 GiB = 2**30
 
@@ -456,15 +457,24 @@ def median(values: Sequence[float | None]) -> float | None:
     return statistics.median(clean) if clean else None
 
 
+def usable(run: dict[str, Any]) -> bool:
+    """A run that finished and, for the cold state, really started with the weights evicted."""
+    return "error" not in run and not run.get("not_cold", False)
+
+
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The run whose time to first result is the median (the lower middle for even counts)."""
-    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["time_to_first_result_s"])
+    ok = sorted((r for r in runs if usable(r)), key=lambda r: r["time_to_first_result_s"])
     return ok[(len(ok) - 1) // 2] if ok else None
 
 
 def summarize_strategy(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    ok = [r for r in runs if "error" not in r]
-    summary: dict[str, Any] = {"runs": len(ok), "failed": len(runs) - len(ok)}
+    ok = [r for r in runs if usable(r)]
+    summary: dict[str, Any] = {
+        "runs": len(ok),
+        "failed": sum(1 for r in runs if "error" in r),
+        "excluded_not_cold": sum(1 for r in runs if r.get("not_cold")),
+    }
     if not ok:
         return summary
     for key in (
@@ -492,11 +502,11 @@ def compute_floor(
     nbytes: int,
 ) -> dict[str, Any]:
     read_bw = median([nbytes / s for s in samples["read_s"]])
-    last = median([r["last_stage_compute_s"] for r in cicada if "error" not in r])
+    last = median([r["last_stage_compute_s"] for r in cicada if usable(r)])
     source = "cicada last_stage_compute_s"
     if last is None:  # no cicada runs: the smallest median last compute span of any strategy
         candidates = [
-            median([r["last_stage_compute_s"] for r in runs if "error" not in r])
+            median([r["last_stage_compute_s"] for r in runs if usable(r)])
             for runs in others.values()
         ]
         last = min((c for c in candidates if c is not None), default=0.0)
@@ -642,6 +652,11 @@ def print_table(console: Any, model: str, cache: str, block: dict[str, Any]) -> 
             f"  weights in the page cache at launch (mincore): {min(cached):.0%} to "
             f"{max(cached):.0%} (medians per strategy)"
         )
+    excluded = {n: x for n, st in strategies.items() if (x := st.get("excluded_not_cold"))}
+    if excluded:
+        console.print(
+            f"  [yellow]left out of the medians, weights still cached at launch: {excluded}[/]"
+        )
     foreign = [r.get("foreign_cpu_s") or 0.0 for r in strategies.values()]
     console.print(
         f"  contention: CPU seconds other processes used during a run, median per strategy: "
@@ -773,7 +788,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--cache-dir",
         type=Path,
         default=None,
-        help="where packages are kept (default $CICADA_CACHE or ~/.cache/cicada)",
+        help="where the benchmark keeps its packages (default: bench/ under $CICADA_CACHE or "
+        "~/.cache/cicada, apart from packages other processes may keep mapped)",
     )
     p.add_argument(
         "--prime-gb",
@@ -851,7 +867,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(width=None if sys.stdout.isatty() else 170)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    cache_dir = args.cache_dir or default_cache()
+    # A benchmark-only package directory by default: a package that another process keeps
+    # mapped (a running worker, another benchmark) cannot be evicted, and cold runs on it
+    # would be warm.
+    cache_dir = args.cache_dir or default_cache() / "bench"
     page_cache = PageCache(need_cold="cold" in args.cache, evict=args.evict)
     console.print(
         f"page-cache eviction for the cold state: [bold]{page_cache.method}[/] — "
@@ -960,6 +979,11 @@ def main(argv: list[str] | None = None) -> int:
                     prime_memory(args.prime_gb)
                     page_cache.prepare(cache, [weights])
                     s["resident_before_read"].append(resident_fraction(weights) or 0.0)
+                    if cache == "cold" and s["resident_before_read"][-1] > NOT_COLD:
+                        console.print(
+                            f"[yellow]warning: {s['resident_before_read'][-1]:.0%} of the weights "
+                            "stayed cached for the floor's cold read (mapped elsewhere?)[/]"
+                        )
                     nbytes, seconds = sequential_read(weights)
                     s["read_s"].append(seconds * file_bytes / max(nbytes, 1))
                     k = rep % len(args.strategies)
@@ -970,6 +994,12 @@ def main(argv: list[str] | None = None) -> int:
                         prime_memory(args.prime_gb)
                         page_cache.prepare(cache, files[strategy])
                         resident = resident_fraction(files[strategy][0])
+                        for _ in range(3):  # pages some other process maps stay resident
+                            if cache != "cold" or resident is None or resident <= NOT_COLD:
+                                break
+                            time.sleep(1.0)
+                            page_cache.prepare(cache, files[strategy])
+                            resident = resident_fraction(files[strategy][0])
                         tag = f"{model}-{cache}-{rep}-{strategy}"
                         record: dict[str, Any] = {
                             "model": model,
@@ -981,6 +1011,9 @@ def main(argv: list[str] | None = None) -> int:
                             "launcher_rss_bytes": own_rss().get("VmRSS"),
                             "waited_for_quiet_s": waited,
                         }
+                        if cache == "cold" and resident is not None and resident > NOT_COLD:
+                            # Left out of the medians: this start was not cold.
+                            record["not_cold"] = True
                         cpu_before, own_before = cpu_times(), children_cpu()
                         try:
                             timings = cold_start_run(package, inputs, strategy, work, tag)
