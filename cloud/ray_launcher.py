@@ -79,26 +79,9 @@ class CloudWorkerActor:
     def run(self) -> int:
         """Become the cloud worker: register, cold-start, serve until stopped. Blocks."""
         from cloud.service import CloudWorker, CloudWorkerConfig
-        from common.sockets import CurveKeys
 
         spec = self.spec
-        keys = (
-            CurveKeys.load(Path(spec.curve_key), Path(spec.server_key))
-            if spec.curve_key and spec.server_key
-            else None
-        )
-        worker = CloudWorker(
-            CloudWorkerConfig(
-                package=Path(spec.package),
-                model_name=spec.model,
-                coordinator=spec.coordinator,
-                worker=spec.name,
-                device=spec.device,
-                threads=spec.threads,
-                heartbeat_interval=spec.heartbeat,
-                curve=keys,
-            )
-        )
+        worker = CloudWorker(CloudWorkerConfig.from_spec(spec))
         with self._lock:
             if self._stopping.is_set():
                 return 0  # stopped before it ever registered

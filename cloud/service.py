@@ -26,6 +26,7 @@ from typing import Any
 from cloud.pipeline import ColdStart, ResidencyEvent
 from cloud.timeline import Timeline
 from common.errors import CicadaError
+from common.launch import WorkerSpec
 from common.protocol import Dispatch, Result, Role, Status, WorkerState
 from common.sockets import CurveKeys
 from common.worker import RuntimeConfig, WorkerRuntime, WorkerStatus
@@ -49,6 +50,25 @@ class CloudWorkerConfig:
     curve: CurveKeys | None = None
     health_port: int | None = None  # serve /ready and /healthz for orchestrators (Knative)
     health_host: str = "0.0.0.0"
+
+    @classmethod
+    def from_spec(cls, spec: WorkerSpec) -> CloudWorkerConfig:
+        """The worker a launcher asked for (warm pool fork, Ray actor)."""
+        keys = (
+            CurveKeys.load(Path(spec.curve_key), Path(spec.server_key))
+            if spec.curve_key and spec.server_key
+            else None
+        )
+        return cls(
+            package=Path(spec.package),
+            model_name=spec.model,
+            coordinator=spec.coordinator,
+            worker=spec.name,
+            device=spec.device,
+            threads=spec.threads,
+            heartbeat_interval=spec.heartbeat,
+            curve=keys,
+        )
 
 
 class CloudWorker:

@@ -47,25 +47,8 @@ def _child(spec_doc: dict[str, Any]) -> int:
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     from cloud.service import CloudWorker, CloudWorkerConfig
-    from common.sockets import CurveKeys
 
-    keys = (
-        CurveKeys.load(Path(spec.curve_key), Path(spec.server_key))
-        if spec.curve_key and spec.server_key
-        else None
-    )
-    worker = CloudWorker(
-        CloudWorkerConfig(
-            package=Path(spec.package),
-            model_name=spec.model,
-            coordinator=spec.coordinator,
-            worker=spec.name,
-            device=spec.device,
-            threads=spec.threads,
-            heartbeat_interval=spec.heartbeat,
-            curve=keys,
-        )
-    )
+    worker = CloudWorker(CloudWorkerConfig.from_spec(spec))
     return worker.serve_forever()
 
 
