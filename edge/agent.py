@@ -19,6 +19,7 @@ import psutil
 
 from common.protocol import Dispatch, Result, Role, Status
 from common.sockets import CurveKeys
+from common.text import TextError, inputs_for, load_tokenizer
 from common.worker import RuntimeConfig, WorkerRuntime, WorkerStatus
 from edge.onnx_model import EdgeModel, EdgeModelError
 
@@ -44,6 +45,7 @@ class EdgeAgent:
         self.model = EdgeModel.load(
             config.model_dir, int8=config.int8, intra_op_num_threads=config.threads
         )
+        self.tokenizer = load_tokenizer(self.model.path.parent, eager=True)  # text requests
         psutil.cpu_percent(None)  # prime: the first call always returns 0.0
         name = config.worker or f"edge-{socket.gethostname()}-{psutil.Process().pid}"
         self.runtime = WorkerRuntime(
@@ -64,8 +66,8 @@ class EdgeAgent:
 
     def handle(self, dispatch: Dispatch, deadline: float | None) -> Result:
         try:
-            outputs = self.model.run(list(dispatch.inputs))
-        except EdgeModelError as exc:
+            outputs = self.model.run(inputs_for(dispatch.options, dispatch.inputs, self.tokenizer))
+        except (EdgeModelError, TextError) as exc:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         return Result(id=dispatch.id, status=Status.OK, outputs=outputs, variant=self.model.variant)
 
