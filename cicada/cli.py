@@ -496,11 +496,16 @@ def export_edge_cmd(
     )
     if "int8" in info.files:
         q = info.files["int8"]
+        check = (
+            f"cosine vs torch {measured['int8_min_cosine']:.4f} (at least "
+            f"{tol['int8_min_cosine']:g})"
+            if "int8_min_cosine" in tol
+            else f"max |diff| vs torch {measured['int8_max_abs']:.2g} (tolerance "
+            f"{tol['int8_max_abs']:.2g}), argmax agreement {measured['int8_argmax_agreement']:.1%}"
+        )
         click.echo(
             f"wrote {out / q['path']}: int8, {q['bytes'] / 1e6:.2f} MB "
-            f"({q['bytes'] / fp32['bytes']:.0%} of fp32), max |diff| vs torch "
-            f"{measured['int8_max_abs']:.2g} (tolerance {tol['int8_max_abs']:.2g}), argmax "
-            f"agreement {measured['int8_argmax_agreement']:.1%}"
+            f"({q['bytes'] / fp32['bytes']:.0%} of fp32), {check}"
         )
     sig_in, sig_out = info.input, info.output
     click.echo(
