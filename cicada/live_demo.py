@@ -5,6 +5,12 @@ burst of mixed-priority requests through the SDK while the cloud worker cold-sta
 shows where each request went: at first everything is answered by the edge model in
 milliseconds; as the cloud's stages become resident, quality-seeking and then normal requests
 move to the large model, while latency-critical ones never wait for it.
+
+`--model minilm` runs the pretrained pair instead: all-MiniLM-L6-v2 in fp32 through the
+cloud pipeline, the same model as an int8 ONNX export on the edge. Requests carry real
+sentences as text (each role tokenizes with the tokenizer.json beside its model) and the
+report puts the cosine similarity between the edge's and the cloud's embedding of each
+sentence next to the latencies: the quality the edge trades for speed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,30 @@ from common.errors import CicadaError
 MIX = {0: (0.3, 1.0), 1: (0.5, 3.0), 2: (0.2, 8.0)}
 PRIORITY_NAMES = {0: "critical", 1: "normal", 2: "quality"}
 EDGE_SHRINK = {"gpt2-medium": {"n_layer": 2}, "gpt2-tiny": {"n_layer": 1}}
+# (requests, rate) when not given: the MiniLM burst lasts longer than the cloud's cold start
+# (torch and transformers imports, ~4 s here), so that both sides answer some of it.
+BURST_DEFAULTS = {"minilm": (36, 4.0)}
+DEFAULT_BURST = (60, 12.0)
+MINILM_SENTENCES = (
+    "A man is playing a guitar on stage.",
+    "The new movie is awesome, I loved every minute of it.",
+    "How do I reset my password?",
+    "Stock markets fell sharply on Monday after the announcement.",
+    "The cat sleeps on the warm windowsill.",
+    "Serverless functions scale to zero when nobody calls them.",
+    "She is cooking pasta for her friends tonight.",
+    "Quantum computers use qubits instead of bits.",
+    "The train to Berlin leaves at seven in the morning.",
+    "Regular exercise improves both mood and sleep.",
+    "This restaurant serves the best sushi in town.",
+    "Edge devices answer in milliseconds while the cloud model warms up.",
+)
+SIMILARITY_NOTE = (
+    "cosine(edge, cloud): each sentence embedded after the run by the edge's int8 ONNX "
+    "model and by the cloud's fp32 pipeline, in this process, from the very files the agent "
+    "and the worker served (same tokenizer, batch of one, as each request ran); every "
+    "served embedding is checked against the one of its side (max |diff| below)."
+)
 
 
 @dataclass
@@ -114,9 +145,8 @@ class LocalStack:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
 
     def stop(self) -> None:
-        for name in ("cloud", "edge", "coordinator"):
-            proc = self.procs.get(name)
-            if proc is not None and proc.poll() is None:
+        for proc in reversed(self.procs.values()):  # workers first, the coordinator last
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs.values():
             try:
@@ -130,14 +160,18 @@ def _roles(snapshot: dict[str, Any], role: str) -> dict[str, int]:
     return {w["state"]: w["count"] for w in snapshot["workers"] if w["role"] == role}
 
 
+RequestFor = Callable[[int], dict[str, Any]]  # request index -> Client.invoke keyword arguments
+
+
 async def _burst(
     address: str,
-    inputs: Any,
+    request_for: RequestFor,
     count: int,
     rate: float,
     seed: int,
     outcomes: list[Outcome],
     t0: float,
+    outputs: dict[int, list[Any]],
 ) -> None:
     from cicada import AsyncClient, ClientError, TransportError
 
@@ -149,7 +183,10 @@ async def _burst(
         deadline = MIX[priority][1]
         sent = time.monotonic()
         try:
-            result = await client.invoke("demo", inputs, priority=priority, deadline=deadline)
+            result = await client.invoke(
+                "demo", priority=priority, deadline=deadline, **request_for(i)
+            )
+            outputs[i] = result.outputs
             outcome = Outcome(
                 i,
                 priority,
@@ -188,138 +225,298 @@ async def _burst(
         )
 
 
-def run_live_demo(model: str, cache: Path | None, as_json: bool, count: int, rate: float) -> None:
-    from rich.console import Console, Group
+def _start_roles(stack: LocalStack, package: Path, edge_dir: Path) -> float:
+    """Coordinator, then the edge agent, then a cold cloud worker; returns when the cloud
+    worker was launched (the burst's time zero)."""
+    heartbeat = ("--heartbeat", "0.25")
+    stack.start("coordinator", "coordinator", "--bind", stack.address,
+                "--metrics", f"127.0.0.1:{stack.metrics_port}", *heartbeat)  # fmt: skip
+    stack.wait(lambda s: True, "the coordinator")
+    stack.start("edge", "edge", "--model", "demo", "--onnx", str(edge_dir),
+                "--coordinator", stack.address, "--name", "edge-1", *heartbeat)  # fmt: skip
+    stack.wait(lambda s: _roles(s, "edge"), "the edge agent to register")
+    t0 = time.monotonic()
+    stack.start("cloud", "cloud", "--model", "demo", "--package", str(package),
+                "--coordinator", stack.address, "--name", "cloud-1", *heartbeat)  # fmt: skip
+    return t0
+
+
+def _serve_burst(
+    stack: LocalStack,
+    t0: float,
+    request_for: RequestFor,
+    count: int,
+    rate: float,
+    console: Any,
+    as_json: bool,
+    label: Callable[[int], str] | None = None,
+) -> tuple[list[Outcome], dict[int, list[Any]], float | None]:
+    """Send the burst while showing the cloud's residency and the latest answers live.
+    Returns the outcomes, each OK request's outputs by id, and when the cloud was ready."""
+    from rich.console import Group
     from rich.live import Live
     from rich.progress import BarColumn, Progress, TextColumn
     from rich.table import Table
 
-    if model not in REFERENCE_MODELS or not model.startswith("gpt2"):
-        raise CicadaError(f"the cooperative demo runs gpt2-medium or gpt2-tiny, not {model!r}")
+    from edge.status import fetch_status
+
+    outcomes: list[Outcome] = []
+    outputs: dict[int, list[Any]] = {}
+    cloud_ready_at: list[float] = []
+    burst = threading.Thread(
+        target=lambda: asyncio.run(
+            _burst(stack.address, request_for, count, rate, 0, outcomes, t0, outputs)
+        ),
+        daemon=True,
+    )
+    burst.start()
+    progress = Progress(
+        TextColumn("cloud worker {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} stages"),
+    )
+    task = progress.add_task("starting", total=None)
+
+    width = _sentence_width(console, 70)
+
+    def view() -> Group:
+        table = Table(title=f"requests ({len(outcomes)}/{count} answered)")
+        columns = ("#", "priority", "sent at", "served by", "latency", "status")
+        for col in columns[:2] + (("sentence",) if label else ()) + columns[2:]:
+            _add_column(table, col, width)
+        for o in sorted(outcomes, key=lambda o: o.sent_at)[-12:]:
+            sentence = (_short(label(o.id), width),) if label else ()
+            table.add_row(str(o.id), PRIORITY_NAMES[o.priority], *sentence, f"{o.sent_at:.2f} s",
+                          o.served_by, f"{o.latency_s * 1000:.1f} ms", o.status)  # fmt: skip
+        return Group(progress, table)
+
+    with Live(view(), console=console, refresh_per_second=8, transient=as_json) as live:
+        while burst.is_alive():
+            try:
+                snapshot = fetch_status(stack.metrics_url, timeout=1.0)
+            except CicadaError:
+                snapshot = None
+            if snapshot is not None:
+                cloud = snapshot["residency"].get("cloud-1")
+                states = _roles(snapshot, "cloud")
+                if cloud is not None:
+                    state = next(iter(states), "?")
+                    eta = cloud.get("eta_seconds", -1)
+                    progress.update(
+                        task,
+                        completed=int(cloud["resident_stages"]),
+                        total=int(cloud["total_stages"]) or None,
+                        description=f"{state}"
+                        + (f", eta {eta:.1f} s" if eta > 0 and state != "ready" else ""),
+                    )
+                    if state == "ready" and not cloud_ready_at:
+                        cloud_ready_at.append(time.monotonic() - t0)
+            live.update(view())
+            time.sleep(0.12)
+        burst.join()
+        live.update(view())
+    return outcomes, outputs, cloud_ready_at[0] if cloud_ready_at else None
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _sentence_width(console: Any, others: int) -> int:
+    """Room for the sentence column beside `others` characters of other columns and borders:
+    one line per request, the sentence cut short on a narrow terminal."""
+    return max(12, min(60, int(console.width) - others))
+
+
+def _add_column(table: Any, name: str, width: int) -> None:
+    if name == "sentence":
+        table.add_column(name, justify="left", no_wrap=True, max_width=width)
+    else:
+        table.add_column(name, justify="right", no_wrap=True)
+
+
+def run_live_demo(
+    model: str,
+    cache: Path | None,
+    as_json: bool,
+    count: int | None = None,
+    rate: float | None = None,
+    texts: Sequence[str] = (),
+) -> None:
+    from rich.console import Console
+
+    if model not in REFERENCE_MODELS or not (model.startswith("gpt2") or model == "minilm"):
+        raise CicadaError(
+            f"the cooperative demo runs gpt2-medium, gpt2-tiny or minilm, not {model!r}"
+        )
+    if texts and model != "minilm":
+        raise CicadaError("--text goes with --model minilm (a model that takes text)")
+    default_count, default_rate = BURST_DEFAULTS.get(model, DEFAULT_BURST)
+    count = default_count if count is None else count
+    rate = default_rate if rate is None else rate
     console = Console(stderr=as_json)
     cache = cache or default_cache()
     package = ensure_package(model, cache)
     edge_dir = ensure_edge_model(model, package, cache)
-    outcomes: list[Outcome] = []
+    sentences = [*MINILM_SENTENCES, *texts]
     with tempfile.TemporaryDirectory(prefix="cicada-demo-") as tmp:
         work = Path(tmp)
-        inputs_path = example_input(model, work / "input.npy")
-        import numpy as np
-
-        inputs = np.load(inputs_path)
         stack = LocalStack(work)
+        request_for, label = _requests(model, work, sentences)
         try:
-            stack.start(
-                "coordinator",
-                "coordinator",
-                "--bind",
-                stack.address,
-                "--metrics",
-                f"127.0.0.1:{stack.metrics_port}",
-                "--heartbeat",
-                "0.25",
+            t0 = _start_roles(stack, package, edge_dir)
+            outcomes, outputs, ready_at = _serve_burst(
+                stack, t0, request_for, count, rate, console, as_json, label
             )
-            stack.wait(lambda s: True, "the coordinator")
-            stack.start(
-                "edge",
-                "edge",
-                "--model",
-                "demo",
-                "--onnx",
-                str(edge_dir),
-                "--coordinator",
-                stack.address,
-                "--name",
-                "edge-1",
-                "--heartbeat",
-                "0.25",
-            )
-            stack.wait(lambda s: _roles(s, "edge"), "the edge agent to register")
-            t0 = time.monotonic()
-            stack.start(
-                "cloud",
-                "cloud",
-                "--model",
-                "demo",
-                "--package",
-                str(package),
-                "--coordinator",
-                stack.address,
-                "--name",
-                "cloud-1",
-                "--heartbeat",
-                "0.25",
-            )
-            cloud_ready_at: list[float] = []
-            burst = threading.Thread(
-                target=lambda: asyncio.run(
-                    _burst(stack.address, inputs, count, rate, 0, outcomes, t0)
-                ),
-                daemon=True,
-            )
-            burst.start()
-            progress = Progress(
-                TextColumn("cloud worker {task.description}"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total} stages"),
-            )
-            task = progress.add_task("starting", total=None)
-
-            def view() -> Group:
-                table = Table(title=f"requests ({len(outcomes)}/{count} answered)")
-                for col in ("#", "priority", "sent at", "served by", "latency", "status"):
-                    table.add_column(col, justify="right")
-                for o in sorted(outcomes, key=lambda o: o.sent_at)[-12:]:
-                    table.add_row(
-                        str(o.id),
-                        PRIORITY_NAMES[o.priority],
-                        f"{o.sent_at:.2f} s",
-                        o.served_by,
-                        f"{o.latency_s * 1000:.1f} ms",
-                        o.status,
-                    )
-                return Group(progress, table)
-
-            from edge.status import fetch_status
-
-            with Live(view(), console=console, refresh_per_second=8, transient=as_json) as live:
-                while burst.is_alive():
-                    try:
-                        snapshot = fetch_status(stack.metrics_url, timeout=1.0)
-                    except CicadaError:
-                        snapshot = None
-                    if snapshot is not None:
-                        cloud = snapshot["residency"].get("cloud-1")
-                        states = _roles(snapshot, "cloud")
-                        if cloud is not None:
-                            state = next(iter(states), "?")
-                            eta = cloud.get("eta_seconds", -1)
-                            progress.update(
-                                task,
-                                completed=int(cloud["resident_stages"]),
-                                total=int(cloud["total_stages"]) or None,
-                                description=f"{state}"
-                                + (f", eta {eta:.1f} s" if eta > 0 and state != "ready" else ""),
-                            )
-                            if state == "ready" and not cloud_ready_at:
-                                cloud_ready_at.append(time.monotonic() - t0)
-                    live.update(view())
-                    time.sleep(0.12)
-                burst.join()
-                live.update(view())
         finally:
             stack.stop()
-    _report(console, outcomes, cloud_ready_at[0] if cloud_ready_at else None, as_json, model)
+    if model != "minilm":
+        _report(console, outcomes, ready_at, as_json, model)
+        return
+    with console.status("embedding every sentence on both sides, for the comparison"):
+        edge_ref, cloud_ref = _references(package, edge_dir, sentences)
+    _report_minilm(console, outcomes, outputs, ready_at, as_json, sentences, edge_ref, cloud_ref)
+
+
+def _requests(
+    model: str, work: Path, sentences: Sequence[str]
+) -> tuple[RequestFor, Callable[[int], str] | None]:
+    """What request i sends: a sentence as text (minilm, in turn), or the example tensor."""
+    if model == "minilm":
+
+        def sentence(i: int) -> str:
+            return sentences[i % len(sentences)]
+
+        return (lambda i: {"text": [sentence(i)]}), sentence
+    import numpy as np
+
+    inputs = np.load(example_input(model, work / "input.npy"))
+    return (lambda i: {"inputs": inputs}), None
+
+
+def _references(package: Path, edge_dir: Path, sentences: Sequence[str]) -> tuple[Any, Any]:
+    """Each sentence's embedding by the edge model and by the cloud model, (n, 384) each: the
+    agent's ONNX file with its settings (int8, one thread), and the worker's pipeline on the
+    same package, each with the tokenizer.json of its own directory."""
+    import numpy as np
+    import torch
+
+    from cloud.pipeline import ColdStart
+    from common.text import load_tokenizer
+    from edge.onnx_model import EdgeModel
+
+    edge, cold = EdgeModel.load(edge_dir), ColdStart(package)
+    edge_tok, cloud_tok = load_tokenizer(edge_dir), load_tokenizer(package)
+    if edge_tok is None or cloud_tok is None:
+        raise CicadaError(f"{edge_dir} and {package} must each hold a tokenizer.json")
+    edge_vecs, cloud_vecs = [], []
+    for sentence in sentences:  # one at a time, as the requests ran
+        edge_vecs.append(edge.run([edge_tok.encode([sentence])])[0][0])
+        ids = torch.from_numpy(cloud_tok.encode([sentence]))
+        cloud_vecs.append(cold.forward(ids)[0].numpy())
+    return np.stack(edge_vecs), np.stack(cloud_vecs)
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def _report_minilm(
+    console: Any,
+    outcomes: list[Outcome],
+    outputs: dict[int, list[Any]],
+    ready_at: float | None,
+    as_json: bool,
+    sentences: Sequence[str],
+    edge_ref: Any,
+    cloud_ref: Any,
+) -> None:
+    import numpy as np
+    from rich.table import Table
+
+    norms = np.linalg.norm(edge_ref, axis=1) * np.linalg.norm(cloud_ref, axis=1)
+    cosine = (edge_ref * cloud_ref).sum(axis=1) / norms  # (n,)
+    rows: list[dict[str, Any]] = []
+    for o in sorted(outcomes, key=lambda o: o.id):
+        k = o.id % len(sentences)
+        row = {**asdict(o), "met_deadline": o.met_deadline, "sentence": k,
+               "text": sentences[k], "cosine_edge_cloud": float(cosine[k])}  # fmt: skip
+        if o.id in outputs and o.served_by in ("edge", "cloud"):
+            served = np.asarray(outputs[o.id][0])[0]  # (384,)
+            reference = (edge_ref if o.served_by == "edge" else cloud_ref)[k]
+            row["embedding_dim"] = int(served.shape[-1])
+            row["embedding_norm"] = float(np.linalg.norm(served))
+            row["max_abs_diff_vs_side_reference"] = float(np.abs(served - reference).max())
+        rows.append(row)
+    by_side = {side: [r for r in rows if r["served_by"] == side] for side in ("edge", "cloud")}
+    latency: dict[str, float | None] = {
+        f"{side}_p50_ms": _pct([r["latency_s"] for r in group], 0.5) * 1000
+        for side, group in by_side.items()
+    }
+    # The cloud's p50 above includes waiting for its cold start; this one does not.
+    warm = [r["latency_s"] for r in by_side["cloud"] if ready_at and r["sent_at"] >= ready_at]
+    latency["cloud_ready_p50_ms"] = _pct(warm, 0.5) * 1000 if warm else None
+    check = {
+        f"{side}_max_abs_diff": max(
+            (r["max_abs_diff_vs_side_reference"] for r in group), default=None
+        )
+        for side, group in by_side.items()
+    }
+    summary = {
+        "how": SIMILARITY_NOTE,
+        "mean": float(cosine.mean()),
+        "min": float(cosine.min()),
+        **check,
+    }
+    if as_json:
+        doc = {
+            "model": "minilm",
+            "cloud_ready_at_s": ready_at,
+            "sentences": [
+                {"text": t, "cosine_edge_cloud": float(c)}
+                for t, c in zip(sentences, cosine, strict=True)
+            ],
+            "similarity": summary,
+            "latency": latency,
+            "requests": rows,
+        }
+        print(json.dumps(doc, indent=1))
+        return
+    table = Table(
+        title=f"{len(rows)} sentences embedded while the cloud worker cold-started"
+        + (f" (ready at {ready_at:.2f} s)" if ready_at else "")
+    )
+    width = _sentence_width(console, 58)
+    for col in ("#", "priority", "sentence", "served by", "latency", "cosine"):
+        _add_column(table, col, width)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            PRIORITY_NAMES[r["priority"]],
+            _short(r["text"], width),
+            r["served_by"] if r["status"] == "OK" else r["status"],
+            f"{r['latency_s'] * 1000:.1f} ms",
+            f"{r['cosine_edge_cloud']:.4f}",
+        )
+    console.print(table)
+    console.print(
+        f"edge (int8 ONNX): {len(by_side['edge'])} answers, p50 {latency['edge_p50_ms']:.1f} ms; "
+        f"cloud (fp32 pipeline): {len(by_side['cloud'])} answers, p50 "
+        f"{latency['cloud_p50_ms']:.1f} ms"
+        + (f" ({latency['cloud_ready_p50_ms']:.1f} ms once ready)" if warm else "")
+        + f". cos(edge, cloud) over {len(sentences)} sentences: "
+        f"mean {summary['mean']:.4f}, min {summary['min']:.4f}."
+    )
+    diffs = ", ".join(f"{side} {value:.2g}" for side in ("edge", "cloud")
+                      if (value := check[f"{side}_max_abs_diff"]) is not None)  # fmt: skip
+    console.print(SIMILARITY_NOTE.replace("(max |diff| below)", f"(max |diff|: {diffs or '-'})"))
 
 
 def _report(
     console: Any, outcomes: list[Outcome], ready_at: float | None, as_json: bool, model: str
 ) -> None:
     from rich.table import Table
-
-    def pct(values: list[float], q: float) -> float:
-        values = sorted(values)
-        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
     if as_json:
         print(
@@ -351,8 +548,8 @@ def _report(
             str(sum(o.served_by == "edge" for o in group)),
             str(sum(o.served_by == "cloud" for o in group)),
             str(sum(o.status != "OK" for o in group)),
-            f"{pct(ok, 0.5) * 1000:.1f} ms",
-            f"{pct(ok, 0.99) * 1000:.1f} ms",
+            f"{_pct(ok, 0.5) * 1000:.1f} ms",
+            f"{_pct(ok, 0.99) * 1000:.1f} ms",
             f"{sum(o.met_deadline for o in group)}/{len(group)}",
         )
     console.print(table)

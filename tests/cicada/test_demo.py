@@ -42,3 +42,13 @@ def test_coldstart_compares_every_strategy(tmp_path: Path) -> None:
     assert set(summary["results"]) == {"cicada", "meta", "pisel", "naive"}
     for timings in summary["results"].values():
         assert timings["time_to_first_result_s"] > 0 and timings["peak_rss_bytes"] > 0
+
+
+def test_demo_takes_text_only_for_a_model_that_reads_text(tmp_path: Path) -> None:
+    env = dict(os.environ, CICADA_CACHE=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-m", "cicada", "demo", "--model", "gpt2-tiny",
+                           "--text", "hello"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 2
+    assert "--text goes with --model minilm" in done.stderr
+    assert not (tmp_path / "cache").exists()  # refused before packing anything
