@@ -34,6 +34,13 @@ _INIT_FUNCTIONS = (
     "sparse_",
 )  # fmt: skip
 _patch_lock = threading.RLock()
+_skipping = threading.local()
+
+
+def parameter_init_skipped() -> bool:
+    """True inside `skip_parameter_init` on this thread. Factories for libraries that
+    initialise through their own functions (transformers) use it to skip that init too."""
+    return getattr(_skipping, "depth", 0) > 0
 
 
 @contextmanager
@@ -56,9 +63,11 @@ def skip_parameter_init() -> Iterator[None]:
             if original is not None:
                 originals[name] = original
                 setattr(nn.init, name, passthrough(original))
+        _skipping.depth = getattr(_skipping, "depth", 0) + 1
         try:
             yield
         finally:
+            _skipping.depth -= 1
             for name, original in originals.items():
                 setattr(nn.init, name, original)
 

@@ -88,7 +88,13 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _apply_weights(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes differ: torch raises even with strict=False
+        shapes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        raise PackageMismatchError(
+            f"{source} does not fit the model: {'; '.join(shapes[:3]) or exc}"
+        ) from None
     # A checkpoint may leave out tied copies (lm_head.weight = wte.weight): missing is fine
     # only for names whose tensor is the same object as one that was loaded.
     slots = tensor_slots(model)
@@ -131,8 +137,13 @@ def pack(
     weights: Path | None = None,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    model: nn.Module | None = None,
 ) -> Manifest:
-    """Build the model, cut it into stages and write the package directory `out`."""
+    """Build the model, cut it into stages and write the package directory `out`.
+
+    `model`, instead of building: an already loaded model (transformers' `from_pretrained`)
+    that `factory(**config)` rebuilds. The rebuild is checked against the package before it is
+    written, so a package that its own factory cannot serve is never made."""
     config = dict(config or {})
     out = Path(out)
     if out.exists() and not force:
@@ -141,7 +152,11 @@ def pack(
     if source is not None:
         config, weights = dict(source.config), source.weights
     json.dumps(config)  # the config must survive the manifest round trip
-    model = build_model(factory, config, init=weights is None)
+    loaded = model is not None
+    if model is None:
+        model = build_model(factory, config, init=weights is None)
+    elif weights is not None:
+        raise PackageError("pass weights or a loaded model, not both")
     if weights is not None:
         state = load_weights_file(weights)
         _apply_weights(model, source.rename(state) if source else state, weights)
@@ -221,6 +236,8 @@ def pack(
             staging_method=plan.method,
             staging_note=plan.note,
         )
+        if loaded:
+            check_coverage(build_model(factory, config, init=False), manifest)
         manifest.dump(tmp)
         # Replace by rename: a process that has the old weights mapped keeps its inode intact.
         if out.exists():

@@ -7,7 +7,8 @@ How a model's stages are found, first match wins (docs/PACKAGE.md):
 2. **sequential** - the model is an ``nn.Sequential``: each child that holds tensors.
 3. **blocks** - a list (``ModuleList``/``Sequential``) of same-class blocks holding at least
    half the weights, as in GPT-2/BERT/LLaMA/ViT: whatever comes before the blocks in
-   registration order is one stage, each block is one, whatever comes after is one.
+   registration order is one stage, each block is one, whatever comes after is one. A list
+   with sibling lists of the same blocks (ResNet's layer1..layer4) is left to rule 4.
 4. **children** - stem -> layers -> head, as in ResNet/VGG: the model's children in
    registration order, consecutive leaf modules (conv1, bn1) merged into one stage.
 5. **whole** - none of the above: one stage. Correct, but nothing is pipelined.
@@ -146,11 +147,19 @@ def _blocks(model: nn.Module, names: list[str], nbytes: dict[str, int]) -> Stage
     total = sum(nbytes[n] for n in names) or 1
     best: tuple[int, str, list[str]] | None = None
     for path, module in model.named_modules():
-        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        block_class = _block_class(module)
+        if block_class is None or len(module) < 2:
+            continue
+        parent = model.get_submodule(path.rpartition(".")[0]) if path else None
+        if parent is not None and any(
+            sibling is not module and _block_class(sibling) is block_class
+            for sibling in parent.children()
+        ):
+            # One of several lists of the same blocks (ResNet's layer1..layer4): the lists
+            # are the stages, found by the children rule; the largest alone would leave the
+            # others in one big first stage.
             continue
         children = list(module.named_children())
-        if len(children) < 2 or len({type(c) for _, c in children}) != 1:
-            continue
         block_paths = [f"{path}.{n}" if path else n for n, _ in children]
         held = sum(nbytes[n] for n in names if _under(n, path))
         if best is None or held > best[0]:
@@ -183,6 +192,14 @@ def _blocks(model: nn.Module, names: list[str], nbytes: dict[str, int]) -> Stage
         modules.append(_owners(post))
     note = f"{len(block_paths)} blocks of {list_path} as stages, with what comes before/after"
     return StagePlan("blocks", note, stages, modules)
+
+
+def _block_class(module: nn.Module) -> type[nn.Module] | None:
+    """The class of every child, if `module` is a list of same-class blocks."""
+    if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+        return None
+    classes = {type(c) for c in module.children()}
+    return classes.pop() if len(classes) == 1 else None
 
 
 def _owners(names: list[str]) -> list[str]:
