@@ -403,9 +403,22 @@ def coldstart(model: str, cache: Path | None, as_json: bool) -> None:
     "--input",
     "input_paths",
     multiple=True,
-    required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="An input tensor (.npy); repeat it for a model with several inputs, in order.",
+    help="An input tensor (.npy); repeat it for a model with several inputs, in order. For "
+    "--max-new-tokens: the prompt's int64 token ids.",
+)
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    help="Text instead of --input, for a model packaged with a tokenizer; repeat for a batch.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1, 4096),
+    default=None,
+    help="Generate this many tokens greedily from the prompt in --input, printing each as it "
+    "arrives with the side (edge/cloud) that made it.",
 )
 @click.option(
     "--priority",
@@ -445,6 +458,8 @@ def coldstart(model: str, cache: Path | None, as_json: bool) -> None:
 def invoke(
     model: str,
     input_paths: tuple[Path, ...],
+    texts: tuple[str, ...],
+    max_new_tokens: int | None,
     priority: int,
     deadline: float | None,
     timeout: float,
@@ -471,13 +486,32 @@ def invoke(
         if not isinstance(array, np.ndarray):
             raise click.UsageError(f"--input {path} holds several arrays; save each as .npy")
         inputs.append(array)
+    if not inputs and not texts:
+        raise click.UsageError("give the model's inputs with --input FILE.npy, or --text")
     try:
         client = Client(address, timeout=timeout)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     try:
         with client:
-            result = client.invoke(model, inputs, priority=priority, deadline=deadline)
+            stream = client.stream(
+                model, inputs or None, text=list(texts) or None, max_new_tokens=max_new_tokens,
+                priority=priority, deadline=deadline,
+            )  # fmt: skip
+            role = None
+            for piece in stream:
+                if as_json:
+                    continue
+                if piece.role != role:  # a new line whenever the side changes
+                    click.echo(("\n" if role else "") + f"{piece.role}:", nl=False)
+                    role = piece.role
+                click.echo(" " + " ".join(str(int(t)) for t in piece.tokens), nl=False)
+            if role is not None:
+                click.echo()
+            assert stream.result is not None
+            result = stream.result
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     except (ClientError, TransportError) as exc:
         if as_json:
             status = exc.status.value if exc.status is not None else None

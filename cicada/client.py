@@ -7,6 +7,11 @@
     async with AsyncClient() as client:
         results = await asyncio.gather(*(client.invoke("gpt2", x) for x in batch))
 
+    for piece in client.stream("gpt2", prompt_ids, max_new_tokens=32):   # generation
+        print(piece.tokens, piece.role)          # each token as it comes, and who made it
+
+    client.invoke("minilm", text=["a sentence"])  # text, for models packaged with a tokenizer
+
 A call sends one REQUEST and waits for the REPLY with its id (docs/PROTOCOL.md); a status
 other than OK raises the matching `cicada.errors.ClientError`. Every call is bounded by the
 client's own timeout (30 s unless told otherwise) and, when a `deadline` is given, by that
@@ -27,7 +32,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +46,7 @@ from cicada.errors import BadRequest, Timeout, TransportError, raise_for_reply
 from common.protocol import (
     DEFAULT_LIMITS,
     Limits,
+    Partial,
     ProtocolError,
     Reply,
     Request,
@@ -62,6 +68,7 @@ PRIORITIES = (0, 1, 2)  # latency-critical, normal, quality-seeking
 
 Frame = bytes | memoryview
 Inputs = np.ndarray | Sequence[np.ndarray]
+MAX_NEW_TOKENS = 4096  # as common.generation: a worker refuses more
 
 
 # -- configuration and results --------------------------------------------------------------
@@ -115,6 +122,32 @@ class InvokeResult:
         if not self.outputs:
             raise IndexError(f"request {self.request_id} returned no outputs")
         return self.outputs[0]
+
+    @property
+    def token_sources(self) -> list[str]:
+        """For a generation: the role ("edge"/"cloud") that produced each token, in order."""
+        return [
+            str(segment.get("role", ""))
+            for segment in self.served_by.get("segments", [])
+            for _ in range(int(segment.get("tokens", 0)))
+        ]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One streamed piece of a generation: new tokens, and the worker that produced them."""
+
+    outputs: list[np.ndarray]
+    seq: int
+    served_by: dict[str, Any]
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.outputs[0] if self.outputs else np.zeros(0, dtype=np.int64)
+
+    @property
+    def role(self) -> str:
+        return str(self.served_by.get("role", ""))
 
 
 # -- transports -------------------------------------------------------------------------------
@@ -228,15 +261,41 @@ class _Call:
     wait_s: float
 
 
+def _options(
+    text: str | Sequence[str] | None,
+    max_new_tokens: int | None,
+    options: dict[str, Any] | None,
+) -> dict[str, Any]:
+    out = dict(options or {})
+    if text is not None:
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("text must be a string or a non-empty list of strings")
+        out["text"] = texts
+    if max_new_tokens is not None:
+        if (
+            isinstance(max_new_tokens, bool)
+            or not isinstance(max_new_tokens, int)
+            or not (1 <= max_new_tokens <= MAX_NEW_TOKENS)
+        ):
+            raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
+        out["max_new_tokens"] = max_new_tokens
+    return out
+
+
 def _prepare(
     model: str,
-    inputs: Inputs,
+    inputs: Inputs | None,
     priority: int,
     deadline: float | None,
     timeout: float | None,
     default_timeout: float,
     limits: Limits,
+    options: dict[str, Any] | None = None,
 ) -> _Call:
+    options = options or {}
+    if inputs is None and "text" not in options:
+        raise ValueError("give inputs (arrays) or text")
     if priority not in PRIORITIES:
         raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
     wait_s = default_timeout if timeout is None else timeout
@@ -250,9 +309,16 @@ def _prepare(
             raise ValueError(f"deadline must be a positive number of seconds, got {deadline!r}")
         timeout_ms = min(timeout_ms, round(deadline * 1000))
         wait_s = min(wait_s, deadline + DEADLINE_GRACE_S)
-    arrays = [inputs] if isinstance(inputs, np.ndarray) else [np.asarray(a) for a in inputs]
+    if inputs is None:
+        arrays: list[np.ndarray] = []
+    elif isinstance(inputs, np.ndarray):
+        arrays = [inputs]
+    else:
+        arrays = [np.asarray(a) for a in inputs]
     request_id = uuid.uuid4().hex
-    request = Request(request_id, model, arrays, priority=priority, timeout_ms=timeout_ms)
+    request = Request(
+        request_id, model, arrays, priority=priority, timeout_ms=timeout_ms, options=options
+    )
     try:
         frames = encode(request)
     except ProtocolError as exc:
@@ -288,14 +354,17 @@ def _peek_id(frames: Sequence[Frame], limits: Limits) -> str | None:
     return request_id if isinstance(request_id, str) else None
 
 
-def _read_reply(frames: Sequence[Frame], limits: Limits) -> Reply | None:
-    """Decode one incoming message: a Reply, or None for anything a client ignores."""
+def _read_reply(frames: Sequence[Frame], limits: Limits) -> Reply | Partial | None:
+    """Decode one incoming message: a Reply or Partial, or None for what a client ignores."""
     message = decode(frames, limits)  # ProtocolError: the caller decides whose call failed
-    if not isinstance(message, Reply):
-        # PARTIAL is reserved; a coordinator sends clients nothing else. Not ours to act on.
+    if not isinstance(message, Reply | Partial):
         log.debug("ignoring %s from the coordinator", type(message).__name__)
         return None
     return message
+
+
+def _piece(partial: Partial) -> Piece:
+    return Piece(outputs=partial.outputs, seq=partial.seq, served_by=dict(partial.served_by))
 
 
 def _result(reply: Reply, client_s: float) -> InvokeResult:
@@ -328,6 +397,48 @@ def _malformed(request_id: str, exc: ProtocolError) -> TransportError:
 # -- the clients ------------------------------------------------------------------------------
 
 
+class TokenStream:
+    """Iterates over a call's streamed `Piece`s; `.result` holds the final `InvokeResult`."""
+
+    def __init__(self, messages: Iterator[Piece | InvokeResult]) -> None:
+        self._messages = messages
+        self.result: InvokeResult | None = None
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> Piece:
+        for message in self._messages:
+            if isinstance(message, InvokeResult):
+                self.result = message
+                for _ in self._messages:  # run the call to its end (its clean-up included)
+                    pass
+                break
+            return message
+        raise StopIteration
+
+
+class AsyncTokenStream:
+    """Async iteration over a call's streamed `Piece`s; `.result` holds the final result."""
+
+    def __init__(self, messages: AsyncIterator[Piece | InvokeResult]) -> None:
+        self._messages = messages
+        self.result: InvokeResult | None = None
+
+    def __aiter__(self) -> AsyncTokenStream:
+        return self
+
+    async def __anext__(self) -> Piece:
+        async for message in self._messages:
+            if isinstance(message, InvokeResult):
+                self.result = message
+                async for _ in self._messages:  # run the call to its end (its clean-up included)
+                    pass
+                break
+            return message
+        raise StopAsyncIteration
+
+
 class Client:
     """A synchronous client on one DEALER socket.
 
@@ -358,34 +469,70 @@ class Client:
     def invoke(
         self,
         model: str,
-        inputs: Inputs,
+        inputs: Inputs | None = None,
         *,
+        text: str | Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
         priority: int = 1,
         deadline: float | None = None,
         timeout: float | None = None,
+        options: dict[str, Any] | None = None,
     ) -> InvokeResult:
         """Run `model` on `inputs` (an array or a list of arrays) and return its outputs.
 
-        `priority`: 0 latency-critical, 1 normal, 2 quality-seeking. `deadline`: seconds the
-        result is still useful (sent as the request's budget; the coordinator answers TIMEOUT
-        rather than run it late). `timeout`: how long this call waits at most (default: the
-        client's). Raises a `ClientError` for any status but OK, `TransportError` if the
-        connection lets the call down.
+        `text`: a string or list of strings instead of arrays, for a model packaged with a
+        tokenizer. `max_new_tokens`: generate that many tokens greedily from the prompt ids in
+        `inputs` (the result's output is the new tokens; `token_sources` says who made each;
+        `stream` yields them as they come). `priority`: 0 latency-critical, 1 normal, 2
+        quality-seeking. `deadline`: seconds the result is still useful (sent as the request's
+        budget; the coordinator answers TIMEOUT rather than run it late). `timeout`: how long
+        this call waits at most (default: the client's). Raises a `ClientError` for any status
+        but OK, `TransportError` if the connection lets the call down.
         """
+        stream = self.stream(
+            model, inputs, text=text, max_new_tokens=max_new_tokens, priority=priority,
+            deadline=deadline, timeout=timeout, options=options,
+        )  # fmt: skip
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        model: str,
+        inputs: Inputs | None = None,
+        *,
+        text: str | Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
+        priority: int = 1,
+        deadline: float | None = None,
+        timeout: float | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> TokenStream:
+        """As `invoke`, but iterate over the `Piece`s streamed before the final reply (one per
+        generated token); the final `InvokeResult` is then in `.result`. The request is sent
+        when iteration starts; errors are raised from the iteration."""
         if self._closed:
             raise RuntimeError("this Client is closed")
-        call = _prepare(model, inputs, priority, deadline, timeout, self.timeout, self._limits)
+        call = _prepare(
+            model, inputs, priority, deadline, timeout, self.timeout, self._limits,
+            _options(text, max_new_tokens, options),
+        )  # fmt: skip
+        return TokenStream(self._locked_round_trip(call))
+
+    def _locked_round_trip(self, call: _Call) -> Iterator[Piece | InvokeResult]:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError(
                 "Client.invoke called from two threads at once: a Client is for one thread; "
                 "use one per thread, or AsyncClient"
             )
         try:
-            return self._round_trip(call)
+            yield from self._round_trip(call)
         finally:
             self._busy.release()
 
-    def _round_trip(self, call: _Call) -> InvokeResult:
+    def _round_trip(self, call: _Call) -> Iterator[Piece | InvokeResult]:
         start = time.perf_counter()
         give_up = time.monotonic() + call.wait_s
         try:
@@ -410,7 +557,11 @@ class Client:
             if reply.id != call.request_id:  # e.g. the late reply to a call that timed out
                 log.debug("discarding a reply for request %s (not waiting for it)", reply.id)
                 continue
-            return _result(reply, time.perf_counter() - start)
+            if isinstance(reply, Partial):
+                yield _piece(reply)
+                continue
+            yield _result(reply, time.perf_counter() - start)
+            return
         raise _client_timeout(call, self.address)
 
     def close(self) -> None:
@@ -449,7 +600,9 @@ class AsyncClient:
         self._transport: AsyncTransport = (
             transport if transport is not None else AsyncZmqTransport(address, curve=curve)
         )
-        self._pending: dict[str, asyncio.Future[Reply]] = {}
+        # Each call's incoming messages (PARTIALs, then its REPLY)
+        # (or the exception that ends it), by request id.
+        self._pending: dict[str, asyncio.Queue[Reply | Partial | BaseException]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._broken: TransportError | None = None  # set when the reader stopped for good
         self._closed = False
@@ -457,34 +610,75 @@ class AsyncClient:
     async def invoke(
         self,
         model: str,
-        inputs: Inputs,
+        inputs: Inputs | None = None,
         *,
+        text: str | Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
         priority: int = 1,
         deadline: float | None = None,
         timeout: float | None = None,
+        options: dict[str, Any] | None = None,
     ) -> InvokeResult:
         """As `Client.invoke`, awaitable; concurrent calls share the socket."""
+        stream = self.stream(
+            model, inputs, text=text, max_new_tokens=max_new_tokens, priority=priority,
+            deadline=deadline, timeout=timeout, options=options,
+        )  # fmt: skip
+        async for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        model: str,
+        inputs: Inputs | None = None,
+        *,
+        text: str | Sequence[str] | None = None,
+        max_new_tokens: int | None = None,
+        priority: int = 1,
+        deadline: float | None = None,
+        timeout: float | None = None,
+        options: dict[str, Any] | None = None,
+    ) -> AsyncTokenStream:
+        """As `Client.stream`: `async for piece in client.stream(...)`."""
+        if self._closed:
+            raise RuntimeError("this AsyncClient is closed")
+        call = _prepare(
+            model, inputs, priority, deadline, timeout, self.timeout, self._limits,
+            _options(text, max_new_tokens, options),
+        )  # fmt: skip
+        return AsyncTokenStream(self._round_trip(call))
+
+    async def _round_trip(self, call: _Call) -> AsyncIterator[Piece | InvokeResult]:
         if self._closed:
             raise RuntimeError("this AsyncClient is closed")
         if self._broken is not None:
             raise self._broken
-        call = _prepare(model, inputs, priority, deadline, timeout, self.timeout, self._limits)
         if self._reader is None:
             self._reader = asyncio.get_running_loop().create_task(self._read_replies())
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[call.request_id] = future
+        inbox: asyncio.Queue[Reply | Partial | BaseException] = asyncio.Queue()
+        self._pending[call.request_id] = inbox
         start = time.perf_counter()
+        give_up = time.monotonic() + call.wait_s
         try:
-            reply = await asyncio.wait_for(self._send_and_wait(call, future), call.wait_s)
-        except TimeoutError:
+            await asyncio.wait_for(self._transport.send(call.frames), call.wait_s)
+            while True:
+                try:
+                    message = await asyncio.wait_for(inbox.get(), give_up - time.monotonic())
+                except TimeoutError:
+                    raise _client_timeout(call, self.address) from None
+                if isinstance(message, BaseException):
+                    raise message
+                if isinstance(message, Partial):
+                    yield _piece(message)
+                    continue
+                yield _result(message, time.perf_counter() - start)
+                return
+        except TimeoutError:  # the send itself waited past the timeout
             raise _client_timeout(call, self.address) from None
         finally:
             self._pending.pop(call.request_id, None)
-        return _result(reply, time.perf_counter() - start)
-
-    async def _send_and_wait(self, call: _Call, future: asyncio.Future[Reply]) -> Reply:
-        await self._transport.send(call.frames)  # waits while the send queue is full
-        return await future
 
     async def _read_replies(self) -> None:
         while True:
@@ -500,11 +694,11 @@ class AsyncClient:
                 continue
             if reply is None:
                 continue
-            future = self._pending.pop(reply.id, None)
-            if future is None:  # e.g. the late reply to a call that timed out
+            inbox = self._pending.get(reply.id)
+            if inbox is None:  # e.g. the late reply to a call that timed out
                 log.debug("discarding a reply for request %s (not waiting for it)", reply.id)
-            elif not future.done():
-                future.set_result(reply)
+            else:
+                inbox.put_nowait(reply)
 
     def _stop_reading(self, exc: Exception) -> None:
         broken = TransportError(f"the connection to {self.address} failed: {exc}")
@@ -518,17 +712,15 @@ class AsyncClient:
         if request_id is None:
             log.warning("malformed message with no readable id: %s", exc)
             self._fail_pending(lambda rid: _malformed(rid, exc))
-        elif (future := self._pending.pop(request_id, None)) is not None:
-            if not future.done():
-                future.set_exception(_malformed(request_id, exc))
+        elif (inbox := self._pending.pop(request_id, None)) is not None:
+            inbox.put_nowait(_malformed(request_id, exc))
         else:
             log.warning("discarding a malformed message for request %s: %s", request_id, exc)
 
     def _fail_pending(self, error_for: Callable[[str], BaseException]) -> None:
         pending, self._pending = self._pending, {}
-        for request_id, future in pending.items():
-            if not future.done():
-                future.set_exception(error_for(request_id))
+        for request_id, inbox in pending.items():
+            inbox.put_nowait(error_for(request_id))
 
     async def aclose(self) -> None:
         """Stop the reader, fail calls still waiting, close the socket. Idempotent."""

@@ -268,6 +268,14 @@ def pool(socket_path: Path, log_level: str) -> None:
     default=None,
     help="Which exported file to serve (default: int8 if it was exported).",
 )
+@click.option(
+    "--token-interval",
+    type=click.FloatRange(min=0.0),
+    default=0.0,
+    show_default=True,
+    help="Seconds at least between generated tokens: emulates a slower edge device "
+    "(demos, benchmarks). 0: as fast as the model runs.",
+)
 @click.option("--name", default="", help="Worker name in replies and metrics.")
 @click.option("--heartbeat", type=float, default=0.5, show_default=True)
 @_curve_options
@@ -279,6 +287,7 @@ def edge(
     capacity: int,
     threads: int,
     int8: bool | None,
+    token_interval: float,
     name: str,
     heartbeat: float,
     curve_key: Path | None,
@@ -301,6 +310,7 @@ def edge(
                 int8=int8,
                 heartbeat_interval=heartbeat,
                 curve=_curve_keys(curve_key, server_key),
+                token_interval=token_interval,
             )
         )
     except CicadaError as exc:

@@ -346,14 +346,19 @@ class ColdStart:
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         """Run the model; blocks only where a stage is not resident. Returns once every stage
         has checked out, so no unverified byte is ever part of a released result."""
+        return self.call(None, *inputs, **kwargs)
+
+    def call(self, method: str | None, *inputs: Any, **kwargs: Any) -> Any:
+        """As `forward`, through another method of the model (e.g. a cached decode step)."""
         import torch
 
         if self._model is None:
             self.build()
         assert self._model is not None
+        fn = self._model if method is None else getattr(self._model, method)
         with torch.inference_mode():
             try:
-                out = self._model(*inputs, **kwargs)
+                out = fn(*inputs, **kwargs)
             finally:
                 self._close_compute()
         self.wait_all()

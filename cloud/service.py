@@ -18,21 +18,24 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cloud.pipeline import ColdStart, ResidencyEvent
 from cloud.timeline import Timeline
 from common.errors import CicadaError
+from common.generation import GenerationError, GenerationRequest, generate
 from common.launch import WorkerSpec
 from common.protocol import Dispatch, Result, Role, Status, WorkerState
 from common.sockets import CurveKeys
 from common.text import TextError, inputs_for, load_tokenizer
-from common.worker import RuntimeConfig, WorkerRuntime, WorkerStatus
+from common.worker import RuntimeConfig, Stream, WorkerRuntime, WorkerStatus
 
 log = logging.getLogger("cicada.cloud")
+T = TypeVar("T")
 
 # Before the first stage lands the worker can only guess its ETA: torch import plus the read.
 ASSUMED_START_S = 1.5
@@ -81,7 +84,9 @@ class CloudWorker:
         self.built = threading.Event()
         self.failed: CicadaError | None = None
         self._last: ResidencyEvent | None = None
-        self._work: queue.Queue[tuple[Dispatch, float | None, Future[Result]]] = queue.Queue()
+        self._work: queue.Queue[tuple[Dispatch, float | None, Stream, Future[Result]]] = (
+            queue.Queue()
+        )
         name = config.worker or f"cloud-{socket.gethostname()}-{os.getpid()}"
         self.runtime = WorkerRuntime(
             RuntimeConfig(
@@ -116,7 +121,7 @@ class CloudWorker:
             log.info("%s resident: %d stages", self.config.model_name, event.total_stages)
         self.runtime.notify()
 
-    def handle(self, dispatch: Dispatch, deadline: float | None) -> Result:
+    def handle(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
         """Called on the runtime's executor thread: hand the request to the main thread.
 
         torch's OpenMP pool belongs to the thread that started it; a forward issued from
@@ -125,10 +130,10 @@ class CloudWorker:
         if self.failed is not None:
             return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
         done: Future[Result] = Future()
-        self._work.put((dispatch, deadline, done))
+        self._work.put((dispatch, deadline, stream, done))
         return done.result()
 
-    def _run(self, dispatch: Dispatch, deadline: float | None) -> Result:
+    def _run(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
         import numpy as np
         import torch
 
@@ -141,6 +146,8 @@ class CloudWorker:
                 status=Status.TIMEOUT,
                 error="deadline passed before the model could start it",
             )
+        if "max_new_tokens" in dispatch.options:
+            return self._generate(dispatch, deadline, stream)
         try:
             arrays = inputs_for(dispatch.options, dispatch.inputs, self.tokenizer)
         except TextError as exc:
@@ -150,17 +157,9 @@ class CloudWorker:
             inputs = [t.to(self.config.device) for t in inputs]
         during_load = not self.cold.all_resident
         start = time.monotonic()
-        try:
-            out = self.cold.forward(*inputs)
-        except CicadaError as exc:
-            self.failed = exc
-            return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(exc))
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-            return Result(
-                id=dispatch.id,
-                status=Status.BAD_REQUEST,
-                error=f"the model refused the inputs: {type(exc).__name__}: {exc}",
-            )
+        out = self._guarded(dispatch, "inputs", lambda: self.cold.forward(*inputs))
+        if isinstance(out, Result):
+            return out
         outputs: list[Any] = [out] if isinstance(out, torch.Tensor) else list(out)
         arrays = [
             o.detach().to("cpu").float().numpy()
@@ -172,6 +171,59 @@ class CloudWorker:
         if during_load:
             timings["during_load"] = 1.0
         return Result(id=dispatch.id, status=Status.OK, outputs=arrays, timings=timings)
+
+    def _guarded(self, dispatch: Dispatch, what: str, run: Callable[[], T]) -> T | Result:
+        """Run the model; a failed load makes the worker UNAVAILABLE, inputs the model
+        refuses are the caller's BAD_REQUEST, and the worker keeps serving either way."""
+        try:
+            return run()
+        except CicadaError as exc:
+            self.failed = exc
+            return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(exc))
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+            return Result(
+                id=dispatch.id,
+                status=Status.BAD_REQUEST,
+                error=f"the model refused the {what}: {type(exc).__name__}: {exc}",
+            )
+
+    def _generate(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
+        """Greedy generation with a KV cache, one PARTIAL per token (see cloud/generate.py)."""
+        import numpy as np
+
+        from cloud.generate import context_of, decoder_for
+
+        model = self.cold.model
+        try:
+            request = GenerationRequest.parse(dispatch.options, list(dispatch.inputs))
+            request.check_fits(*context_of(model))
+            decoder = decoder_for(model, self.config.device, call=self.cold.call)
+        except GenerationError as exc:
+            return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
+        during_load = not self.cold.all_resident
+        start = time.monotonic()
+        out = self._guarded(
+            dispatch,
+            "prompt",
+            lambda: generate(
+                decoder,
+                request,
+                lambda token: stream.send([np.asarray([token], dtype=np.int64)]),
+                lambda: stream.cancelled,
+                deadline,
+            ),
+        )
+        if isinstance(out, Result):
+            return out
+        timings = {"compute_s": time.monotonic() - start, "tokens": float(len(out.tokens))}
+        if during_load:
+            timings["during_load"] = 1.0
+        return Result(
+            id=dispatch.id,
+            status=Status.OK,
+            outputs=[np.asarray(out.tokens, dtype=np.int64)],
+            timings=timings,
+        )
 
     def serve_forever(self) -> int:
         """Register, load, serve until SIGTERM. Returns the process exit code."""
@@ -196,12 +248,12 @@ class CloudWorker:
             return self._give_up(exc)
         while not stop.is_set() and not self.runtime.stopped.is_set():
             try:
-                dispatch, deadline, done = self._work.get(timeout=0.1)
+                dispatch, deadline, stream, done = self._work.get(timeout=0.1)
             except queue.Empty:
                 if self.failed is not None:
                     return self._give_up(self.failed)
                 continue
-            done.set_result(self._run(dispatch, deadline))
+            done.set_result(self._run(dispatch, deadline, stream))
         self.runtime.drain()
         while not self.runtime.join(0.05):  # finish what was accepted before the drain
             self._serve_pending()
@@ -252,10 +304,10 @@ class CloudWorker:
     def _serve_pending(self) -> None:
         while True:
             try:
-                dispatch, deadline, done = self._work.get_nowait()
+                dispatch, deadline, stream, done = self._work.get_nowait()
             except queue.Empty:
                 return
-            done.set_result(self._run(dispatch, deadline))
+            done.set_result(self._run(dispatch, deadline, stream))
 
     def _give_up(self, exc: CicadaError) -> int:
         log.error("cold start failed: %s", exc)

@@ -38,12 +38,13 @@ class ProtocolError(CicadaError):
 class Command(enum.IntEnum):
     REQUEST = 0x01  # client -> coordinator
     REPLY = 0x02  # coordinator -> client: the one final outcome of a request
-    PARTIAL = 0x03  # coordinator -> client: a streamed piece before the final REPLY
+    PARTIAL = 0x03  # a streamed piece before the final outcome (worker -> coordinator -> client)
     READY = 0x10  # agent/worker -> coordinator: register (also re-register)
     HEARTBEAT = 0x11  # both ways; from a worker it carries state and residency
     DISCONNECT = 0x12  # both ways: leaving, or "you are unknown, register again"
     DISPATCH = 0x20  # coordinator -> agent/worker: run this request
     RESULT = 0x21  # agent/worker -> coordinator: outcome of a DISPATCH
+    CANCEL = 0x22  # coordinator -> agent/worker: stop this DISPATCH (e.g. handed to the cloud)
 
 
 class Status(enum.StrEnum):
@@ -234,7 +235,9 @@ class Reply(Message):
 
 @dataclass
 class Partial(Message):
-    """A streamed piece of a request's answer (e.g. one generated token)."""
+    """A streamed piece of a request's answer (e.g. generated tokens). From a worker, `id` is
+    the DISPATCH id and `seq` its own count; to a client, the REQUEST id and one count across
+    every worker that served it, with `served_by` naming who produced this piece."""
 
     command: ClassVar[Command] = Command.PARTIAL
     tensor_field: ClassVar[str | None] = "outputs"
@@ -302,8 +305,19 @@ class Result(Message):
     variant: str = ""
 
 
+@dataclass
+class Cancel(Message):
+    """Stop working on a dispatch: its request is answered elsewhere. The worker's RESULT for
+    it, if any, is discarded by the coordinator; it frees the worker's slot."""
+
+    command: ClassVar[Command] = Command.CANCEL
+    id: str
+    reason: str = ""
+
+
 MESSAGES: dict[Command, type[Message]] = {
-    m.command: m for m in (Request, Reply, Partial, Ready, Heartbeat, Disconnect, Dispatch, Result)
+    m.command: m
+    for m in (Request, Reply, Partial, Ready, Heartbeat, Disconnect, Dispatch, Result, Cancel)
 }
 
 # Field name -> (accepted types, optional). Enums are validated by value below.

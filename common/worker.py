@@ -23,14 +23,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zmq
 
 from common.protocol import (
     DEFAULT_LIMITS,
+    Cancel,
     Disconnect,
     Dispatch,
     Heartbeat,
     Message,
+    Partial,
     ProtocolError,
     Ready,
     Result,
@@ -44,7 +47,32 @@ from common.sockets import CurveKeys, apply_curve_client, configure
 
 log = logging.getLogger("cicada.worker")
 
-Handler = Callable[[Dispatch, float | None], Result]  # (dispatch, monotonic deadline) -> result
+
+class Stream:
+    """A running dispatch's way to send PARTIAL pieces before its RESULT, and to learn that
+    the coordinator cancelled it. Thread-safe; pieces go out in order, before the RESULT."""
+
+    def __init__(self, dispatch_id: str, runtime: WorkerRuntime) -> None:
+        self.dispatch_id = dispatch_id
+        self._runtime = runtime
+        self._cancelled = threading.Event()
+        self._seq = 0
+
+    def send(self, outputs: list[np.ndarray]) -> None:
+        self._runtime._outgoing.put(Partial(id=self.dispatch_id, seq=self._seq, outputs=outputs))
+        self._seq += 1
+        self._runtime._wake(b"r")
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+# (dispatch, monotonic deadline, its stream) -> result
+Handler = Callable[[Dispatch, float | None, Stream], Result]
 
 
 @dataclass
@@ -88,7 +116,9 @@ class WorkerRuntime:
         self.stopped = threading.Event()
         self.registered = threading.Event()
         self.registrations = 0  # how many READYs were sent (re-registrations included)
-        self._results: queue.Queue[Result] = queue.Queue()
+        # RESULTs and PARTIALs, in the order they are to be sent.
+        self._outgoing: queue.Queue[Result | Partial] = queue.Queue()
+        self._streams: dict[str, Stream] = {}
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._inflight = 0
@@ -205,7 +235,7 @@ class WorkerRuntime:
                         self._send(sock, self._heartbeat())
                         next_beat = now + interval
                 self._flush_results(sock)
-                if self.draining.is_set() and self._inflight == 0 and self._results.empty():
+                if self.draining.is_set() and self._inflight == 0 and self._outgoing.empty():
                     self._send(sock, Disconnect(reason="draining"))
                     return
                 if now >= next_beat:
@@ -244,6 +274,11 @@ class WorkerRuntime:
         if isinstance(message, Dispatch):
             self.registered.set()
             self._accept(sock, message)
+        if isinstance(message, Cancel):
+            with self._lock:
+                stream = self._streams.get(message.id)
+            if stream is not None:
+                stream.cancel()
         return False
 
     def _accept(self, sock: zmq.Socket[bytes], dispatch: Dispatch) -> None:
@@ -265,11 +300,13 @@ class WorkerRuntime:
                 )
                 return
             deadline = time.monotonic() + dispatch.timeout_ms / 1000
+        stream = Stream(dispatch.id, self)
         with self._lock:
             self._inflight += 1
-        self._pool.submit(self._execute, dispatch, deadline)
+            self._streams[dispatch.id] = stream
+        self._pool.submit(self._execute, dispatch, deadline, stream)
 
-    def _execute(self, dispatch: Dispatch, deadline: float | None) -> None:
+    def _execute(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> None:
         start = time.monotonic()
         try:
             if deadline is not None and start >= deadline:
@@ -279,7 +316,7 @@ class WorkerRuntime:
                     error="deadline passed while queued on the worker",
                 )
             else:
-                result = self.handler(dispatch, deadline)
+                result = self.handler(dispatch, deadline, stream)
         except Exception as exc:  # the model raised: report, keep serving
             log.exception("request %s failed", dispatch.id)
             result = Result(
@@ -289,22 +326,26 @@ class WorkerRuntime:
         compute = result.timings.setdefault("compute_s", elapsed)
         # A forward that waited for weights (cold start) says nothing about steady-state
         # compute; letting it in made the coordinator think the cloud was seconds slow.
-        if result.status is Status.OK and not result.timings.get("during_load"):
+        # A generation's time is per token count, not per request: it says nothing either.
+        steady = not result.timings.get("during_load") and "tokens" not in result.timings
+        if result.status is Status.OK and steady:
             ema = self._compute_ema
             self._compute_ema = compute if ema is None else 0.8 * ema + 0.2 * compute
         result.variant = result.variant or self.config.variant
-        self._results.put(result)
+        with self._lock:
+            self._streams.pop(dispatch.id, None)
+        self._outgoing.put(result)
         self._wake(b"r")
 
     def _flush_results(self, sock: zmq.Socket[bytes]) -> None:
         while True:
             try:
-                result = self._results.get_nowait()
-            except queue.Empty:
+                message = self._outgoing.queue[0]  # peek: order must survive a failed send
+            except IndexError:
                 return
-            if not self._send(sock, result):
-                # Keep it for the next round rather than lose an outcome.
-                self._results.put(result)
-                return
-            with self._lock:
-                self._inflight -= 1
+            if not self._send(sock, message):
+                return  # keep it for the next round rather than lose an outcome
+            self._outgoing.get_nowait()
+            if isinstance(message, Result):
+                with self._lock:
+                    self._inflight -= 1

@@ -12,15 +12,18 @@ import logging
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import psutil
 
+from common.generation import GenerationError, GenerationRequest, RecomputeDecoder, generate
 from common.protocol import Dispatch, Result, Role, Status
 from common.sockets import CurveKeys
 from common.text import TextError, inputs_for, load_tokenizer
-from common.worker import RuntimeConfig, WorkerRuntime, WorkerStatus
+from common.worker import RuntimeConfig, Stream, WorkerRuntime, WorkerStatus
 from edge.onnx_model import EdgeModel, EdgeModelError
 
 log = logging.getLogger("cicada.edge")
@@ -37,6 +40,9 @@ class EdgeAgentConfig:
     int8: bool | None = None
     heartbeat_interval: float = 0.5
     curve: CurveKeys | None = None
+    # Seconds at least between generated tokens: emulates a slower edge device (demos,
+    # benchmarks, tests of a handoff mid-generation). 0 = as fast as the model runs.
+    token_interval: float = 0.0
 
 
 class EdgeAgent:
@@ -64,12 +70,48 @@ class EdgeAgent:
             load=lambda: psutil.cpu_percent(None) / 100.0,
         )
 
-    def handle(self, dispatch: Dispatch, deadline: float | None) -> Result:
+    def handle(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
+        if "max_new_tokens" in dispatch.options:
+            return self._generate(dispatch, deadline, stream)
         try:
             outputs = self.model.run(inputs_for(dispatch.options, dispatch.inputs, self.tokenizer))
         except (EdgeModelError, TextError) as exc:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         return Result(id=dispatch.id, status=Status.OK, outputs=outputs, variant=self.model.variant)
+
+    def _generate(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
+        """Greedy generation on the ONNX model, recomputing the sequence each step (an edge
+        model is small; an ONNX graph with a cache is future work). One PARTIAL per token."""
+        config = self.model.info.get("edge_config") or {}
+        try:
+            request = GenerationRequest.parse(dispatch.options, list(dispatch.inputs))
+            request.check_fits(config.get("block_size"), config.get("vocab_size"))
+        except GenerationError as exc:
+            return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
+        interval = self.config.token_interval
+        last = [time.monotonic()]
+
+        def logits(ids: np.ndarray) -> np.ndarray:
+            return self.model.run([ids])[0]
+
+        def emit(token: int) -> None:
+            if interval > 0:
+                time.sleep(max(0.0, last[0] + interval - time.monotonic()))
+                last[0] = time.monotonic()
+            stream.send([np.asarray([token], dtype=np.int64)])
+
+        try:
+            out = generate(RecomputeDecoder(logits), request, emit, lambda: stream.cancelled,
+                           deadline)  # fmt: skip
+        except EdgeModelError as exc:
+            return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
+        return Result(
+            id=dispatch.id,
+            status=Status.OK,
+            outputs=[np.asarray(out.tokens, dtype=np.int64)],
+            variant=self.model.variant,
+            timings={"tokens": float(len(out.tokens))},
+        )
 
     def serve_forever(self) -> None:
         """Run until SIGTERM/SIGINT, then drain (finish what runs, say DISCONNECT)."""

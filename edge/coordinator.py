@@ -22,14 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import zmq
 
 from common.protocol import (
     DEFAULT_LIMITS,
+    Cancel,
     Disconnect,
     Dispatch,
     Heartbeat,
     Limits,
+    Partial,
     ProtocolError,
     RawTensor,
     Ready,
@@ -40,6 +43,7 @@ from common.protocol import (
     Status,
     WorkerState,
     decode,
+    decode_tensor,
     encode,
     unpack_body,
 )
@@ -116,9 +120,20 @@ class Pending:
     route: Route | None = None
     worker: bytes | None = None
     dispatched_at: float | None = None
+    # Generation (options.max_new_tokens): tokens streamed so far, and who produced them.
+    tokens: list[int] = field(default_factory=list)
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    seq: int = 0  # the next PARTIAL's number, to the client
 
     def remaining(self, now: float) -> float | None:
         return None if self.deadline is None else self.deadline - now
+
+    @property
+    def generating(self) -> bool:
+        return "max_new_tokens" in self.request.options
+
+    def tokens_left(self) -> int:
+        return int(self.request.options["max_new_tokens"]) - len(self.tokens)
 
 
 class Coordinator:
@@ -135,6 +150,7 @@ class Coordinator:
         self.queues: dict[str, dict[int, deque[str]]] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._ids = itertools.count()
+        self._edge_generations: set[str] = set()  # keys generating on an edge agent now
         self.metrics = CoordinatorMetrics()
         self.malformed = 0
         self.stop_event = threading.Event()
@@ -269,6 +285,11 @@ class Coordinator:
             if worker is None:
                 self._send(identity, Disconnect(reason="unknown worker: register again"))
             self.complete(identity, message, now)
+        elif isinstance(message, Partial):
+            if worker is None:
+                self._send(identity, Disconnect(reason="unknown worker: register again"))
+            else:
+                self.forward_partial(worker, message)
         elif isinstance(message, Disconnect):
             if worker is not None:
                 self.remove_worker(identity, now, reason=message.reason or "worker left")
@@ -480,6 +501,30 @@ class Coordinator:
                     edge, cloud = self.view(model, Role.EDGE), self.view(model, Role.CLOUD)
             for priority in PRIORITIES:
                 self.metrics.queue_depth.labels(model, str(priority)).set(len(queues[priority]))
+        if self._edge_generations:
+            self.hand_off_generations(now)
+
+    def hand_off_generations(self, now: float) -> None:
+        """Move generations running on an edge agent to a cloud worker that is ready and free:
+        the edge is told to CANCEL, the cloud gets the prompt plus the tokens so far and
+        recomputes its own cache. A request may opt out with options.handoff = false."""
+        for key in list(self._edge_generations):
+            p = self.pending.get(key)
+            edge = self.workers.get(p.worker) if p is not None and p.worker else None
+            if p is None or edge is None or edge.role is not Role.EDGE:
+                self._edge_generations.discard(key)
+                continue
+            if p.request.options.get("handoff") is False or p.tokens_left() < 2:
+                continue
+            cloud = self._pick(p.request.model, Role.CLOUD)
+            if cloud is None or cloud.state is not WorkerState.READY:
+                continue
+            self._edge_generations.discard(key)
+            self._send(edge.identity, Cancel(id=key, reason="handed to a cloud worker"))
+            # The edge keeps its slot until its RESULT for this dispatch comes back.
+            p.worker, p.dispatched_at, p.route = None, None, Route.CLOUD
+            self.metrics.handoffs.inc()
+            self._send_dispatch(cloud, p, now)
 
     def _no_free_slot(self, model: str, edge: SideView, cloud: SideView) -> bool:
         if not edge.available and not cloud.available:
@@ -512,24 +557,106 @@ class Coordinator:
                 best = w
         return best
 
+    def _array(self, tensor: Any) -> np.ndarray:
+        """A tensor as numpy: frames are forwarded raw, and read only where the coordinator
+        needs their values (the tokens of a generation)."""
+        if isinstance(tensor, RawTensor):
+            return decode_tensor(tensor.spec, tensor.frame, self.config.limits)
+        return np.asarray(tensor)
+
+    def _continuation(self, p: Pending) -> tuple[list[Any], dict[str, Any]]:
+        """A generation that already streamed tokens continues from them: prompt + tokens so
+        far as the prompt, and only the tokens still due."""
+        prompt = self._array(p.request.inputs[0])
+        ids = np.concatenate([prompt.reshape(-1), np.asarray(p.tokens, np.int64)])
+        options = {**p.request.options, "max_new_tokens": p.tokens_left()}
+        return [ids.astype(np.int64)[None]], options
+
     def _send_dispatch(self, worker: WorkerInfo, p: Pending, now: float) -> None:
         remaining = p.remaining(now)
+        inputs, options = p.request.inputs, p.request.options
+        if p.generating and p.tokens:
+            if p.tokens_left() <= 0:  # everything was streamed; only the RESULT was lost
+                self._finish_generation(p, None, Status.OK, "", {}, now)
+                return
+            inputs, options = self._continuation(p)
         message = Dispatch(
             id=p.key,
             model=p.request.model,
-            inputs=p.request.inputs,
+            inputs=inputs,
             timeout_ms=None if remaining is None else max(0, int(remaining * 1000)),
-            options=p.request.options,
+            options=options,
         )
         if self._send(worker.identity, message):
             p.worker, p.dispatched_at = worker.identity, now
             worker.inflight[p.key] = p
+            if p.generating and worker.role is Role.EDGE:
+                self._edge_generations.add(p.key)
             if self.lifecycle is not None:
                 self.lifecycle.on_busy(worker.name, now)
         else:
             # The worker vanished between its last message and now: drop it, keep the request.
             self.queues[p.request.model][p.request.priority].appendleft(p.key)
             self.remove_worker(worker.identity, now, reason="unreachable")
+
+    def forward_partial(self, worker: WorkerInfo, partial: Partial) -> None:
+        """Relay a streamed piece to the client, numbered across every worker that served the
+        request. Pieces from a worker that no longer owns the request (cancelled, re-routed)
+        are dropped: the client sees each token once."""
+        p = self.pending.get(partial.id)
+        if p is None or p.worker != worker.identity:
+            self.metrics.late_results.inc()
+            return
+        served_by = {"role": worker.role.value, "worker": worker.name, "variant": worker.variant}
+        if p.generating:
+            try:
+                pieces = [self._array(t) for t in partial.outputs]
+            except ProtocolError as exc:
+                self._malformed(worker.identity, f"partial for {partial.id}: {exc}")
+                return
+            if len(pieces) != 1 or pieces[0].dtype != np.int64 or pieces[0].ndim != 1:
+                self._malformed(worker.identity, "a generation PARTIAL carries one int64 vector")
+                return
+            new = [int(t) for t in pieces[0]]
+            p.tokens.extend(new)
+            last = p.segments[-1] if p.segments else None
+            if last is not None and last["worker"] == worker.name:
+                last["tokens"] += len(new)
+            else:
+                p.segments.append({**served_by, "tokens": len(new)})
+        seq, p.seq = p.seq, p.seq + 1
+        self._send(
+            p.client,
+            Partial(id=p.request.id, seq=seq, outputs=partial.outputs, served_by=served_by),
+        )
+
+    def _finish_generation(
+        self,
+        p: Pending,
+        worker: WorkerInfo | None,
+        status: Status,
+        error: str,
+        timings: dict[str, float],
+        now: float,
+    ) -> None:
+        served_by: dict[str, Any] = {"segments": p.segments}
+        if p.segments:
+            last = p.segments[-1]
+            served_by.update(role=last["role"], worker=last["worker"], variant=last["variant"])
+        elif worker is not None:
+            served_by.update(role=worker.role.value, worker=worker.name, variant=worker.variant)
+        self._finish(
+            p,
+            Reply(
+                id=p.request.id,
+                status=status,
+                outputs=[np.asarray(p.tokens, dtype=np.int64)] if status is Status.OK else [],
+                error=error,
+                served_by=served_by,
+                timings=timings,
+            ),
+            now,
+        )
 
     def complete(self, identity: bytes, result: Result, now: float) -> None:
         p = self.pending.get(result.id)
@@ -558,6 +685,10 @@ class Coordinator:
             timings["worker_s"] = now - p.dispatched_at
         if "worker_compute_s" in timings:
             timings["compute_s"] = timings["worker_compute_s"]
+        if p.generating:
+            # The tokens are the ones relayed (a worker's PARTIALs precede its RESULT).
+            self._finish_generation(p, worker, result.status, result.error, timings, now)
+            return
         served_by = {
             "role": worker.role.value if worker else (p.route.value if p.route else ""),
             "worker": worker.name if worker else "",
@@ -579,6 +710,7 @@ class Coordinator:
     def _finish(self, p: Pending, reply: Reply, now: float) -> None:
         """Send the one reply for `p` and forget it."""
         self.pending.pop(p.key, None)
+        self._edge_generations.discard(p.key)
         if p.worker is not None and p.worker in self.workers and reply.status is not Status.TIMEOUT:
             # (A request that timed out while running keeps its slot until the worker's late
             # result comes back: the worker is still busy with it.)
@@ -681,8 +813,8 @@ class Coordinator:
         if self.lifecycle is not None:
             self.lifecycle.on_removed(worker.name)
         for key, p in list(worker.inflight.items()):
-            if key not in self.pending:
-                continue  # already answered; only its slot was held
+            if key not in self.pending or p.worker != identity:
+                continue  # already answered or handed over; only its slot was held
             p.worker, p.dispatched_at, p.route = None, None, None
             # Back to the front of its queue: dispatch() decides again, or answers
             # UNAVAILABLE / TIMEOUT if nobody can take it in time.

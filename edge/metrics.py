@@ -50,6 +50,11 @@ class CoordinatorMetrics:
             "Results that arrived after their request was answered",
             registry=r,
         )
+        self.handoffs = Counter(
+            "cicada_generation_handoffs",
+            "Generations moved from an edge agent to a cloud worker mid-stream",
+            registry=r,
+        )
         self.residency = Gauge(
             "cicada_worker_resident_stages",
             "Stages resident on a cloud worker (of cicada_worker_total_stages)",

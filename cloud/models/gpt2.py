@@ -48,18 +48,34 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        causal = True
+        if cache is not None:
+            if cache.k is not None and cache.v is not None:
+                # Decoding one token past a cached prefix: it may attend to everything.
+                assert T == 1, "a cached step takes exactly one new token"
+                k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+                causal = False
+            cache.k, cache.v = k, v
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
         return cast(torch.Tensor, self.resid_dropout(self.c_proj(y)))  # (B, T, C)
+
+
+@dataclass
+class LayerCache:
+    """One block's keys and values so far, (B, nh, T, hs) each: a KV cache for decoding."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
 
 
 class MLP(nn.Module):
@@ -84,8 +100,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))  # (B, T, C), pre-LayerNorm residual
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)  # (B, T, C), pre-LayerNorm residual
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
 
@@ -137,19 +153,30 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids `idx` (B, T)."""
+        return self.decode(idx)
+
+    def decode(
+        self, idx: torch.Tensor, cache: list[LayerCache] | None = None, start: int = 0
+    ) -> torch.Tensor:
+        """Logits for `idx` (B, T). With `cache` (one LayerCache per block), keys and values
+        are kept for the next call: prefill with start=0, then one token at position `start`."""
         _, t = idx.size()  # idx: (B, T) int64 token ids
-        assert t <= self.config.block_size, (
-            f"sequence length {t} exceeds block_size {self.config.block_size}"
+        assert start + t <= self.config.block_size, (
+            f"sequence length {start + t} exceeds block_size {self.config.block_size}"
         )
         tr = self.transformer
-        pos = self.pos_ids[:t]  # (T,)
+        pos = self.pos_ids[start : start + t]  # (T,)
         tok_emb = tr["wte"](idx)  # (B, T, C)
         pos_emb = tr["wpe"](pos)  # (T, C), broadcast over the batch
         x = tr["drop"](tok_emb + pos_emb)  # (B, T, C)
-        for block in cast(nn.ModuleList, tr["h"]):
-            x = block(x)  # (B, T, C)
+        for i, block in enumerate(cast(nn.ModuleList, tr["h"])):
+            x = block(x) if cache is None else block(x, cache[i])  # (B, T, C)
         x = tr["ln_f"](x)  # (B, T, C)
         return cast(torch.Tensor, self.lm_head(x))  # (B, T, vocab_size)
+
+    def new_cache(self) -> list[LayerCache]:
+        return [LayerCache() for _ in range(self.config.n_layer)]
 
 
 def _make_config(config: Mapping[str, Any]) -> GPTConfig:

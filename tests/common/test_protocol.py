@@ -25,6 +25,7 @@ from common.protocol import (
     MAX_TIMEOUT_MS,
     MESSAGES,
     SIGNATURE,
+    Cancel,
     Command,
     Disconnect,
     Dispatch,
@@ -48,7 +49,7 @@ from common.protocol import (
 Frames = list[bytes]
 WIRE_DTYPES = sorted(DTYPES)  # float16 float32 float64 int8 int16 int32 int64 uint8 bool
 TENSOR_MESSAGES: list[type[Message]] = [Request, Reply, Partial, Dispatch, Result]
-PLAIN_MESSAGES: list[type[Message]] = [Ready, Heartbeat, Disconnect]
+PLAIN_MESSAGES: list[type[Message]] = [Ready, Heartbeat, Disconnect, Cancel]
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -122,6 +123,8 @@ def plain_messages() -> list[Message]:
         ),
         Disconnect(),
         Disconnect(reason="draining"),
+        Cancel(id="d1"),
+        Cancel(id="d1", reason="handed to a cloud worker"),
     ]
 
 
@@ -449,6 +452,7 @@ BASE: dict[Command, dict[str, Any]] = {
     Command.DISCONNECT: {},
     Command.DISPATCH: {"id": "d1", "model": "m", "tensors": []},
     Command.RESULT: {"id": "d1", "status": "OK", "tensors": []},
+    Command.CANCEL: {"id": "d1"},
 }
 REQUIRED: dict[Command, list[str]] = {
     Command.REQUEST: ["id", "model"],
@@ -459,6 +463,7 @@ REQUIRED: dict[Command, list[str]] = {
     Command.DISCONNECT: [],
     Command.DISPATCH: ["id", "model"],
     Command.RESULT: ["id", "status"],
+    Command.CANCEL: ["id"],
 }
 WRONG_TYPES: list[tuple[Command, str, Any]] = [
     (Command.REQUEST, "id", 1),

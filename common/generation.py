@@ -1,0 +1,127 @@
+"""Greedy generation shared by edge agents and cloud workers (numpy only: no torch here).
+
+A generation request is a REQUEST whose `options` carry `max_new_tokens` (docs/PROTOCOL.md,
+"Generation"): one input, the prompt's token ids (int64, shape (1, T) or (T,)). The worker
+streams each new token as a PARTIAL and ends with one RESULT holding every token it generated.
+A continuation after a handoff is the same request with the tokens so far appended to the
+prompt: the new worker recomputes its own cache from that, so no cache crosses the wire.
+
+The loop stops at `max_new_tokens`, at `eos_token_id` (included in the output), when the
+coordinator cancels the dispatch, or when the deadline passes (the tokens so far are the
+result: a stream that already delivered tokens is worth more than a TIMEOUT).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+MAX_NEW_TOKENS = 4096  # one request may not ask for more
+
+
+class GenerationError(ValueError):
+    """The request's generation options or prompt are unusable (answered BAD_REQUEST)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: np.ndarray  # (T,) int64
+    max_new_tokens: int
+    eos_token_id: int | None = None
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any], inputs: list[np.ndarray]) -> GenerationRequest:
+        n = options.get("max_new_tokens")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+            raise GenerationError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
+        eos = options.get("eos_token_id")
+        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
+            raise GenerationError("eos_token_id must be a non-negative integer")
+        if len(inputs) != 1:
+            raise GenerationError(f"generation takes one input (the prompt), got {len(inputs)}")
+        prompt = np.asarray(inputs[0])
+        if prompt.ndim == 2 and prompt.shape[0] == 1:
+            prompt = prompt[0]
+        if prompt.ndim != 1 or prompt.size == 0:
+            raise GenerationError(
+                f"the prompt must be token ids of shape (1, T) or (T,) with T >= 1, "
+                f"got shape {tuple(np.asarray(inputs[0]).shape)}"
+            )
+        if prompt.dtype != np.int64:
+            raise GenerationError(f"the prompt must be int64 token ids, got {prompt.dtype}")
+        return cls(prompt=prompt, max_new_tokens=n, eos_token_id=eos)
+
+    def check_fits(self, context: int | None, vocab: int | None) -> None:
+        """Refuse what the model cannot do, before any token is produced."""
+        if context is not None and self.prompt.size + self.max_new_tokens > context:
+            raise GenerationError(
+                f"prompt ({self.prompt.size}) + max_new_tokens ({self.max_new_tokens}) exceed "
+                f"the model's context of {context} tokens"
+            )
+        if vocab is not None and (self.prompt.min() < 0 or self.prompt.max() >= vocab):
+            raise GenerationError(f"token ids must lie in 0..{vocab - 1}")
+
+
+class Decoder(Protocol):
+    """One model's greedy steps; implementations keep whatever cache they use."""
+
+    def start(self, prompt: np.ndarray) -> int:
+        """Process the prompt; return the first new token."""
+
+    def advance(self, token: int) -> int:
+        """Append `token`; return the next one."""
+
+
+@dataclass
+class Generated:
+    tokens: list[int]
+    stopped: str  # "length" | "eos" | "cancelled" | "deadline"
+
+
+def generate(
+    decoder: Decoder,
+    request: GenerationRequest,
+    emit: Callable[[int], None],
+    cancelled: Callable[[], bool] = lambda: False,
+    deadline: float | None = None,
+) -> Generated:
+    """Greedy decoding; `emit` is called with each token as soon as it exists."""
+    tokens: list[int] = []
+    token = decoder.start(request.prompt)
+    while True:
+        tokens.append(token)
+        emit(token)
+        if token == request.eos_token_id:
+            return Generated(tokens, "eos")
+        if len(tokens) >= request.max_new_tokens:
+            return Generated(tokens, "length")
+        if cancelled():
+            return Generated(tokens, "cancelled")
+        if deadline is not None and time.monotonic() >= deadline:
+            return Generated(tokens, "deadline")
+        token = decoder.advance(token)
+
+
+class RecomputeDecoder:
+    """For models without a cache (an ONNX edge model: ids (1, T) -> logits (1, T, V)):
+    every step runs the whole sequence. Cheap for the small models an edge serves."""
+
+    def __init__(self, logits: Callable[[np.ndarray], np.ndarray]) -> None:
+        self._logits = logits
+        self._ids: list[int] = []
+
+    def _next(self) -> int:
+        out = self._logits(np.asarray([self._ids], dtype=np.int64))
+        return int(np.argmax(out[0, -1]))
+
+    def start(self, prompt: np.ndarray) -> int:
+        self._ids = [int(t) for t in prompt]
+        return self._next()
+
+    def advance(self, token: int) -> int:
+        self._ids.append(token)
+        return self._next()

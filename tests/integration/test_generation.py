@@ -1,0 +1,119 @@
+"""Streamed generation end to end: real coordinator, edge agent and cloud worker processes.
+
+A generation starts on the edge while no cloud worker exists, a cloud worker is started
+mid-stream, and the coordinator moves the generation to it once its weights are resident.
+Every token is checked against the model that made it: the edge's against onnxruntime greedy
+decoding of the edge model, the cloud's against eager PyTorch continuing the prompt plus the
+edge's tokens (so the cloud really recomputed its cache from what it was handed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cicada.client import AsyncClient, Client, Piece
+from common.generation import GenerationRequest, RecomputeDecoder, generate
+from edge.onnx_model import EdgeModel
+from tests.generation_assets import make_generation_assets, sharp_gpt2
+from tests.stack import Stack
+
+PROMPT = np.asarray([[3, 14, 15, 92, 6, 53]], dtype=np.int64)
+
+
+def greedy(logits: object, prompt: np.ndarray, n: int) -> list[int]:
+    request = GenerationRequest.parse({"max_new_tokens": n}, [prompt])
+    return generate(RecomputeDecoder(logits), request, lambda t: None).tokens  # type: ignore[arg-type]
+
+
+def torch_logits(ids: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return MODEL(torch.from_numpy(ids)).numpy()
+
+
+MODEL = sharp_gpt2()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_generation_assets(tmp_path_factory.mktemp("generation"))
+
+
+def test_generation_streams_from_the_edge_then_continues_on_the_cloud(
+    tmp_path: Path, assets: dict[str, Path]
+) -> None:
+    n = 240
+    with Stack(tmp_path) as stack:
+        stack.coordinator()
+        # A slow edge device (40 ms a token): the stream is still running when the cloud is up.
+        stack.edge("gpt2", assets["edge"], "edge", "--token-interval", "0.04")
+        stack.wait_workers("edge")
+        with Client(stack.address, timeout=120) as client:
+            stream = client.stream("gpt2", PROMPT, max_new_tokens=n)
+            pieces: list[Piece] = []
+            for piece in stream:
+                pieces.append(piece)
+                if len(pieces) == 3:
+                    stack.cloud("gpt2", assets["package"])
+            result = stream.result
+        assert result is not None
+        roles = [p.role for p in pieces]
+        tokens = [int(t) for p in pieces for t in p.tokens]
+        assert [p.seq for p in pieces] == list(range(n))
+        assert result.output.tolist() == tokens and len(tokens) == n
+        assert result.token_sources == roles
+        k = roles.count("edge")
+        assert roles == ["edge"] * k + ["cloud"] * (n - k), "one handoff, edge then cloud"
+        assert 3 <= k < n, f"the cloud took over after {k} edge tokens"
+        assert [s["role"] for s in result.served_by["segments"]] == ["edge", "cloud"]
+
+        edge_model = EdgeModel.load(assets["edge"])
+        assert tokens[:k] == greedy(lambda ids: edge_model.run([ids])[0], PROMPT, k)
+        handed = np.concatenate([PROMPT, np.asarray([tokens[:k]], dtype=np.int64)], axis=1)
+        assert tokens[k:] == greedy(torch_logits, handed, n - k)
+
+        # Now the cloud is ready: a new generation runs there from the start (async stream).
+        async def cloud_stream() -> tuple[list[Piece], list[str]]:
+            async with AsyncClient(stack.address, timeout=60) as aclient:
+                astream = aclient.stream("gpt2", PROMPT, max_new_tokens=16)
+                got = [piece async for piece in astream]
+                assert astream.result is not None
+                return got, astream.result.token_sources
+
+        got, sources = asyncio.run(cloud_stream())
+        assert sources == ["cloud"] * 16
+        assert [int(p.tokens[0]) for p in got] == greedy(torch_logits, PROMPT, 16)
+
+
+def test_a_generation_that_cannot_fit_is_a_bad_request(
+    tmp_path: Path, assets: dict[str, Path]
+) -> None:
+    from cicada.errors import BadRequest
+
+    with Stack(tmp_path) as stack:
+        stack.coordinator()
+        stack.edge("gpt2", assets["edge"], "edge")
+        stack.wait_workers("edge")
+        with Client(stack.address, timeout=30) as client:
+            with pytest.raises(BadRequest, match="context of 512"):
+                client.invoke("gpt2", PROMPT, max_new_tokens=600)
+            # ... and the agent keeps serving.
+            result = client.invoke("gpt2", PROMPT, max_new_tokens=4, priority=0)
+            assert result.token_sources == ["edge"] * 4
+        # The command line streams the tokens with the side that made them.
+        np.save(tmp_path / "prompt.npy", PROMPT)
+        cli = subprocess.run(
+            [sys.executable, "-m", "cicada", "invoke", "gpt2", "--input",
+             str(tmp_path / "prompt.npy"), "--max-new-tokens", "5", "--address", stack.address],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        expected = " ".join(str(t) for t in result.output.tolist()[:4])
+        assert cli.stdout.splitlines()[0].startswith(f"edge: {expected} ")
+        assert "served by edge" in cli.stdout
