@@ -22,7 +22,8 @@ only the parameter init, which the package overwrites, is skipped.
 
 Outputs. transformers models return a ``ModelOutput``; a forward hook hands back its primary
 tensor instead (``logits``, ``last_hidden_state``, or the field named by ``output``), which is
-what a worker sends and what ``cicada run --out`` saves. The modules are untouched, so stage
+what a worker sends and what ``cicada run --out`` saves; a call with ``use_cache=True`` (a
+generation step) gets the full output, cache included. The modules are untouched, so stage
 detection, tensor names and tied weights are those of the library's own class.
 """
 
@@ -127,13 +128,15 @@ def transformers_model(
             model = cls._from_config(hf_config, **kwargs)
     else:
         model = cls._from_config(hf_config, **kwargs)
-    model.register_forward_hook(_primary_output(output))
+    model.register_forward_hook(_primary_output(output), with_kwargs=True)
     built: nn.Module = model.eval()
     return built
 
 
 def _primary_output(field: str | None) -> Any:
-    def primary(module: nn.Module, args: Any, out: Any) -> Any:
+    def primary(module: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        if kwargs.get("use_cache"):
+            return None  # a decoding step (cloud/generate.py) needs the cache: output as is
         if field is None:
             if hasattr(out, "to_tuple"):  # a ModelOutput: its first field that is set
                 return out.to_tuple()[0]
@@ -248,5 +251,5 @@ def load_transformers_dir(
         attn_implementation=model.config._attn_implementation,
         output=output,
     )
-    model.register_forward_hook(_primary_output(output))
+    model.register_forward_hook(_primary_output(output), with_kwargs=True)
     return model.eval(), spec, sorted(info.get("unexpected_keys") or ())

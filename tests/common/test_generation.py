@@ -3,6 +3,8 @@ with a plain recompute of the whole sequence."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -120,3 +122,28 @@ def test_transformers_causal_lm_decodes_as_its_own_generate() -> None:
         )[0, 4:].tolist()  # fmt: skip
     assert ours == theirs
     assert context_of(model) == (64, 61)
+
+
+def test_a_packed_transformers_decoder_generates_with_its_cache(tmp_path: Path) -> None:
+    """A model from `cicada pack --transformers` (its forward hook returns bare logits) still
+    hands its cache to the decoder, and decodes exactly as the library's generate()."""
+    transformers = pytest.importorskip("transformers")
+    from cloud.hub import load_transformers_dir
+
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=61,
+                                     n_positions=64)  # fmt: skip
+    torch.manual_seed(1)
+    reference = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.mul_(20.0)
+    reference.save_pretrained(tmp_path)
+    packed, _, _ = load_transformers_dir(tmp_path)
+    with torch.inference_mode():
+        assert isinstance(packed(torch.tensor([[1, 2]])), torch.Tensor)  # the hook's logits
+        expected = reference.generate(
+            torch.tensor([[7, 8, 9]]), max_new_tokens=10, do_sample=False,
+            pad_token_id=0, eos_token_id=None,
+        )[0, 3:].tolist()  # fmt: skip
+    request = GenerationRequest.parse({"max_new_tokens": 10}, prompt(7, 8, 9))
+    assert generate(decoder_for(packed), request, lambda t: None).tokens == expected
