@@ -148,7 +148,8 @@ def pack(
     out = Path(out)
     if out.exists() and not force:
         raise PackageError(f"{out} already exists; pass --force to replace it")
-    source = pretrained_source(factory, config) if weights is None else None
+    # A factory's own checkpoint is the default only when nothing else supplies the weights.
+    source = pretrained_source(factory, config) if weights is None and model is None else None
     if source is not None:
         config, weights = dict(source.config), source.weights
     json.dumps(config)  # the config must survive the manifest round trip
