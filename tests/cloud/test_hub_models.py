@@ -10,11 +10,13 @@ does not import beside the CPU torch wheel) and run in a venv that has it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,21 @@ x, out, *packages = map(Path, sys.argv[1:])
 for package in packages:
     for strategy in STRATEGIES:
         saved = out / f"{package.name}-{strategy}.npy"
-        run_cold_start(package, x, strategy=strategy, out_path=saved)
+        run_cold_start(package, x, strategy=strategy, out_path=saved, threads=1)
 """
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Eager references run on one thread, as the fresh processes do: a float reduction split
+    over another thread count may differ in its last bit, and other tests in this process may
+    have changed torch's thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cli(*args: str | Path) -> Result:
@@ -204,7 +219,7 @@ def saved(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     assert result.exit_code == 0, result.output
     x = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(1))
     eager = type(model).from_pretrained(work / "model", local_files_only=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), one_thread():
         expected = eager(x)[0]
         assert torch.equal(expected, model(x)[0])
     layers = len(model.get_submodule(case.blocks))
@@ -245,7 +260,8 @@ def test_every_strategy_in_a_fresh_process_is_bit_identical_to_eager(
 
 
 def test_forward_waits_for_each_stage_in_order(saved: Saved) -> None:
-    cold, out, stalled = _gated_cold_start(saved.by_dir, saved.x)
+    with one_thread():
+        cold, out, stalled = _gated_cold_start(saved.by_dir, saved.x)
     assert stalled == [], f"the forward needed stages out of order (stalled at {stalled})"
     assert torch.equal(out, saved.expected)
     assert cold.all_resident
@@ -505,7 +521,7 @@ def vision(
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     x = torch.randn(2, 3, case.size, case.size, generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
+    with torch.inference_mode(), one_thread():
         expected = model(x)
     return name, work / "pkg", x, expected
 
@@ -529,7 +545,8 @@ def test_torchvision_forward_waits_for_each_stage_in_order(
     vision: tuple[str, Path, torch.Tensor, torch.Tensor],
 ) -> None:
     _, package, x, expected = vision
-    _, out, stalled = _gated_cold_start(package, x)
+    with one_thread():
+        _, out, stalled = _gated_cold_start(package, x)
     assert stalled == []
     assert torch.equal(out, expected)
 
