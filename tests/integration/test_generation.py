@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,34 @@ def test_a_generation_that_cannot_fit_is_a_bad_request(
         expected = " ".join(str(t) for t in result.output.tolist()[:4])
         assert cli.stdout.splitlines()[0].startswith(f"edge: {expected} ")
         assert "served by edge" in cli.stdout
+
+
+def test_a_cancelled_edge_generation_stops_and_frees_its_slot(assets: dict[str, Path]) -> None:
+    """A real edge agent behind a bare ROUTER: after CANCEL it stops generating, sends its
+    RESULT with the tokens made so far, and takes the next dispatch."""
+    from common.protocol import Cancel, Dispatch, Partial, Ready, Result, Status
+    from edge.agent import EdgeAgent, EdgeAgentConfig
+    from tests.integration.test_chaos import StandInCoordinator
+
+    c = StandInCoordinator()
+    agent = EdgeAgent(EdgeAgentConfig(model_dir=assets["edge"], model_name="gpt2",
+                                      coordinator=f"tcp://127.0.0.1:{c.port}", capacity=1,
+                                      heartbeat_interval=0.1, token_interval=0.02))  # fmt: skip
+    agent.runtime.start()
+    try:
+        until = time.monotonic() + 60
+        c.expect(Ready, until)
+        options = {"max_new_tokens": 400}
+        c.send(Dispatch(id="long", model="gpt2", inputs=[PROMPT], options=options))
+        c.expect(Partial, until, where=lambda m: m.id == "long" and m.seq == 2)
+        c.send(Cancel(id="long", reason="test"))
+        result = c.expect(Result, until, where=lambda m: m.id == "long")
+        assert result.status is Status.OK
+        assert 3 <= len(result.outputs[0]) < 400  # stopped early, kept what it made
+        c.send(Dispatch(id="next", model="gpt2", inputs=[PROMPT], options={"max_new_tokens": 2}))
+        result = c.expect(Result, until, where=lambda m: m.id == "next")
+        assert result.status is Status.OK and len(result.outputs[0]) == 2
+    finally:
+        agent.runtime.drain()
+        agent.runtime.join(10)
+        c.close()
