@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -200,11 +200,11 @@ class Coordinator:
                     # Drain what is there before doing the bookkeeping once.
                     for _ in range(256):
                         try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                            frames = _recv_frames(sock)
                         except zmq.Again:
                             break
                         try:
-                            self.handle([f.buffer for f in frames])
+                            self.handle(frames)
                         except Exception:  # one bad message must never stop the coordinator
                             log.exception("unexpected error handling a message; dropped")
                             self.malformed += 1
@@ -744,10 +744,37 @@ class Coordinator:
 
 
 _ZERO_COPY_BYTES = 64 * 1024
+_COPIED_FRAMES = 4  # identity, signature, command, body
+
+
+def _recv_frames(sock: zmq.Socket[bytes]) -> list[Any]:
+    """One message, without blocking (zmq.Again if none): the identity, signature, command and
+    body frames as bytes (small; the body is unpacked from bytes anyway), tensor frames as
+    zero-copy buffers, which are forwarded as they are. (recv_multipart(copy=False) made a
+    Frame object for every frame: ~3 us per message more than this.)"""
+    recv = sock.recv
+    frames: list[Any] = [recv(zmq.NOBLOCK)]
+    while sock.getsockopt(zmq.RCVMORE):
+        if len(frames) < _COPIED_FRAMES:
+            frames.append(recv())
+        else:
+            frames.append(recv(copy=False).buffer)
+    return frames
 
 
 def _after_dispatch(view: SideView, was_queued: bool) -> SideView:
-    return replace(view, inflight=view.inflight + 1, queued=view.queued - was_queued)
+    """`view` with one more request running and, if it was counted there, one fewer queued.
+    (Spelled out: dataclasses.replace costs more than the rest of a dispatch decision.)"""
+    return SideView(
+        workers=view.workers,
+        capacity=view.capacity,
+        inflight=view.inflight + 1,
+        queued=view.queued - was_queued,
+        compute_s=view.compute_s,
+        ready=view.ready,
+        eta_s=view.eta_s,
+        network_s=view.network_s,
+    )
 
 
 __all__ = ["Coordinator", "CoordinatorConfig", "RawTensor"]
