@@ -939,6 +939,77 @@ class RawClient:
         self.sock.close(linger=0)
 
 
+def _relay_main(backend: str, frontend: str, heartbeat_s: float, stop: Any, ready: Any) -> None:
+    """A zero-logic hop where the coordinator sits: REQUEST frames go on to the one agent as
+    a DISPATCH, its RESULT comes back as the REPLY, byte for byte (the bodies decode as the
+    other type: unknown fields are ignored). No decoding, validation, policy or metrics: the
+    latency it adds over the direct path is the cost of one more process and two more ZeroMQ
+    hops on this machine, which no coordinator logic can go below."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+    back, front = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    for sock in (back, front):
+        configure(sock)
+    back.bind(backend)
+    front.bind(frontend)
+    poller = zmq.Poller()
+    poller.register(back, zmq.POLLIN)
+    poller.register(front, zmq.POLLIN)
+    beat = encode(Heartbeat())
+    ready_cmd, result_cmd = bytes([Command.READY]), bytes([Command.RESULT])
+    dispatch_cmd, reply_cmd = bytes([Command.DISPATCH]), bytes([Command.REPLY])
+    agent: bytes | None = None
+    client: bytes | None = None
+    last_beat = 0.0
+    while not stop.is_set():
+        for sock, _ in poller.poll(100):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if sock is front:
+                    client = frames[0]
+                    if agent is not None:
+                        back.send_multipart([agent, SIGNATURE, dispatch_cmd, *frames[3:]])
+                elif frames[2] == ready_cmd:
+                    agent = frames[0]
+                    back.send_multipart([agent, *beat])
+                    ready.set()
+                elif frames[2] == result_cmd and client is not None:
+                    front.send_multipart([client, SIGNATURE, reply_cmd, *frames[3:]])
+        now = time.monotonic()
+        if agent is not None and now - last_beat > heartbeat_s:
+            back.send_multipart([agent, *beat])
+            last_beat = now
+    back.close(linger=0)
+    front.close(linger=0)
+
+
+class Relay:
+    """`_relay_main` in a process of its own, bound where the coordinator would be."""
+
+    def __init__(self, backend: str, heartbeat_s: float) -> None:
+        mp = multiprocessing.get_context("spawn")
+        self.frontend = f"tcp://127.0.0.1:{free_port()}"
+        self.stop, self.ready = mp.Event(), mp.Event()
+        self.proc = mp.Process(
+            target=_relay_main,
+            args=(backend, self.frontend, heartbeat_s, self.stop, self.ready),
+            daemon=True,
+        )
+        self.proc.start()
+
+    def wait_agent(self, timeout: float = 60.0) -> None:
+        if not self.ready.wait(timeout):
+            raise TimeoutError("the agent did not register with the relay")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
 def sdk_call(client: Client, x: np.ndarray) -> float:
     start = time.perf_counter()
     client.invoke(IDENTITY_MODEL, x)
@@ -966,6 +1037,7 @@ def measure_overhead(
     """Alternate direct / via-coordinator blocks on the same agent process."""
     x = np.arange(16, dtype=np.float32).reshape(1, 16)
     direct: list[list[float]] = []
+    relayed: list[list[float]] = []
     via: list[list[float]] = []
     sdk: list[list[float]] = []
     cpu_direct: dict[str, list[float]] = {}
@@ -978,6 +1050,16 @@ def measure_overhead(
             pids = {"agent": agent.pid, "benchmark": os.getpid()}
             direct.append(time_calls(router.call, x, n, warmup, pids, cpu_direct))
             router.close()
+            relay = Relay(stack.address, stack.heartbeat)
+            try:
+                relay.wait_agent()
+                raw = RawClient(relay.frontend, IDENTITY_MODEL)
+                try:
+                    relayed.append(time_calls(raw.call, x, n, warmup, {}, {}))
+                finally:
+                    raw.close()
+            finally:
+                relay.close()
             coordinator = stack.coordinator()
             stack.wait_workers("edge", 1, timeout=60)
             pids["coordinator"] = coordinator.pid
@@ -990,6 +1072,7 @@ def measure_overhead(
                 sdk.append(time_calls(lambda a, c=client: sdk_call(c, a), x, n, warmup, {}, {}))
             console.print(
                 f"  round {r + 1}/{rounds}: p50 direct {fmt_s(median(direct[-1]))}, "
+                f"via a zero-logic relay {fmt_s(median(relayed[-1]))}, "
                 f"via coordinator {fmt_s(median(via[-1]))}, SDK Client {fmt_s(median(sdk[-1]))}"
             )
             if r < rounds - 1:
@@ -1010,7 +1093,7 @@ def measure_overhead(
             "per_round_p99_s": [percentile(b, 99) for b in blocks],
         }
 
-    d, v, s = stats(direct), stats(via), stats(sdk)
+    d, v, s, rl = stats(direct), stats(via), stats(sdk), stats(relayed)
     per_round = [
         (percentile(vb, 50) or 0) - (percentile(db, 50) or 0)
         for vb, db in zip(via, direct, strict=True)
@@ -1025,6 +1108,10 @@ def measure_overhead(
         "overhead_p50_s": v["p50_s"] - d["p50_s"],
         "overhead_p99_s": v["p99_s"] - d["p99_s"],
         "overhead_p50_per_round_s": per_round,
+        # The same hop with no logic at all (see _relay_main): the floor under the overhead.
+        "relay": rl,
+        "relay_overhead_p50_s": rl["p50_s"] - d["p50_s"],
+        "relay_overhead_p99_s": rl["p99_s"] - d["p99_s"],
         # CPU time per request of each process (median over rounds): what the coordinator's
         # hop costs in CPU, apart from the latency it adds.
         "cpu_us_per_request": {
@@ -1032,7 +1119,7 @@ def measure_overhead(
             "via_coordinator": {k: median(v) for k, v in cpu_via.items()},
         },
         "via_over_direct_p50": ratio(v["p50_s"], d["p50_s"]),
-        "samples": {"direct": direct, "via_coordinator": via, "sdk_client": sdk},
+        "samples": {"direct": direct, "relay": relayed, "via_coordinator": via, "sdk_client": sdk},
     }
 
 
@@ -1615,7 +1702,8 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         {
             "target": "coordinator overhead p50 <= 300 µs",
             "measured": f"{over['overhead_p50_s'] * 1e6:.0f} µs "
-            f"(p99 {over['overhead_p99_s'] * 1e6:.0f} µs)",
+            f"(p99 {over['overhead_p99_s'] * 1e6:.0f} µs; a zero-logic relay in its place adds "
+            f"{(over.get('relay_overhead_p50_s') or 0) * 1e6:.0f} µs p50)",
             "pass": over["overhead_p50_s"] * 1e6 <= TARGETS["overhead_p50_us"],
         },
         {
@@ -1721,14 +1809,20 @@ def print_coordinator(coordinator: dict[str, Any], console: Any) -> None:
     for col in ("path", "n", "p50", "p90", "p99", "p50 per round"):
         lat.add_column(col, justify="right")
     for label, key in (("direct (stand-in ROUTER)", "direct"),
+                       ("via a zero-logic relay (raw DEALER)", "relay"),
                        ("via coordinator (raw DEALER)", "via_coordinator"),
                        ("via coordinator (SDK Client)", "sdk_client")):  # fmt: skip
-        s = over[key]
+        s = over.get(key)
+        if s is None:
+            continue
         lat.add_row(label, str(s["n"]), fmt_s(s["p50_s"]), fmt_s(s["p90_s"]), fmt_s(s["p99_s"]),
                     ", ".join(fmt_s(v) for v in s["per_round_p50_s"]))  # fmt: skip
     lat.add_row("coordinator overhead", "", fmt_s(over["overhead_p50_s"]), "",
                 fmt_s(over["overhead_p99_s"]),
                 ", ".join(fmt_s(v) for v in over["overhead_p50_per_round_s"]))  # fmt: skip
+    if over.get("relay"):
+        lat.add_row("relay overhead (the hop alone)", "", fmt_s(over["relay_overhead_p50_s"]), "",
+                    fmt_s(over["relay_overhead_p99_s"]), "")  # fmt: skip
     console.print(lat)
     cpu = over["cpu_us_per_request"]
 
