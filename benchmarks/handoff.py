@@ -60,7 +60,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -953,6 +953,17 @@ class RawClient:
         self.sock.close(linger=0)
 
 
+def _drain(poller: zmq.Poller, timeout_ms: int) -> Iterator[tuple[Any, list[bytes]]]:
+    """Every message waiting on the poller's sockets (after waiting up to `timeout_ms`)."""
+    for sock, _ in poller.poll(timeout_ms):
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            yield sock, frames
+
+
 def _relay_main(backend: str, frontend: str, heartbeat_s: float, stop: Any, ready: Any) -> None:
     """A zero-logic hop where the coordinator sits: REQUEST frames go on to the one agent as
     a DISPATCH, its RESULT comes back as the REPLY, byte for byte (the bodies decode as the
@@ -975,22 +986,17 @@ def _relay_main(backend: str, frontend: str, heartbeat_s: float, stop: Any, read
     client: bytes | None = None
     last_beat = 0.0
     while not stop.is_set():
-        for sock, _ in poller.poll(100):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if sock is front:
-                    client = frames[0]
-                    if agent is not None:
-                        back.send_multipart([agent, SIGNATURE, dispatch_cmd, *frames[3:]])
-                elif frames[2] == ready_cmd:
-                    agent = frames[0]
-                    back.send_multipart([agent, *beat])
-                    ready.set()
-                elif frames[2] == result_cmd and client is not None:
-                    front.send_multipart([client, SIGNATURE, reply_cmd, *frames[3:]])
+        for sock, frames in _drain(poller, 100):
+            if sock is front:
+                client = frames[0]
+                if agent is not None:
+                    back.send_multipart([agent, SIGNATURE, dispatch_cmd, *frames[3:]])
+            elif frames[2] == ready_cmd:
+                agent = frames[0]
+                back.send_multipart([agent, *beat])
+                ready.set()
+            elif frames[2] == result_cmd and client is not None:
+                front.send_multipart([client, SIGNATURE, reply_cmd, *frames[3:]])
         now = time.monotonic()
         if agent is not None and now - last_beat > heartbeat_s:
             back.send_multipart([agent, *beat])
@@ -1332,29 +1338,24 @@ def run_lean_throughput(
             for sock in socks:
                 sock.send_multipart(beat)
             next_beat = now + 0.25
-        for sock, _ in poller.poll(100):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if sock is client:
-                    body = msgpack.unpackb(frames[2])
-                    replies[body["id"]] += 1
-                    statuses[body["status"]] += 1
-                    done = time.perf_counter()
-                    if measure_from <= done < stop_at:
-                        in_window += 1
-                    if done < stop_at and sent < total:
-                        client.send_multipart(requests[sent])
-                        sent += 1
-                elif frames[1] == bytes([Command.DISPATCH]):
-                    body = msgpack.unpackb(frames[2])
-                    result = {"id": body["id"], "status": "OK", "tensors": body["tensors"],
-                              "variant": "identity", "timings": {"compute_s": 0.0}}  # fmt: skip
-                    sock.send_multipart(
-                        [SIGNATURE, bytes([Command.RESULT]), msgpack.packb(result), *frames[3:]]
-                    )
+        for sock, frames in _drain(poller, 100):
+            if sock is client:
+                body = msgpack.unpackb(frames[2])
+                replies[body["id"]] += 1
+                statuses[body["status"]] += 1
+                done = time.perf_counter()
+                if measure_from <= done < stop_at:
+                    in_window += 1
+                if done < stop_at and sent < total:
+                    client.send_multipart(requests[sent])
+                    sent += 1
+            elif frames[1] == bytes([Command.DISPATCH]):
+                body = msgpack.unpackb(frames[2])
+                result = {"id": body["id"], "status": "OK", "tensors": body["tensors"],
+                          "variant": "identity", "timings": {"compute_s": 0.0}}  # fmt: skip
+                sock.send_multipart(
+                    [SIGNATURE, bytes([Command.RESULT]), msgpack.packb(result), *frames[3:]]
+                )
         if cpu0 is not None and cpu1 is None and time.perf_counter() >= stop_at:
             cpu1, own1, machine1 = cpu_snapshot(pids), time.process_time(), machine_cpu()
     for sock in socks:
