@@ -735,7 +735,14 @@ class Coordinator:
             # Zero-copy only pays for big frames: for small ones pyzmq's Frame objects cost
             # more than the copy (a tiny request's frames are all small).
             copy = len(frames) == 3 or sum(len(f) for f in frames) < _ZERO_COPY_BYTES
-            self._sock.send_multipart([identity, *frames], zmq.NOBLOCK, copy=copy)
+            # Frame by frame with int flags: send_multipart's per-frame checks and IntFlag
+            # arithmetic cost ~3 us per message. As there, only the first frame can fail (no
+            # route, or the peer's pipe is full); the rest of a started message always goes.
+            send = self._sock.send
+            send(identity, _MORE_NOBLOCK)
+            for frame in frames[:-1]:
+                send(frame, _MORE_NOBLOCK, copy=copy)
+            send(frames[-1], _NOBLOCK, copy=copy)
             return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: peer is gone
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
@@ -744,6 +751,8 @@ class Coordinator:
 
 
 _ZERO_COPY_BYTES = 64 * 1024
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _COPIED_FRAMES = 4  # identity, signature, command, body
 
 
