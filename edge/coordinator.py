@@ -442,6 +442,10 @@ class Coordinator:
                     self.metrics.set_queue_depth(model, priority, len(queues[priority]))
                 continue
             edge, cloud = self.view(model, Role.EDGE), self.view(model, Role.CLOUD)
+            # Whether a request counted in the views' queues has been answered or has changed
+            # sides since they were built (then the next dispatch rebuilds them, as it always
+            # did; otherwise it updates them, which comes to the same views for less).
+            stale = False
             for priority in PRIORITIES:
                 queue = queues[priority]
                 for key in list(queue):
@@ -455,6 +459,9 @@ class Coordinator:
                         continue
                     decision = choose(priority, p.remaining(now), edge, cloud)
                     route = decision.route
+                    was_queued_for = p.route
+                    if route is not was_queued_for and was_queued_for is not None:
+                        stale = True
                     if route is Route.UNAVAILABLE:
                         queue.remove(key)
                         self._finish(
@@ -480,19 +487,22 @@ class Coordinator:
                             now,
                         )
                         continue
-                    was_queued_for = p.route
                     p.route = route
                     role = Role.EDGE if route is Route.EDGE else Role.CLOUD
                     worker = self._pick(model, role)
                     if worker is None:
-                        continue  # stays queued; re-decided next pass (may move sides)
+                        # Stays queued; re-decided next pass (may move sides). Now counted on
+                        # `route`'s side.
+                        stale = stale or route is not was_queued_for
+                        continue
                     queue.remove(key)
                     self._send_dispatch(worker, p, now)
-                    if p.worker is None:  # not sent: workers changed, look again
+                    if stale or p.worker is None:  # (not sent: the workers changed)
                         edge, cloud = self.view(model, Role.EDGE), self.view(model, Role.CLOUD)
+                        stale = False
                         continue
                     # One more running on `route`, one fewer queued for it if it was counted
-                    # there: the same views that view() would build now, without the rebuild.
+                    # there: the views view() would build now, without the rebuild.
                     if route is Route.EDGE:
                         edge = _after_dispatch(edge, was_queued_for is route)
                     else:
