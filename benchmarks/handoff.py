@@ -1463,11 +1463,18 @@ class _Sink:
 
     def __init__(self) -> None:
         self.sent: list[list[Any]] = []
+        self._parts: list[Any] = []
 
     def send_multipart(
         self, frames: Any, flags: int = 0, copy: bool = True, track: bool = False
     ) -> None:
         self.sent.append(frames)
+
+    def send(self, frame: Any, flags: int = 0, copy: bool = True, track: bool = False) -> None:
+        self._parts.append(frame)
+        if not flags & zmq.SNDMORE:  # the message's last frame
+            self.sent.append(self._parts)
+            self._parts = []
 
     def close(self, linger: int = 0) -> None:
         pass
