@@ -91,6 +91,9 @@ class Limits:
 
 DEFAULT_LIMITS = Limits()
 
+# Native-order dtype -> wire name, for the dtypes that travel.
+_DTYPE_NAMES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DTYPES.items()}
+
 
 def _refuse_ext(code: int, data: bytes) -> Any:
     raise ProtocolError(f"msgpack ext type {code} is not allowed")
@@ -124,7 +127,9 @@ def encode_tensor(array: np.ndarray) -> tuple[dict[str, Any], memoryview]:
     array = np.asarray(array)
     if not array.flags.c_contiguous:  # (ascontiguousarray would turn 0-d into 1-d)
         array = array.copy(order="C")
-    name = array.dtype.name
+    name = _DTYPE_NAMES.get(array.dtype)  # (`dtype.name` is computed in Python each time)
+    if name is None:
+        name = array.dtype.name
     if name not in DTYPES:
         raise ProtocolError(f"dtype {name} cannot travel; use one of {sorted(DTYPES)}")
     if array.dtype.byteorder == ">":
@@ -182,13 +187,25 @@ class Message:
     tensor_field: ClassVar[str | None] = None
 
     def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name == self.tensor_field:
-                continue
-            value = getattr(self, f.name)
-            out[f.name] = value.value if isinstance(value, enum.Enum) else value
+        attrs = self.__dict__
+        out = {name: attrs[name] for name in _body_fields(type(self))}
+        for name, value in out.items():
+            if value.__class__ not in _PLAIN_TYPES and isinstance(value, enum.Enum):
+                out[name] = value.value
         return out
+
+
+# Per message class, the names of its body fields (its dataclass fields minus the tensor list),
+# computed once: `dataclasses.fields()` per message was a tenth of the coordinator's time.
+_BODY_FIELDS: dict[type[Message], tuple[str, ...]] = {}
+
+
+def _body_fields(cls: type[Message]) -> tuple[str, ...]:
+    names = _BODY_FIELDS.get(cls)
+    if names is None:
+        names = tuple(f.name for f in fields(cls) if f.name != cls.tensor_field)
+        _BODY_FIELDS[cls] = names
+    return names
 
 
 def _check(body: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool) -> Any:
@@ -332,6 +349,58 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "load": ((int, float), True), "reason": (str, True),
 }  # fmt: skip
 _ENUMS: dict[str, type[enum.Enum]] = {"status": Status, "role": Role, "state": WorkerState}
+# Enum member by value: a dict lookup instead of EnumType.__call__ (~1 us each).
+_ENUM_VALUES: dict[type[enum.Enum], dict[Any, enum.Enum]] = {
+    e: {m.value: m for m in e} for e in _ENUMS.values()
+}
+_COMMAND_BYTES: dict[Command, bytes] = {c: bytes([c]) for c in Command}
+_COMMANDS: dict[int, Command] = {c.value: c for c in Command}
+_PLAIN_TYPES = frozenset((str, int, float, bool, type(None), dict, list, bytes))
+
+
+def _check_timeout(value: int) -> None:
+    if not -MAX_TIMEOUT_MS <= value <= MAX_TIMEOUT_MS:
+        raise ProtocolError(f"timeout_ms must be within +-{MAX_TIMEOUT_MS} (one day)")
+
+
+def _check_models(value: list[Any]) -> None:
+    if not all(isinstance(m, str) for m in value):
+        raise ProtocolError("field 'models' must be a list of strings")
+
+
+def _check_timings(value: dict[Any, Any]) -> None:
+    if not all(
+        isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        for k, v in value.items()
+    ):
+        raise ProtocolError("field 'timings' must map names to numbers")
+
+
+# Checks beyond the type, by field name (run on every decode).
+_EXTRA_CHECKS: dict[str, Any] = {
+    "timeout_ms": _check_timeout,
+    "models": _check_models,
+    "timings": _check_timings,
+}
+
+# Per message class: (name, accepted types, optional, enum type) of each body field, computed
+# once from the dataclass fields and _SCHEMA (decode is the coordinator's hottest function).
+_DecodePlan = tuple[tuple[str, Any, bool, "type[enum.Enum] | None"], ...]
+_DECODE_PLANS: dict[type[Message], _DecodePlan] = {}
+
+
+def _decode_plan(cls: type[Message]) -> _DecodePlan:
+    plan = _DECODE_PLANS.get(cls)
+    if plan is None:
+        rows = []
+        for name in _body_fields(cls):
+            spec = _SCHEMA.get(name)
+            if spec is None:  # pragma: no cover - a field added without a schema entry
+                raise ProtocolError(f"no schema for field {name}")
+            kind, optional = spec
+            rows.append((name, kind, optional, _ENUMS.get(name)))
+        plan = _DECODE_PLANS[cls] = tuple(rows)
+    return plan
 
 
 def encode(message: Message) -> list[bytes | memoryview]:
@@ -349,7 +418,7 @@ def encode(message: Message) -> list[bytes | memoryview]:
             frames.append(raw)
         body["tensors"] = specs
     packed = msgpack.packb(body, use_bin_type=True)
-    return [SIGNATURE, bytes([message.command]), packed, *frames]
+    return [SIGNATURE, _COMMAND_BYTES[message.command], packed, *frames]
 
 
 def decode(
@@ -365,44 +434,34 @@ def decode(
         raise ProtocolError(f"a message has at least 3 frames, got {len(frames)}")
     if len(frames) > limits.max_frames:
         raise ProtocolError(f"{len(frames)} frames exceed the limit of {limits.max_frames}")
-    if bytes(frames[0]) != SIGNATURE:
+    if frames[0] != SIGNATURE:
         raise ProtocolError(f"bad signature {bytes(frames[0])[:8]!r}; expected {SIGNATURE!r}")
     if len(frames[1]) != 1:
         raise ProtocolError("command frame must be exactly one byte")
-    try:
-        command = Command(bytes(frames[1])[0])
-    except ValueError:
-        raise ProtocolError(f"unknown command 0x{bytes(frames[1])[0]:02x}") from None
-    if sum(len(f) for f in frames) > limits.max_message_bytes:
+    command = _COMMANDS.get(frames[1][0])
+    if command is None:
+        raise ProtocolError(f"unknown command 0x{bytes(frames[1])[0]:02x}")
+    if sum(map(len, frames)) > limits.max_message_bytes:
         raise ProtocolError("message exceeds the size limit")
     body = unpack_body(bytes(frames[2]), limits)
     cls = MESSAGES[command]
     kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        if f.name == cls.tensor_field:
-            continue
-        spec = _SCHEMA.get(f.name)
-        if spec is None:  # pragma: no cover - a field added without a schema entry
-            raise ProtocolError(f"no schema for field {f.name}")
-        kind, optional = spec
-        value = _check(body, f.name, kind, optional)
-        if value is None:
-            continue
-        if f.name in _ENUMS:
-            try:
-                value = _ENUMS[f.name](value)
-            except ValueError:
-                raise ProtocolError(f"field {f.name!r} has unknown value {value!r}") from None
-        if f.name == "timeout_ms" and not -MAX_TIMEOUT_MS <= value <= MAX_TIMEOUT_MS:
-            raise ProtocolError(f"timeout_ms must be within +-{MAX_TIMEOUT_MS} (one day)")
-        if f.name in ("models",) and not all(isinstance(m, str) for m in value):
-            raise ProtocolError("field 'models' must be a list of strings")
-        if f.name == "timings" and not all(
-            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)
-            for k, v in value.items()
-        ):
-            raise ProtocolError("field 'timings' must map names to numbers")
-        kwargs[f.name] = value
+    for name, kind, optional, enum_type in _decode_plan(cls):
+        value = body.get(name)
+        # The common case (present, exactly the expected type) checks one `type() is`; anything
+        # else takes the full check, which names the problem.
+        if type(value) is not kind:
+            if value is None and optional:
+                continue
+            value = _check(body, name, kind, optional)
+        if enum_type is not None:
+            member = _ENUM_VALUES[enum_type].get(value)
+            if member is None:
+                raise ProtocolError(f"field {name!r} has unknown value {value!r}")
+            value = member
+        elif name in _EXTRA_CHECKS:
+            _EXTRA_CHECKS[name](value)
+        kwargs[name] = value
     tensor_frames = frames[3:]
     if cls.tensor_field is not None:
         specs = body.get("tensors", [])

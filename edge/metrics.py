@@ -72,11 +72,34 @@ class CoordinatorMetrics:
         )
         self._worker_labels: set[tuple[str, str, str]] = set()
         self._worker_names: set[tuple[str, str]] = set()
+        # Labelled children, looked up once: `labels()` validates and locks on every call, and
+        # was most of the metrics' cost per request. (Label sets are bounded by the caller.)
+        self._requests: dict[tuple[str, str, str], Any] = {}
+        self._latency: dict[tuple[str, str], Any] = {}
+        self._depth: dict[tuple[str, int], list[Any]] = {}  # -> [gauge child, last value]
 
     def observe(self, model: str, route: str, status: str, seconds: float) -> None:
-        self.requests.labels(model, route, status).inc()
+        key = (model, route, status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(model, route, status)
+        counter.inc()
         if status == "OK":
-            self.latency.labels(model, route).observe(seconds)
+            histogram = self._latency.get(key[:2])
+            if histogram is None:
+                histogram = self._latency[key[:2]] = self.latency.labels(model, route)
+            histogram.observe(seconds)
+
+    def set_queue_depth(self, model: str, priority: int, depth: int) -> None:
+        entry = self._depth.get((model, priority))
+        if entry is None:
+            entry = self._depth[(model, priority)] = [
+                self.queue_depth.labels(model, str(priority)),
+                None,
+            ]
+        if entry[1] != depth:  # unchanged is the common case: skip the gauge's lock
+            entry[0].set(depth)
+            entry[1] = depth
 
     def set_workers(self, workers: Iterable[Any]) -> None:
         workers = list(workers)

@@ -49,8 +49,13 @@ def test_quick_handoff_benchmark(tmp_path: Path) -> None:
     coordinator = results["coordinator"]
     assert coordinator["overhead"]["direct"]["n"] > 0
     assert coordinator["overhead"]["via_coordinator"]["n"] > 0
-    for run in coordinator["throughput"]:
+    assert coordinator["overhead"]["relay"]["n"] > 0
+    for run in coordinator["throughput"] + coordinator["throughput_stand_in"]:
         _exactly_once(run["integrity"])
+    assert coordinator["throughput_stand_in"]
+    # B3 drives Coordinator internals with a stand-in socket and reports (not raises) errors.
+    assert "error" not in coordinator["logic"], coordinator["logic"]["error"]
+    assert coordinator["logic"]["by_backlog"]
     assert {t["target"] for t in results["targets"]}  # every target is reported
 
     png = out / "handoff.png"

@@ -123,7 +123,10 @@ def drain(sock: Any, wait_s: float = 0.0) -> list[Frames]:
 
 def classify(frames: Frames) -> str:
     """`malformed` (dropped and counted), `request` (answered), `result` (a late result),
-    `other` (heartbeat/disconnect from a stranger), or `skip` (a READY: not sent)."""
+    `other` (heartbeat/disconnect from a stranger), or `skip` (a READY, or no frames at all:
+    not sent; a mutation may drop every frame, and ZeroMQ has no empty message)."""
+    if not frames:
+        return "skip"
     try:
         message = decode(frames, materialize=False)
     except ProtocolError:
