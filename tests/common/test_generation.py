@@ -4,6 +4,7 @@ with a plain recompute of the whole sequence."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,46 +105,44 @@ def test_kv_cache_decoding_matches_recomputing_the_sequence() -> None:
     assert len(set(cached)) > 5  # the weights are sharp enough for the sequence to vary
 
 
-def test_transformers_causal_lm_decodes_as_its_own_generate() -> None:
+def sharp_hf_gpt2(seed: int) -> Any:
+    """A tiny transformers GPT2LMHeadModel with weights scaled up (see tests/generation_assets)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=61,
                                      n_positions=64)  # fmt: skip
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(20.0)
+    return model
+
+
+def greedy_reference(model: Any, ids: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                             pad_token_id=0, eos_token_id=None)  # fmt: skip
+    return [int(t) for t in out[0, len(ids) :]]
+
+
+def test_transformers_causal_lm_decodes_as_its_own_generate() -> None:
+    model = sharp_hf_gpt2(seed=0)
     request = GenerationRequest.parse({"max_new_tokens": 12}, prompt(1, 2, 3, 4))
     ours = generate(decoder_for(model), request, lambda t: None).tokens
-    with torch.inference_mode():
-        theirs = model.generate(
-            torch.tensor([[1, 2, 3, 4]]), max_new_tokens=12, do_sample=False,
-            pad_token_id=0, eos_token_id=None,
-        )[0, 4:].tolist()  # fmt: skip
-    assert ours == theirs
+    assert ours == greedy_reference(model, [1, 2, 3, 4], 12)
     assert context_of(model) == (64, 61)
 
 
 def test_a_packed_transformers_decoder_generates_with_its_cache(tmp_path: Path) -> None:
     """A model from `cicada pack --transformers` (its forward hook returns bare logits) still
     hands its cache to the decoder, and decodes exactly as the library's generate()."""
-    transformers = pytest.importorskip("transformers")
+    reference = sharp_hf_gpt2(seed=1)
     from cloud.hub import load_transformers_dir
 
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=61,
-                                     n_positions=64)  # fmt: skip
-    torch.manual_seed(1)
-    reference = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for p in reference.parameters():
-            p.mul_(20.0)
     reference.save_pretrained(tmp_path)
     packed, _, _ = load_transformers_dir(tmp_path)
     with torch.inference_mode():
         assert isinstance(packed(torch.tensor([[1, 2]])), torch.Tensor)  # the hook's logits
-        expected = reference.generate(
-            torch.tensor([[7, 8, 9]]), max_new_tokens=10, do_sample=False,
-            pad_token_id=0, eos_token_id=None,
-        )[0, 3:].tolist()  # fmt: skip
+    expected = greedy_reference(reference, [7, 8, 9], 10)
     request = GenerationRequest.parse({"max_new_tokens": 10}, prompt(7, 8, 9))
     assert generate(decoder_for(packed), request, lambda t: None).tokens == expected
