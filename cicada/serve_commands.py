@@ -189,7 +189,8 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
     launcher: Any
     if c.launcher == "pool":
         socket_path = str(c.pool_socket or Path(tempfile.mkdtemp(prefix="cicada-pool-")) / "s")
-        launcher = PoolLauncher(socket_path, log_dir=log_dir).start()
+        packages = [str(cfg.package) for cfg in file.models.values()]
+        launcher = PoolLauncher(socket_path, log_dir=log_dir, preload=packages).start()
     elif c.launcher == "ray":
         from cloud.ray_launcher import RayLauncher
 
@@ -225,15 +226,24 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
     type=click.Path(path_type=Path),
     help="Unix socket to listen on for launch requests.",
 )
+@click.option(
+    "--preload",
+    "preload_packages",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="A package whose model code to import ahead too (e.g. transformers and the model's "
+    "class, ~2.5 s a worker would pay); repeatable.",
+)
 @click.option("--log-level", default="info", show_default=True)
-def pool(socket_path: Path, log_level: str) -> None:
+def pool(socket_path: Path, preload_packages: tuple[Path, ...], log_level: str) -> None:
     """Run a warm pool: import torch once, then fork a cloud worker per launch request.
 
-    Started by `cicada coordinator` when its config says launcher = "pool"."""
+    Started by `cicada coordinator` when its config says launcher = "pool" (it preloads the
+    code of every configured model's package)."""
     _logging(log_level)
     from cloud.warm_pool import serve_pool
 
-    serve_pool(str(socket_path))
+    serve_pool(str(socket_path), [str(p) for p in preload_packages])
 
 
 @click.command()

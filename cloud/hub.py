@@ -152,6 +152,16 @@ def _primary_output(field: str | None) -> Any:
     return primary
 
 
+def cicada_preload(config: dict[str, Any]) -> list[str]:
+    """What a warm pool imports ahead of a worker for a package built by these factories:
+    the library and the model's class (its modeling code is imported lazily otherwise)."""
+    if "class_name" in config:
+        cls = transformers_class(str(config["class_name"]))
+        return ["transformers", cls.__module__]
+    _import_torchvision()
+    return ["torchvision"]
+
+
 def torchvision_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
     """torchvision's model `name` (e.g. resnet50, vit_b_16) with its own constructor and no
     pretrained weights; `kwargs` as `torchvision.models.get_model` takes them."""

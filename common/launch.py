@@ -254,6 +254,7 @@ class PoolLauncher:
     socket_path: str
     start_pool: bool = True
     log_dir: str | None = None
+    preload: list[str] = field(default_factory=list)  # packages whose model code to import
     kind: str = "pool"
     _pool: subprocess.Popen[bytes] | None = None
     handles: list[PoolHandle] = field(default_factory=list)
@@ -267,8 +268,9 @@ class PoolLauncher:
                 if self.log_dir
                 else subprocess.DEVNULL
             )
+            preload = [arg for package in self.preload for arg in ("--preload", package)]
             self._pool = subprocess.Popen(
-                [sys.executable, "-m", "cicada", "pool", "--socket", self.socket_path],
+                [sys.executable, "-m", "cicada", "pool", "--socket", self.socket_path, *preload],
                 stdout=log,
                 stderr=log,
                 start_new_session=True,

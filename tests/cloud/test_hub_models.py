@@ -562,3 +562,35 @@ def test_torchvision_unknown_name_and_mismatched_weights(tmp_path: Path) -> None
     )  # fmt: skip
     assert result.exit_code == 2 and "does not fit the model" in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_a_warm_pool_preloads_the_model_code_and_its_fork_serves(
+    saved: Saved, tmp_path: Path
+) -> None:
+    """`cicada pool --preload PKG` imports transformers and the model's class before any
+    demand (what a forked worker would otherwise pay, ~2.5 s); its fork serves the package."""
+    if saved.case.class_name != "GPT2LMHeadModel":
+        pytest.skip("one model is enough: the pool's preload does not depend on which")
+    from common.launch import PoolLauncher, WorkerSpec, pool_call
+    from common.protocol import Dispatch, Ready, Result, Status
+    from tests.integration.test_chaos import StandInCoordinator
+
+    socket_path = str(tmp_path / "pool.sock")
+    launcher = PoolLauncher(socket_path, preload=[str(saved.by_dir)]).start(timeout=120)
+    stand_in = StandInCoordinator()
+    try:
+        preloaded = pool_call(socket_path, {"op": "ping"})["preloaded"]
+        assert "transformers" in preloaded
+        assert "transformers.models.gpt2.modeling_gpt2" in preloaded
+        launcher.launch(WorkerSpec(model="hub", package=str(saved.by_dir), name="hub-1",
+                                   coordinator=f"tcp://127.0.0.1:{stand_in.port}", threads=1,
+                                   heartbeat=0.2))  # fmt: skip
+        until = time.monotonic() + 120
+        stand_in.expect(Ready, until)
+        stand_in.send(Dispatch(id="d", model="hub", inputs=[saved.x.numpy()]))
+        result = stand_in.expect(Result, until, where=lambda m: m.id == "d")
+        assert result.status is Status.OK, result.error
+        assert torch.equal(torch.from_numpy(result.outputs[0]), saved.expected)
+    finally:
+        stand_in.close()
+        launcher.close()
