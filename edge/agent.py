@@ -80,8 +80,9 @@ class EdgeAgent:
         return Result(id=dispatch.id, status=Status.OK, outputs=outputs, variant=self.model.variant)
 
     def _generate(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
-        """Greedy generation on the ONNX model, recomputing the sequence each step (an edge
-        model is small; an ONNX graph with a cache is future work). One PARTIAL per token."""
+        """Greedy generation on the exported cached step graph (decoder.onnx: keys and values
+        kept between steps), or, for an export without one, recomputing the sequence each
+        step. One PARTIAL per token."""
         config = self.model.info.get("edge_config") or {}
         try:
             request = GenerationRequest.parse(dispatch.options, list(dispatch.inputs))
@@ -101,8 +102,8 @@ class EdgeAgent:
             stream.send([np.asarray([token], dtype=np.int64)])
 
         try:
-            out = generate(RecomputeDecoder(logits), request, emit, lambda: stream.cancelled,
-                           deadline)  # fmt: skip
+            decoder = self.model.new_decoder() or RecomputeDecoder(logits)
+            out = generate(decoder, request, emit, lambda: stream.cancelled, deadline)
         except EdgeModelError as exc:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         return Result(

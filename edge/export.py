@@ -20,7 +20,10 @@ trained edge model. A deployment would distil the variant and export that.
 
 Output directory (names in `edge.onnx_model`): model.onnx (fp32), model.int8.onnx (with
 `int8`: ONNX Runtime dynamic quantization, int8 weights), edge_model.json, and the package's
-tokenizer.json when it has one (common/text.py: the edge agent then takes text). The export
+tokenizer.json when it has one (common/text.py: the edge agent then takes text), and for a
+decoder with a cached step (`model.step(ids, past)`, the reference GPT-2) decoder.onnx (and
+decoder.int8.onnx): the graph the edge agent generates with, keys and values kept between
+tokens (prefill plus one cached step checked against torch). The export
 checks itself before it writes anything: ONNX Runtime and torch run the same variant on the
 example input and must agree within the tolerances stated in edge_model.json.
 
@@ -52,7 +55,15 @@ from typing import TYPE_CHECKING, Any
 from common.errors import CicadaError
 from common.package import Manifest, check_weights_file
 from common.text import TOKENIZER_NAME
-from edge.onnx_model import INFO_NAME, INT8_NAME, ONNX_NAME, TensorSpec, tensor_spec
+from edge.onnx_model import (
+    DECODER_INT8_NAME,
+    DECODER_NAME,
+    INFO_NAME,
+    INT8_NAME,
+    ONNX_NAME,
+    TensorSpec,
+    tensor_spec,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -346,6 +357,87 @@ def export_onnx(
     return "torch.onnx.export(dynamo=False) (TorchScript tracing)"
 
 
+class _Step:
+    """`model.step` as a module's forward, for the tracer."""
+
+    @staticmethod
+    def wrap(model: Any) -> nn.Module:
+        from torch import nn
+
+        class Step(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, ids: torch.Tensor, past: torch.Tensor) -> Any:
+                return self.model.step(ids, past)
+
+        return Step().eval()
+
+
+def export_decoder(
+    model: Any, x: torch.Tensor, tmp: Path, opset: int, int8: bool, per_channel: bool
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Export a decoder's cached step graph (a model with `step(ids, past)` and
+    `empty_past()`, as cloud.models.gpt2) and check it: a prefill of `x` then one cached step
+    must give torch's logits. Returns the files and what was measured."""
+    import numpy as np
+    import torch
+
+    step = _Step.wrap(model)
+    past = torch.randn(*model.empty_past(2).shape[:4], 3, model.empty_past(2).shape[5])
+    path = tmp / DECODER_NAME
+    axes = {"ids": {0: "batch", 1: "seq"}, "past": {2: "batch", 4: "past"},
+            "logits": {0: "batch", 1: "seq"}, "present": {2: "batch", 4: "total"}}  # fmt: skip
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
+            warnings.filterwarnings("ignore", message=".*feature will be removed")
+            torch.onnx.export(step, (x[:1].repeat(2, 1)[:, :5], past), str(path), dynamo=False,
+                              input_names=["ids", "past"], output_names=["logits", "present"],
+                              dynamic_axes=axes, opset_version=opset,
+                              do_constant_folding=True)  # fmt: skip
+    except Exception as exc:
+        raise EdgeExportError(f"the cached decoder could not be exported: {exc}") from exc
+    ids = x[:1]
+    with torch.inference_mode():
+        full = model(ids).numpy()
+    files = {"decoder_fp32": {"path": DECODER_NAME, "bytes": path.stat().st_size}}
+    measured = {"decoder_fp32_max_abs": _decoder_error(path, model, ids, full)}
+    if not measured["decoder_fp32_max_abs"] <= FP32_MAX_ABS:
+        raise EdgeExportError(
+            f"the cached decoder and torch disagree: max |diff| "
+            f"{measured['decoder_fp32_max_abs']:.3g} > {FP32_MAX_ABS:g}"
+        )
+    if int8:
+        int8_path = tmp / DECODER_INT8_NAME
+        quantize_int8(path, int8_path, per_channel=per_channel)
+        error = _decoder_error(int8_path, model, ids, full)
+        measured["decoder_int8_max_abs"] = error
+        if not error <= INT8_REL_TOL * float(np.abs(full).max()):
+            raise EdgeExportError(
+                f"the int8 cached decoder and torch disagree: max |diff| {error:.3g}; "
+                "export without --int8"
+            )
+        files["decoder_int8"] = {"path": DECODER_INT8_NAME, "bytes": int8_path.stat().st_size}
+    return files, measured
+
+
+def _decoder_error(path: Path, model: Any, ids: torch.Tensor, full: np.ndarray) -> float:
+    """max |ORT - torch| over a prefill of all but the last token and one cached step."""
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = ids.numpy()
+    past = model.empty_past(1).numpy()
+    head, present = session.run(None, {"ids": x[:, :-1], "past": past})
+    tail, _ = session.run(None, {"ids": x[:, -1:], "past": present})
+    got = np.concatenate([head, tail], axis=1)
+    return float(np.abs(got - full).max())
+
+
 class _DropRecords(logging.Filter):
     def __init__(self, prefix: str) -> None:
         super().__init__()
@@ -561,6 +653,12 @@ def export_edge(
                 "variant": f"{variant}-int8",
                 "bytes": int8_path.stat().st_size,
             }
+        if callable(getattr(model, "step", None)) and callable(getattr(model, "empty_past", None)):
+            decoder_files, decoder_measured = export_decoder(
+                model, trace_x, tmp, opset, int8, rule is not None and rule.per_channel
+            )
+            files.update(decoder_files)
+            measured.update(decoder_measured)
         tokenizer = None if package_dir is None else Path(package_dir) / TOKENIZER_NAME
         if tokenizer is not None and tokenizer.is_file():  # the agent then takes text too
             shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)

@@ -28,6 +28,10 @@ from common.errors import CicadaError
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
 INFO_NAME = "edge_model.json"
+# A decoder model's cached step graph (docs/PROTOCOL.md section 12): ids (B, T) and past
+# (layers, 2, B, heads, P, head_size) -> logits (B, T, V) and present (..., P + T, ...).
+DECODER_NAME = "decoder.onnx"
+DECODER_INT8_NAME = "decoder.int8.onnx"
 
 # ONNX Runtime's type strings -> numpy dtypes (the ones an edge model is likely to take).
 ORT_TO_NUMPY: dict[str, np.dtype[Any]] = {
@@ -98,12 +102,18 @@ class EdgeModel:
     """An ONNX Runtime session over one edge model file, plus its edge_model.json."""
 
     def __init__(
-        self, session: ort.InferenceSession, path: Path, info: dict[str, Any], variant: str
+        self,
+        session: ort.InferenceSession,
+        path: Path,
+        info: dict[str, Any],
+        variant: str,
+        decoder: ort.InferenceSession | None = None,
     ) -> None:
         self._session = session
         self._path = path
         self._info = info
         self._variant = variant
+        self._decoder = decoder
         self.inputs = [tensor_spec(a, path) for a in session.get_inputs()]
         self.outputs = [tensor_spec(a, path) for a in session.get_outputs()]
 
@@ -141,14 +151,19 @@ class EdgeModel:
         options.intra_op_num_threads = intra_op_num_threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        try:
-            session = ort.InferenceSession(str(onnx_path), options, providers=list(providers))
-        except Exception as exc:  # ORT raises its own types (Fail, InvalidProtobuf, ...)
-            raise EdgeModelError(
-                f"{onnx_path} cannot be loaded by ONNX Runtime ({type(exc).__name__}: {exc}); "
-                "the file is corrupt or not an ONNX model: re-run `cicada export-edge`"
-            ) from exc
-        return cls(session, onnx_path, info, _variant_of(info, onnx_path.name))
+        session = _session(onnx_path, options, providers)
+        files = info.get("files")
+        listed: dict[str, Any] = files if isinstance(files, dict) else {}
+        entry = listed.get("decoder_int8" if onnx_path.name == INT8_NAME else "decoder_fp32")
+        decoder = None
+        if isinstance(entry, dict) and (onnx_path.parent / str(entry.get("path"))).is_file():
+            decoder = _session(onnx_path.parent / str(entry["path"]), options, providers)
+        return cls(session, onnx_path, info, _variant_of(info, onnx_path.name), decoder)
+
+    def new_decoder(self) -> CachedDecoder | None:
+        """A greedy decoder over the exported cached step graph (one per generation; they
+        share the session), or None if this model has none (then recompute the sequence)."""
+        return None if self._decoder is None else CachedDecoder(self._decoder)
 
     @property
     def variant(self) -> str:
@@ -204,6 +219,45 @@ class EdgeModel:
                         f"input {spec.name!r}: expected shape {shape}, got {array.shape} "
                         f"(axis {axis})"
                     )
+
+
+def _session(
+    path: Path, options: ort.SessionOptions, providers: Sequence[str]
+) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as exc:  # ORT raises its own types (Fail, InvalidProtobuf, ...)
+        raise EdgeModelError(
+            f"{path} cannot be loaded by ONNX Runtime ({type(exc).__name__}: {exc}); "
+            "the file is corrupt or not an ONNX model: re-run `cicada export-edge`"
+        ) from exc
+
+
+class CachedDecoder:
+    """Greedy steps on a decoder's cached step graph (common.generation.Decoder): the prompt
+    once, then one token at a time with the keys and values so far."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        shape = session.get_inputs()[1].shape  # (layers, 2, batch, heads, past, head_size)
+        self._empty = np.zeros((shape[0], 2, 1, shape[3], 0, shape[5]), dtype=np.float32)
+        self._past = self._empty
+
+    def _run(self, ids: np.ndarray) -> int:
+        try:
+            logits, self._past = self._session.run(None, {"ids": ids, "past": self._past})
+        except Exception as exc:  # ORT's own exception types
+            raise EdgeModelError(
+                f"the cached decoder failed ({type(exc).__name__}: {exc})"
+            ) from exc
+        return int(np.argmax(logits[0, -1]))
+
+    def start(self, prompt: np.ndarray) -> int:
+        self._past = self._empty
+        return self._run(np.asarray(prompt, dtype=np.int64).reshape(1, -1))
+
+    def advance(self, token: int) -> int:
+        return self._run(np.asarray([[token]], dtype=np.int64))
 
 
 def _variant_of(info: dict[str, Any], file_name: str) -> str:

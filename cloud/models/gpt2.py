@@ -69,6 +69,21 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
         return cast(torch.Tensor, self.resid_dropout(self.c_proj(y)))  # (B, T, C)
 
+    def step(
+        self, x: torch.Tensor, past: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over `past` (2, B, nh, P, hs) and `x`'s own keys, with an explicit mask;
+        returns the output and the keys and values with `x`'s appended (2, B, nh, P+T, hs)."""
+        B, T, C = x.size()
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)
+        k = torch.cat([past[0], k.view(B, T, self.n_head, hs).transpose(1, 2)], dim=2)
+        v = torch.cat([past[1], v.view(B, T, self.n_head, hs).transpose(1, 2)], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), torch.stack([k, v])
+
 
 @dataclass
 class LayerCache:
@@ -104,6 +119,13 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), cache)  # (B, T, C), pre-LayerNorm residual
         x = x + self.mlp(self.ln_2(x))  # (B, T, C)
         return x
+
+    def step(
+        self, x: torch.Tensor, past: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        a, kv = self.attn.step(self.ln_1(x), past, mask)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), kv
 
 
 class GPT(nn.Module):
@@ -174,6 +196,27 @@ class GPT(nn.Module):
             x = block(x) if cache is None else block(x, cache[i])  # (B, T, C)
         x = tr["ln_f"](x)  # (B, T, C)
         return cast(torch.Tensor, self.lm_head(x))  # (B, T, vocab_size)
+
+    def step(self, idx: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits for `idx` (B, T) following `past`, the keys and values of the P tokens
+        before it, (n_layer, 2, B, nh, P, hs) with P >= 0; returns them with `idx`'s appended.
+        One tensor-in, tensor-out graph for the prefill and every decoding step: what an
+        exported edge decoder with a cache needs (edge/export.py)."""
+        t = idx.size(1)
+        tr = self.transformer
+        pos = torch.arange(t, device=idx.device) + past.size(4)  # absolute positions
+        x = tr["drop"](tr["wte"](idx) + tr["wpe"](pos))
+        # Query at position p may see keys 0..p: the past and its own prefix.
+        mask = torch.arange(past.size(4) + t, device=idx.device)[None, :] <= pos[:, None]
+        presents = []
+        for i, block in enumerate(cast(nn.ModuleList, tr["h"])):
+            x, kv = cast(Block, block).step(x, past[i], mask)
+            presents.append(kv)
+        return cast(torch.Tensor, self.lm_head(tr["ln_f"](x))), torch.stack(presents)
+
+    def empty_past(self, batch: int = 1) -> torch.Tensor:
+        c = self.config
+        return torch.zeros(c.n_layer, 2, batch, c.n_head, 0, c.n_embd // c.n_head)
 
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in range(self.config.n_layer)]

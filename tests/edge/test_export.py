@@ -241,3 +241,28 @@ def test_cli_export_edge(exported: dict[str, Exported], tmp_path: Path) -> None:
     for name in (ONNX_NAME, INT8_NAME, INFO_NAME):
         assert (out / name).is_file(), name
     assert "max |diff| vs torch" in result.stdout and "bert-edge-L1-int8" in result.stdout
+
+
+def test_a_decoder_exports_a_cached_step_graph_that_decodes_as_recomputing(
+    tmp_path: Path,
+) -> None:
+    """GPT-2's edge export carries decoder.onnx (ids + past -> logits + present): greedy decoding
+    with it equals recomputing the whole sequence with model.onnx, and it is checked against
+    torch before it is written."""
+    from common.generation import GenerationRequest, RecomputeDecoder, generate
+    from edge.onnx_model import EdgeModel
+    from tests.generation_assets import make_generation_assets
+
+    assets = make_generation_assets(tmp_path)
+    info = json.loads((assets["edge"] / "edge_model.json").read_text())
+    assert info["files"]["decoder_fp32"]["path"] == "decoder.onnx"
+    assert info["measured"]["decoder_fp32_max_abs"] <= 1e-4
+    model = EdgeModel.load(assets["edge"])
+    decoder = model.new_decoder()
+    assert decoder is not None
+    prompt = [np.asarray([[3, 14, 15, 92, 6]], dtype=np.int64)]
+    request = GenerationRequest.parse({"max_new_tokens": 48}, prompt)
+    cached = generate(decoder, request, lambda t: None).tokens
+    recomputed = generate(RecomputeDecoder(lambda ids: model.run([ids])[0]), request,
+                          lambda t: None).tokens  # fmt: skip
+    assert cached == recomputed and len(set(cached)) > 5

@@ -74,8 +74,10 @@ def test_generation_streams_from_the_edge_then_continues_on_the_cloud(
         assert 3 <= k < n, f"the cloud took over after {k} edge tokens"
         assert [s["role"] for s in result.served_by["segments"]] == ["edge", "cloud"]
 
-        edge_model = EdgeModel.load(assets["edge"])
-        assert tokens[:k] == greedy(lambda ids: edge_model.run([ids])[0], PROMPT, k)
+        edge_decoder = EdgeModel.load(assets["edge"]).new_decoder()
+        assert edge_decoder is not None  # the export wrote the cached step graph
+        request = GenerationRequest.parse({"max_new_tokens": k}, [PROMPT])
+        assert tokens[:k] == generate(edge_decoder, request, lambda t: None).tokens
         handed = np.concatenate([PROMPT, np.asarray([tokens[:k]], dtype=np.int64)], axis=1)
         assert tokens[k:] == greedy(torch_logits, handed, n - k)
 
