@@ -2,8 +2,8 @@
 """Generation benchmark: time to first token and tokens/s, edge-only vs cooperative across a
 cold start (and cloud-only, which waits for it).
 
-    python3 benchmarks/generation.py                      # GPT-2-medium-like cloud, 3 runs
-    python3 benchmarks/generation.py --quick              # tiny model, 1 run: a smoke test
+    python3 benchmarks/generation.py             # GPT-2-medium-like cloud, 256 tokens, 3 runs
+    python3 benchmarks/generation.py --quick     # tiny model, 1 run: a smoke test
 
 Every role is a real process (tests/stack.py): `cicada coordinator`, `cicada edge` (the int8
 ONNX edge variant `cicada export-edge` makes from the package), `cicada cloud`. Per run and
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="gpt2-medium", choices=["gpt2-medium", "gpt2-tiny"])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--quick", action="store_true", help="tiny model, 1 run")
     ap.add_argument("--cache", type=Path, default=None, help="package cache (CICADA_CACHE)")
