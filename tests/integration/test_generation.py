@@ -151,3 +151,34 @@ def test_a_cancelled_edge_generation_stops_and_frees_its_slot(assets: dict[str, 
         agent.runtime.drain()
         agent.runtime.join(10)
         c.close()
+
+
+def test_a_generation_outlives_its_edge_agent(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """SIGKILL the edge agent mid-generation: the coordinator continues the generation on the
+    cloud worker from the tokens already streamed; the client sees every position once and one
+    REPLY, and the cloud's part is the model's own continuation."""
+    n = 120
+    with Stack(tmp_path) as stack:
+        stack.coordinator()
+        stack.cloud("gpt2", assets["package"])
+        stack.wait_workers("cloud", state="ready")
+        stack.edge("gpt2", assets["edge"], "edge", "--token-interval", "0.05")
+        stack.wait_workers("edge")
+        with Client(stack.address, timeout=120) as client:
+            # Latency-critical: it starts on the (faster) edge; no proactive handoff.
+            stream = client.stream("gpt2", PROMPT, max_new_tokens=n, priority=0,
+                                   options={"handoff": False})  # fmt: skip
+            pieces: list[Piece] = []
+            for piece in stream:
+                pieces.append(piece)
+                if len(pieces) == 5:
+                    stack.kill("edge")
+            result = stream.result
+    assert result is not None
+    roles = [p.role for p in pieces]
+    tokens = [int(t) for p in pieces for t in p.tokens]
+    assert [p.seq for p in pieces] == list(range(n)) and result.output.tolist() == tokens
+    k = roles.count("edge")
+    assert roles == ["edge"] * k + ["cloud"] * (n - k) and 5 <= k < n
+    handed = np.concatenate([PROMPT, np.asarray([tokens[:k]], dtype=np.int64)], axis=1)
+    assert tokens[k:] == greedy(torch_logits, handed, n - k)
