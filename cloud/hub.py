@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from cloud.miniloader import parameter_init_skipped
@@ -160,6 +161,60 @@ def cicada_preload(config: dict[str, Any]) -> list[str]:
         return ["transformers", cls.__module__]
     _import_torchvision()
     return ["torchvision"]
+
+
+# -- hooks for `cicada export-edge` (edge/export.py) ---------------------------------------
+
+# The config keys transformers models use for their layer count.
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def cicada_edge_config(config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The default edge variant of a package built here: a transformers model with a quarter
+    of its layers (at least one), the same width and vocabulary, eager attention (the tracing
+    exporter cannot follow the sdpa path's mask helpers); a torchvision model as it is.
+    Returns the factory config and a tag for the variant's name."""
+    if "class_name" not in config:
+        return dict(config), "same"
+    hf = dict(config["config"])
+    key = next((k for k in LAYER_KEYS if isinstance(hf.get(k), int)), None)
+    if key is None:
+        raise PackageError(f"{config['class_name']}'s config names no layer count {LAYER_KEYS}")
+    hf[key] = max(1, hf[key] // 4)
+    return {**config, "config": hf, "attn_implementation": "eager"}, f"L{hf[key]}"
+
+
+def example_input(config: dict[str, Any], batch: int = 1, seed: int = 0) -> torch.Tensor:
+    """Deterministic input to trace and check an export with: token ids (batch, up to 16) for
+    a transformers model with a vocabulary, images (batch, 3, 224, 224) for torchvision."""
+    gen = torch.Generator().manual_seed(seed)
+    if "class_name" not in config:
+        return torch.randn(batch, 3, 224, 224, generator=gen)
+    hf = config["config"]
+    vocab = hf.get("vocab_size")
+    if not isinstance(vocab, int):
+        raise PackageError(f"{config['class_name']} takes no token ids (no vocab_size)")
+    positions = hf.get("max_position_embeddings") or hf.get("n_positions") or 16
+    return torch.randint(0, vocab, (batch, min(16, int(positions))), generator=gen)
+
+
+class _TokenIdsOnly(nn.Module):
+    """A transformers model called with `input_ids` alone: the tracer then sees one input
+    (called positionally, optional arguments such as logits_to_keep became graph inputs)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        return self.model(input_ids=input_ids)
+
+
+def cicada_export_module(model: nn.Module) -> nn.Module:
+    """What `cicada export-edge` traces for a model built here."""
+    if hasattr(model, "config"):  # a transformers model
+        return _TokenIdsOnly(model).eval()
+    return model
 
 
 def torchvision_model(name: str, kwargs: dict[str, Any] | None = None) -> nn.Module:

@@ -9,6 +9,9 @@ rules for the reference models:
     cloud.models.bert:build    num_hidden_layers // 4 (at least 1)
     cloud.models.resnet:build  layers (1, 1, 1, 1)
     cloud.models.minilm:build  nothing: the same pretrained model, where int8 is the trade
+    cloud.hub (transformers)   a quarter of the layers (at least 1), eager attention, traced
+                               with input_ids alone (the module's cicada_edge_config and
+                               cicada_export_module hooks)
 
 `shrink` overrides or adds config keys (and is the only rule for other factories).
 
@@ -197,6 +200,11 @@ def edge_config_for(
     """The edge variant's config and its variant name (without the "-int8" suffix)."""
     module, _ = resolve_factory(factory)
     rule = SHRINK_RULES.get(factory)
+    hook = getattr(module, "cicada_edge_config", None)
+    if rule is None and callable(hook):  # e.g. cloud.hub, whose configs nest the model's
+        edge, tag = hook(dict(source_config))
+        edge.update(shrink or {})
+        return _jsonable(edge), f"{module.__name__.rsplit('.', 1)[-1]}-edge-{tag}"
     edge = dict(source_config)
     if rule is not None:
         full = {**_config_defaults(module, rule), **source_config}
@@ -246,7 +254,9 @@ def build_edge_variant(
     copied = 0
     if package_dir is not None:
         copied = copy_package_tensors(model, Path(package_dir), Manifest.load(package_dir))
-    return model.eval(), copied
+    module, _ = resolve_factory(factory)
+    wrap = getattr(module, "cicada_export_module", None)  # e.g. cloud.hub's input_ids-only call
+    return (wrap(model) if callable(wrap) else model).eval(), copied
 
 
 def example_input(

@@ -594,3 +594,21 @@ def test_a_warm_pool_preloads_the_model_code_and_its_fork_serves(
     finally:
         stand_in.close()
         launcher.close()
+
+
+def test_export_edge_makes_a_smaller_variant_with_the_same_signature(
+    saved: Saved, tmp_path: Path
+) -> None:
+    """`cicada export-edge` on a transformers package: a quarter of the layers, eager
+    attention, same input and output shapes as the package (checked against torch in the
+    export itself), so the edge can answer what the cloud answers."""
+    from edge.onnx_model import EdgeModel
+
+    result = _cli("export-edge", "--package", saved.by_dir, "--out", tmp_path / "edge")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "edge" / "edge_model.json").read_text())
+    layers = max(1, saved.layers // 4)
+    assert info["variant"] == f"hub-edge-L{layers}"
+    assert info["edge_config"]["attn_implementation"] == "eager"
+    out = EdgeModel.load(tmp_path / "edge").run([saved.x.numpy()])[0]
+    assert out.shape == tuple(saved.expected.shape) and out.dtype == np.float32

@@ -120,8 +120,9 @@ def sharp_hf_gpt2(seed: int) -> Any:
 
 def greedy_reference(model: Any, ids: list[int], n: int) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)  # fmt: skip
+        x = torch.tensor([ids])  # (an explicit mask: generate() would take id 0 for padding)
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n,
+                             do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
     return [int(t) for t in out[0, len(ids) :]]
 
 

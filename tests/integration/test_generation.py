@@ -182,3 +182,66 @@ def test_a_generation_outlives_its_edge_agent(tmp_path: Path, assets: dict[str, 
     assert roles == ["edge"] * k + ["cloud"] * (n - k) and 5 <= k < n
     handed = np.concatenate([PROMPT, np.asarray([tokens[:k]], dtype=np.int64)], axis=1)
     assert tokens[k:] == greedy(torch_logits, handed, n - k)
+
+
+@pytest.fixture(scope="module")
+def hf_assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """A transformers GPT2LMHeadModel brought as it is: saved by save_pretrained, packed with
+    `cicada pack --transformers`, its edge variant made by `cicada export-edge`."""
+    transformers = pytest.importorskip("transformers")
+    from click.testing import CliRunner
+
+    from cicada.cli import main as cli
+
+    work = tmp_path_factory.mktemp("hf-generation")
+    config = transformers.GPT2Config(n_layer=4, n_head=2, n_embd=64, vocab_size=97,
+                                     n_positions=512)  # fmt: skip
+    torch.manual_seed(3)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.mul_(12.0)
+    model.save_pretrained(work / "saved")
+    for args in (
+        ["pack", "--transformers", str(work / "saved"), "--out", str(work / "pkg")],
+        ["export-edge", "--package", str(work / "pkg"), "--out", str(work / "edge")],
+    ):
+        done = CliRunner().invoke(cli, args)
+        assert done.exit_code == 0, done.output
+    return {"model": model, "package": work / "pkg", "edge": work / "edge"}
+
+
+def test_a_transformers_model_generates_across_the_handoff(
+    tmp_path: Path, hf_assets: dict[str, object]
+) -> None:
+    """Bring-your-own-model end to end: the edge serves export-edge's variant of a packed
+    transformers model, the cloud the package itself; the generation moves mid-stream and the
+    cloud's tokens are the library's own greedy continuation."""
+    model: object = hf_assets["model"]
+    n = 160
+    with Stack(tmp_path) as stack:
+        stack.coordinator()
+        stack.edge("hf", hf_assets["edge"], "edge", "--token-interval", "0.04")  # type: ignore[arg-type]
+        stack.wait_workers("edge")
+        with Client(stack.address, timeout=120) as client:
+            stream = client.stream("hf", PROMPT, max_new_tokens=n)
+            pieces: list[Piece] = []
+            for piece in stream:
+                pieces.append(piece)
+                if len(pieces) == 3:
+                    stack.cloud("hf", hf_assets["package"])  # type: ignore[arg-type]
+    roles = [p.role for p in pieces]
+    tokens = [int(t) for p in pieces for t in p.tokens]
+    k = roles.count("edge")
+    assert roles == ["edge"] * k + ["cloud"] * (n - k) and 3 <= k < n
+    edge = EdgeModel.load(hf_assets["edge"])  # type: ignore[arg-type]
+    assert tokens[:k] == greedy(lambda ids: edge.run([ids])[0], PROMPT, k)
+    handed = torch.from_numpy(np.concatenate([PROMPT, [tokens[:k]]], axis=1))
+    # (An explicit attention mask: otherwise generate() takes token 0 for padding.)
+    generate_greedy = model.generate  # type: ignore[attr-defined]
+    with torch.inference_mode():
+        expected = generate_greedy(handed, attention_mask=torch.ones_like(handed),
+                                   max_new_tokens=n - k, do_sample=False, pad_token_id=0,
+                                   eos_token_id=None)[0, handed.shape[1] :]  # fmt: skip
+    assert tokens[k:] == expected.tolist()
