@@ -35,12 +35,7 @@ class GenerationRequest:
 
     @classmethod
     def parse(cls, options: Mapping[str, Any], inputs: list[np.ndarray]) -> GenerationRequest:
-        n = options.get("max_new_tokens")
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
-            raise GenerationError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
-        eos = options.get("eos_token_id")
-        if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
-            raise GenerationError("eos_token_id must be a non-negative integer")
+        n, eos = check_options(options)
         if len(inputs) != 1:
             raise GenerationError(f"generation takes one input (the prompt), got {len(inputs)}")
         prompt = np.asarray(inputs[0])
@@ -64,6 +59,21 @@ class GenerationRequest:
             )
         if vocab is not None and (self.prompt.min() < 0 or self.prompt.max() >= vocab):
             raise GenerationError(f"token ids must lie in 0..{vocab - 1}")
+
+
+def check_options(options: Mapping[str, Any]) -> tuple[int, int | None]:
+    """(max_new_tokens, eos_token_id) of a generation request's options, or GenerationError.
+    The coordinator checks them too, before it tracks the request's tokens."""
+    n = options.get("max_new_tokens")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
+        raise GenerationError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
+    eos = options.get("eos_token_id")
+    if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
+        raise GenerationError("eos_token_id must be a non-negative integer")
+    handoff = options.get("handoff", True)
+    if not isinstance(handoff, bool):
+        raise GenerationError("handoff must be true or false")
+    return n, eos
 
 
 class Decoder(Protocol):

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from common.generation import GenerationError, check_options
 from common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
@@ -327,6 +328,13 @@ class Coordinator:
 
     def accept_request(self, client: bytes, request: Request, now: float) -> None:
         model = request.model
+        if "max_new_tokens" in request.options:
+            try:
+                check_options(request.options)
+            except GenerationError as exc:
+                reply = Reply(id=request.id, status=Status.BAD_REQUEST, error=str(exc))
+                self._reply(client, reply, model)
+                return
         if request.priority not in PRIORITIES:
             self._reply(
                 client,
