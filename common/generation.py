@@ -76,6 +76,22 @@ def check_options(options: Mapping[str, Any]) -> tuple[int, int | None]:
     return n, eos
 
 
+CONTEXT_KEYS = ("block_size", "n_positions", "max_position_embeddings")
+
+
+def limits_of(config: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """(context length, vocabulary size) from a model config: Cicada's reference models keep
+    them at the top, a transformers package's factory config nests config.json under
+    "config"."""
+    for where in (config, config.get("config")):
+        if isinstance(where, Mapping):
+            context = next((where[k] for k in CONTEXT_KEYS if isinstance(where.get(k), int)), None)
+            vocab = where.get("vocab_size")
+            if context is not None or isinstance(vocab, int):
+                return context, vocab if isinstance(vocab, int) else None
+    return None, None
+
+
 class Decoder(Protocol):
     """One model's greedy steps; implementations keep whatever cache they use."""
 

@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from common.generation import GenerationError, GenerationRequest, RecomputeDecoder, generate
+from common.generation import (
+    GenerationError,
+    GenerationRequest,
+    RecomputeDecoder,
+    generate,
+    limits_of,
+)
 from common.protocol import Dispatch, Result, Role, Status
 from common.sockets import CurveKeys
 from common.text import TextError, inputs_for, load_tokenizer
@@ -86,7 +92,7 @@ class EdgeAgent:
         config = self.model.info.get("edge_config") or {}
         try:
             request = GenerationRequest.parse(dispatch.options, list(dispatch.inputs))
-            request.check_fits(config.get("block_size"), config.get("vocab_size"))
+            request.check_fits(*limits_of(config))
         except GenerationError as exc:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         interval = self.config.token_interval

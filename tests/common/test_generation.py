@@ -147,3 +147,13 @@ def test_a_packed_transformers_decoder_generates_with_its_cache(tmp_path: Path) 
     expected = greedy_reference(reference, [7, 8, 9], 10)
     request = GenerationRequest.parse({"max_new_tokens": 10}, prompt(7, 8, 9))
     assert generate(decoder_for(packed), request, lambda t: None).tokens == expected
+
+
+def test_limits_are_read_from_flat_and_nested_configs() -> None:
+    from common.generation import limits_of
+
+    assert limits_of({"block_size": 64, "vocab_size": 97, "n_layer": 1}) == (64, 97)
+    nested = {"class_name": "GPT2LMHeadModel", "config": {"n_positions": 512, "vocab_size": 61}}
+    assert limits_of(nested) == (512, 61)
+    assert limits_of({"config": {"max_position_embeddings": 128}}) == (128, None)
+    assert limits_of({"layers": [1, 1]}) == (None, None)

@@ -231,6 +231,11 @@ def test_a_transformers_model_generates_across_the_handoff(
                 pieces.append(piece)
                 if len(pieces) == 3:
                     stack.cloud("hf", hf_assets["package"])  # type: ignore[arg-type]
+            # The edge variant knows its context from the nested transformers config.
+            from cicada.errors import BadRequest
+
+            with pytest.raises(BadRequest, match="context of 512"):
+                client.invoke("hf", PROMPT, max_new_tokens=600, priority=0)
     roles = [p.role for p in pieces]
     tokens = [int(t) for p in pieces for t in p.tokens]
     k = roles.count("edge")
