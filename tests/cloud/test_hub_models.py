@@ -564,13 +564,12 @@ def test_torchvision_unknown_name_and_mismatched_weights(tmp_path: Path) -> None
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("saved", ["gpt2"], indirect=True)  # one model: preload is generic
 def test_a_warm_pool_preloads_the_model_code_and_its_fork_serves(
     saved: Saved, tmp_path: Path
 ) -> None:
     """`cicada pool --preload PKG` imports transformers and the model's class before any
     demand (what a forked worker would otherwise pay, ~2.5 s); its fork serves the package."""
-    if saved.case.class_name != "GPT2LMHeadModel":
-        pytest.skip("one model is enough: the pool's preload does not depend on which")
     from common.launch import PoolLauncher, WorkerSpec, pool_call
     from common.protocol import Dispatch, Ready, Result, Status
     from tests.integration.test_chaos import StandInCoordinator
