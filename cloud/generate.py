@@ -18,16 +18,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.generation import Decoder, GenerationError
+from common.generation import CONTEXT_KEYS, Decoder, GenerationError
 
 
 def context_of(model: nn.Module) -> tuple[int | None, int | None]:
-    """(context length, vocabulary size) where the model says them."""
+    """(context length, vocabulary size) where the model's config object says them (the keys
+    `common.generation.limits_of` reads from a config dict)."""
     config = getattr(model, "config", None)
-    context = getattr(config, "block_size", None) or getattr(
-        config, "max_position_embeddings", None
-    ) or getattr(config, "n_positions", None)  # fmt: skip
-    return context, getattr(config, "vocab_size", None)
+    values = (getattr(config, key, None) for key in CONTEXT_KEYS)
+    context = next((v for v in values if isinstance(v, int)), None)
+    vocab = getattr(config, "vocab_size", None)
+    return context, vocab if isinstance(vocab, int) else None
 
 
 Forward = Callable[..., Any]

@@ -367,22 +367,20 @@ def export_onnx(
     return "torch.onnx.export(dynamo=False) (TorchScript tracing)"
 
 
-class _Step:
-    """`model.step` as a module's forward, for the tracer."""
+def _step_module(model: Any) -> nn.Module:
+    """`model.step` as a module's forward, for the tracer (defined here: this module must not
+    import torch at import time)."""
+    from torch import nn
 
-    @staticmethod
-    def wrap(model: Any) -> nn.Module:
-        from torch import nn
+    class Step(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
 
-        class Step(nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
+        def forward(self, ids: torch.Tensor, past: torch.Tensor) -> Any:
+            return self.model.step(ids, past)
 
-            def forward(self, ids: torch.Tensor, past: torch.Tensor) -> Any:
-                return self.model.step(ids, past)
-
-        return Step().eval()
+    return Step().eval()
 
 
 def export_decoder(
@@ -394,8 +392,9 @@ def export_decoder(
     import numpy as np
     import torch
 
-    step = _Step.wrap(model)
-    past = torch.randn(*model.empty_past(2).shape[:4], 3, model.empty_past(2).shape[5])
+    step = _step_module(model)
+    layers, kv, batch, heads, _, head_size = model.empty_past(2).shape
+    past = torch.randn(layers, kv, batch, heads, 3, head_size)
     path = tmp / DECODER_NAME
     axes = {"ids": {0: "batch", 1: "seq"}, "past": {2: "batch", 4: "past"},
             "logits": {0: "batch", 1: "seq"}, "present": {2: "batch", 4: "total"}}  # fmt: skip
