@@ -82,7 +82,7 @@ from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 from common.protocol import Reply, Request, Status, decode, encode  # noqa: E402
-from tests.stack import Stack  # noqa: E402
+from tests.stack import Stack, process_cmdline, process_running  # noqa: E402
 
 MODEL = "gpt2"
 GiB = 2**30
@@ -150,20 +150,6 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
-
-
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
 
 
@@ -225,11 +211,13 @@ class Coordinator:
             return []
         for k in kids:
             self.seen.setdefault(k.pid, k)
-        return [k for k in kids if _running(k)]
+        return [k for k in kids if process_running(k)]
 
     def workers(self) -> list[psutil.Process]:
         if self.launcher == "ray":  # an actor occupies one of Ray's (possibly prestarted) workers
-            return [k for k in self.descendants() if "CloudWorkerActor" in " ".join(_cmdline(k))]
+            return [
+                k for k in self.descendants() if "CloudWorkerActor" in " ".join(process_cmdline(k))
+            ]
         return [k for k in self.descendants() if k.pid not in self.helpers]
 
     def close(self) -> None:
@@ -240,7 +228,7 @@ class Coordinator:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(30)
         for p in self.seen.values():
-            if _running(p):
+            if process_running(p):
                 with contextlib.suppress(psutil.Error):
                     p.kill()
         self.stack.close()
@@ -345,7 +333,7 @@ def one_cold_answer(c: Coordinator, x: np.ndarray, run: int, prime_gib: float,
     gone_wall = gone_mono = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if watched is None or not _running(watched):
+        if watched is None or not process_running(watched):
             gone_wall, gone_mono = time.time(), time.monotonic()
             break
         time.sleep(0.01)

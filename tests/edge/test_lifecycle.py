@@ -53,6 +53,7 @@ from common.protocol import (
 from edge.config import ConfigError, ModelConfig, load_config
 from edge.coordinator import Coordinator, CoordinatorConfig
 from edge.lifecycle import Lifecycle
+from tests.stack import process_cmdline, process_running
 
 MODEL = "m"
 CLIENT = b"client"
@@ -880,7 +881,7 @@ class LiveCoordinator:
         except psutil.NoSuchProcess:
             return []
         self.seen.update(k.pid for k in kids)
-        return [k for k in kids if _running(k)]
+        return [k for k in kids if process_running(k)]
 
     def wait_descendants(self, count: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -912,26 +913,12 @@ class LiveCoordinator:
         for pid in self.seen:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p = psutil.Process(pid)
-                if _running(p):
+                if process_running(p):
                     leftovers.append(pid)
                     p.kill()
         self.stack.close()
         self.leftovers = leftovers
         return code
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _cmdline(p: psutil.Process) -> list[str]:
-    try:
-        return p.cmdline()
-    except psutil.Error:
-        return []
 
 
 @pytest.fixture
@@ -1021,9 +1008,9 @@ def test_first_request_launches_a_worker_and_idle_scales_to_zero(
         assert reply.served_by["role"] == "cloud"
         assert reply.served_by["worker"] == "gpt2-cloud-1"
         (worker,) = coord.descendants()
-        assert worker.ppid() == coord.ps.pid and "cloud" in _cmdline(worker)
+        assert worker.ppid() == coord.ps.pid and "cloud" in process_cmdline(worker)
         coord.wait_descendants(0)  # idle past keep-alive: drained and exited
-        assert not psutil.pid_exists(worker.pid) or not _running(worker)
+        assert not psutil.pid_exists(worker.pid) or not process_running(worker)
         log = coord.stack.log("coordinator")
         assert "draining (scale down)" in log and "removed: draining" in log
     finally:
@@ -1072,7 +1059,7 @@ def test_pool_forks_workers_and_stops_with_the_coordinator(
     shm_before = shm_entries()
     coord = live("pool", keep_alive_s=0.5)
     (pool,) = coord.descendants()  # the pool is up (torch imported) before any demand
-    assert "pool" in _cmdline(pool)
+    assert "pool" in process_cmdline(pool)
     client = RawClient(coord.address)
     try:
         for round_ in range(2):
@@ -1095,7 +1082,7 @@ def test_pool_forks_workers_and_stops_with_the_coordinator(
     finally:
         client.close()
     assert coord.stop() == 0
-    assert not _running(pool)  # closing the coordinator stopped the pool
+    assert not process_running(pool)  # closing the coordinator stopped the pool
     assert coord.leftovers == []
     assert not (coord.work / "pool.sock").exists()
     assert not (coord.shm_held & shm_entries()), coord.shm_held
