@@ -57,9 +57,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cicada.common.errors import CicadaError  # noqa: E402
+from cicada.common.package import Manifest  # noqa: E402
 from cicada.demo import REFERENCE_MODELS, default_cache  # noqa: E402
-from common.errors import CicadaError  # noqa: E402
-from common.package import Manifest  # noqa: E402
 
 BASE_STRATEGIES = ("cicada", "meta", "naive", "pisel")
 PEER_LIBRARIES = {
@@ -421,7 +421,7 @@ package = ensure_package(model, cache)
 example_input(model, inputs)
 peer = None
 if tensorizer == "1":
-    from cloud.peers import prepare_tensorizer
+    from cicada.cloud.peers import prepare_tensorizer
     peer = str(prepare_tensorizer(package))
 print(json.dumps({"package": str(package), "tensorizer": peer}))
 """

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.quick:
         opts.model, opts.runs, opts.tokens = "gpt2-tiny", 1, 16
     from cicada.demo import REFERENCE_MODELS, default_cache, ensure_package
-    from edge.export import export_edge
+    from cicada.edge.export import export_edge
 
     cache = opts.cache or default_cache()
     package = ensure_package(opts.model, cache)

@@ -78,8 +78,7 @@ import numpy as np  # noqa: E402
 import zmq  # noqa: E402
 
 from cicada.client import AsyncClient, AsyncZmqTransport, Client  # noqa: E402
-from cicada.errors import ClientError, Timeout, TransportError, Unavailable  # noqa: E402
-from common.protocol import (  # noqa: E402
+from cicada.common.protocol import (  # noqa: E402
     SIGNATURE,
     Command,
     Disconnect,
@@ -94,7 +93,8 @@ from common.protocol import (  # noqa: E402
     decode,
     encode,
 )
-from common.sockets import configure  # noqa: E402
+from cicada.common.sockets import configure  # noqa: E402
+from cicada.errors import ClientError, Timeout, TransportError, Unavailable  # noqa: E402
 from tests.stack import Stack, free_port  # noqa: E402
 
 POLICIES = ("cloud-only", "edge-only", "cooperative")
@@ -361,7 +361,7 @@ class Assets:
 
 
 def gpt2_assets(quick: bool, cache: Path, work: Path, seq_len: int) -> Assets:
-    from common.package import Manifest
+    from cicada.common.package import Manifest
 
     if quick:
         from tests.stack import make_assets
@@ -377,7 +377,7 @@ def gpt2_assets(quick: bool, cache: Path, work: Path, seq_len: int) -> Assets:
         package = ensure_package("gpt2-medium", cache)
         edge_dir = cache / "edge" / "gpt2-medium-int8"
         if not (edge_dir / "edge_model.json").exists():
-            from edge.export import export_edge
+            from cicada.edge.export import export_edge
 
             print(f"exporting the int8 edge model into {edge_dir} (once, ~30 s)", flush=True)
             export_edge(package, edge_dir, int8=True, force=True)
@@ -868,7 +868,8 @@ def plot_policies(policies: dict[str, dict[str, Any]], path: Path, title: str) -
 
 class DirectRouter:
     """A minimal stand-in coordinator for one agent: READY -> HEARTBEAT, then DISPATCH/RESULT.
-    Built from common.protocol like the real one, so only the coordinator's logic is missing."""
+    Built from cicada.common.protocol like the real one, so only the coordinator's logic is
+    missing."""
 
     def __init__(self, endpoint: str, model: str, heartbeat_s: float) -> None:
         self.model = model
@@ -1504,8 +1505,8 @@ def coordinator_logic_cost(
     import pstats
     from collections import deque
 
-    from common.protocol import Role, Status
-    from edge.coordinator import Coordinator, CoordinatorConfig
+    from cicada.common.protocol import Role, Status
+    from cicada.edge.coordinator import Coordinator, CoordinatorConfig
 
     x = np.arange(16, dtype=np.float32).reshape(1, 16)
     sink = _Sink()

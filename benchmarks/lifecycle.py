@@ -14,7 +14,7 @@ cloud's own first answer.
 A. First cloud answer from zero. One coordinator per launcher, all started before measuring and
    idle at zero workers: `process` (a cold `python -m cicada cloud` per launch), `pool` (the warm
    pool, started and ready beforehand: the coordinator's CLI waits for its ping, which it answers
-   only after `import torch`), and `ray` (cloud.ray_launcher.RayLauncher) when `ray` and that
+   only after `import torch`), and `ray` (cicada.cloud.ray_launcher.RayLauncher) when `ray` and that
    module import and a Ray coordinator comes up, else skipped with the reason printed (Ray runs
    locally on loopback with HOME and RAY_TMPDIR in a temporary directory; its actor lands on one
    of Ray's prestarted python workers, so it skips the interpreter start but not `import torch`).
@@ -81,7 +81,7 @@ import zmq  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from common.protocol import Reply, Request, Status, decode, encode  # noqa: E402
+from cicada.common.protocol import Reply, Request, Status, decode, encode  # noqa: E402
 from tests.stack import Stack, process_cmdline, process_running  # noqa: E402
 
 MODEL = "gpt2"
@@ -359,11 +359,11 @@ def ray_reason() -> str | None:
     if importlib.util.find_spec("ray") is None:
         return "ray is not importable (install the [ray] extra)"
     try:
-        if importlib.util.find_spec("cloud.ray_launcher") is None:
+        if importlib.util.find_spec("cicada.cloud.ray_launcher") is None:
             return "cloud/ray_launcher.py is not there yet"
-        from cloud.ray_launcher import RayLauncher  # noqa: F401
+        from cicada.cloud.ray_launcher import RayLauncher  # noqa: F401
     except Exception as exc:  # someone else's module: any failure is a reason to skip
-        return f"cloud.ray_launcher does not import: {type(exc).__name__}: {exc}"
+        return f"cicada.cloud.ray_launcher does not import: {type(exc).__name__}: {exc}"
     return None
 
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from common.launch import PoolLauncher, WorkerSpec  # noqa: E402
-from common.protocol import Dispatch, Ready, Result, Status  # noqa: E402
+from cicada.common.launch import PoolLauncher, WorkerSpec  # noqa: E402
+from cicada.common.protocol import Dispatch, Ready, Result, Status  # noqa: E402
 from tests.integration.test_chaos import StandInCoordinator  # noqa: E402
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from common.errors import CicadaError, PackageMismatchError
+from cicada.common.errors import CicadaError, PackageMismatchError
 
 
 def _fail(exc: Exception) -> None:
@@ -25,7 +25,7 @@ def main() -> None:
 
     \b
     Typical flow:
-      cicada pack --model cloud.models.gpt2:build --out pkg/gpt2   # make a model package
+      cicada pack --model cicada.cloud.models.gpt2:build --out pkg/gpt2   # make a model package
       cicada pack --verify pkg/gpt2                                # check it end to end
       cicada run pkg/gpt2 --input x.npy --out y.npy                # one timed cold start
       cicada demo                                                  # see it all at once
@@ -37,7 +37,7 @@ def main() -> None:
     "--model",
     "factory",
     metavar="PKG.MODULE:FACTORY",
-    help="Callable returning an nn.Module, e.g. cloud.models.gpt2:build.",
+    help="Callable returning an nn.Module, e.g. cicada.cloud.models.gpt2:build.",
 )
 @click.option(
     "--transformers",
@@ -119,7 +119,7 @@ def pack(
     console = Console(stderr=True)
     try:
         if verify_dir is not None:
-            from cloud.packing import verify_package
+            from cicada.cloud.packing import verify_package
 
             with console.status(f"verifying {verify_dir}"):
                 manifest = verify_package(verify_dir)
@@ -147,7 +147,7 @@ def pack(
                 raise click.UsageError(f"--config {config_path} must hold a JSON object")
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
-        from cloud.packing import pack as pack_model
+        from cicada.cloud.packing import pack as pack_model
 
         loaded: Any = None
         label = factory
@@ -199,7 +199,7 @@ def _library_model(
 ) -> tuple[str, dict[str, Any], Any]:
     """(factory, factory config, loaded model or None) for a transformers or torchvision
     model; wrong combinations, missing extras and unknown names are usage errors."""
-    from cloud import hub
+    from cicada.cloud import hub
 
     try:
         if transformers_dir is not None:
@@ -280,7 +280,7 @@ def run(
     events: bool,
 ) -> None:
     """One cold start of PACKAGE in this fresh process, then one forward on --input."""
-    from cloud.runner import run_cold_start
+    from cicada.cloud.runner import run_cold_start
 
     try:
         timings = run_cold_start(
@@ -564,7 +564,7 @@ def invoke(
     "--model",
     "factory",
     metavar="PKG.MODULE:FACTORY",
-    help="Instead of --package: the cloud model's factory, e.g. cloud.models.gpt2:build "
+    help="Instead of --package: the cloud model's factory, e.g. cicada.cloud.models.gpt2:build "
     "(the edge variant keeps its seeded initialisation).",
 )
 @click.option(
@@ -618,7 +618,7 @@ def export_edge_cmd(
     \b
     Examples:
       cicada export-edge --package pkg/gpt2 --out edge-models/gpt2 --int8
-      cicada export-edge --model cloud.models.resnet:build --out edge-models/resnet \\
+      cicada export-edge --model cicada.cloud.models.resnet:build --out edge-models/resnet \\
           --shrink width=32
     """
     if (package_dir is None) == (factory is None):
@@ -642,7 +642,7 @@ def export_edge_cmd(
             shrink[key.strip()] = json.loads(raw)
         except ValueError:
             shrink[key.strip()] = raw
-    from edge.export import export_edge
+    from cicada.edge.export import export_edge
 
     try:
         info = export_edge(

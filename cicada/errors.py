@@ -1,6 +1,6 @@
 """Errors a Cicada client raises.
 
-    CicadaError                  (common.errors: base of every error Cicada raises on purpose)
+    CicadaError                  (cicada.common.errors: base of every error raised on purpose)
     ├── ClientError              the call ended without outputs; the status says why
     │   ├── Timeout              TIMEOUT from the coordinator, or no reply within the client's own
     │   │                        timeout; `side` says which ("coordinator" or "client")
@@ -11,7 +11,8 @@
     │   │                        request (also raised before sending inputs that cannot travel)
     │   └── Failed               FAILED: the model raised while running
     └── TransportError           the connection let the call down: a malformed reply, a send queue
-                                 that is full (wraps `common.protocol.ProtocolError` as __cause__)
+                                 that is full (wraps `cicada.common.protocol.ProtocolError`
+                                 as __cause__)
 
 Every error carries `request_id`, `status` (a `Status`; None where no status applies) and
 `served_by` (`{role, worker, variant}`, None when not known), and its message says what to do
@@ -22,8 +23,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from common.errors import CicadaError
-from common.protocol import Reply, Status
+from cicada.common.errors import CicadaError
+from cicada.common.protocol import Reply, Status
 
 TimeoutSide = Literal["coordinator", "client"]
 

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cicada.common.errors import CicadaError
 from cicada.demo import REFERENCE_MODELS, default_cache, ensure_package, example_input
-from common.errors import CicadaError
 
 # priority -> (share of the burst, deadline in seconds)
 MIX = {0: (0.3, 1.0), 1: (0.5, 3.0), 2: (0.2, 8.0)}
@@ -82,7 +82,7 @@ class Outcome:
 
 
 def ensure_edge_model(name: str, package: Path, cache: Path) -> Path:
-    from edge.onnx_model import EdgeModel, EdgeModelError
+    from cicada.edge.onnx_model import EdgeModel, EdgeModelError
 
     out = cache / "edge" / name
     try:
@@ -92,7 +92,7 @@ def ensure_edge_model(name: str, package: Path, cache: Path) -> Path:
         pass
     from rich.console import Console
 
-    from edge.export import export_edge
+    from cicada.edge.export import export_edge
 
     with Console(stderr=True).status(f"exporting the int8 edge model of {name} (once)"):
         export_edge(package, out, shrink=EDGE_SHRINK.get(name), int8=True, force=True)
@@ -125,7 +125,7 @@ class LocalStack:
         )
 
     def wait(self, predicate: Any, what: str, timeout: float = 60.0) -> dict[str, Any]:
-        from edge.status import fetch_status
+        from cicada.edge.status import fetch_status
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -258,7 +258,7 @@ def _serve_burst(
     from rich.progress import BarColumn, Progress, TextColumn
     from rich.table import Table
 
-    from edge.status import fetch_status
+    from cicada.edge.status import fetch_status
 
     outcomes: list[Outcome] = []
     outputs: dict[int, list[Any]] = {}
@@ -401,9 +401,9 @@ def _references(package: Path, edge_dir: Path, sentences: Sequence[str]) -> tupl
     import numpy as np
     import torch
 
-    from cloud.pipeline import ColdStart
-    from common.text import load_tokenizer
-    from edge.onnx_model import EdgeModel
+    from cicada.cloud.pipeline import ColdStart
+    from cicada.common.text import load_tokenizer
+    from cicada.edge.onnx_model import EdgeModel
 
     edge, cold = EdgeModel.load(edge_dir), ColdStart(package)
     edge_tok, cloud_tok = load_tokenizer(edge_dir), load_tokenizer(package)

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from common.errors import CicadaError
+from cicada.common.errors import CicadaError
 
 ADDRESS_HELP = "Coordinator endpoint to connect to."
 DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
@@ -34,7 +34,7 @@ def _curve_keys(key: Path | None, server_key: Path | None) -> Any:
         return None
     if key is None or server_key is None:
         raise click.UsageError("CURVE needs both --curve-key and --server-key")
-    from common.sockets import CurveKeys
+    from cicada.common.sockets import CurveKeys
 
     return CurveKeys.load(key, server_key)
 
@@ -118,11 +118,11 @@ def coordinator(
     With --config it also runs the serverless lifecycle: the first request for a configured
     model launches a cloud worker, idle workers drain and stop after their keep-alive."""
     _logging(log_level)
-    from edge.coordinator import Coordinator, CoordinatorConfig
+    from cicada.edge.coordinator import Coordinator, CoordinatorConfig
 
     file = None
     if config_path is not None:
-        from edge.config import load_config
+        from cicada.edge.config import load_config
 
         try:
             file = load_config(config_path)
@@ -179,8 +179,8 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
     coordinator itself only knows the Launcher interface)."""
     import tempfile
 
-    from common.launch import PoolLauncher, ProcessLauncher, WorkerSpec
-    from edge.lifecycle import Lifecycle
+    from cicada.common.launch import PoolLauncher, ProcessLauncher, WorkerSpec
+    from cicada.edge.lifecycle import Lifecycle
 
     c = file.coordinator
     log_dir = str(c.log_dir) if c.log_dir else None
@@ -192,7 +192,7 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
         packages = [str(cfg.package) for cfg in file.models.values()]
         launcher = PoolLauncher(socket_path, log_dir=log_dir, preload=packages).start()
     elif c.launcher == "ray":
-        from cloud.ray_launcher import RayLauncher
+        from cicada.cloud.ray_launcher import RayLauncher
 
         launcher = RayLauncher(
             address=c.ray_address,
@@ -241,7 +241,7 @@ def pool(socket_path: Path, preload_packages: tuple[Path, ...], log_level: str) 
     Started by `cicada coordinator` when its config says launcher = "pool" (it preloads the
     code of every configured model's package)."""
     _logging(log_level)
-    from cloud.warm_pool import serve_pool
+    from cicada.cloud.warm_pool import serve_pool
 
     serve_pool(str(socket_path), [str(p) for p in preload_packages])
 
@@ -306,7 +306,7 @@ def edge(
 ) -> None:
     """Run an edge agent: serve a small ONNX model through the coordinator (no torch)."""
     _logging(log_level)
-    from edge.agent import EdgeAgent, EdgeAgentConfig
+    from cicada.edge.agent import EdgeAgent, EdgeAgentConfig
 
     try:
         agent = EdgeAgent(
@@ -371,7 +371,7 @@ def cloud(
     loading (they start on resident stages) and drains cleanly on SIGTERM."""
     _logging(log_level)
     keys = _curve_keys(curve_key, server_key)
-    from cloud.service import CloudWorker, CloudWorkerConfig
+    from cicada.cloud.service import CloudWorker, CloudWorkerConfig
 
     try:
         worker = CloudWorker(
@@ -403,7 +403,7 @@ def cloud(
 @click.option("--json", "as_json", is_flag=True, help="Print the parsed metrics as JSON.")
 def status(url: str, as_json: bool) -> None:
     """Show a coordinator's workers, queues and request outcomes (from its /metrics)."""
-    from edge.status import fetch_status, render_status
+    from cicada.edge.status import fetch_status, render_status
 
     try:
         snapshot = fetch_status(url)

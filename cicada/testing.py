@@ -6,7 +6,7 @@
     with Client(transport=MockTransport(handler)) as client:
         client.invoke("double", np.ones(3)).output          # array([2., 2., 2.])
 
-Requests really are encoded by the client and decoded here with `common.protocol.decode`,
+Requests really are encoded by the client and decoded here with `cicada.common.protocol.decode`,
 and replies encoded here and decoded by the client, so a test exercises the client's whole
 wire path. A handler returns a `Reply`, raw frames (to send something malformed), or None
 (to never answer). `push` delivers a message nobody asked for, e.g. a late reply.
@@ -19,7 +19,7 @@ import collections
 from collections.abc import Callable, Sequence
 
 from cicada.client import Frame
-from common.protocol import Reply, Request, decode, encode
+from cicada.common.protocol import Reply, Request, decode, encode
 
 Answer = Reply | Sequence[bytes] | None
 Handler = Callable[[Request], Answer]

@@ -1,0 +1,5 @@
+"""`cicada.cloud`: see docs/ARCHITECTURE.md. The folder sits at the top of the repository and is
+imported only through the `cicada/cloud` link, so that one module never loads under two names."""
+
+if __name__ != "cicada.cloud":  # `import cloud` from the repository root would load a second copy
+    raise ImportError(f"import this package as 'cicada.cloud', not {__name__!r}")

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cloud.miniloader import build_model, tensor_slots
-from cloud.packing import SAFETENSORS_TO_TORCH, check_coverage
-from cloud.timeline import Timeline
-from common.package import Manifest
+from cicada.cloud.miniloader import build_model, tensor_slots
+from cicada.cloud.packing import SAFETENSORS_TO_TORCH, check_coverage
+from cicada.cloud.timeline import Timeline
+from cicada.common.package import Manifest
 
 Baseline = Callable[[Path, Manifest, Any, str, Timeline], Any]
 

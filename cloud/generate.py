@@ -18,12 +18,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from common.generation import CONTEXT_KEYS, Decoder, GenerationError
+from cicada.common.generation import CONTEXT_KEYS, Decoder, GenerationError
 
 
 def context_of(model: nn.Module) -> tuple[int | None, int | None]:
     """(context length, vocabulary size) where the model's config object says them (the keys
-    `common.generation.limits_of` reads from a config dict)."""
+    `cicada.common.generation.limits_of` reads from a config dict)."""
     config = getattr(model, "config", None)
     values = (getattr(config, key, None) for key in CONTEXT_KEYS)
     context = next((v for v in values if isinstance(v, int)), None)

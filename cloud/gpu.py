@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from common.errors import CicadaError, PackageIntegrityError
-from common.package import Manifest, StageEntry
+from cicada.common.errors import CicadaError, PackageIntegrityError
+from cicada.common.package import Manifest, StageEntry
 
 if TYPE_CHECKING:
-    from cloud.miniloader import Slot
-    from cloud.timeline import Timeline
+    from cicada.cloud.miniloader import Slot
+    from cicada.cloud.timeline import Timeline
 
 CHUNK = 64 * 1024 * 1024
 RING = 3

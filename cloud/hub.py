@@ -3,10 +3,10 @@
 A package names a factory and its JSON config (docs/PACKAGE.md); these two rebuild a library's
 model from nothing but that config:
 
-* ``cloud.hub:transformers_model`` - ``{"class_name": "GPT2LMHeadModel", "config": {...},
+* ``cicada.cloud.hub:transformers_model`` - ``{"class_name": "GPT2LMHeadModel", "config": {...},
   "attn_implementation": "sdpa", "output": null}``: the transformers class, built from its
   config (the dict ``config.json`` holds) the way ``from_config`` builds it.
-* ``cloud.hub:torchvision_model`` - ``{"name": "resnet50", "kwargs": {"num_classes": 10}}``:
+* ``cicada.cloud.hub:torchvision_model`` - ``{"name": "resnet50", "kwargs": {"num_classes": 10}}``:
   ``torchvision.models.get_model(name, weights=None, **kwargs)``.
 
 Both libraries are optional extras (``cicada[hf]``, ``cicada[vision]``) imported only here, and
@@ -38,11 +38,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cloud.miniloader import parameter_init_skipped
-from common.errors import PackageError, PackageMismatchError
+from cicada.cloud.miniloader import parameter_init_skipped
+from cicada.common.errors import PackageError, PackageMismatchError
 
-TRANSFORMERS_FACTORY = "cloud.hub:transformers_model"
-TORCHVISION_FACTORY = "cloud.hub:torchvision_model"
+TRANSFORMERS_FACTORY = "cicada.cloud.hub:transformers_model"
+TORCHVISION_FACTORY = "cicada.cloud.hub:torchvision_model"
 
 
 class MissingExtraError(PackageError):

@@ -15,7 +15,6 @@ here), and meta loses non-persistent buffers, which must then be recomputed by h
 from __future__ import annotations
 
 import functools
-import importlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from common.errors import PackageError
+from cicada.common import factory as common_factory
+from cicada.common.errors import PackageError
 
 # Every in-place initialiser in torch.nn.init that modules call from reset_parameters().
 _INIT_FUNCTIONS = (
@@ -74,21 +74,7 @@ def skip_parameter_init() -> Iterator[None]:
 
 def resolve_factory(spec: str) -> Callable[..., nn.Module]:
     """`pkg.module:callable` -> the callable, with errors that say what to fix."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise PackageError(f"factory {spec!r} must look like 'package.module:callable'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise PackageError(f"cannot import {module_name!r} for factory {spec!r}: {exc}") from exc
-    target: Any = module
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise PackageError(f"{module_name!r} has no attribute {attr!r} (factory {spec!r})")
-    if not callable(target):
-        raise PackageError(f"factory {spec!r} is not callable")
-    factory: Callable[..., nn.Module] = target
+    _, factory = common_factory.resolve_factory(spec)
     return factory
 
 

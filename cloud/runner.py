@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cloud.timeline import Timeline
-from common.errors import CicadaError
+from cicada.cloud.timeline import Timeline
+from cicada.common.errors import CicadaError
 
 STRATEGIES = ("cicada", "pisel", "naive", "meta")
 
@@ -41,7 +41,7 @@ def run_cold_start(
     entered = timeline.entered
     cold = None
     if strategy == "cicada":
-        from cloud.pipeline import ColdStart
+        from cicada.cloud.pipeline import ColdStart
 
         cold = ColdStart(package_dir, device=device, timeline=timeline)
         if on_residency is not None:
@@ -63,18 +63,18 @@ def run_cold_start(
         output = cold.forward(inputs)
         manifest = cold.manifest
     else:
-        from common.package import Manifest, check_weights_file
+        from cicada.common.package import Manifest, check_weights_file
 
         manifest = Manifest.load(package_dir)
         check_weights_file(Path(package_dir), manifest)
         if strategy.startswith("peer-"):
-            from cloud.peers import PEERS
+            from cicada.cloud.peers import PEERS
 
             if strategy not in PEERS:
                 raise CicadaError(f"unknown peer loader {strategy!r}; known: {sorted(PEERS)}")
             output = PEERS[strategy](Path(package_dir), manifest, inputs, device, timeline)
         else:
-            from cloud.baselines import BASELINES
+            from cicada.cloud.baselines import BASELINES
 
             output = BASELINES[strategy](Path(package_dir), manifest, inputs, device, timeline)
     if device.startswith("cuda"):

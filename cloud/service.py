@@ -24,15 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cloud.pipeline import ColdStart, ResidencyEvent
-from cloud.timeline import Timeline
-from common.errors import CicadaError
-from common.generation import GenerationError, GenerationRequest, generate
-from common.launch import WorkerSpec
-from common.protocol import Dispatch, Result, Role, Status, WorkerState
-from common.sockets import CurveKeys
-from common.text import TextError, inputs_for, load_tokenizer
-from common.worker import RuntimeConfig, Stream, WorkerRuntime, WorkerStatus
+from cicada.cloud.pipeline import ColdStart, ResidencyEvent
+from cicada.cloud.timeline import Timeline
+from cicada.common.errors import CicadaError
+from cicada.common.generation import GenerationError, GenerationRequest, generate
+from cicada.common.launch import WorkerSpec
+from cicada.common.protocol import Dispatch, Result, Role, Status, WorkerState
+from cicada.common.sockets import CurveKeys
+from cicada.common.text import TextError, inputs_for, load_tokenizer
+from cicada.common.worker import RuntimeConfig, Stream, WorkerRuntime, WorkerStatus
 
 log = logging.getLogger("cicada.cloud")
 T = TypeVar("T")
@@ -191,7 +191,7 @@ class CloudWorker:
         """Greedy generation with a KV cache, one PARTIAL per token (see cloud/generate.py)."""
         import numpy as np
 
-        from cloud.generate import context_of, decoder_for
+        from cicada.cloud.generate import context_of, decoder_for
 
         model = self.cold.model
         try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from common.errors import StagingError
+from cicada.common.errors import StagingError
 
 BLOCKS_MIN_SHARE = 0.5
 

@@ -24,7 +24,7 @@ log = logging.getLogger("cicada.pool")
 
 def _child(spec_doc: dict[str, Any]) -> int:
     """Runs in the forked child: become a cloud worker."""
-    from common.launch import WorkerSpec
+    from cicada.common.launch import WorkerSpec
 
     spec = WorkerSpec.from_wire(spec_doc)
     os.setsid()
@@ -46,7 +46,7 @@ def _child(spec_doc: dict[str, Any]) -> int:
         force=True,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    from cloud.service import CloudWorker, CloudWorkerConfig
+    from cicada.cloud.service import CloudWorker, CloudWorkerConfig
 
     worker = CloudWorker(CloudWorkerConfig.from_spec(spec))
     return worker.serve_forever()
@@ -58,9 +58,9 @@ def preload(package_dirs: list[str]) -> list[str]:
     cannot be read is logged and skipped: the worker will say what is wrong with it."""
     import importlib
 
-    from cloud.miniloader import resolve_factory
-    from common.errors import CicadaError
-    from common.package import Manifest
+    from cicada.cloud.miniloader import resolve_factory
+    from cicada.common.errors import CicadaError
+    from cicada.common.package import Manifest
 
     loaded: list[str] = []
     for package in package_dirs:
@@ -79,10 +79,10 @@ def serve_pool(socket_path: str, preload_packages: list[str] | None = None) -> N
     # Pay for the imports now, before any request: this is what the pool is for.
     import torch  # noqa: F401
 
-    import cloud.pipeline
-    import cloud.service  # noqa: F401
-    import common.worker  # noqa: F401
-    from common.launch import LaunchError, read_frame, write_frame
+    import cicada.cloud.pipeline
+    import cicada.cloud.service
+    import cicada.common.worker  # noqa: F401
+    from cicada.common.launch import LaunchError, read_frame, write_frame
 
     preloaded = preload(preload_packages or [])
 
@@ -153,7 +153,7 @@ def serve_pool(socket_path: str, preload_packages: list[str] | None = None) -> N
 def _answer(
     request: dict[str, Any], children: dict[int, int | None], preloaded: list[str]
 ) -> dict[str, Any]:
-    from common.launch import WorkerSpec
+    from cicada.common.launch import WorkerSpec
 
     op = request.get("op")
     if op == "ping":

@@ -7,8 +7,8 @@ worker then registers over the protocol like any other. Launchers:
   a true cold start (process, torch import, weights).
 * `PoolLauncher`: asks a warm pool (`cicada pool`, cloud/warm_pool.py: a process that has
   already imported torch and the pipeline) to fork a worker: the import is paid in advance.
-* `cloud.ray_launcher.RayLauncher` (extra `[ray]`): the worker as a Ray actor placed by GPU or
-  custom resources.
+* `cicada.cloud.ray_launcher.RayLauncher` (extra `[ray]`): the worker as a Ray actor placed by
+  GPU or custom resources.
 
 This module is torch-free: the coordinator lives on the edge side and only ever sees specs,
 handles and processes.
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from common.errors import CicadaError
+from cicada.common.errors import CicadaError
 
 
 class LaunchError(CicadaError):

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.errors import PackageFormatError, PackageIntegrityError
+from cicada.common.errors import PackageFormatError, PackageIntegrityError
+from cicada.common.factory import canonical_factory
 
 FORMAT_NAME = "cicada-package"
 FORMAT_VERSION = 1
@@ -187,7 +188,8 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
         raise PackageFormatError(f"{where}: invalid format version {version}")
     arch = _need(doc, "architecture", dict, where)
     architecture = Architecture(
-        factory=_need(arch, "factory", str, f"{where}: architecture"),
+        # Packages written before the single `cicada` import root name `cloud.…` factories.
+        factory=canonical_factory(_need(arch, "factory", str, f"{where}: architecture")),
         config=_need(arch, "config", dict, f"{where}: architecture"),
     )
     staging = doc.get("staging", {})

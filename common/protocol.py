@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from common.errors import CicadaError
+from cicada.common.errors import CicadaError
 
 SIGNATURE = b"CCD1"
 PROTOCOL_VERSION = 1

@@ -8,8 +8,8 @@ from pathlib import Path
 import zmq
 import zmq.auth
 
-from common.errors import CicadaError
-from common.protocol import DEFAULT_LIMITS, Limits
+from cicada.common.errors import CicadaError
+from cicada.common.protocol import DEFAULT_LIMITS, Limits
 
 HWM = 1000
 

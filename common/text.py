@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import CicadaError
+from cicada.common.errors import CicadaError
 
 TOKENIZER_NAME = "tokenizer.json"
 TEXT_OPTION = "text"  # REQUEST/DISPATCH options key: a list of str

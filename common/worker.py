@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common.protocol import (
+from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
     Disconnect,
@@ -43,7 +43,7 @@ from common.protocol import (
     decode,
     encode,
 )
-from common.sockets import CurveKeys, apply_curve_client, configure
+from cicada.common.sockets import CurveKeys, apply_curve_client, configure
 
 log = logging.getLogger("cicada.worker")
 

@@ -19,18 +19,18 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from common.generation import (
+from cicada.common.generation import (
     GenerationError,
     GenerationRequest,
     RecomputeDecoder,
     generate,
     limits_of,
 )
-from common.protocol import Dispatch, Result, Role, Status
-from common.sockets import CurveKeys
-from common.text import TextError, inputs_for, load_tokenizer
-from common.worker import RuntimeConfig, Stream, WorkerRuntime, WorkerStatus
-from edge.onnx_model import EdgeModel, EdgeModelError
+from cicada.common.protocol import Dispatch, Result, Role, Status
+from cicada.common.sockets import CurveKeys
+from cicada.common.text import TextError, inputs_for, load_tokenizer
+from cicada.common.worker import RuntimeConfig, Stream, WorkerRuntime, WorkerStatus
+from cicada.edge.onnx_model import EdgeModel, EdgeModelError
 
 log = logging.getLogger("cicada.edge")
 

@@ -33,7 +33,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common.errors import CicadaError
+from cicada.common.errors import CicadaError
 
 
 class ConfigError(CicadaError):

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common.generation import GenerationError, check_options
-from common.protocol import (
+from cicada.common.generation import GenerationError, check_options
+from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
     Disconnect,
@@ -48,10 +48,10 @@ from common.protocol import (
     encode,
     unpack_body,
 )
-from common.sockets import configure
-from edge.lifecycle import Lifecycle
-from edge.metrics import CoordinatorMetrics
-from edge.policy import (
+from cicada.common.sockets import configure
+from cicada.edge.lifecycle import Lifecycle
+from cicada.edge.metrics import CoordinatorMetrics
+from cicada.edge.policy import (
     DEFAULT_CLOUD_COMPUTE_S,
     DEFAULT_EDGE_COMPUTE_S,
     DEFAULT_NETWORK_S,

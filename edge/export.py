@@ -5,11 +5,11 @@ and returns exactly what the cloud model does (same input dtype and rank, same v
 class count): a request can be answered by either side without translation. Default shrink
 rules for the reference models:
 
-    cloud.models.gpt2:build    n_layer // 4 (at least 1); width, heads and vocabulary kept
-    cloud.models.bert:build    num_hidden_layers // 4 (at least 1)
-    cloud.models.resnet:build  layers (1, 1, 1, 1)
-    cloud.models.minilm:build  nothing: the same pretrained model, where int8 is the trade
-    cloud.hub (transformers)   a quarter of the layers (at least 1), eager attention, traced
+    cicada.cloud.models.gpt2:build    n_layer // 4 (at least 1); width, heads and vocabulary kept
+    cicada.cloud.models.bert:build    num_hidden_layers // 4 (at least 1)
+    cicada.cloud.models.resnet:build  layers (1, 1, 1, 1)
+    cicada.cloud.models.minilm:build  nothing: the same pretrained model, where int8 is the trade
+    cicada.cloud.hub (transformers)   a quarter of the layers (at least 1), eager attention, traced
                                with input_ids alone (the module's cicada_edge_config and
                                cicada_export_module hooks)
 
@@ -21,7 +21,7 @@ shape with the packaged model is copied from the package (embeddings, the first 
 final norm and head): the usual starting point of layer-dropping distillation, but not a
 trained edge model. A deployment would distil the variant and export that.
 
-Output directory (names in `edge.onnx_model`): model.onnx (fp32), model.int8.onnx (with
+Output directory (names in `cicada.edge.onnx_model`): model.onnx (fp32), model.int8.onnx (with
 `int8`: ONNX Runtime dynamic quantization, int8 weights), edge_model.json, and the package's
 tokenizer.json when it has one (common/text.py: the edge agent then takes text), and for a
 decoder with a cached step (`model.step(ids, past)`, the reference GPT-2) decoder.onnx (and
@@ -42,7 +42,6 @@ edge package, whose agent must never pay for (or need) torch.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -55,10 +54,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import CicadaError
-from common.package import Manifest, check_weights_file
-from common.text import TOKENIZER_NAME
-from edge.onnx_model import (
+from cicada.common import factory as common_factory
+from cicada.common.errors import CicadaError
+from cicada.common.package import Manifest, check_weights_file
+from cicada.common.text import TOKENIZER_NAME
+from cicada.edge.onnx_model import (
     DECODER_INT8_NAME,
     DECODER_NAME,
     INFO_NAME,
@@ -120,10 +120,10 @@ class ShrinkRule:
 
 
 SHRINK_RULES: dict[str, ShrinkRule] = {
-    "cloud.models.gpt2:build": ShrinkRule("gpt2", "GPTConfig", "n_layer"),
-    "cloud.models.bert:build": ShrinkRule("bert", "BertConfig", "num_hidden_layers"),
-    "cloud.models.resnet:build": ShrinkRule("resnet", "ResNetConfig", "layers"),
-    "cloud.models.minilm:build": ShrinkRule(
+    "cicada.cloud.models.gpt2:build": ShrinkRule("gpt2", "GPTConfig", "n_layer"),
+    "cicada.cloud.models.bert:build": ShrinkRule("bert", "BertConfig", "num_hidden_layers"),
+    "cicada.cloud.models.resnet:build": ShrinkRule("resnet", "ResNetConfig", "layers"),
+    "cicada.cloud.models.minilm:build": ShrinkRule(
         "minilm", "", "num_hidden_layers", divisor=1, per_channel=True,
         int8_min_cosine=MINILM_INT8_MIN_COSINE,
     ),
@@ -159,23 +159,8 @@ class EdgeModelInfo:
 
 
 def resolve_factory(spec: str) -> tuple[Any, Callable[..., Any]]:
-    """`pkg.module:callable` -> (module, callable). The edge role does not import cloud code,
-    so this mirrors the cloud's resolver rather than importing it."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise EdgeExportError(f"factory {spec!r} must look like 'package.module:callable'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise EdgeExportError(f"cannot import {module_name!r} for factory {spec!r}: {exc}") from exc
-    target: Any = module
-    for part in attr.split("."):
-        target = getattr(target, part, None)
-        if target is None:
-            raise EdgeExportError(f"{module_name!r} has no attribute {attr!r} (factory {spec!r})")
-    if not callable(target):
-        raise EdgeExportError(f"factory {spec!r} is not callable")
-    return module, target
+    """`pkg.module:callable` -> (module, callable), export errors naming what to fix."""
+    return common_factory.resolve_factory(spec, EdgeExportError)
 
 
 def _config_defaults(module: Any, rule: ShrinkRule) -> dict[str, Any]:
@@ -199,9 +184,9 @@ def edge_config_for(
 ) -> tuple[dict[str, Any], str]:
     """The edge variant's config and its variant name (without the "-int8" suffix)."""
     module, _ = resolve_factory(factory)
-    rule = SHRINK_RULES.get(factory)
+    rule = SHRINK_RULES.get(common_factory.canonical_factory(factory))
     hook = getattr(module, "cicada_edge_config", None)
-    if rule is None and callable(hook):  # e.g. cloud.hub, whose configs nest the model's
+    if rule is None and callable(hook):  # e.g. cicada.cloud.hub, whose configs nest the model's
         edge, tag = hook(dict(source_config))
         edge.update(shrink or {})
         return _jsonable(edge), f"{module.__name__.rsplit('.', 1)[-1]}-edge-{tag}"
@@ -255,7 +240,8 @@ def build_edge_variant(
     if package_dir is not None:
         copied = copy_package_tensors(model, Path(package_dir), Manifest.load(package_dir))
     module, _ = resolve_factory(factory)
-    wrap = getattr(module, "cicada_export_module", None)  # e.g. cloud.hub's input_ids-only call
+    # e.g. cicada.cloud.hub's input_ids-only call
+    wrap = getattr(module, "cicada_export_module", None)
     return (wrap(model) if callable(wrap) else model).eval(), copied
 
 
@@ -387,7 +373,7 @@ def export_decoder(
     model: Any, x: torch.Tensor, tmp: Path, opset: int, int8: bool, per_channel: bool
 ) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """Export a decoder's cached step graph (a model with `step(ids, past)` and
-    `empty_past()`, as cloud.models.gpt2) and check it: a prefill of `x` then one cached step
+    `empty_past()`, as cicada.cloud.models.gpt2) and check it: a prefill of `x` then one cached step
     must give torch's logits. Returns the files and what was measured."""
     import numpy as np
     import torch
@@ -569,7 +555,7 @@ def _source(
         return manifest.architecture.factory, dict(manifest.architecture.config)
     if factory is None:
         raise EdgeExportError(
-            "pass a package directory or a factory such as cloud.models.gpt2:build"
+            "pass a package directory or a factory such as cicada.cloud.models.gpt2:build"
         )
     return factory, dict(config or {})
 
@@ -619,7 +605,7 @@ def export_edge(
     out = Path(out).resolve()
     source_factory, source_config = _source(package_dir, factory, config)
     edge_config, variant = edge_config_for(source_factory, source_config, shrink)
-    rule = SHRINK_RULES.get(source_factory)
+    rule = SHRINK_RULES.get(common_factory.canonical_factory(source_factory))
     model, copied = build_edge_variant(source_factory, edge_config, package_dir)
 
     # Trace on batch 2 (a batch of 1 lets the tracer treat the batch axis as broadcastable)

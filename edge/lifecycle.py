@@ -1,7 +1,7 @@
 """Serverless lifecycle of cloud workers, driven by the coordinator.
 
 * **Start from zero**: the first request for a model with no cloud worker launches one
-  (through a `common.launch.Launcher`); meanwhile the policy sees a cloud side that is
+  (through a `cicada.common.launch.Launcher`); meanwhile the policy sees a cloud side that is
   "launching" with an ETA (the measured cold start, or `expected_start_s` until measured).
 * **Keep-alive / scale to zero**: a worker idle for `keep_alive_s` is asked to drain and stop,
   down to `min_workers`.
@@ -28,12 +28,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from common.launch import Launcher, LaunchError, WorkerHandle, WorkerSpec
-from common.protocol import Role
-from edge.config import ModelConfig
+from cicada.common.launch import Launcher, LaunchError, WorkerHandle, WorkerSpec
+from cicada.common.protocol import Role
+from cicada.edge.config import ModelConfig
 
 if TYPE_CHECKING:
-    from edge.coordinator import Coordinator
+    from cicada.edge.coordinator import Coordinator
 
 log = logging.getLogger("cicada.lifecycle")
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from common.errors import CicadaError
+from cicada.common.errors import CicadaError
 
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
@@ -234,7 +234,7 @@ def _session(
 
 
 class CachedDecoder:
-    """Greedy steps on a decoder's cached step graph (common.generation.Decoder): the prompt
+    """Greedy steps on a decoder's cached step graph (cicada.common.generation.Decoder): the prompt
     once, then one token at a time with the keys and values so far."""
 
     def __init__(self, session: ort.InferenceSession) -> None:

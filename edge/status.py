@@ -8,7 +8,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from common.errors import CicadaError
+from cicada.common.errors import CicadaError
 
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:

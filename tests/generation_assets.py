@@ -17,7 +17,7 @@ SCALE = 12.0
 def sharp_gpt2() -> Any:
     import torch
 
-    from cloud.models import gpt2
+    from cicada.cloud.models import gpt2
 
     model = gpt2.build(**SHARP_CONFIG)
     with torch.no_grad():
@@ -31,14 +31,14 @@ def make_generation_assets(work: Path) -> dict[str, Path]:
     """Pack the sharp GPT-2 (weights from a .safetensors file) and export its edge model."""
     from safetensors.torch import save_model
 
-    from cloud.packing import pack
-    from edge.export import export_edge
+    from cicada.cloud.packing import pack
+    from cicada.edge.export import export_edge
 
     package, edge_dir, weights = work / "gen-pkg", work / "gen-edge", work / "sharp.safetensors"
     if not package.exists():
         work.mkdir(parents=True, exist_ok=True)
         save_model(sharp_gpt2(), str(weights))
-        pack("cloud.models.gpt2:build", package, config=SHARP_CONFIG, weights=weights)
+        pack("cicada.cloud.models.gpt2:build", package, config=SHARP_CONFIG, weights=weights)
     if not edge_dir.exists():
         export_edge(package, edge_dir)
     return {"package": package, "edge": edge_dir}

@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 def tiny_gpt2_config() -> dict[str, Any]:
-    from cloud.models import gpt2
+    from cicada.cloud.models import gpt2
 
     return gpt2.tiny_config()
 
@@ -53,14 +53,14 @@ def make_assets(work: Path, config: dict[str, Any] | None = None) -> dict[str, P
     """Pack a tiny GPT-2, export its edge model, save an example input. Returns the paths."""
     import numpy as np
 
-    from cloud.models import gpt2
-    from cloud.packing import pack
-    from edge.export import export_edge
+    from cicada.cloud.models import gpt2
+    from cicada.cloud.packing import pack
+    from cicada.edge.export import export_edge
 
     config = config or tiny_gpt2_config()
     package, edge_dir, x = work / "pkg", work / "edge", work / "x.npy"
     if not package.exists():
-        pack("cloud.models.gpt2:build", package, config=config)
+        pack("cicada.cloud.models.gpt2:build", package, config=config)
     if not edge_dir.exists():
         export_edge(package, edge_dir)
     np.save(x, gpt2.example_input(config).numpy())
@@ -112,7 +112,7 @@ class Stack:
                            "--heartbeat", str(self.heartbeat), *extra)  # fmt: skip
 
     def status(self) -> dict[str, Any]:
-        from edge.status import fetch_status
+        from cicada.edge.status import fetch_status
 
         return fetch_status(self.metrics_url, timeout=2.0)
 

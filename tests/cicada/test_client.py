@@ -21,6 +21,8 @@ from click.testing import CliRunner
 
 from cicada.cli import main as cli
 from cicada.client import AsyncClient, Client, CurveConfig, InvokeResult, ZmqTransport
+from cicada.common.errors import CicadaError
+from cicada.common.protocol import DEFAULT_LIMITS, Reply, Request, Status, decode, encode
 from cicada.errors import (
     BadRequest,
     ClientError,
@@ -32,8 +34,6 @@ from cicada.errors import (
     raise_for_reply,
 )
 from cicada.testing import AsyncMockTransport, MockTransport
-from common.errors import CicadaError
-from common.protocol import DEFAULT_LIMITS, Reply, Request, Status, decode, encode
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVED_BY = {"role": "edge", "worker": "echo-1", "variant": "identity"}

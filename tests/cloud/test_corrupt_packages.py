@@ -21,14 +21,14 @@ import pytest
 import torch
 import xxhash
 
-from cloud.models import gpt2
-from cloud.packing import pack
-from cloud.pipeline import ColdStart, ResidencyEvent
-from common.errors import PackageIntegrityError, PackageMismatchError
-from common.package import MANIFEST_NAME, WEIGHTS_NAME, Manifest, read_safetensors_header
+from cicada.cloud.models import gpt2
+from cicada.cloud.packing import pack
+from cicada.cloud.pipeline import ColdStart, ResidencyEvent
+from cicada.common.errors import PackageIntegrityError, PackageMismatchError
+from cicada.common.package import MANIFEST_NAME, WEIGHTS_NAME, Manifest, read_safetensors_header
 
 ROOT = Path(__file__).resolve().parents[2]
-FACTORY = "cloud.models.gpt2:build"
+FACTORY = "cicada.cloud.models.gpt2:build"
 CORRUPT_STAGE = "transformer.h.0"  # a block stage, in the middle of the file
 PROC_TIMEOUT = 120
 

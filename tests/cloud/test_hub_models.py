@@ -28,12 +28,12 @@ from click.testing import CliRunner, Result
 from torch import nn
 
 from cicada.cli import main
-from cloud import reader as reader_module
-from cloud.hub import TRANSFORMERS_FACTORY, load_transformers_dir
-from cloud.packing import pack
-from cloud.pipeline import ColdStart
-from cloud.runner import STRATEGIES
-from common.package import WEIGHTS_NAME, Manifest
+from cicada.cloud import reader as reader_module
+from cicada.cloud.hub import TRANSFORMERS_FACTORY, load_transformers_dir
+from cicada.cloud.packing import pack
+from cicada.cloud.pipeline import ColdStart
+from cicada.cloud.runner import STRATEGIES
+from cicada.common.package import WEIGHTS_NAME, Manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """
 import sys
 from pathlib import Path
-from cloud.runner import STRATEGIES, run_cold_start
+from cicada.cloud.runner import STRATEGIES, run_cold_start
 x, out, *packages = map(Path, sys.argv[1:])
 for package in packages:
     for strategy in STRATEGIES:
@@ -395,7 +395,8 @@ def test_corrupt_safetensors_is_a_clear_error(gpt2_dir: Path, tmp_path: Path) ->
         (["--transformers-class", "GPT2Config"], "has no model class 'GPT2Config'"),
         (["--transformers-class", "GPT2LMHeadModel"], "--transformers-class needs --config"),
         (["--torchvision", "resnet50", "--transformers-output", "logits"], "do not go with"),
-        (["--model", "cloud.models.gpt2:build", "--torchvision", "resnet50"], "one of --model"),
+        (["--model", "cicada.cloud.models.gpt2:build", "--torchvision", "resnet50"],
+         "one of --model"),
     ],
 )
 def test_bad_sources_are_usage_errors(args: list[str], message: str, tmp_path: Path) -> None:
@@ -434,8 +435,9 @@ def test_pack_help_explains_each_source() -> None:
 
 def test_core_never_imports_the_extras() -> None:
     code = (
-        "import sys, cicada.cli, cloud.hub, cloud.packing, cloud.pipeline, cloud.runner, "
-        "cloud.baselines, cloud.stages, cloud.miniloader; "
+        "import sys, cicada.cli, cicada.cloud.hub, cicada.cloud.packing, cicada.cloud.pipeline, "
+        "cicada.cloud.runner, "
+        "cicada.cloud.baselines, cicada.cloud.stages, cicada.cloud.miniloader; "
         "assert not {'transformers', 'torchvision'} & set(sys.modules), 'an extra was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
@@ -478,8 +480,8 @@ def test_resnet50_layout_is_cut_at_its_layers_not_inside_layer4() -> None:
     """resnet50's layer4 alone holds over half the bytes; it is one of four sibling lists of
     the same blocks, so the layers are the stages (checked here without torchvision, on
     cicada's own ResNet in resnet50's layout)."""
-    from cloud.models import resnet
-    from cloud.stages import plan_stages
+    from cicada.cloud.models import resnet
+    from cicada.cloud.stages import plan_stages
 
     model = resnet.build(layers=[3, 4, 6, 3], width=8, num_classes=10)
     state = model.state_dict()
@@ -570,8 +572,8 @@ def test_a_warm_pool_preloads_the_model_code_and_its_fork_serves(
 ) -> None:
     """`cicada pool --preload PKG` imports transformers and the model's class before any
     demand (what a forked worker would otherwise pay, ~2.5 s); its fork serves the package."""
-    from common.launch import PoolLauncher, WorkerSpec, pool_call
-    from common.protocol import Dispatch, Ready, Result, Status
+    from cicada.common.launch import PoolLauncher, WorkerSpec, pool_call
+    from cicada.common.protocol import Dispatch, Ready, Result, Status
     from tests.integration.test_chaos import StandInCoordinator
 
     socket_path = str(tmp_path / "pool.sock")
@@ -601,7 +603,7 @@ def test_export_edge_makes_a_smaller_variant_with_the_same_signature(
     """`cicada export-edge` on a transformers package: a quarter of the layers, eager
     attention, same input and output shapes as the package (checked against torch in the
     export itself), so the edge can answer what the cloud answers."""
-    from edge.onnx_model import EdgeModel
+    from cicada.edge.onnx_model import EdgeModel
 
     result = _cli("export-edge", "--package", saved.by_dir, "--out", tmp_path / "edge")
     assert result.exit_code == 0, result.output

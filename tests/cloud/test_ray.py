@@ -1,6 +1,6 @@
 """Cloud workers as Ray actors, for real: a local Ray and a two-node Ray cluster on loopback.
 
-Every worker here is a real `cloud.ray_launcher` actor running a CloudWorker for a tiny GPT-2
+Every worker here is a real `cicada.cloud.ray_launcher` actor running a CloudWorker for a tiny GPT-2
 package, registering with a real `python -m cicada coordinator` process, and answering
 requests sent through the SDK (`cicada.Client`).
 
@@ -43,9 +43,9 @@ import psutil
 import pytest
 
 from cicada.client import Client, InvokeResult, ZmqTransport
+from cicada.common.launch import WorkerSpec
+from cicada.common.protocol import ProtocolError, Reply, decode
 from cicada.errors import BadRequest, Failed, Rejected, Timeout, Unavailable
-from common.launch import WorkerSpec
-from common.protocol import ProtocolError, Reply, decode
 from tests.stack import Stack, make_assets
 
 # Ray 2.60 reads this when it is imported: a single-host cluster binds 127.0.0.1 only.
@@ -189,12 +189,12 @@ SLOW_GPT2 = dict(n_layer=2, n_head=4, n_embd=256, vocab_size=50257, block_size=6
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from cloud.packing import pack
+    from cicada.cloud.packing import pack
 
     work = tmp_path_factory.mktemp("ray-assets")
     paths = make_assets(work)
     paths["slow"] = work / "pkg-slow"
-    pack("cloud.models.gpt2:build", paths["slow"], config=SLOW_GPT2)
+    pack("cicada.cloud.models.gpt2:build", paths["slow"], config=SLOW_GPT2)
     return paths
 
 
@@ -278,11 +278,11 @@ def test_launcher_module_does_not_import_torch() -> None:
     import subprocess
     import sys
 
-    modules = ["cloud.ray_launcher"]
+    modules = ["cicada.cloud.ray_launcher"]
     with contextlib.suppress(ImportError):
         import ray.serve  # noqa: F401 - only with ray[serve]
 
-        modules.append("cloud.ray_serve")
+        modules.append("cicada.cloud.ray_serve")
     code = f"import sys, {', '.join(modules)}; assert 'torch' not in sys.modules, 'torch!'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
@@ -314,7 +314,7 @@ def test_coordinator_refuses_an_unreachable_ray_cluster(
 def test_actor_worker_serves_through_the_sdk_and_drains(
     local_ray: None, stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:
-    from cloud.ray_launcher import RayLauncher
+    from cicada.cloud.ray_launcher import RayLauncher
 
     stack.coordinator()
     launcher = RayLauncher()
@@ -362,7 +362,7 @@ def test_every_ray_port_is_on_loopback(cluster: TwoNodes) -> None:
 def test_actor_is_placed_by_resource_and_by_label(
     cluster: TwoNodes, stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:
-    from cloud.ray_launcher import RayLauncher
+    from cicada.cloud.ray_launcher import RayLauncher
 
     stack.coordinator()
     by_resource = RayLauncher(resources={"cloud": 1})
@@ -616,7 +616,7 @@ def test_worker_killed_under_load_is_relaunched(
     wait_until(lambda: not named_actors(), "no actor left behind the coordinator", 30)
 
 
-# -- Ray Serve: the deployment behind cloud.ray_serve:app -----------------------------------------
+# -- Ray Serve: the deployment behind cicada.cloud.ray_serve:app ---------------------------------
 
 
 def test_serve_deployment_scales_from_zero_and_back(
@@ -629,7 +629,7 @@ def test_serve_deployment_scales_from_zero_and_back(
     import urllib.request
 
     serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (ray[serve])")
-    from cloud.ray_serve import deployment
+    from cicada.cloud.ray_serve import deployment
     from tests.stack import free_port
 
     stack.coordinator()

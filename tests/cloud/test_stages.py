@@ -15,12 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from cloud.miniloader import build_model
-from cloud.models import bert, gpt2, resnet
-from cloud.packing import pack
-from cloud.stages import plan_stages
-from common.errors import StagingError
-from common.package import Manifest
+from cicada.cloud.miniloader import build_model
+from cicada.cloud.models import bert, gpt2, resnet
+from cicada.cloud.packing import pack
+from cicada.cloud.stages import plan_stages
+from cicada.common.errors import StagingError
+from cicada.common.package import Manifest
 from tests.cloud import toy_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +47,7 @@ CASES: dict[str, Case] = {
         [["0"], ["2"], ["4"]],
     ),
     "gpt2": Case(
-        "cloud.models.gpt2:build",
+        "cicada.cloud.models.gpt2:build",
         gpt2.tiny_config(),
         lambda: gpt2.example_input(gpt2.tiny_config(), batch=2),
         "blocks",
@@ -60,14 +60,14 @@ CASES: dict[str, Case] = {
         ],
     ),
     "bert": Case(
-        "cloud.models.bert:build",
+        "cicada.cloud.models.bert:build",
         bert.tiny_config(),
         lambda: bert.example_input(bert.tiny_config(), batch=2),
         "blocks",
         ["pre", "layers.0", "layers.1", "post"],
     ),
     "resnet": Case(
-        "cloud.models.resnet:build",
+        "cicada.cloud.models.resnet:build",
         resnet.tiny_config(),
         lambda: resnet.example_input(resnet.tiny_config(), batch=2, size=32),
         "children",

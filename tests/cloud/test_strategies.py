@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.packing import pack
-from cloud.pipeline import ColdStart
+from cicada.cloud.packing import pack
+from cicada.cloud.pipeline import ColdStart
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ["gpt2", "bert", "resnet"]
@@ -25,10 +25,10 @@ STRATEGIES = ["cicada", "naive", "pisel", "meta"]
 
 
 def _tiny(name: str) -> tuple[str, dict[str, Any], Any]:
-    module = importlib.import_module(f"cloud.models.{name}")
+    module = importlib.import_module(f"cicada.cloud.models.{name}")
     config = module.tiny_config()
     kwargs = {"size": 32} if name == "resnet" else {}
-    return f"cloud.models.{name}:build", config, module.example_input(config, **kwargs)
+    return f"cicada.cloud.models.{name}:build", config, module.example_input(config, **kwargs)
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -38,7 +38,7 @@ def packaged(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
     work = tmp_path_factory.mktemp(name)
     pack(factory, work / "pkg", config=config)
     np.save(work / "x.npy", example.numpy())
-    module = importlib.import_module(f"cloud.models.{name}")
+    module = importlib.import_module(f"cicada.cloud.models.{name}")
     with torch.inference_mode():
         expected = module.build(**config)(example)
     return work, expected
@@ -65,7 +65,7 @@ def test_cold_start_is_zero_copy_keeps_ties_and_rebuilds_buffers(tmp_path: Path)
     cold.build()
     out = cold.forward(example)
     model = cold.model
-    eager = importlib.import_module("cloud.models.gpt2").build(**config)
+    eager = importlib.import_module("cicada.cloud.models.gpt2").build(**config)
 
     # Tied weights stay one Parameter, as the eager constructor made them.
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -90,7 +90,7 @@ def test_forward_starts_before_the_last_stage_is_resident(tmp_path: Path) -> Non
     unread. The reader is held back by a gate so the order is deterministic, not timed."""
     import threading
 
-    from cloud import reader as reader_module
+    from cicada.cloud import reader as reader_module
 
     factory, config, example = _tiny("gpt2")
     pack(factory, tmp_path / "pkg", config=config)
@@ -130,7 +130,7 @@ def test_forward_starts_before_the_last_stage_is_resident(tmp_path: Path) -> Non
     assert "stage" in observed, "the forward never started while stage 1 was unread"
     assert observed["stage1_resident"] is False
     with torch.inference_mode():
-        eager = importlib.import_module("cloud.models.gpt2").build(**config)
+        eager = importlib.import_module("cicada.cloud.models.gpt2").build(**config)
         assert torch.equal(out, eager(example))
 
 
@@ -142,6 +142,6 @@ def test_cuda_cold_start_matches_eager_on_gpu(tmp_path: Path) -> None:
     cold = ColdStart(tmp_path / "pkg", device="cuda")
     cold.build()
     out = cold.forward(example.cuda())
-    eager = importlib.import_module("cloud.models.gpt2").build(**config).cuda()
+    eager = importlib.import_module("cicada.cloud.models.gpt2").build(**config).cuda()
     with torch.inference_mode():
         assert torch.equal(out, eager(example.cuda()))

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.generate import context_of, decoder_for
-from common.generation import (
+from cicada.cloud.generate import context_of, decoder_for
+from cicada.common.generation import (
     MAX_NEW_TOKENS,
     GenerationError,
     GenerationRequest,
@@ -138,7 +138,7 @@ def test_a_packed_transformers_decoder_generates_with_its_cache(tmp_path: Path) 
     """A model from `cicada pack --transformers` (its forward hook returns bare logits) still
     hands its cache to the decoder, and decodes exactly as the library's generate()."""
     reference = sharp_hf_gpt2(seed=1)
-    from cloud.hub import load_transformers_dir
+    from cicada.cloud.hub import load_transformers_dir
 
     reference.save_pretrained(tmp_path)
     packed, _, _ = load_transformers_dir(tmp_path)
@@ -150,7 +150,7 @@ def test_a_packed_transformers_decoder_generates_with_its_cache(tmp_path: Path) 
 
 
 def test_limits_are_read_from_flat_and_nested_configs() -> None:
-    from common.generation import limits_of
+    from cicada.common.generation import limits_of
 
     assert limits_of({"block_size": 64, "vocab_size": 97, "n_layer": 1}) == (64, 97)
     nested = {"class_name": "GPT2LMHeadModel", "config": {"n_positions": 512, "vocab_size": 61}}

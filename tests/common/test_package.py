@@ -15,10 +15,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from cloud.models import gpt2
-from cloud.packing import pack
-from common.errors import PackageError, PackageFormatError, PackageIntegrityError
-from common.package import (
+from cicada.cloud.models import gpt2
+from cicada.cloud.packing import pack
+from cicada.common.errors import PackageError, PackageFormatError, PackageIntegrityError
+from cicada.common.package import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     MAX_SAFETENSORS_HEADER,
@@ -28,7 +28,7 @@ from common.package import (
     read_safetensors_header,
 )
 
-FACTORY = "cloud.models.gpt2:build"
+FACTORY = "cicada.cloud.models.gpt2:build"
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from common.errors import CicadaError
-from common.protocol import (
+from cicada.common.errors import CicadaError
+from cicada.common.protocol import (
     DEFAULT_LIMITS,
     DTYPES,
     MAX_TIMEOUT_MS,

@@ -284,7 +284,7 @@ def serve_config(item: Item) -> dict[str, Any]:
 def test_rayservice_serves_cicada_and_scales_to_zero(item: Item) -> None:
     config = serve_config(item)
     apps = config["applications"]
-    assert [a["import_path"] for a in apps] == ["cloud.ray_serve:app"]
+    assert [a["import_path"] for a in apps] == ["cicada.cloud.ray_serve:app"]
     for app in apps:
         env = app.get("runtime_env", {}).get("env_vars", {})
         assert re.fullmatch(r"tcp://[\w.-]+:\d+", env.get("CICADA_COORDINATOR", ""))

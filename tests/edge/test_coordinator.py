@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from common.protocol import (
+from cicada.common.protocol import (
     Disconnect,
     Dispatch,
     Heartbeat,
@@ -29,7 +29,7 @@ from common.protocol import (
     decode,
     encode,
 )
-from edge.coordinator import Coordinator, CoordinatorConfig
+from cicada.edge.coordinator import Coordinator, CoordinatorConfig
 
 
 class FakeClock:

@@ -23,10 +23,10 @@ import zmq
 import zmq.auth
 
 from cicada.client import Client, CurveConfig
+from cicada.common.errors import CicadaError
+from cicada.common.protocol import Request, encode
+from cicada.common.sockets import CurveKeys
 from cicada.errors import Timeout, TransportError
-from common.errors import CicadaError
-from common.protocol import Request, encode
-from common.sockets import CurveKeys
 from tests.stack import ROOT, Stack, make_assets
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")

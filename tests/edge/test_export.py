@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.models import bert, gpt2, resnet
-from cloud.packing import pack
-from edge.export import (
+from cicada.cloud.models import bert, gpt2, resnet
+from cicada.cloud.packing import pack
+from cicada.edge.export import (
     FP32_MAX_ABS,
     INT8_REL_TOL,
     EdgeExportError,
@@ -34,7 +34,7 @@ from edge.export import (
     edge_config_for,
     export_edge,
 )
-from edge.onnx_model import INFO_NAME, INT8_NAME, ONNX_NAME, EdgeModel, EdgeModelError
+from cicada.edge.onnx_model import INFO_NAME, INT8_NAME, ONNX_NAME, EdgeModel, EdgeModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "resnet": resnet}
@@ -69,7 +69,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
     result = {}
     for name, module in MODELS.items():
         package = root / f"pkg-{name}"
-        pack(f"cloud.models.{name}:build", package, config=module.tiny_config())
+        pack(f"cicada.cloud.models.{name}:build", package, config=module.tiny_config())
         export_edge(package, root / f"edge-{name}", int8=True)
         result[name] = Exported(name, package, root / f"edge-{name}")
     return result
@@ -166,22 +166,24 @@ def test_package_tensors_are_copied_for_surviving_layers(exported: dict[str, Exp
     for name, tensor in edge_state.items():
         assert torch.equal(tensor, full_state[name]), name
     # without a package the variant keeps its own seeded init (c_proj's init depends on depth)
-    seeded, copied = build_edge_variant("cloud.models.gpt2:build", model.info["edge_config"])
+    seeded, copied = build_edge_variant("cicada.cloud.models.gpt2:build", model.info["edge_config"])
     assert copied == 0
     key = "transformer.h.0.attn.c_proj.weight"
     assert not torch.equal(seeded.state_dict()[key], full_state[key])
 
 
 def test_default_shrink_rules_and_overrides() -> None:
-    cfg, variant = edge_config_for("cloud.models.gpt2:build", {})
+    cfg, variant = edge_config_for("cicada.cloud.models.gpt2:build", {})
     assert cfg == {"n_layer": 6} and variant == "gpt2-edge-L6"
-    cfg, variant = edge_config_for("cloud.models.gpt2:build", gpt2.tiny_config())
+    cfg, variant = edge_config_for("cicada.cloud.models.gpt2:build", gpt2.tiny_config())
     assert cfg["n_layer"] == 1 and cfg["vocab_size"] == 97 and variant == "gpt2-edge-L1"
-    cfg, variant = edge_config_for("cloud.models.bert:build", {})
+    cfg, variant = edge_config_for("cicada.cloud.models.bert:build", {})
     assert cfg == {"num_hidden_layers": 3} and variant == "bert-edge-L3"
-    cfg, variant = edge_config_for("cloud.models.resnet:build", {"width": 16})
+    cfg, variant = edge_config_for("cicada.cloud.models.resnet:build", {"width": 16})
     assert cfg == {"width": 16, "layers": [1, 1, 1, 1]} and variant == "resnet-edge-L1111"
-    cfg, variant = edge_config_for("cloud.models.gpt2:build", {}, {"n_layer": 2, "n_embd": 512})
+    cfg, variant = edge_config_for(
+        "cicada.cloud.models.gpt2:build", {}, {"n_layer": 2, "n_embd": 512}
+    )
     assert cfg == {"n_layer": 2, "n_embd": 512} and variant == "gpt2-edge-L2"
 
 
@@ -226,7 +228,7 @@ def test_inputs_are_validated_against_the_graph(exported: dict[str, Exported]) -
 
 
 def test_loader_does_not_import_torch() -> None:
-    code = "import edge.onnx_model, sys; assert 'torch' not in sys.modules"
+    code = "import cicada.edge.onnx_model, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
@@ -249,8 +251,8 @@ def test_a_decoder_exports_a_cached_step_graph_that_decodes_as_recomputing(
     """GPT-2's edge export carries decoder.onnx (ids + past -> logits + present): greedy decoding
     with it equals recomputing the whole sequence with model.onnx, and it is checked against
     torch before it is written."""
-    from common.generation import GenerationRequest, RecomputeDecoder, generate
-    from edge.onnx_model import EdgeModel
+    from cicada.common.generation import GenerationRequest, RecomputeDecoder, generate
+    from cicada.edge.onnx_model import EdgeModel
     from tests.generation_assets import make_generation_assets
 
     assets = make_generation_assets(tmp_path)

@@ -6,7 +6,7 @@ up, answer every valid request exactly once with OK, answer BAD_REQUEST to malfo
 whose id is readable, and count exactly the messages it dropped in
 `cicada_malformed_messages_total` (docs/PROTOCOL.md, sections 5 and 9).
 
-What the coordinator does with each message is predicted with `common.protocol.decode`, the
+What the coordinator does with each message is predicted with `cicada.common.protocol.decode`, the
 function it runs itself: a ProtocolError, or a REPLY/PARTIAL/DISPATCH (which only the
 coordinator sends), is counted as malformed; a message that decodes as READY is not sent (it
 would register a fake worker that takes real requests). Any other exception from `decode`
@@ -36,8 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cicada.client import Client
-from cicada.errors import Unavailable
-from common.protocol import (
+from cicada.common.protocol import (
     MAX_TIMEOUT_MS,
     SIGNATURE,
     Command,
@@ -54,6 +53,7 @@ from common.protocol import (
     decode,
     encode,
 )
+from cicada.errors import Unavailable
 from tests.stack import Stack, make_assets
 
 MODEL = "gpt2"

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from common.protocol import (
+from cicada.common.protocol import (
     Cancel,
     Dispatch,
     Heartbeat,

@@ -37,8 +37,8 @@ import psutil
 import pytest
 import zmq
 
-from common.launch import LaunchError, WorkerSpec
-from common.protocol import (
+from cicada.common.launch import LaunchError, WorkerSpec
+from cicada.common.protocol import (
     Dispatch,
     Ready,
     Reply,
@@ -50,9 +50,9 @@ from common.protocol import (
     decode,
     encode,
 )
-from edge.config import ConfigError, ModelConfig, load_config
-from edge.coordinator import Coordinator, CoordinatorConfig
-from edge.lifecycle import Lifecycle
+from cicada.edge.config import ConfigError, ModelConfig, load_config
+from cicada.edge.coordinator import Coordinator, CoordinatorConfig
+from cicada.edge.lifecycle import Lifecycle
 from tests.stack import process_cmdline, process_running
 
 MODEL = "m"
@@ -1090,7 +1090,7 @@ def test_pool_forks_workers_and_stops_with_the_coordinator(
 
 
 def test_pool_launcher_creates_its_log_dir(tmp_path: Path) -> None:
-    from common.launch import PoolLauncher
+    from cicada.common.launch import PoolLauncher
 
     launcher = PoolLauncher(str(tmp_path / "pool.sock"), log_dir=str(tmp_path / "new" / "logs"))
     try:

@@ -34,8 +34,7 @@ import pytest
 import zmq
 
 from cicada.client import AsyncClient, AsyncZmqTransport, Client, InvokeResult, ZmqTransport
-from cicada.errors import BadRequest, ClientError, Failed, Rejected, Timeout, Unavailable
-from common.protocol import (
+from cicada.common.protocol import (
     Disconnect,
     Dispatch,
     Heartbeat,
@@ -49,6 +48,7 @@ from common.protocol import (
     decode,
     encode,
 )
+from cicada.errors import BadRequest, ClientError, Failed, Rejected, Timeout, Unavailable
 from tests.stack import ROOT, Stack, make_assets
 
 MODEL = "gpt2"
@@ -69,12 +69,12 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny GPT-2 package, its ONNX edge model and an input; plus a bigger package that
     loads slowly. The edge model comes from the tiny package either way: its token ids (< 97)
     are valid for both, and routing, not output equality, is what is tested here."""
-    from cloud.packing import pack
+    from cicada.cloud.packing import pack
 
     work = tmp_path_factory.mktemp("chaos-assets")
     paths = make_assets(work)
     paths["big"] = work / "pkg-big"
-    pack("cloud.models.gpt2:build", paths["big"], config=BIG_GPT2)
+    pack("cicada.cloud.models.gpt2:build", paths["big"], config=BIG_GPT2)
     return paths
 
 

