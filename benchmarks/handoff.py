@@ -177,7 +177,7 @@ def machine_info() -> dict[str, Any]:
     # The code measured: these files change while other work goes on; name the exact bytes.
     info["source_sha256"] = {
         name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:16]
-        for name in ("edge/coordinator.py", "edge/policy.py", "common/worker.py",
+        for name in ("edge/coordinator/broker.py", "edge/coordinator/policy.py", "common/worker.py",
                      "common/protocol.py", "cicada/client.py", "cloud/service.py")
         if (ROOT / name).exists()
     }  # fmt: skip
@@ -1493,7 +1493,8 @@ def _frames(message: Any, identity: bytes) -> list[Any]:
 def coordinator_logic_cost(
     queued: int, n: int, agents: int = 2, capacity: int = 4, profile: bool = False
 ) -> dict[str, Any]:
-    """CPU per request of edge/coordinator.py's own logic, in this process, without sockets.
+    """CPU per request of the coordinator's own logic (edge/coordinator/), in this process,
+    without sockets.
 
     Steady state of a loaded coordinator: every agent slot is busy and `queued` requests wait.
     One cycle = a RESULT comes in (handle, expire_requests, dispatch: a waiting request takes
@@ -1506,7 +1507,7 @@ def coordinator_logic_cost(
     from collections import deque
 
     from cicada.common.protocol import Role, Status
-    from cicada.edge.coordinator import Coordinator, CoordinatorConfig
+    from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
 
     x = np.arange(16, dtype=np.float32).reshape(1, 16)
     sink = _Sink()

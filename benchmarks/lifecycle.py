@@ -7,9 +7,9 @@ keep-alive vs lazy keep-warm on a bursty trace.
     python3 benchmarks/lifecycle.py --quick                 # tiny model, 1 run: a smoke test
 
 Every role is a real process: `python -m cicada coordinator --config cicada.toml` (via
-tests/stack.py) starts, keeps and stops the cloud workers itself (edge/lifecycle.py); this script
-is only the load generator and the stopwatch. There is no edge agent, so what is timed is the
-cloud's own first answer.
+tests/stack.py) starts, keeps and stops the cloud workers itself
+(edge/coordinator/lifecycle.py); this script is only the load generator and the stopwatch.
+There is no edge agent, so what is timed is the cloud's own first answer.
 
 A. First cloud answer from zero. One coordinator per launcher, all started before measuring and
    idle at zero workers: `process` (a cold `python -m cicada cloud` per launch), `pool` (the warm

@@ -125,7 +125,7 @@ class LocalStack:
         )
 
     def wait(self, predicate: Any, what: str, timeout: float = 60.0) -> dict[str, Any]:
-        from cicada.edge.status import fetch_status
+        from cicada.edge.coordinator.status import fetch_status
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -258,7 +258,7 @@ def _serve_burst(
     from rich.progress import BarColumn, Progress, TextColumn
     from rich.table import Table
 
-    from cicada.edge.status import fetch_status
+    from cicada.edge.coordinator.status import fetch_status
 
     outcomes: list[Outcome] = []
     outputs: dict[int, list[Any]] = {}

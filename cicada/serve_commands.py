@@ -118,11 +118,11 @@ def coordinator(
     With --config it also runs the serverless lifecycle: the first request for a configured
     model launches a cloud worker, idle workers drain and stop after their keep-alive."""
     _logging(log_level)
-    from cicada.edge.coordinator import Coordinator, CoordinatorConfig
+    from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
 
     file = None
     if config_path is not None:
-        from cicada.edge.config import load_config
+        from cicada.edge.coordinator.config import load_config
 
         try:
             file = load_config(config_path)
@@ -180,7 +180,7 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
     import tempfile
 
     from cicada.common.launch import PoolLauncher, ProcessLauncher, WorkerSpec
-    from cicada.edge.lifecycle import Lifecycle
+    from cicada.edge.coordinator.lifecycle import Lifecycle
 
     c = file.coordinator
     log_dir = str(c.log_dir) if c.log_dir else None
@@ -403,7 +403,7 @@ def cloud(
 @click.option("--json", "as_json", is_flag=True, help="Print the parsed metrics as JSON.")
 def status(url: str, as_json: bool) -> None:
     """Show a coordinator's workers, queues and request outcomes (from its /metrics)."""
-    from cicada.edge.status import fetch_status, render_status
+    from cicada.edge.coordinator.status import fetch_status, render_status
 
     try:
         snapshot = fetch_status(url)

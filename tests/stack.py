@@ -112,7 +112,7 @@ class Stack:
                            "--heartbeat", str(self.heartbeat), *extra)  # fmt: skip
 
     def status(self) -> dict[str, Any]:
-        from cicada.edge.status import fetch_status
+        from cicada.edge.coordinator.status import fetch_status
 
         return fetch_status(self.metrics_url, timeout=2.0)
 

@@ -26,8 +26,9 @@ def test_edge_and_common_never_import_torch() -> None:
     code = (
         "import sys, cicada, cicada.common.package, cicada.common.errors, cicada.common.protocol, "
         "cicada.common.worker, cicada.common.factory, cicada.cloud.reader, cicada.cloud.timeline, "
-        "cicada.edge.agent, cicada.edge.coordinator, cicada.edge.onnx_model, "
-        "cicada.edge.status, cicada.client, cicada.cli; "
+        "cicada.edge.agent, cicada.edge.coordinator, cicada.edge.coordinator.broker, "
+        "cicada.edge.coordinator.lifecycle, cicada.edge.coordinator.config, "
+        "cicada.edge.onnx_model, cicada.edge.coordinator.status, cicada.client, cicada.cli; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -29,7 +29,7 @@ from cicada.common.protocol import (
     decode,
     encode,
 )
-from cicada.edge.coordinator import Coordinator, CoordinatorConfig
+from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
 
 
 class FakeClock:

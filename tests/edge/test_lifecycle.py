@@ -1,4 +1,4 @@
-"""The serverless lifecycle of cloud workers (edge/lifecycle.py, edge/config.py).
+"""The serverless lifecycle of cloud workers (edge/coordinator/lifecycle.py and config.py).
 
 Three layers:
 
@@ -50,9 +50,9 @@ from cicada.common.protocol import (
     decode,
     encode,
 )
-from cicada.edge.config import ConfigError, ModelConfig, load_config
-from cicada.edge.coordinator import Coordinator, CoordinatorConfig
-from cicada.edge.lifecycle import Lifecycle
+from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
+from cicada.edge.coordinator.config import ConfigError, ModelConfig, load_config
+from cicada.edge.coordinator.lifecycle import Lifecycle
 from tests.stack import process_cmdline, process_running
 
 MODEL = "m"

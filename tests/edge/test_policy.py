@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from cicada.edge.policy import CRITICAL, NORMAL, QUALITY, Route, SideView, choose
+from cicada.edge.coordinator.policy import CRITICAL, NORMAL, QUALITY, Route, SideView, choose
 
 EDGE = SideView(workers=1, capacity=2, inflight=0, queued=0, compute_s=0.01)
 NO_EDGE = SideView(workers=0, capacity=0, inflight=0, queued=0, compute_s=0.01)

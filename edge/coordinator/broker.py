@@ -49,9 +49,9 @@ from cicada.common.protocol import (
     unpack_body,
 )
 from cicada.common.sockets import configure
-from cicada.edge.lifecycle import Lifecycle
-from cicada.edge.metrics import CoordinatorMetrics
-from cicada.edge.policy import (
+from cicada.edge.coordinator.lifecycle import Lifecycle
+from cicada.edge.coordinator.metrics import CoordinatorMetrics
+from cicada.edge.coordinator.policy import (
     DEFAULT_CLOUD_COMPUTE_S,
     DEFAULT_EDGE_COMPUTE_S,
     DEFAULT_NETWORK_S,

@@ -17,7 +17,7 @@
     min_workers = 0                    # 0: scale to zero when idle
     max_workers = 2
     keep_alive_s = 30.0                # idle time before a worker drains and stops
-    keep_warm = "lazy"                 # fixed | lazy (see edge/lifecycle.py)
+    keep_warm = "lazy"                 # fixed | lazy (see edge/coordinator/lifecycle.py)
     lazy_threshold = 1                 # lazy: change the warm count only by this much or more
     start_timeout_s = 120.0            # a worker that has not registered by then is killed
     expected_start_s = 3.0             # cold-start estimate until one is measured

@@ -30,10 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 from cicada.common.launch import Launcher, LaunchError, WorkerHandle, WorkerSpec
 from cicada.common.protocol import Role
-from cicada.edge.config import ModelConfig
+from cicada.edge.coordinator.config import ModelConfig
 
 if TYPE_CHECKING:
-    from cicada.edge.coordinator import Coordinator
+    from cicada.edge.coordinator.broker import Coordinator
 
 log = logging.getLogger("cicada.lifecycle")
 
