@@ -177,8 +177,10 @@ def machine_info() -> dict[str, Any]:
     # The code measured: these files change while other work goes on; name the exact bytes.
     info["source_sha256"] = {
         name: hashlib.sha256((ROOT / name).read_bytes()).hexdigest()[:16]
-        for name in ("edge/coordinator/broker.py", "edge/coordinator/policy.py", "common/worker.py",
-                     "common/protocol.py", "cicada/client.py", "cloud/service.py")
+        for name in ("edge/coordinator/broker.py", "edge/coordinator/registry.py",
+                     "edge/coordinator/scheduler.py", "edge/coordinator/relay.py",
+                     "edge/coordinator/policy.py", "common/worker.py", "common/protocol.py",
+                     "cicada/client.py", "cloud/service.py")
         if (ROOT / name).exists()
     }  # fmt: skip
     with contextlib.suppress(OSError, subprocess.SubprocessError):

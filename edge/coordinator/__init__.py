@@ -2,7 +2,10 @@
 
 One module per concept (docs/PROTOCOL.md describes the wire side):
 
-* `broker`: the Coordinator, its socket loop and CURVE setup
+* `broker`: the Coordinator, its socket loop and CURVE setup; it composes the rest
+* `registry`: the registered workers, their state, residency and slots
+* `scheduler`: admission, the per-priority queues and deadlines, the refusal replies
+* `relay`: streamed generations, and their handoff from an edge agent to the cloud
 * `policy`: where a request should run, a pure function of snapshots
 * `lifecycle`: launching and stopping cloud workers on demand
 * `config`: the coordinator's TOML configuration file
@@ -15,24 +18,17 @@ resolved on first use: importing `cicada.edge.coordinator.status` (for `cicada s
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig, RawTensor
 
-_EXPORTS = {
-    "Coordinator": "cicada.edge.coordinator.broker",
-    "CoordinatorConfig": "cicada.edge.coordinator.broker",
-    "RawTensor": "cicada.edge.coordinator.broker",
-}
+__all__ = ["Coordinator", "CoordinatorConfig", "RawTensor"]
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
+    if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    from cicada.edge.coordinator import broker
 
-
-__all__ = ["Coordinator", "CoordinatorConfig", "RawTensor"]
+    return getattr(broker, name)

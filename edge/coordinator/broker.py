@@ -1,9 +1,12 @@
-"""The coordinator: one ROUTER between clients and the edge agents / cloud workers.
+"""The coordinator's broker: one ROUTER between clients and the edge agents / cloud workers.
 
-Majordomo-shaped (docs/PROTOCOL.md). Per model it keeps the registered workers of each role
-with their state and residency, and bounded per-priority queues. Every decoded REQUEST ends
-in exactly one REPLY: the worker's result, or TIMEOUT / REJECTED / UNAVAILABLE / BAD_REQUEST.
-Tensor frames are validated and forwarded as they are, never copied into arrays here.
+Majordomo-shaped (docs/PROTOCOL.md). The broker owns the socket (and CURVE), the loop and the
+metrics server, and composes what it holds: the `Registry` of workers of each role with their
+state and residency, the `Scheduler`'s bounded per-priority queues and deadlines, and the
+`GenerationRelay` of streamed tokens; `policy.choose` decides the routes. Every decoded REQUEST
+ends in exactly one REPLY: the worker's result, or TIMEOUT / REJECTED / UNAVAILABLE /
+BAD_REQUEST. Tensor frames are validated and forwarded as they are, never copied into arrays
+here.
 
 Methods are named for intent, after the Majordomo broker: `dispatch` routes queued work,
 `purge_workers` drops the silent, `expire_requests` answers what ran out of time.
@@ -11,21 +14,17 @@ Methods are named for intent, after the Majordomo broker: `dispatch` routes queu
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import zmq
 
-from cicada.common.generation import GenerationError, check_options
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
@@ -44,7 +43,6 @@ from cicada.common.protocol import (
     Status,
     WorkerState,
     decode,
-    decode_tensor,
     encode,
     unpack_body,
 )
@@ -60,6 +58,9 @@ from cicada.edge.coordinator.policy import (
     SideView,
     choose,
 )
+from cicada.edge.coordinator.registry import Registry, WorkerInfo
+from cicada.edge.coordinator.relay import GenerationRelay
+from cicada.edge.coordinator.scheduler import Pending, Refusal, Scheduler
 
 log = logging.getLogger("cicada.coordinator")
 
@@ -78,65 +79,6 @@ class CoordinatorConfig:
     limits: Limits = DEFAULT_LIMITS
 
 
-@dataclass
-class WorkerInfo:
-    identity: bytes
-    role: Role
-    name: str
-    models: list[str]
-    variant: str
-    capacity: int
-    state: WorkerState
-    expires_at: float
-    resident_stages: int = 0
-    total_stages: int = 0
-    eta_s: float | None = None
-    compute_s: float | None = None
-    inflight: dict[str, Pending] = field(default_factory=dict)
-
-    @property
-    def accepting(self) -> bool:
-        return self.state is not WorkerState.DRAINING
-
-    @property
-    def free(self) -> int:
-        return self.capacity - len(self.inflight) if self.accepting else 0
-
-    def update(self, m: Ready | Heartbeat) -> None:
-        if m.state is not None:
-            self.state = m.state
-        self.resident_stages, self.total_stages = m.resident_stages, m.total_stages
-        self.eta_s = m.eta_s
-        if m.compute_s is not None:
-            self.compute_s = m.compute_s
-
-
-@dataclass
-class Pending:
-    key: str
-    client: bytes
-    request: Request
-    arrived: float
-    deadline: float | None
-    route: Route | None = None
-    worker: bytes | None = None
-    dispatched_at: float | None = None
-    # Generation (options.max_new_tokens): tokens streamed so far, and who produced them.
-    tokens: list[int] = field(default_factory=list)
-    segments: list[dict[str, Any]] = field(default_factory=list)
-    seq: int = 0  # the next PARTIAL's number, to the client
-
-    def remaining(self, now: float) -> float | None:
-        return None if self.deadline is None else self.deadline - now
-
-    @property
-    def generating(self) -> bool:
-        return "max_new_tokens" in self.request.options
-
-    def tokens_left(self) -> int:
-        return int(self.request.options["max_new_tokens"]) - len(self.tokens)
-
-
 class Coordinator:
     def __init__(
         self,
@@ -145,13 +87,11 @@ class Coordinator:
     ) -> None:
         self.config = config or CoordinatorConfig()
         self.clock = clock
-        self.workers: dict[bytes, WorkerInfo] = {}
-        self.pending: dict[str, Pending] = {}
-        # model -> priority -> queue of pending keys (bounded by config.queue_limit)
-        self.queues: dict[str, dict[int, deque[str]]] = {}
-        self._deadlines: list[tuple[float, str]] = []
-        self._ids = itertools.count()
-        self._edge_generations: set[str] = set()  # keys generating on an edge agent now
+        self.registry = Registry(self.config.heartbeat_interval * self.config.liveness)
+        self.scheduler = Scheduler(
+            self.config.queue_limit, int(self.config.retry_after_s * 1000), self._known_model
+        )
+        self.relay = GenerationRelay(self.config.limits)
         self.metrics = CoordinatorMetrics()
         self.malformed = 0
         self.stop_event = threading.Event()
@@ -161,6 +101,18 @@ class Coordinator:
         self._auth: Any = None
         self._metrics_server: Any = None
         self.lifecycle: Lifecycle | None = None  # set to launch/stop cloud workers on demand
+
+    @property
+    def workers(self) -> dict[bytes, WorkerInfo]:
+        return self.registry.workers
+
+    @property
+    def pending(self) -> dict[str, Pending]:
+        return self.scheduler.pending
+
+    @property
+    def queues(self) -> dict[str, dict[int, deque[str]]]:
+        return self.scheduler.queues
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -212,7 +164,7 @@ class Coordinator:
         try:
             while not self.stop_event.is_set():
                 now = self.clock()
-                wait = min(next_beat, self._next_deadline(now + interval)) - now
+                wait = min(next_beat, self.scheduler.next_deadline(now + interval)) - now
                 if poller.poll(int(max(0.0, min(wait, 0.1) * 1000))):
                     # Drain what is there before doing the bookkeeping once.
                     for _ in range(256):
@@ -268,9 +220,7 @@ class Coordinator:
             self._answer_malformed(identity, body, exc)
             return
         now = self.clock()
-        worker = self.workers.get(identity)
-        if worker is not None:
-            worker.expires_at = now + self.config.heartbeat_interval * self.config.liveness
+        worker = self.registry.seen(identity, now)
         if isinstance(message, Request):
             self.accept_request(identity, message, now)
         elif isinstance(message, Ready):
@@ -281,7 +231,7 @@ class Coordinator:
             else:
                 self._note_ready(worker, message.state, now)
                 worker.update(message)
-                self.metrics.set_workers(self.workers.values())
+                self.metrics.set_workers(self.registry.workers.values())
         elif isinstance(message, Result):
             if worker is None:
                 self._send(identity, Disconnect(reason="unknown worker: register again"))
@@ -307,15 +257,8 @@ class Coordinator:
                 doc: Any = unpack_body(bytes(body[2]), self.config.limits, tolerate_ext=True)
                 if isinstance(doc, dict) and isinstance(doc.get("id"), str):
                     model = doc.get("model") if isinstance(doc.get("model"), str) else "?"
-                    self._reply(
-                        identity,
-                        Reply(
-                            id=doc["id"],
-                            status=Status.BAD_REQUEST,
-                            error=f"malformed request: {exc}",
-                        ),
-                        str(model),
-                    )
+                    refusal = Refusal(Status.BAD_REQUEST, f"malformed request: {exc}")
+                    self._reply(identity, refusal.reply(doc["id"]), str(model))
         except Exception:  # the frames are garbage: dropping them is the answer
             pass
 
@@ -327,134 +270,53 @@ class Coordinator:
     # -- requests ----------------------------------------------------------------------------
 
     def accept_request(self, client: bytes, request: Request, now: float) -> None:
-        model = request.model
-        if "max_new_tokens" in request.options:
-            try:
-                check_options(request.options)
-            except GenerationError as exc:
-                reply = Reply(id=request.id, status=Status.BAD_REQUEST, error=str(exc))
-                self._reply(client, reply, model)
-                return
-        if request.priority not in PRIORITIES:
-            self._reply(
-                client,
-                Reply(
-                    id=request.id,
-                    status=Status.BAD_REQUEST,
-                    error=f"priority must be one of {PRIORITIES}",
-                ),
-                model,
-            )
-            return
-        if not self._known_model(model):
-            self._reply(
-                client,
-                Reply(
-                    id=request.id,
-                    status=Status.UNAVAILABLE,
-                    error=f"no edge agent or cloud worker serves {model!r}",
-                    retry_after_ms=int(self.config.retry_after_s * 1000),
-                ),
-                model,
-            )
-            return
-        queue = self.queues.setdefault(model, {p: deque() for p in PRIORITIES})[request.priority]
-        if len(queue) >= self.config.queue_limit:
-            self._reply(
-                client,
-                Reply(
-                    id=request.id,
-                    status=Status.REJECTED,
-                    error=f"queue for {model} priority {request.priority} is full",
-                    retry_after_ms=int(self.config.retry_after_s * 1000),
-                ),
-                model,
-            )
-            return
-        if request.timeout_ms is not None and request.timeout_ms <= 0:
-            self._reply(
-                client,
-                Reply(
-                    id=request.id,
-                    status=Status.TIMEOUT,
-                    error="deadline passed before the request arrived",
-                ),
-                model,
-            )
+        admitted = self.scheduler.admit(client, request, now)
+        if isinstance(admitted, Refusal):
+            self._refuse(client, request, admitted)
             return
         if self.lifecycle is not None:
-            self.lifecycle.on_request(model, now)
-        key = f"{next(self._ids):x}"
-        deadline = None if request.timeout_ms is None else now + request.timeout_ms / 1000
-        self.pending[key] = Pending(key, client, request, now, deadline)
-        if deadline is not None:
-            heapq.heappush(self._deadlines, (deadline, key))
-        queue.append(key)
-        self.metrics.set_queue_depth(model, request.priority, len(queue))
+            self.lifecycle.on_request(request.model, now)
+        queue = self.scheduler.queue_of(admitted)
+        self.metrics.set_queue_depth(request.model, request.priority, len(queue))
+
+    def _refuse(self, client: bytes, request: Request, refusal: Refusal) -> None:
+        """Answer a request that was never queued: the one REPLY is the refusal."""
+        self._reply(client, refusal.reply(request.id), request.model)
 
     def _known_model(self, model: str) -> bool:
         if self.lifecycle is not None and self.lifecycle.manages(model):
             return True
-        return any(model in w.models and w.accepting for w in self.workers.values())
+        return self.registry.serves(model)
 
     def cloud_demand(self, model: str) -> int:
-        """Requests for `model` that want the large model: queued or running, normal and
-        quality-seeking (latency-critical work never waits for a cloud worker to start)."""
-        return sum(
-            1 for p in self.pending.values() if p.request.model == model and p.request.priority >= 1
-        )
+        """Requests for `model` that want the large model (see Scheduler.cloud_demand)."""
+        return self.scheduler.cloud_demand(model)
 
     def stop_dispatching_to(self, name: str) -> None:
         """A worker told to drain takes no new work, even before it says so itself."""
-        for w in self.workers.values():
-            if w.name == name:
-                w.state = WorkerState.DRAINING
+        self.registry.drain(name)
 
     def forget_worker_named(self, name: str, now: float, reason: str) -> None:
-        for identity, w in list(self.workers.items()):
-            if w.name == name:
-                self.remove_worker(identity, now, reason=reason)
+        for identity in self.registry.named(name):
+            self.remove_worker(identity, now, reason=reason)
 
     def view(self, model: str, role: Role) -> SideView:
-        # One pass over the workers (this runs per dispatch decision: it was a fifth of the
-        # coordinator's time as a chain of comprehensions).
+        """One side of `model` for the policy: its registered workers, those launching (capacity
+        with an ETA), and the requests queued for it."""
         cloud = role is Role.CLOUD
-        count = capacity = inflight = 0
-        ready = not cloud
-        eta = float("inf") if cloud else 0.0
-        compute: float | None = None
-        for w in self.workers.values():
-            if w.role is not role or model not in w.models or not w.accepting:
-                continue
-            count += 1
-            capacity += w.capacity
-            inflight += len(w.inflight)
-            if w.compute_s is not None and (compute is None or w.compute_s < compute):
-                compute = w.compute_s
-            if cloud:
-                if w.state is WorkerState.READY:
-                    ready, eta = True, 0.0
-                elif w.eta_s is not None and w.eta_s < eta:
-                    eta = w.eta_s
+        count, capacity, inflight, compute, ready, eta = self.registry.side(model, role)
         launching = 0
         if cloud and self.lifecycle is not None:
             # Workers launched but not registered yet are capacity with an ETA.
             launching, launch_eta = self.lifecycle.launching(model, self.clock())
             eta = min(eta, launch_eta)
-        side = Route.CLOUD if cloud else Route.EDGE
-        queued = 0
-        pending = self.pending
-        for q in self.queues.get(model, {}).values():
-            for key in q:
-                if pending[key].route is side:
-                    queued += 1
         if compute is None:
             compute = DEFAULT_CLOUD_COMPUTE_S if cloud else DEFAULT_EDGE_COMPUTE_S
         return SideView(
             workers=count + launching,
             capacity=capacity + launching,
             inflight=inflight,
-            queued=queued,
+            queued=self.scheduler.queued_for(model, Route.CLOUD if cloud else Route.EDGE),
             compute_s=compute,
             ready=ready,
             eta_s=eta,
@@ -463,10 +325,10 @@ class Coordinator:
 
     def dispatch(self, now: float) -> None:
         """Route queued requests, highest priority first, to workers with free slots."""
-        for model, queues in self.queues.items():
+        for model, queues in self.scheduler.queues.items():
             if not any(queues.values()):
                 continue
-            if self._all_slots_taken(model):
+            if self.registry.all_slots_taken(model):
                 for priority in PRIORITIES:  # (expiry may have shortened a queue)
                     self.metrics.set_queue_depth(model, priority, len(queues[priority]))
                 continue
@@ -482,7 +344,7 @@ class Coordinator:
                         # Nothing can be dispatched; deciding again per queued request would
                         # cost O(queue) per message (deadlines are enforced by expiry).
                         break
-                    p = self.pending.get(key)
+                    p = self.scheduler.pending.get(key)
                     if p is None:
                         queue.remove(key)
                         continue
@@ -491,34 +353,14 @@ class Coordinator:
                     was_queued_for = p.route
                     if route is not was_queued_for and was_queued_for is not None:
                         stale = True
-                    if route is Route.UNAVAILABLE:
+                    if route is Route.UNAVAILABLE or route is Route.TOO_LATE:
                         queue.remove(key)
-                        self._finish(
-                            p,
-                            Reply(
-                                id=p.request.id,
-                                status=Status.UNAVAILABLE,
-                                error=f"no worker can serve {model} now",
-                                retry_after_ms=self._retry_after_ms(cloud),
-                            ),
-                            now,
-                        )
-                        continue
-                    if route is Route.TOO_LATE:
-                        queue.remove(key)
-                        self._finish(
-                            p,
-                            Reply(
-                                id=p.request.id,
-                                status=Status.TIMEOUT,
-                                error="no worker can finish before the deadline",
-                            ),
-                            now,
-                        )
+                        refusal = self.scheduler.unroutable(route, model, cloud)
+                        self._finish(p, refusal.reply(p.request.id), now)
                         continue
                     p.route = route
                     role = Role.EDGE if route is Route.EDGE else Role.CLOUD
-                    worker = self._pick(model, role)
+                    worker = self.registry.pick(model, role)
                     if worker is None:
                         # Stays queued; re-decided next pass (may move sides). Now counted on
                         # `route`'s side.
@@ -538,41 +380,19 @@ class Coordinator:
                         cloud = _after_dispatch(cloud, was_queued_for is route)
             for priority in PRIORITIES:
                 self.metrics.set_queue_depth(model, priority, len(queues[priority]))
-        if self._edge_generations:
+        if self.relay.on_edge:
             self.hand_off_generations(now)
 
     def hand_off_generations(self, now: float) -> None:
         """Move generations running on an edge agent to a cloud worker that is ready and free:
         the edge is told to CANCEL, the cloud gets the prompt plus the tokens so far and
-        recomputes its own cache. A request may opt out with options.handoff = false."""
-        for key in list(self._edge_generations):
-            p = self.pending.get(key)
-            edge = self.workers.get(p.worker) if p is not None and p.worker else None
-            if p is None or edge is None or edge.role is not Role.EDGE:
-                self._edge_generations.discard(key)
-                continue
-            if p.request.options.get("handoff") is False or p.tokens_left() < 2:
-                continue
-            cloud = self._pick(p.request.model, Role.CLOUD)
-            if cloud is None or cloud.state is not WorkerState.READY:
-                continue
-            self._edge_generations.discard(key)
-            self._send(edge.identity, Cancel(id=key, reason="handed to a cloud worker"))
+        recomputes its own cache."""
+        for p, edge, cloud in self.relay.handoffs(self.scheduler.pending, self.registry):
+            self._send(edge.identity, Cancel(id=p.key, reason="handed to a cloud worker"))
             # The edge keeps its slot until its RESULT for this dispatch comes back.
             p.worker, p.dispatched_at, p.route = None, None, Route.CLOUD
             self.metrics.handoffs.inc()
             self._send_dispatch(cloud, p, now)
-
-    def _all_slots_taken(self, model: str) -> bool:
-        """Some worker serves `model` and none has a free slot: nothing to decide (the cheap
-        test before building views; launching workers hold no slot yet, see _no_free_slot)."""
-        serving = False
-        for w in self.workers.values():
-            if model in w.models and w.accepting:
-                if len(w.inflight) < w.capacity:
-                    return False
-                serving = True
-        return serving
 
     def _no_free_slot(self, model: str, edge: SideView, cloud: SideView) -> bool:
         if not edge.available and not cloud.available:
@@ -587,47 +407,15 @@ class Coordinator:
             return 0
         return self.lifecycle.launching(model, self.clock())[0]
 
-    def _retry_after_ms(self, cloud: SideView) -> int:
-        if cloud.available and cloud.eta_s != float("inf"):
-            return max(1, int(cloud.eta_s * 1000))
-        return int(self.config.retry_after_s * 1000)
-
-    def _pick(self, model: str, role: Role) -> WorkerInfo | None:
-        best: WorkerInfo | None = None
-        for w in self.workers.values():
-            if w.role is not role or model not in w.models or w.free <= 0:
-                continue
-            key = (w.state is not WorkerState.READY, len(w.inflight) / w.capacity)
-            if best is None or key < (
-                best.state is not WorkerState.READY,
-                len(best.inflight) / best.capacity,
-            ):
-                best = w
-        return best
-
-    def _array(self, tensor: Any) -> np.ndarray:
-        """A tensor as numpy: frames are forwarded raw, and read only where the coordinator
-        needs their values (the tokens of a generation)."""
-        if isinstance(tensor, RawTensor):
-            return decode_tensor(tensor.spec, tensor.frame, self.config.limits)
-        return np.asarray(tensor)
-
-    def _continuation(self, p: Pending) -> tuple[list[Any], dict[str, Any]]:
-        """A generation that already streamed tokens continues from them: prompt + tokens so
-        far as the prompt, and only the tokens still due."""
-        prompt = self._array(p.request.inputs[0])
-        ids = np.concatenate([prompt.reshape(-1), np.asarray(p.tokens, np.int64)])
-        options = {**p.request.options, "max_new_tokens": p.tokens_left()}
-        return [ids.astype(np.int64)[None]], options
-
     def _send_dispatch(self, worker: WorkerInfo, p: Pending, now: float) -> None:
         remaining = p.remaining(now)
         inputs, options = p.request.inputs, p.request.options
         if p.generating and p.tokens:
             if p.tokens_left() <= 0:  # everything was streamed; only the RESULT was lost
-                self._finish_generation(p, None, Status.OK, "", {}, now)
+                reply = self.relay.final_reply(p, None, Status.OK, "", {})
+                self._finish(p, reply, now)
                 return
-            inputs, options = self._continuation(p)
+            inputs, options = self.relay.continuation(p)
         message = Dispatch(
             id=p.key,
             model=p.request.model,
@@ -638,77 +426,32 @@ class Coordinator:
         if self._send(worker.identity, message):
             p.worker, p.dispatched_at = worker.identity, now
             worker.inflight[p.key] = p
-            if p.generating and worker.role is Role.EDGE:
-                self._edge_generations.add(p.key)
+            self.relay.started(p, worker)
             if self.lifecycle is not None:
                 self.lifecycle.on_busy(worker.name, now)
         else:
             # The worker vanished between its last message and now: drop it, keep the request.
-            self.queues[p.request.model][p.request.priority].appendleft(p.key)
+            self.scheduler.queue_of(p).appendleft(p.key)
             self.remove_worker(worker.identity, now, reason="unreachable")
 
     def forward_partial(self, worker: WorkerInfo, partial: Partial) -> None:
         """Relay a streamed piece to the client, numbered across every worker that served the
         request. Pieces from a worker that no longer owns the request (cancelled, re-routed)
         are dropped: the client sees each token once."""
-        p = self.pending.get(partial.id)
+        p = self.scheduler.pending.get(partial.id)
         if p is None or p.worker != worker.identity:
             self.metrics.late_results.inc()
             return
-        served_by = {"role": worker.role.value, "worker": worker.name, "variant": worker.variant}
-        if p.generating:
-            try:
-                pieces = [self._array(t) for t in partial.outputs]
-            except ProtocolError as exc:
-                self._malformed(worker.identity, f"partial for {partial.id}: {exc}")
-                return
-            if len(pieces) != 1 or pieces[0].dtype != np.int64 or pieces[0].ndim != 1:
-                self._malformed(worker.identity, "a generation PARTIAL carries one int64 vector")
-                return
-            new = [int(t) for t in pieces[0]]
-            p.tokens.extend(new)
-            last = p.segments[-1] if p.segments else None
-            if last is not None and last["worker"] == worker.name:
-                last["tokens"] += len(new)
-            else:
-                p.segments.append({**served_by, "tokens": len(new)})
-        seq, p.seq = p.seq, p.seq + 1
-        self._send(
-            p.client,
-            Partial(id=p.request.id, seq=seq, outputs=partial.outputs, served_by=served_by),
-        )
-
-    def _finish_generation(
-        self,
-        p: Pending,
-        worker: WorkerInfo | None,
-        status: Status,
-        error: str,
-        timings: dict[str, float],
-        now: float,
-    ) -> None:
-        served_by: dict[str, Any] = {"segments": p.segments}
-        if p.segments:
-            last = p.segments[-1]
-            served_by.update(role=last["role"], worker=last["worker"], variant=last["variant"])
-        elif worker is not None:
-            served_by.update(role=worker.role.value, worker=worker.name, variant=worker.variant)
-        self._finish(
-            p,
-            Reply(
-                id=p.request.id,
-                status=status,
-                outputs=[np.asarray(p.tokens, dtype=np.int64)] if status is Status.OK else [],
-                error=error,
-                served_by=served_by,
-                timings=timings,
-            ),
-            now,
-        )
+        try:
+            piece = self.relay.relay(p, worker, partial)
+        except ProtocolError as exc:
+            self._malformed(worker.identity, str(exc))
+            return
+        self._send(p.client, piece)
 
     def complete(self, identity: bytes, result: Result, now: float) -> None:
-        p = self.pending.get(result.id)
-        worker = self.workers.get(identity)
+        p = self.scheduler.pending.get(result.id)
+        worker = self.registry.get(identity)
         if p is None or p.worker != identity:
             # Already answered (e.g. TIMEOUT while it ran) or re-routed: exactly one outcome.
             # The worker's slot, held until now, is free again.
@@ -724,8 +467,7 @@ class Coordinator:
                 # The worker refused it (draining, or its load failed): not the caller's
                 # outcome. Stop sending it work and give the request another chance.
                 worker.state = WorkerState.DRAINING
-                p.worker, p.dispatched_at, p.route = None, None, None
-                self.queues[p.request.model][p.request.priority].appendleft(p.key)
+                self.scheduler.requeue(p)
                 return
         timings = {f"worker_{k}": float(v) for k, v in result.timings.items()}
         if p.dispatched_at is not None:
@@ -735,7 +477,8 @@ class Coordinator:
             timings["compute_s"] = timings["worker_compute_s"]
         if p.generating:
             # The tokens are the ones relayed (a worker's PARTIALs precede its RESULT).
-            self._finish_generation(p, worker, result.status, result.error, timings, now)
+            reply = self.relay.final_reply(p, worker, result.status, result.error, timings)
+            self._finish(p, reply, now)
             return
         served_by = {
             "role": worker.role.value if worker else (p.route.value if p.route else ""),
@@ -757,12 +500,12 @@ class Coordinator:
 
     def _finish(self, p: Pending, reply: Reply, now: float) -> None:
         """Send the one reply for `p` and forget it."""
-        self.pending.pop(p.key, None)
-        self._edge_generations.discard(p.key)
-        if p.worker is not None and p.worker in self.workers and reply.status is not Status.TIMEOUT:
+        self.scheduler.forget(p.key)
+        self.relay.ended(p.key)
+        if p.worker is not None and reply.status is not Status.TIMEOUT:
             # (A request that timed out while running keeps its slot until the worker's late
             # result comes back: the worker is still busy with it.)
-            self.workers[p.worker].inflight.pop(p.key, None)
+            self.registry.release(p.worker, p.key)
         reply.timings["total_s"] = now - p.arrived
         route = reply.served_by.get("role") or "none"
         self.metrics.observe(p.request.model, str(route), reply.status.value, now - p.arrived)
@@ -779,54 +522,25 @@ class Coordinator:
 
     def expire_requests(self, now: float) -> None:
         """Answer TIMEOUT for everything whose deadline passed, queued or running."""
-        while self._deadlines and self._deadlines[0][0] <= now:
-            _, key = heapq.heappop(self._deadlines)
-            p = self.pending.get(key)
-            if p is None:
-                continue
-            if p.worker is None:
-                queue = self.queues[p.request.model][p.request.priority]
-                if key in queue:
-                    queue.remove(key)
+        for p in self.scheduler.expired(now):
             where = "while queued" if p.worker is None else "while running"
             self._finish(
-                p,
-                Reply(id=p.request.id, status=Status.TIMEOUT, error=f"deadline passed {where}"),
-                now,
+                p, Refusal(Status.TIMEOUT, f"deadline passed {where}").reply(p.request.id), now
             )
-
-    def _next_deadline(self, default: float) -> float:
-        while self._deadlines and self._deadlines[0][1] not in self.pending:
-            heapq.heappop(self._deadlines)
-        return min(default, self._deadlines[0][0]) if self._deadlines else default
 
     # -- workers -----------------------------------------------------------------------------
 
     def register_worker(self, identity: bytes, ready: Ready, now: float) -> None:
-        expires = now + self.config.heartbeat_interval * self.config.liveness
-        existing = self.workers.get(identity)
+        existing = self.registry.get(identity)
         if existing is not None:
             self._note_ready(existing, ready.state, now)
-            existing.update(ready)
-            existing.models, existing.capacity = list(ready.models), max(1, ready.capacity)
-            existing.variant = ready.variant
+            existing.reregister(ready)
             return
-        worker = WorkerInfo(
-            identity=identity,
-            role=ready.role,
-            name=ready.worker,
-            models=list(ready.models),
-            variant=ready.variant,
-            capacity=max(1, ready.capacity),
-            state=ready.state or WorkerState.READY,
-            expires_at=expires,
-        )
-        worker.update(ready)
-        self.workers[identity] = worker
+        worker = self.registry.add(identity, ready, now)
         if self.lifecycle is not None and worker.role is Role.CLOUD:
             self.lifecycle.on_registered(worker.name, now)
             self._note_ready(worker, ready.state, now, first=True)
-        self.metrics.set_workers(self.workers.values())
+        self.metrics.set_workers(self.registry.workers.values())
         log.info(
             "registered %s %s for %s (%s)",
             ready.role.value,
@@ -840,38 +554,35 @@ class Coordinator:
         self, worker: WorkerInfo, state: WorkerState | None, now: float, first: bool = False
     ) -> None:
         """Tell the lifecycle when a cloud worker first becomes ready (its cold-start time)."""
-        became_ready = state is WorkerState.READY and (
-            first or worker.state is not WorkerState.READY
-        )
-        if became_ready and self.lifecycle is not None and worker.role is Role.CLOUD:
+        if (
+            self.lifecycle is not None
+            and worker.role is Role.CLOUD
+            and worker.becomes_ready(state, first)
+        ):
             self.lifecycle.on_ready(worker.name, now)
 
     def purge_workers(self, now: float) -> None:
-        for identity, worker in list(self.workers.items()):
-            if worker.expires_at < now:
-                self.remove_worker(identity, now, reason="missed heartbeats")
-        self.metrics.set_workers(self.workers.values())
+        for identity in self.registry.expired(now):
+            self.remove_worker(identity, now, reason="missed heartbeats")
+        self.metrics.set_workers(self.registry.workers.values())
 
     def remove_worker(self, identity: bytes, now: float, reason: str) -> None:
         """Forget a worker; its in-flight requests are re-routed if they still can be."""
-        worker = self.workers.pop(identity, None)
+        worker = self.registry.remove(identity)
         if worker is None:
             return
         log.warning("worker %s (%s) removed: %s", worker.name, worker.role.value, reason)
         if self.lifecycle is not None:
             self.lifecycle.on_removed(worker.name)
         for key, p in list(worker.inflight.items()):
-            if key not in self.pending or p.worker != identity:
+            if key not in self.scheduler.pending or p.worker != identity:
                 continue  # already answered or handed over; only its slot was held
-            p.worker, p.dispatched_at, p.route = None, None, None
-            # Back to the front of its queue: dispatch() decides again, or answers
-            # UNAVAILABLE / TIMEOUT if nobody can take it in time.
-            self.queues[p.request.model][p.request.priority].appendleft(key)
+            self.scheduler.requeue(p)
         worker.inflight.clear()
-        self.metrics.set_workers(self.workers.values())
+        self.metrics.set_workers(self.registry.workers.values())
 
     def send_heartbeats(self) -> None:
-        for identity in list(self.workers):
+        for identity in list(self.registry.workers):
             self._send(identity, Heartbeat())
 
     def _send(self, identity: bytes, message: Any) -> bool:
