@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -22,9 +23,10 @@ from cicada.common.package import MANIFEST_NAME, WEIGHTS_NAME, Manifest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def _python(code: str, cwd: Path, env: dict[str, str] | None = None
+            ) -> subprocess.CompletedProcess[str]:  # fmt: skip
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+                          env=env, timeout=120)  # fmt: skip
 
 
 def test_the_wheel_installs_cicada_alone(tmp_path: Path) -> None:
@@ -53,8 +55,9 @@ def test_a_role_never_imports_under_its_bare_name(name: str, tmp_path: Path) -> 
     done = _python(f"import {name}", ROOT)
     assert done.returncode != 0
     assert f"import this package as 'cicada.{name.split('.')[0]}'" in done.stderr
-    # From anywhere else there is nothing called that at all.
-    done = _python(f"import {name}", tmp_path)
+    # From anywhere else (as installed: no PYTHONPATH into the tree) there is nothing by that name.
+    installed = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = _python(f"import {name}", tmp_path, installed)
     assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr
 
 
