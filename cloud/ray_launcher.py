@@ -26,6 +26,16 @@ resources are released at once.
 notices the death and relaunches with backoff. Actors are not detached, so they share the
 driver's fate: if the coordinator dies, Ray removes its workers.
 
+Without an address (and without RAY_ADDRESS) the launcher starts a private local Ray cluster
+and keeps every one of its processes on loopback: 127.0.0.1 as the node address, no dashboard
+(Ray Jobs would run anyone's code). Ray rewrites a loopback node address to the host's own
+address unless it considers cluster mode off (`ray_constants.ENABLE_RAY_CLUSTER`, read from
+RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray is imported); the launcher turns that off for the
+duration of ``ray.init`` only, then checks the node Ray registered is on loopback and refuses
+(LaunchError, Ray shut down again) if it is not. A cluster that other machines join is started
+by an operator (``ray start``) and named with `address`; ``address="auto"`` joins a running
+local one.
+
 This module imports ray but never torch: the coordinator lives on the edge side. torch is
 imported inside the actor, by the CloudWorker. The package path in the spec must exist on
 the node the actor lands on (shared storage or the image).
@@ -34,12 +44,14 @@ the node the actor lands on (shared storage or the image).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +136,41 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
         raise LaunchError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
+# ray.init settings of the local cluster the launcher starts: loopback, no dashboard.
+LOCAL_ONLY: dict[str, Any] = {"_node_ip_address": "127.0.0.1", "include_dashboard": False,
+                              "dashboard_host": "127.0.0.1"}  # fmt: skip
+
+
+def _is_loopback(host: Any) -> bool:
+    try:
+        return ipaddress.ip_address(str(host).strip("[]")).is_loopback
+    except ValueError:
+        return str(host) == "localhost"
+
+
+@contextlib.contextmanager
+def _loopback_node_address() -> Iterator[None]:
+    """Let ``ray.init(_node_ip_address="127.0.0.1")`` keep 127.0.0.1.
+
+    In cluster mode (Linux's default) Ray replaces a loopback node address with the host's
+    routable one (`ray._private.services.resolve_ip_for_localhost`), so GCS, raylet, the
+    agents and every worker would listen beyond loopback. Ray's switch for that is a module
+    constant read at import time; it is turned off here for the start of the local cluster
+    only (the processes it spawns get the node address on their command line). Where Ray has
+    no such constant, nothing is patched and `_start_local` checks the result instead."""
+    from ray._private import ray_constants
+
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):
+        yield
+        return
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
 # run() holds one thread for the worker's life; stop() and ping() are answered on the others.
 # No restarts and no retries: the coordinator's lifecycle relaunches, with backoff.
 ACTOR_OPTIONS: dict[str, Any] = {"max_concurrency": 4, "max_restarts": 0, "max_task_retries": 0}
@@ -195,8 +242,10 @@ class RayHandle:
 class RayLauncher:
     """Launches each cloud worker as a Ray actor.
 
-    `address`: the Ray cluster to join (None: RAY_ADDRESS, a running local cluster, or start a
-    local one — see `ray.init`). Ignored when this process is already connected to Ray.
+    `address`: the Ray cluster to join (None: RAY_ADDRESS if set, else start a private local
+    cluster on loopback, see the module doc; "auto": a running local cluster). Ignored when this
+    process is already connected to Ray. `init_kwargs` go to ``ray.init`` (for a local cluster,
+    e.g. ``num_cpus``); they cannot move a local cluster off loopback.
     Placement: `num_gpus`, `num_cpus` and custom `resources` (e.g. ``{"cloud": 1}``) reserve
     capacity on the chosen node; `label_selector` (e.g. ``{"cicada-tier": "cloud"}``) picks
     nodes by label where the installed Ray supports it (2.49+).
@@ -219,22 +268,50 @@ class RayLauncher:
         cluster takes a second or more, starting a local one ten times that."""
         if ray.is_initialized():
             return self
-        if self.address:
-            _check_reachable(self.address)
-        kwargs: dict[str, Any] = {
-            "address": self.address,
+        address = self.address or os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            self._start_local()
+        else:
+            _check_reachable(address)
+            self._init(address=address)
+        self._owns_ray = True
+        log.info("connected to Ray: %s", ray.get_runtime_context().gcs_address)
+        return self
+
+    def _init(self, **kwargs: Any) -> None:
+        kwargs = {
             "namespace": self.namespace,
             "log_to_driver": False,  # the workers' logs stay in Ray's (or spec.log_dir)
+            **kwargs,
             **self.init_kwargs,
         }
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = self.address or "the local Ray cluster"
+            where = kwargs.get("address") or "the local Ray cluster"
             raise LaunchError(f"cannot connect to Ray at {where}: {exc}") from None
-        self._owns_ray = True
-        log.info("connected to Ray: %s", ray.get_runtime_context().gcs_address)
-        return self
+
+    def _start_local(self) -> None:
+        """A private Ray cluster whose every process listens on loopback only."""
+        for key, value in self.init_kwargs.items():
+            if key in LOCAL_ONLY and value != LOCAL_ONLY[key] and not _is_loopback(value):
+                raise LaunchError(
+                    f"a local Ray cluster started by the launcher stays on loopback "
+                    f"({key}={value!r} refused): start a cluster others can reach with "
+                    f"`ray start` and give its address (ray_address)"
+                )
+        with _loopback_node_address():
+            self._init(address="local", **LOCAL_ONLY)
+        nodes = {str(n.get("NodeManagerAddress")) for n in ray.nodes() if n.get("Alive")}
+        gcs_host = ray.get_runtime_context().gcs_address.rpartition(":")[0]
+        if not all(_is_loopback(host) for host in {gcs_host, *nodes}):
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            raise LaunchError(
+                f"the local Ray cluster came up on {sorted({gcs_host, *nodes})}, not loopback "
+                f"(this Ray version ignores the loopback node address): refusing to run it; "
+                f"start one with `ray start --node-ip-address=127.0.0.1` and set ray_address"
+            )
 
     def options(self, spec: WorkerSpec) -> dict[str, Any]:
         opts: dict[str, Any] = {

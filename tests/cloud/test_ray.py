@@ -9,6 +9,8 @@ requests sent through the SDK (`cicada.Client`).
 * a two-node ``ray.cluster_utils.Cluster`` (head: resource ``edge`` and label
   ``cicada-tier=edge``; second node: resource ``cloud`` and label ``cicada-tier=cloud``):
   placement by resource and by label, an unplaceable worker, every Ray port on loopback;
+* the launcher's own local cluster (no ray_address): every port of every Ray process it
+  starts on loopback, with Ray's default settings (a control shows they would not be);
 * scale from zero and back, and a worker killed under load: the coordinator is a real
   ``cicada coordinator --config cfg.toml`` process with ``launcher = "ray"`` that joins the
   test's cluster as a second Ray driver (``ray_address``), exactly as in production; the test
@@ -306,6 +308,107 @@ def test_coordinator_refuses_an_unreachable_ray_cluster(
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "cannot reach the Ray cluster" in done.stderr, done.stderr
+
+
+# -- a local cluster the launcher starts itself: loopback only -----------------------------------
+
+# Run in a fresh interpreter without this module's RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, i.e. with
+# Ray's defaults on Linux. First the control: the same start without the launcher's loopback
+# switch, which must come up beyond loopback here (or the check below proves nothing) and be
+# refused; then the launcher as shipped, with a task run so that a worker process listens too.
+IMPLICIT_CLUSTER = """
+import contextlib, json, os, sys, psutil, ray
+from cicada.common.launch import LaunchError
+from cicada.cloud import ray_launcher
+from cicada.cloud.ray_launcher import RayLauncher
+
+kwargs = {"num_cpus": 1, "object_store_memory": %d}
+me = psutil.Process()
+seen = {}
+def note():
+    for p in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            seen[p.pid] = p.create_time()
+
+real = ray_launcher._loopback_node_address
+ray_launcher._loopback_node_address = contextlib.nullcontext
+try:
+    RayLauncher(init_kwargs=kwargs).start()
+    control = "started on " + ray.get_runtime_context().gcs_address
+    note()
+    ray.shutdown()
+except LaunchError as exc:
+    control = "refused: " + str(exc)
+ray_launcher._loopback_node_address = real
+assert not ray.is_initialized(), "a refused local cluster must be shut down"
+
+launcher = RayLauncher(init_kwargs=kwargs).start()
+pid = ray.get(ray.remote(lambda: os.getpid()).remote(), timeout=120)
+note()
+listening = []
+for p in [me, *me.children(recursive=True)]:
+    with contextlib.suppress(psutil.Error):
+        for c in p.net_connections(kind="inet"):
+            if c.status == psutil.CONN_LISTEN:
+                listening.append([p.pid, p.name(), c.laddr.ip, c.laddr.port])
+launcher.close()
+print(json.dumps({"control": control, "listening": listening, "task_pid": pid,
+                  "started": seen, "left": ray.is_initialized()}))
+"""
+
+
+def test_launcher_refuses_to_move_its_local_cluster_off_loopback(ray_home: Path) -> None:
+    from cicada.cloud.ray_launcher import RayLauncher
+    from cicada.common.launch import LaunchError
+
+    assert not ray.is_initialized(), "another test left Ray initialized"
+    for kwargs in ({"_node_ip_address": "0.0.0.0"}, {"include_dashboard": True},
+                   {"dashboard_host": "0.0.0.0"}):  # fmt: skip
+        with pytest.raises(LaunchError, match="stays on loopback"):
+            RayLauncher(init_kwargs=kwargs).start()
+        assert not ray.is_initialized(), kwargs
+
+
+def test_implicit_local_cluster_listens_on_loopback_only(ray_home: Path) -> None:
+    """`launcher = "ray"` without ray_address: every listening socket of every process the
+    launcher's Ray started (GCS, raylet, agents, the worker that ran a task, the driver) is on
+    loopback, with Ray's defaults (cluster mode on, as on any Linux host)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.stack import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                                                             "RAY_ADDRESS")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", IMPLICIT_CLUSTER % OBJECT_STORE], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    report: dict[str, Any] = {}
+    try:
+        assert done.returncode == 0, done.stderr[-4000:]
+        report = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:  # Ray's processes outlive a failed script: end them, by pid and start time
+        started = []
+        for pid, created in report.get("started", {}).items():
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(int(pid))
+                if p.create_time() == created:
+                    started.append(p)
+        _, alive = psutil.wait_procs(started, timeout=15)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+    if report["control"].startswith("started on 127.0.0.1:"):
+        pytest.skip("this host has no address beyond loopback: the check would prove nothing")
+    control = report["control"]
+    assert control.startswith("refused:") and "not loopback" in control, control
+    listening = report["listening"]
+    names = {name for _, name, _, _ in listening}
+    assert {"gcs_server", "raylet"} <= names, f"expected Ray's processes listening: {listening}"
+    assert report["task_pid"] in {pid for pid, _, _, _ in listening}, "the worker listens too"
+    outside = [entry for entry in listening if entry[2] not in (LOOPBACK, "::ffff:127.0.0.1")]
+    assert not outside, f"the launcher's local Ray listens beyond loopback: {outside}"
+    assert not report["left"], "close() leaves the Ray it started"
 
 
 # -- (a) local ray.init ----------------------------------------------------------------------------

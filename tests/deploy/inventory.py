@@ -31,8 +31,8 @@ DEPLOY = ROOT / "deploy"
 KUBERNETES_VERSION = "1.33"
 
 # Options the manifests pass that the command line does not have yet: proposed in
-# docs/deploy.md and allowed here only while the command lacks them.
-PROPOSED_OPTIONS = {("cloud", "--health-port")}
+# docs/deploy.md and allowed here only while the command lacks them. (None at present.)
+PROPOSED_OPTIONS: set[tuple[str, str]] = set()
 
 COMPOSE_NAMES = {"compose.yaml", "compose.yml", "docker-compose.yaml", "docker-compose.yml"}
 
@@ -154,6 +154,79 @@ def pod_specs(item: Item) -> Iterator[PodSpec]:
             template = group["template"]
             yield PodSpec(f"{item.id} workerGroupSpecs[{group['groupName']}]", template["spec"],
                           template.get("metadata") or {}, False)  # fmt: skip
+
+
+# Kinds that carry a pod template `pod_specs` does not read: one in deploy/ is an error, not
+# a pod that escapes the pod-security checks.
+UNREAD_POD_KINDS = {"Pod", "PodTemplate", "ReplicaSet", "ReplicationController", "CronJob"}
+
+# Kubernetes' "restricted" Pod Security Standard: the volume types it admits.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}  # fmt: skip
+
+
+def restricted_violations(
+    spec: dict[str, Any], where: str, extra: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
+    """What keeps a pod spec from Kubernetes' "restricted" Pod Security Standard, plus this
+    project's rule that every container's root filesystem is read-only (what a process
+    writes goes to a mounted volume). A container's securityContext overrides the pod's.
+    `extra`: containers that an operator adds to the pod (KubeRay's autoscaler sidecar), by
+    name, as the securityContext they will get."""
+    problems: list[str] = []
+    pod = spec.get("securityContext") or {}
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            problems.append(f"{where}: {key}")
+    for volume in spec.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            problems.append(f"{where}: volume {volume.get('name')}: {sorted(kinds)}")
+    containers = [
+        (c.get("name"), c.get("securityContext") or {}, c)
+        for c in [*(spec.get("initContainers") or []), *spec.get("containers", [])]
+    ]
+    containers += [(name, sc, {}) for name, sc in (extra or {}).items()]  # fmt: skip
+    for name, own, container in containers:
+        at = f"{where} container {name}"
+
+        def effective(key: str, own: dict[str, Any] = own) -> Any:
+            return own[key] if key in own else pod.get(key)
+
+        if effective("runAsNonRoot") is not True:
+            problems.append(f"{at}: runAsNonRoot is not true")
+        if effective("runAsUser") == 0:
+            problems.append(f"{at}: runAsUser 0")
+        if own.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{at}: allowPrivilegeEscalation is not false")
+        if own.get("privileged"):
+            problems.append(f"{at}: privileged")
+        caps = own.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{at}: capabilities.drop lacks ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{at}: capabilities.add {caps['add']}")
+        seccomp = (effective("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{at}: seccompProfile.type is {seccomp}, not RuntimeDefault")
+        if container and own.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{at}: readOnlyRootFilesystem is not true")
+        for port in container.get("ports") or []:
+            if port.get("hostPort"):
+                problems.append(f"{at}: hostPort {port['hostPort']}")
+    return problems
+
+
+def extra_containers(item: Item, pod: PodSpec) -> dict[str, dict[str, Any]]:
+    """Containers an operator adds to this pod: KubeRay's autoscaler sidecar on the head of
+    a RayService with in-tree autoscaling, with autoscalerOptions.securityContext."""
+    if item.kind != "rayservice" or not pod.where.endswith("headGroupSpec"):
+        return {}
+    cluster = item.data["spec"]["rayClusterConfig"]
+    if not cluster.get("enableInTreeAutoscaling"):
+        return {}
+    options = cluster.get("autoscalerOptions") or {}
+    return {"autoscaler": dict(options.get("securityContext") or {})}
 
 
 # -- images -----------------------------------------------------------------------------------

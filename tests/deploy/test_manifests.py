@@ -49,12 +49,14 @@ from tests.deploy.inventory import (
     IMAGES,
     KUBERNETES_VERSION,
     ROOT,
+    UNREAD_POD_KINDS,
     Item,
     as_pod_template,
     check_cicada_args,
     container_args,
     env_file_for,
     expand_exec,
+    extra_containers,
     image_source,
     inventory,
     item_ids,
@@ -66,6 +68,7 @@ from tests.deploy.inventory import (
     read_env_file,
     read_requirements,
     read_unit,
+    restricted_violations,
     secret_items,
 )
 
@@ -651,15 +654,174 @@ def test_every_image_the_manifests_name_is_built_here() -> None:
         assert f"-t {name}:" in header, f"{dockerfile} does not say how to build {name}"
 
 
+# -- pod security and network policies ------------------------------------------------------
+
+
+@pytest.mark.parametrize("item", cluster_items(), ids=item_ids(cluster_items()))
+def test_every_pod_meets_the_restricted_pod_security_standard(item: Item) -> None:
+    """Every pod template in deploy/ (Deployment, Knative Service, RayService head and worker
+    groups, and the autoscaler sidecar KubeRay adds): runAsNonRoot, no privilege escalation,
+    capabilities dropped, seccomp RuntimeDefault, a read-only root filesystem."""
+    assert item.data["kind"] not in UNREAD_POD_KINDS, f"{item.id}: pod_specs cannot read it"
+    problems = []
+    for pod in pod_specs(item):
+        problems += restricted_violations(pod.spec, pod.where, extra_containers(item, pod))
+    assert not problems, "\n".join(problems)
+
+
+def test_the_pod_security_check_flags_what_it_should() -> None:
+    """Each rule is live: the coordinator's pod passes, and loses when one field goes."""
+    deployment = only(items_of("k8s"), "Deployment", "cicada-coordinator").data
+    spec = deployment["spec"]["template"]["spec"]
+    assert not restricted_violations(spec, "coordinator")
+    cuts: list[tuple[Callable[[dict[str, Any]], None], str]] = [
+        (lambda s: s["securityContext"].pop("runAsNonRoot"), "runAsNonRoot"),
+        (lambda s: s["securityContext"].pop("seccompProfile"), "seccompProfile"),
+        (lambda s: s["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+         "allowPrivilegeEscalation"),
+        (lambda s: s["containers"][0]["securityContext"].pop("capabilities"), "capabilities"),
+        (lambda s: s["containers"][0]["securityContext"].pop("readOnlyRootFilesystem"),
+         "readOnlyRootFilesystem"),
+        (lambda s: s["containers"][0]["securityContext"].update(runAsUser=0), "runAsUser 0"),
+        (lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "hostPath"),
+        (lambda s: s.update(hostNetwork=True), "hostNetwork"),
+    ]  # fmt: skip
+    for cut, flagged in cuts:
+        broken = json.loads(json.dumps(spec))
+        cut(broken)
+        problems = restricted_violations(broken, "broken")
+        assert any(flagged in p for p in problems), (flagged, problems)
+    # The autoscaler sidecar KubeRay adds is checked from autoscalerOptions.securityContext.
+    assert restricted_violations(spec, "coordinator", {"autoscaler": {}})
+
+
+def network_policies() -> list[dict[str, Any]]:
+    return [i.data for i in items_of("k8s") if i.data["kind"] == "NetworkPolicy"]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    # {} selects every pod (and every namespace).
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        value, op = labels.get(expr["key"]), expr["operator"]
+        if op == "In" and value not in expr["values"]:
+            return False
+        if op == "NotIn" and value in expr["values"]:
+            return False
+        if op == "Exists" and expr["key"] not in labels:
+            return False
+        if op == "DoesNotExist" and expr["key"] in labels:
+            return False
+    return True
+
+
+def _pods() -> dict[str, dict[str, str]]:
+    """Every pod template in the cicada namespace: where -> its labels."""
+    return {pod.where: pod.metadata.get("labels", {})
+            for item in cluster_items() for pod in pod_specs(item)}  # fmt: skip
+
+
+def _admitted(direction: str, pod: dict[str, str], peer: dict[str, str] | None, port: int,
+              namespace: str = "cicada") -> bool:  # fmt: skip
+    """Whether the policies let `peer` (labels of a pod in `namespace`; None: any address
+    outside the cluster) reach `pod` on `port` (direction "ingress"), or `pod` reach `peer`
+    (direction "egress"). Deny unless a policy selecting `pod` for `direction` has a rule
+    matching both peer and port (named ports are not used here)."""
+    kind = direction.capitalize()
+    selecting = [p["spec"] for p in network_policies()
+                 if _selects(p["spec"]["podSelector"], pod)
+                 and kind in p["spec"].get("policyTypes", ["Ingress"])]  # fmt: skip
+    assert selecting, f"no policy isolates {pod} for {direction}: everything is allowed"
+    for spec in selecting:
+        for rule in spec.get(direction, []):
+            ports = rule.get("ports")
+            if ports and not any(p.get("port") in (None, port) for p in ports):
+                continue
+            peers = rule.get("from" if direction == "ingress" else "to")
+            if peers is None:
+                return True
+            for entry in peers:
+                if peer is None:
+                    if "ipBlock" in entry:
+                        return True
+                    continue
+                if "ipBlock" in entry:
+                    continue
+                ns = entry.get("namespaceSelector")
+                ns_ok = (ns is None and namespace == "cicada") or (ns is not None and _selects(
+                    ns, {"kubernetes.io/metadata.name": namespace}))  # fmt: skip
+                if ns_ok and _selects(entry.get("podSelector", {}), peer):
+                    return True
+    return False
+
+
+def test_network_policies_admit_only_coordinator_and_workers() -> None:
+    pods = _pods()
+    coordinator = next(v for k, v in pods.items() if "cicada-coordinator" in k)
+    workers = [v for k, v in pods.items() if "cicada-coordinator" not in k]
+    head = next(v for k, v in pods.items() if k.endswith("headGroupSpec"))
+    assert workers and head
+    # Default deny, both ways, for every pod of the namespace.
+    assert any(
+        p["spec"]["podSelector"] == {} and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress") and not p["spec"].get("egress")
+        for p in network_policies()
+    ), "no default-deny NetworkPolicy"  # fmt: skip
+    for labels in [coordinator, *workers]:
+        assert _admitted("egress", labels, {"k8s-app": "kube-dns"}, 53, "kube-system"), labels
+    for worker in workers:  # every worker dials the coordinator's ZeroMQ port, nothing else
+        assert _admitted("egress", worker, coordinator, 5555), worker
+        assert _admitted("ingress", coordinator, worker, 5555), worker
+        assert not _admitted("ingress", coordinator, worker, 9464), worker
+        assert not _admitted("ingress", worker, coordinator, 5555), "nobody dials a worker"
+        assert not _admitted("ingress", worker, None, 8080), "the outside reaches no worker"
+    stranger = {"app": "someone-else"}
+    assert not _admitted("ingress", coordinator, stranger, 5555), "only workers (and the edge" \
+        " ranges an operator adds) reach the coordinator"  # fmt: skip
+    assert not _admitted("ingress", coordinator, None, 5555)
+    assert not _admitted("egress", coordinator, stranger, 443), "the coordinator dials nobody"
+    assert _admitted("ingress", coordinator, {}, 9464, "monitoring"), "Prometheus scrapes"
+    # The Ray head's dashboard (Ray Jobs): the KubeRay operator only.
+    operator = {"app.kubernetes.io/name": "kuberay-operator"}
+    assert _admitted("ingress", head, operator, 8265, "ray-system")
+    assert not _admitted("ingress", head, operator, 8265, "default")
+    assert not _admitted("ingress", head, stranger, 8265)
+    assert not _admitted("ingress", head, coordinator, 8265)
+    assert not _admitted("ingress", head, None, 8265)
+    # The Knative worker: Knative's own components reach its queue-proxy and health port.
+    knative = next(v for k, v in pods.items() if "knative" in k)
+    assert _admitted("ingress", knative, {}, 8012, "knative-serving")
+    assert _admitted("ingress", knative, {}, 8080, "knative-serving")
+
+
+def test_the_ray_dashboard_is_not_on_every_address() -> None:
+    """KubeRay's default dashboard-host is 0.0.0.0: the head sets its own, the pod's IP,
+    which the container's environment defines."""
+    for item in items_of("rayservice"):
+        head = item.data["spec"]["rayClusterConfig"]["headGroupSpec"]
+        host = head["rayStartParams"].get("dashboard-host")
+        assert host not in (None, "0.0.0.0", "::", "[::]"), f"{item.id}: dashboard-host {host}"
+        refs = re.findall(r"\$\((\w+)\)", host)
+        container = main_container(head["template"]["spec"])
+        env = {e["name"]: e for e in container.get("env", [])}
+        for ref in refs:
+            field = env.get(ref, {}).get("valueFrom", {}).get("fieldRef", {})
+            assert field.get("fieldPath") == "status.podIP", f"{item.id}: $({ref}): no pod IP"
+
+
 # -- nothing goes unvalidated ----------------------------------------------------------------
 
 # For each kind, the validators that never skip (their tools come with the dev extra).
 MANDATORY: dict[str, list[Callable[..., None]]] = {
-    "k8s": [test_core_object_is_valid_kubernetes],
-    "knative": [test_knative_pod_spec_is_a_strict_core_pod_spec,
+    "k8s": [test_core_object_is_valid_kubernetes,
+            test_every_pod_meets_the_restricted_pod_security_standard],
+    "knative": [test_every_pod_meets_the_restricted_pod_security_standard,
+                test_knative_pod_spec_is_a_strict_core_pod_spec,
                 test_knative_service_uses_only_fields_knative_admits,
                 test_knative_service_scales_to_zero_on_a_gpu_and_is_ready_when_resident],
-    "rayservice": [test_rayservice_matches_the_kuberay_v1_schema,
+    "rayservice": [test_every_pod_meets_the_restricted_pod_security_standard,
+                   test_rayservice_matches_the_kuberay_v1_schema,
                    test_rayservice_pod_templates_are_strict_core_pod_templates,
                    test_rayservice_serves_cicada_and_scales_to_zero],
     "compose": [test_compose_file_passes_docker_compose_config,

@@ -47,7 +47,7 @@ from tests.deploy.inventory import (
     read_unit,
     secret_items,
 )
-from tests.stack import ROOT, Stack, make_assets
+from tests.stack import ROOT, Stack, free_port, make_assets
 
 MODEL = "gpt2"
 
@@ -230,6 +230,9 @@ def cloud_args(stack: Stack, keys: Path, assets: dict[str, Path]) -> list[str]:
         if "secret" in volume:
             paths[m["mountPath"]] = secret_files(volume["secret"]["secretName"], keys,
                                                  stack.work / "cloud" / m["name"])  # fmt: skip
+        elif "emptyDir" in volume:  # scratch space (/tmp): a fresh directory
+            paths[m["mountPath"]] = stack.work / "cloud" / m["name"]
+            paths[m["mountPath"]].mkdir(parents=True)
         else:  # the models volume: /models/gpt2 is the package
             (stack.work / "models").mkdir()
             (stack.work / "models" / MODEL).symlink_to(assets["package"])
@@ -240,7 +243,22 @@ def cloud_args(stack: Stack, keys: Path, assets: dict[str, Path]) -> list[str]:
 
     if not torch.cuda.is_available():
         args = set_option(args, "--device", "cpu")
+    if "--health-port" in args:  # Knative's 8080 may be taken here: the same endpoint elsewhere
+        args = set_option(args, "--health-port", str(free_port()))
     return ["cloud", *drop_proposed("cloud", args), "--heartbeat", str(stack.heartbeat)]
+
+
+def health(args: list[str], path: str) -> tuple[int, dict[str, object]]:
+    """GET the cloud worker's health endpoint (the port its --health-port names)."""
+    import urllib.error
+    import urllib.request
+
+    port = args[args.index("--health-port") + 1]
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
 
 
 def client_keys(keys: Path) -> CurveConfig:
@@ -268,13 +286,20 @@ def test_the_manifests_commands_run_a_curve_stack_on_loopback(
         result = client.invoke(MODEL, x, priority=0)
         assert result.served_by["role"] == "edge"
 
-        start(stack, "cloud", cloud_args(stack, keys, assets), None)
+        cloud = cloud_args(stack, keys, assets)
+        start(stack, "cloud", cloud, None)
         try:
             stack.wait_workers("cloud", 1, state="ready", timeout=120)
         except TimeoutError:
             pytest.fail(f"the cloud worker never became ready:\n{stack.log('cloud')}")
         result = client.invoke(MODEL, x, priority=2)
         assert result.served_by["role"] == "cloud"
+        # The probes the Knative Service points at the worker (docs/deploy.md's table).
+        if "--health-port" in cloud:
+            code, body = health(cloud, "/ready")
+            assert code == 200 and body["resident_stages"] == body["total_stages"], body
+            code, body = health(cloud, "/healthz")
+            assert code == 200 and body["error"] is None, body
 
     # What the torch-free images lack, these roles never tried to import.
     for name in ("coordinator", "edge"):
