@@ -6,7 +6,11 @@ worker registers with the coordinator while still cold (pyzmq imports in ~20 ms;
 stage. A request that arrives while loading starts at once on the resident stages and waits
 only where its next stage is not resident; after that the model runs at full speed.
 
-SIGTERM drains: nothing new is accepted, what runs finishes, DISCONNECT, exit 0.
+SIGTERM drains: nothing new is accepted, what runs finishes, DISCONNECT, exit 0 (also while
+loading: the drain starts once the model is built). A request the model fails on ends in a
+RESULT (BAD_REQUEST or FAILED) and the worker serves on; should the serving loop itself die, the
+worker stops taking work, answers what it holds, says DISCONNECT and exits non-zero (4), so
+that it is replaced rather than left registered and unable to serve.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from typing import Any, TypeVar
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
 from cicada.common.errors import CicadaError
-from cicada.common.generation import GenerationError, GenerationRequest, generate
+from cicada.common.generation import GenerationError, GenerationRequest, generate, limits_of
+from cicada.common.inputs import InputError, InputLimits
 from cicada.common.launch import WorkerSpec
 from cicada.common.protocol import Dispatch, Result, Role, Status, WorkerState
 from cicada.common.sockets import CurveKeys
@@ -40,6 +45,8 @@ T = TypeVar("T")
 # Before the first stage lands the worker can only guess its ETA: torch import plus the read.
 ASSUMED_START_S = 1.5
 ASSUMED_READ_BPS = 1.0e9
+EXIT_LOAD_FAILED = 3
+EXIT_SERVING_FAILED = 4  # the serving loop died: the lifecycle replaces the worker
 
 
 @dataclass
@@ -84,6 +91,10 @@ class CloudWorker:
         self.built = threading.Event()
         self.failed: CicadaError | None = None
         self._last: ResidencyEvent | None = None
+        self._limits: InputLimits | None = None
+        # Held while a request is queued for the main thread and while `failed` is set, so
+        # that no request is queued after the last look at the queue.
+        self._accepting = threading.Lock()
         self._work: queue.Queue[tuple[Dispatch, float | None, Stream, Future[Result]]] = (
             queue.Queue()
         )
@@ -107,7 +118,7 @@ class CloudWorker:
     def status(self) -> WorkerStatus:
         total = len(self.cold.manifest.stages)
         last = self._last
-        if last is not None and last.done and self.built.is_set():
+        if last is not None and last.done and self.built.is_set() and self.failed is None:
             return WorkerStatus(WorkerState.READY, total, total, 0.0, None)
         if last is None:
             started = self.timeline.now() - self.timeline.entered
@@ -127,11 +138,54 @@ class CloudWorker:
         torch's OpenMP pool belongs to the thread that started it; a forward issued from
         another thread waited ~100 ms per call here for a 1 ms model (2 cores). So every
         forward runs on the main thread, one at a time (torch already uses every core)."""
-        if self.failed is not None:
-            return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
         done: Future[Result] = Future()
-        self._work.put((dispatch, deadline, stream, done))
+        with self._accepting:
+            if self.failed is not None:
+                return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
+            self._work.put((dispatch, deadline, stream, done))
         return done.result()
+
+    def _fail(self, error: CicadaError) -> None:
+        """Take no more work: from now on `handle` answers UNAVAILABLE at once."""
+        with self._accepting:
+            if self.failed is None:
+                self.failed = error
+
+    def _serve_one(
+        self, dispatch: Dispatch, deadline: float | None, stream: Stream, done: Future[Result]
+    ) -> None:
+        """Run one request on this (the main) thread; whatever the model does, it ends in a
+        RESULT. An exception that is not an Exception (SystemExit, KeyboardInterrupt) still
+        answers the request, then ends the serving loop."""
+        try:
+            result = self._run(dispatch, deadline, stream)
+        except Exception as exc:
+            log.exception("request %s failed", dispatch.id)
+            result = Result(
+                id=dispatch.id, status=Status.FAILED, error=f"{type(exc).__name__}: {exc}"
+            )
+        except BaseException as exc:
+            done.set_result(
+                Result(
+                    id=dispatch.id,
+                    status=Status.FAILED,
+                    error=f"the worker stopped while running it ({type(exc).__name__})",
+                )
+            )
+            raise
+        done.set_result(result)
+
+    def input_limits(self) -> InputLimits:
+        """The package's limits on a request's inputs: for a model of token ids, its context
+        and vocabulary (from the package's config, else the built model's config object)."""
+        if self._limits is None:
+            from cicada.cloud.generate import context_of
+
+            context, vocab = limits_of(self.cold.manifest.architecture.config)
+            if context is None and vocab is None:
+                context, vocab = context_of(self.cold.model)
+            self._limits = InputLimits.for_tokens(context, vocab)
+        return self._limits
 
     def _run(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
         import numpy as np
@@ -150,7 +204,8 @@ class CloudWorker:
             return self._generate(dispatch, deadline, stream)
         try:
             arrays = inputs_for(dispatch.options, dispatch.inputs, self.tokenizer)
-        except TextError as exc:
+            self.input_limits().check(arrays)
+        except (TextError, InputError) as exc:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
         if self.config.device != "cpu":
@@ -174,12 +229,17 @@ class CloudWorker:
 
     def _guarded(self, dispatch: Dispatch, what: str, run: Callable[[], T]) -> T | Result:
         """Run the model; a failed load makes the worker UNAVAILABLE, inputs the model
-        refuses are the caller's BAD_REQUEST, and the worker keeps serving either way."""
+        refuses are the caller's BAD_REQUEST, anything else it raises (an assertion, out of
+        memory) is FAILED (`_serve_one`), and the worker keeps serving in every case."""
+        import torch
+
         try:
             return run()
         except CicadaError as exc:
-            self.failed = exc
+            self._fail(exc)
             return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(exc))
+        except torch.cuda.OutOfMemoryError as exc:  # a RuntimeError, but not the caller's fault
+            return Result(id=dispatch.id, status=Status.FAILED, error=f"out of memory: {exc}")
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             return Result(
                 id=dispatch.id,
@@ -226,11 +286,22 @@ class CloudWorker:
         )
 
     def serve_forever(self) -> int:
-        """Register, load, serve until SIGTERM. Returns the process exit code."""
+        """Register, load, serve until SIGTERM. Returns the process exit code: 0 after a
+        drain, EXIT_LOAD_FAILED, or EXIT_SERVING_FAILED if the serving loop died."""
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             signal.signal(signal.SIGINT, lambda *_: stop.set())
+        try:
+            return self._serve(stop)
+        except BaseException as exc:  # never stay registered (and `ready`) unable to serve
+            log.exception("the serving loop died")
+            code = EXIT_SERVING_FAILED if self.built.is_set() else EXIT_LOAD_FAILED
+            return self._give_up(
+                CicadaError(f"the worker's serving loop died ({type(exc).__name__}: {exc})"), code
+            )
+
+    def _serve(self, stop: threading.Event) -> int:
         self.runtime.start()  # registers while cold
         if self.config.health_port is not None:
             self._serve_health(self.config.health_host, self.config.health_port)
@@ -245,15 +316,20 @@ class CloudWorker:
             self.built.set()
             self.runtime.notify()  # READY may be due now (if every stage arrived first)
         except CicadaError as exc:
-            return self._give_up(exc)
+            return self._give_up(exc, EXIT_LOAD_FAILED)
         while not stop.is_set() and not self.runtime.stopped.is_set():
             try:
                 dispatch, deadline, stream, done = self._work.get(timeout=0.1)
             except queue.Empty:
                 if self.failed is not None:
-                    return self._give_up(self.failed)
+                    return self._give_up(self.failed, EXIT_LOAD_FAILED)
                 continue
-            done.set_result(self._run(dispatch, deadline, stream))
+            self._serve_one(dispatch, deadline, stream, done)
+        if self.runtime.error is not None:  # its I/O thread died: nothing can be answered
+            return self._give_up(
+                CicadaError(f"the worker's I/O thread died ({self.runtime.error})"),
+                EXIT_SERVING_FAILED,
+            )
         self.runtime.drain()
         while not self.runtime.join(0.05):  # finish what was accepted before the drain
             self._serve_pending()
@@ -307,13 +383,16 @@ class CloudWorker:
                 dispatch, deadline, stream, done = self._work.get_nowait()
             except queue.Empty:
                 return
-            done.set_result(self._run(dispatch, deadline, stream))
+            self._serve_one(dispatch, deadline, stream, done)
 
-    def _give_up(self, exc: CicadaError) -> int:
-        log.error("cold start failed: %s", exc)
-        self.failed = exc
+    def _give_up(self, exc: CicadaError, code: int) -> int:
+        """Stop for good: answer what is queued (UNAVAILABLE: the coordinator gives it
+        another chance), DISCONNECT, and return the exit code."""
+        log.error("giving up: %s", exc)
+        self._fail(exc)
         self.built.set()
         self.runtime.drain()
         while not self.runtime.join(0.05):
             self._serve_pending()
-        return 3
+        self._serve_pending()
+        return code

@@ -8,6 +8,10 @@ its residency progress the moment it changes (`notify()`).
 Liveness: the coordinator is presumed dead after `liveness` heartbeat intervals of silence;
 the runtime then reconnects with a fresh socket and registers again (READY). A DISCONNECT
 from the coordinator ("unknown peer", e.g. after it restarted) triggers the same.
+
+Every dispatch accepted ends in one RESULT, whatever the handler raises (FAILED). Should the
+I/O thread itself die, `error` says why and `stopped` is set: the worker must then exit (it can
+no longer answer anything), never linger registered.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ class WorkerRuntime:
         self.stopped = threading.Event()
         self.registered = threading.Event()
         self.registrations = 0  # how many READYs were sent (re-registrations included)
+        self.error: BaseException | None = None  # why the I/O thread died, if it did
         # RESULTs and PARTIALs, in the order they are to be sent.
         self._outgoing: queue.Queue[Result | Partial] = queue.Queue()
         self._streams: dict[str, Stream] = {}
@@ -208,6 +213,16 @@ class WorkerRuntime:
             return False
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:
+            log.exception("the worker's I/O thread died")
+            self.error = exc
+        finally:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.stopped.set()
+
+    def _serve(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         interval = self.config.heartbeat_interval
         sock = self._connect(ctx)
@@ -250,8 +265,6 @@ class WorkerRuntime:
                     heard = now
         finally:
             sock.close(linger=0)
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self.stopped.set()
 
     def _poller(self, sock: zmq.Socket[bytes]) -> zmq.Poller:
         poller = zmq.Poller()
@@ -317,7 +330,7 @@ class WorkerRuntime:
                 )
             else:
                 result = self.handler(dispatch, deadline, stream)
-        except Exception as exc:  # the model raised: report, keep serving
+        except BaseException as exc:  # the model raised: report, keep serving
             log.exception("request %s failed", dispatch.id)
             result = Result(
                 id=dispatch.id, status=Status.FAILED, error=f"{type(exc).__name__}: {exc}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,8 @@ import numpy as np
 import onnxruntime as ort
 
 from cicada.common.errors import CicadaError
+from cicada.common.generation import limits_of
+from cicada.common.inputs import InputError, InputLimits, TensorSpec
 
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
@@ -49,27 +50,6 @@ ORT_TO_NUMPY: dict[str, np.dtype[Any]] = {
 
 class EdgeModelError(CicadaError):
     """An edge model cannot be loaded, or was given inputs it does not take."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One graph input or output. `shape` has None where the axis is dynamic (batch, sequence)."""
-
-    name: str
-    dtype: str  # numpy name, e.g. "int64", "float32"
-    shape: tuple[int | None, ...]
-
-    @property
-    def rank(self) -> int:
-        return len(self.shape)
-
-    def to_json(self) -> dict[str, Any]:
-        """The edge_model.json form: -1 marks a dynamic axis."""
-        return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "shape": [-1 if d is None else d for d in self.shape],
-        }
 
 
 def tensor_spec(arg: Any, where: Path) -> TensorSpec:
@@ -116,6 +96,8 @@ class EdgeModel:
         self._decoder = decoder
         self.inputs = [tensor_spec(a, path) for a in session.get_inputs()]
         self.outputs = [tensor_spec(a, path) for a in session.get_outputs()]
+        # What the graph takes, and a token model's context and vocabulary (edge_config).
+        self.limits = InputLimits(tuple(self.inputs), *limits_of(info.get("edge_config") or {}))
 
     @classmethod
     def load(
@@ -181,8 +163,12 @@ class EdgeModel:
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         """One forward. Inputs in graph order; dtype, rank and fixed axes must match exactly
-        (no silent casting: an int32 token array is an error, not a copy)."""
-        self._check(inputs)
+        (no silent casting: an int32 token array is an error, not a copy), and token ids must
+        fit the model's context and vocabulary (`cicada.common.inputs`)."""
+        try:
+            self.limits.check(inputs)
+        except InputError as exc:
+            raise EdgeModelError(str(exc)) from exc
         feeds = {spec.name: array for spec, array in zip(self.inputs, inputs, strict=True)}
         try:
             outputs = self._session.run(None, feeds)
@@ -191,34 +177,6 @@ class EdgeModel:
                 f"{self._path}: ONNX Runtime failed ({type(exc).__name__}: {exc})"
             ) from exc
         return [np.asarray(o) for o in outputs]
-
-    def _check(self, inputs: list[np.ndarray]) -> None:
-        if len(inputs) != len(self.inputs):
-            raise EdgeModelError(
-                f"{self._path} takes {len(self.inputs)} input(s) "
-                f"({', '.join(s.name for s in self.inputs)}), got {len(inputs)}"
-            )
-        for spec, array in zip(self.inputs, inputs, strict=True):
-            if not isinstance(array, np.ndarray):
-                raise EdgeModelError(
-                    f"input {spec.name!r}: expected a numpy array, got {type(array).__name__}"
-                )
-            shape = tuple("?" if d is None else d for d in spec.shape)
-            if array.dtype != np.dtype(spec.dtype):
-                raise EdgeModelError(
-                    f"input {spec.name!r}: expected dtype {spec.dtype}, got {array.dtype}"
-                )
-            if array.ndim != spec.rank:
-                raise EdgeModelError(
-                    f"input {spec.name!r}: expected rank {spec.rank} {shape}, "
-                    f"got rank {array.ndim} {array.shape}"
-                )
-            for axis, (want, got) in enumerate(zip(spec.shape, array.shape, strict=True)):
-                if want is not None and want != got:
-                    raise EdgeModelError(
-                        f"input {spec.name!r}: expected shape {shape}, got {array.shape} "
-                        f"(axis {axis})"
-                    )
 
 
 def _session(
