@@ -424,7 +424,7 @@ def test_actor_worker_serves_through_the_sdk_and_drains(
     try:
         handle = launcher.launch(spec(stack, assets, "gpt2-ray-a"))
         assert handle.alive()
-        stack.wait_workers("cloud", 1, timeout=90)
+        stack.wait_workers("cloud", 1, state="ready", timeout=90)  # not loading
         with Client(stack.address, timeout=60) as client:
             result = client.invoke(MODEL, x)
         assert result.served_by["role"] == "cloud", result.served_by
@@ -477,7 +477,7 @@ def test_actor_is_placed_by_resource_and_by_label(
         stranded = nowhere.launch(spec(stack, assets, "gpt2-nowhere"))
         assert cloud.info(timeout=60)["node_id"] == cluster.cloud_id
         assert edge.info(timeout=60)["node_id"] == cluster.head_id
-        stack.wait_workers("cloud", 2, timeout=90)
+        stack.wait_workers("cloud", 2, state="ready", timeout=90)
         with Client(stack.address, timeout=60) as client:
             served = {client.invoke(MODEL, x).served_by["worker"] for _ in range(6)}
         assert served <= {"gpt2-on-cloud", "gpt2-on-edge"} and served, served
