@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from cicada.common.defaults import DEFAULT_ADDRESS, MAX_NEW_TOKENS
 from cicada.common.errors import CicadaError, PackageMismatchError
 
 
@@ -415,7 +416,7 @@ def coldstart(model: str, cache: Path | None, as_json: bool) -> None:
 )
 @click.option(
     "--max-new-tokens",
-    type=click.IntRange(1, 4096),
+    type=click.IntRange(1, MAX_NEW_TOKENS),
     default=None,
     help="Generate this many tokens greedily from the prompt in --input, printing each as it "
     "arrives with the side (edge/cloud) that made it.",
@@ -442,7 +443,7 @@ def coldstart(model: str, cache: Path | None, as_json: bool) -> None:
 )
 @click.option(
     "--address",
-    default="tcp://127.0.0.1:5555",
+    default=DEFAULT_ADDRESS,
     show_default=True,
     envvar="CICADA_ADDRESS",
     show_envvar=True,

@@ -42,6 +42,7 @@ import zmq
 import zmq.asyncio
 import zmq.utils.z85
 
+from cicada.common.defaults import DEFAULT_ADDRESS, DEFAULT_TIMEOUT_S, MAX_NEW_TOKENS, PRIORITIES
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Limits,
@@ -59,16 +60,12 @@ from cicada.errors import BadRequest, Timeout, TransportError, raise_for_reply
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
-DEFAULT_TIMEOUT_S = 30.0
 # Waiting past a deadline by this much lets the coordinator's own TIMEOUT reply arrive (it
 # says more than silence does) before the client gives up by itself.
 DEADLINE_GRACE_S = 0.5
-PRIORITIES = (0, 1, 2)  # latency-critical, normal, quality-seeking
 
 Frame = bytes | memoryview
 Inputs = np.ndarray | Sequence[np.ndarray]
-MAX_NEW_TOKENS = 4096  # as cicada.common.generation: a worker refuses more
 
 
 # -- configuration and results --------------------------------------------------------------

@@ -15,10 +15,10 @@ from typing import Any
 
 import click
 
+from cicada.common.defaults import DEFAULT_ADDRESS, DEFAULT_METRICS
 from cicada.common.errors import CicadaError
 
 ADDRESS_HELP = "Coordinator endpoint to connect to."
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
 
 
 def _logging(level: str) -> None:
@@ -63,7 +63,7 @@ def _curve_options(f: Any) -> Any:
 @click.option(
     "--metrics",
     "metrics",
-    default="127.0.0.1:9464",
+    default=DEFAULT_METRICS,
     show_default=True,
     help="HOST:PORT for the Prometheus /metrics endpoint; 'off' to disable.",
 )
@@ -396,7 +396,7 @@ def cloud(
 @click.option(
     "--metrics",
     "url",
-    default="http://127.0.0.1:9464/metrics",
+    default=f"http://{DEFAULT_METRICS}/metrics",
     show_default=True,
     help="The coordinator's metrics endpoint.",
 )

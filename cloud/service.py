@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
+from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
 from cicada.common.errors import CicadaError
 from cicada.common.generation import GenerationError, GenerationRequest, generate
 from cicada.common.launch import WorkerSpec
@@ -46,11 +47,11 @@ ASSUMED_READ_BPS = 1.0e9
 class CloudWorkerConfig:
     package: Path
     model_name: str
-    coordinator: str = "tcp://127.0.0.1:5555"
+    coordinator: str = DEFAULT_ADDRESS
     worker: str = ""
     device: str = "cpu"
     threads: int | None = None
-    heartbeat_interval: float = 0.5
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     curve: CurveKeys | None = None
     health_port: int | None = None  # serve /ready and /healthz for orchestrators (Knative)
     health_host: str = "0.0.0.0"

@@ -24,15 +24,11 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from cicada.common.errors import CicadaError
+from cicada.common.errors import ProtocolError
 
 SIGNATURE = b"CCD1"
 PROTOCOL_VERSION = 1
 MAX_TIMEOUT_MS = 86_400_000  # a budget beyond a day is a mistake, not a deadline
-
-
-class ProtocolError(CicadaError):
-    """A frame or message does not follow docs/PROTOCOL.md."""
 
 
 class Command(enum.IntEnum):

@@ -25,6 +25,13 @@ from typing import Any
 import numpy as np
 import zmq
 
+from cicada.common.defaults import (
+    DEFAULT_ADDRESS,
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS,
+    PRIORITIES,
+    QUEUE_LIMIT,
+)
 from cicada.common.generation import GenerationError, check_options
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
@@ -55,7 +62,6 @@ from cicada.edge.policy import (
     DEFAULT_CLOUD_COMPUTE_S,
     DEFAULT_EDGE_COMPUTE_S,
     DEFAULT_NETWORK_S,
-    PRIORITIES,
     Route,
     SideView,
     choose,
@@ -66,10 +72,10 @@ log = logging.getLogger("cicada.coordinator")
 
 @dataclass
 class CoordinatorConfig:
-    bind: str = "tcp://127.0.0.1:5555"
-    heartbeat_interval: float = 0.5
-    liveness: int = 4
-    queue_limit: int = 1024  # per model and priority
+    bind: str = DEFAULT_ADDRESS
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
+    liveness: int = LIVENESS
+    queue_limit: int = QUEUE_LIMIT  # per model and priority
     retry_after_s: float = 1.0  # suggested to callers when nobody can serve a model
     network_s: float = DEFAULT_NETWORK_S
     metrics_bind: tuple[str, int] | None = None  # ("127.0.0.1", 9464) serves /metrics

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from cicada.common.errors import CicadaError
+from cicada.common.errors import EdgeModelError
 
 ONNX_NAME = "model.onnx"
 INT8_NAME = "model.int8.onnx"
@@ -45,10 +45,6 @@ ORT_TO_NUMPY: dict[str, np.dtype[Any]] = {
     "tensor(uint8)": np.dtype(np.uint8),
     "tensor(bool)": np.dtype(np.bool_),
 }
-
-
-class EdgeModelError(CicadaError):
-    """An edge model cannot be loaded, or was given inputs it does not take."""
 
 
 @dataclass(frozen=True)
