@@ -300,6 +300,8 @@ class Coordinator:
         elif isinstance(message, Disconnect):
             if worker is not None:
                 self.remove_worker(identity, now, reason=message.reason or "worker left")
+        elif isinstance(message, Cancel) and worker is None:
+            self.withdraw_request(identity, message.id)
         else:
             self._malformed(identity, f"unexpected {type(message).__name__} at the coordinator")
 
@@ -397,6 +399,28 @@ class Coordinator:
             heapq.heappush(self._deadlines, (deadline, key))
         queue.append(key)
         self.metrics.set_queue_depth(model, request.priority, len(queue))
+
+    def withdraw_request(self, client: bytes, request_id: str) -> None:
+        """A client's CANCEL: it stopped reading request `request_id`. Forget it without a
+        REPLY; a queued request leaves its queue, a running one is CANCELled at its worker
+        (which keeps the slot until its RESULT comes back). Unknown ids (already answered)
+        are ignored."""
+        p = next(
+            (p for p in self.pending.values() if p.client == client and p.request.id == request_id),
+            None,
+        )  # a linear scan: clients cancel rarely, and nothing else needs the index
+        if p is None:
+            return
+        self.pending.pop(p.key, None)
+        self._edge_generations.discard(p.key)
+        if p.worker is None:
+            queue = self.queues[p.request.model][p.request.priority]
+            if p.key in queue:
+                queue.remove(p.key)
+                self.metrics.set_queue_depth(p.request.model, p.request.priority, len(queue))
+        else:
+            self._send(p.worker, Cancel(id=p.key, reason="the client cancelled the request"))
+        log.debug("request %s withdrawn by its client", request_id)
 
     def _known_model(self, model: str) -> bool:
         if self.lifecycle is not None and self.lifecycle.manages(model):
