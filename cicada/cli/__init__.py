@@ -685,7 +685,7 @@ def export_edge_cmd(
     )
 
 
-from cicada.serve_commands import register as _register_role_commands  # noqa: E402
+from cicada.cli.serve import register as _register_role_commands  # noqa: E402
 
 _register_role_commands(main)
 
