@@ -6,6 +6,7 @@ import their roles lazily, inside each command).
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +20,17 @@ ADDRESS_HELP = "Coordinator endpoint to connect to."
 def fail(exc: Exception) -> None:
     click.echo(f"error: {exc}", err=True)
     sys.exit(2)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A --config file: one JSON object, or a usage error that names the file."""
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise click.UsageError(f"--config {path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise click.UsageError(f"--config {path} must hold a JSON object")
+    return config
 
 
 def setup_logging(level: str) -> None:

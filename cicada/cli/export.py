@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from cicada.cli._common import fail
+from cicada.cli._common import fail, read_config
 from cicada.common.errors import CicadaError
 
 
@@ -88,12 +88,7 @@ def export_edge_cmd(
         raise click.UsageError("--config goes with --model (a package carries its config)")
     config: dict[str, Any] | None = None
     if config_path is not None:
-        try:
-            config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise click.UsageError(f"--config {config_path} is not valid JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise click.UsageError(f"--config {config_path} must hold a JSON object")
+        config = read_config(config_path)
     shrink: dict[str, Any] = {}
     for item in shrink_items:
         key, sep, raw = item.partition("=")

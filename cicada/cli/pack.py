@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
-from cicada.cli._common import fail
+from cicada.cli._common import fail, read_config
 from cicada.common.errors import CicadaError, PackageMismatchError
 
 
@@ -119,12 +118,7 @@ def pack(
             )
         config: dict[str, Any] = {}
         if config_path is not None:
-            try:
-                config = json.loads(config_path.read_text())
-            except ValueError as exc:
-                raise click.UsageError(f"--config {config_path} is not valid JSON: {exc}") from None
-            if not isinstance(config, dict):
-                raise click.UsageError(f"--config {config_path} must hold a JSON object")
+            config = read_config(config_path)
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
         from cicada.cloud.packing import pack as pack_model
