@@ -7,8 +7,9 @@
     async with AsyncClient() as client:
         results = await asyncio.gather(*(client.invoke("gpt2", x) for x in batch))
 
-    for piece in client.stream("gpt2", prompt_ids, max_new_tokens=32):   # generation
-        print(piece.tokens, piece.role)          # each token as it comes, and who made it
+    with client.stream("gpt2", prompt_ids, max_new_tokens=32) as stream:   # generation
+        for piece in stream:                     # each token as it comes, and who made it
+            print(piece.tokens, piece.role)      # (leaving early cancels the request)
 
     client.invoke("minilm", text=["a sentence"])  # text, for models packaged with a tokenizer
 
@@ -18,6 +19,9 @@ client's own timeout (30 s unless told otherwise) and, when a `deadline` is give
 deadline plus a small grace, so a coordinator that dies mid-call ends the call with
 `Timeout(side="client")`, never a hang. A reply that arrives after its call gave up is
 recognised by its id and discarded.
+
+Both clients share `BaseClient` (the address, timeouts, and building the request) and
+`InvokeOptions` (a call's keywords, validated in one place).
 
 Both clients talk through a `Transport` (`AsyncTransport`): a ZeroMQ DEALER by default, or an
 in-memory `cicada.testing.MockTransport` in tests.
@@ -32,7 +36,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -42,8 +46,16 @@ import zmq
 import zmq.asyncio
 import zmq.utils.z85
 
+from cicada.common.defaults import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TIMEOUT_S,
+    MAX_NEW_TOKENS,
+    NORMAL,
+    PRIORITIES,
+)
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
+    Cancel,
     Limits,
     Partial,
     ProtocolError,
@@ -59,16 +71,12 @@ from cicada.errors import BadRequest, Timeout, TransportError, raise_for_reply
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
-DEFAULT_TIMEOUT_S = 30.0
 # Waiting past a deadline by this much lets the coordinator's own TIMEOUT reply arrive (it
 # says more than silence does) before the client gives up by itself.
 DEADLINE_GRACE_S = 0.5
-PRIORITIES = (0, 1, 2)  # latency-critical, normal, quality-seeking
 
 Frame = bytes | memoryview
 Inputs = np.ndarray | Sequence[np.ndarray]
-MAX_NEW_TOKENS = 4096  # as cicada.common.generation: a worker refuses more
 
 
 # -- configuration and results --------------------------------------------------------------
@@ -252,6 +260,50 @@ class AsyncZmqTransport:
 # -- shared call logic --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class InvokeOptions:
+    """How one call is made: everything but the model and its inputs, checked on creation.
+
+    `Client` and `AsyncClient` build one from their keywords (see `Client.invoke`); it is
+    the one place a call's arguments are validated and turned into a request.
+    """
+
+    text: str | Sequence[str] | None = None
+    max_new_tokens: int | None = None
+    priority: int = NORMAL
+    deadline: float | None = None
+    timeout: float | None = None  # None: the client's own timeout
+    options: Mapping[str, Any] | None = None  # passed to the worker untouched
+
+    def __post_init__(self) -> None:
+        if self.text is not None:
+            texts = [self.text] if isinstance(self.text, str) else list(self.text)
+            if not texts or not all(isinstance(t, str) for t in texts):
+                raise ValueError("text must be a string or a non-empty list of strings")
+        n = self.max_new_tokens
+        if n is not None and (
+            isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS
+        ):
+            raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
+        if self.priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}")
+        if self.deadline is not None and not 0 < self.deadline < math.inf:
+            raise ValueError(
+                f"deadline must be a positive number of seconds, got {self.deadline!r}"
+            )
+
+    def request_options(self) -> dict[str, Any]:
+        """The REQUEST's `options` map (docs/PROTOCOL.md section 4)."""
+        out = dict(self.options or {})
+        if self.text is not None:
+            out["text"] = [self.text] if isinstance(self.text, str) else list(self.text)
+        if self.max_new_tokens is not None:
+            out["max_new_tokens"] = self.max_new_tokens
+        return out
+
+
 @dataclass
 class _Call:
     """One invoke's request, encoded, and how long its caller waits for the reply."""
@@ -261,82 +313,76 @@ class _Call:
     wait_s: float
 
 
-def _options(
-    text: str | Sequence[str] | None,
-    max_new_tokens: int | None,
-    options: dict[str, Any] | None,
-) -> dict[str, Any]:
-    out = dict(options or {})
-    if text is not None:
-        texts = [text] if isinstance(text, str) else list(text)
-        if not texts or not all(isinstance(t, str) for t in texts):
-            raise ValueError("text must be a string or a non-empty list of strings")
-        out["text"] = texts
-    if max_new_tokens is not None:
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or not (1 <= max_new_tokens <= MAX_NEW_TOKENS)
-        ):
-            raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
-        out["max_new_tokens"] = max_new_tokens
-    return out
+class BaseClient:
+    """What `Client` and `AsyncClient` share: the address, the default timeout, the limits,
+    and turning a call into an encoded request (`_prepare`)."""
 
+    def __init__(self, address: str, timeout: float) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.address = address
+        self.timeout = timeout
+        self._limits = DEFAULT_LIMITS
+        self._closed = False
 
-def _prepare(
-    model: str,
-    inputs: Inputs | None,
-    priority: int,
-    deadline: float | None,
-    timeout: float | None,
-    default_timeout: float,
-    limits: Limits,
-    options: dict[str, Any] | None = None,
-) -> _Call:
-    options = options or {}
-    if inputs is None and "text" not in options:
-        raise ValueError("give inputs (arrays) or text")
-    if priority not in PRIORITIES:
-        raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
-    wait_s = default_timeout if timeout is None else timeout
-    if not wait_s > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    # Without a deadline the client's own timeout is the budget: the coordinator should never
-    # keep working (or wait for a cold start) for a caller that has already given up.
-    timeout_ms = round(wait_s * 1000)
-    if deadline is not None:
-        if not 0 < deadline < math.inf:
-            raise ValueError(f"deadline must be a positive number of seconds, got {deadline!r}")
-        timeout_ms = min(timeout_ms, round(deadline * 1000))
-        wait_s = min(wait_s, deadline + DEADLINE_GRACE_S)
-    if inputs is None:
-        arrays: list[np.ndarray] = []
-    elif isinstance(inputs, np.ndarray):
-        arrays = [inputs]
-    else:
-        arrays = [np.asarray(a) for a in inputs]
-    request_id = uuid.uuid4().hex
-    request = Request(
-        request_id, model, arrays, priority=priority, timeout_ms=timeout_ms, options=options
-    )
-    try:
-        frames = encode(request)
-    except ProtocolError as exc:
-        raise BadRequest(
-            f"request {request_id} not sent: {exc}",
-            request_id=request_id,
-            status=Status.BAD_REQUEST,
-        ) from exc
-    size = sum(len(f) for f in frames)
-    if len(frames) > limits.max_frames or size > limits.max_message_bytes:
-        raise BadRequest(
-            f"request {request_id} not sent: {len(arrays)} inputs of {size} bytes in all exceed "
-            f"the protocol limits ({limits.max_frames - 3} tensors, "
-            f"{limits.max_message_bytes} bytes); send smaller batches",
-            request_id=request_id,
-            status=Status.BAD_REQUEST,
+    def _prepare(self, model: str, inputs: Inputs | None, call: InvokeOptions) -> _Call:
+        """The encoded REQUEST for one call, and how long to wait for its REPLY."""
+        if self._closed:
+            raise RuntimeError(f"this {type(self).__name__} is closed")
+        options = call.request_options()
+        if inputs is None and "text" not in options:
+            raise ValueError("give inputs (arrays) or text")
+        wait_s = self.timeout if call.timeout is None else call.timeout
+        # Without a deadline the client's own timeout is the budget: the coordinator should
+        # never keep working (or wait for a cold start) for a caller that has already given up.
+        timeout_ms = round(wait_s * 1000)
+        if call.deadline is not None:
+            timeout_ms = min(timeout_ms, round(call.deadline * 1000))
+            wait_s = min(wait_s, call.deadline + DEADLINE_GRACE_S)
+        if inputs is None:
+            arrays: list[np.ndarray] = []
+        elif isinstance(inputs, np.ndarray):
+            arrays = [inputs]
+        else:
+            arrays = [np.asarray(a) for a in inputs]
+        request_id = uuid.uuid4().hex
+        request = Request(
+            request_id, model, arrays, priority=call.priority, timeout_ms=timeout_ms,
+            options=options,
+        )  # fmt: skip
+        try:
+            frames = encode(request)
+        except ProtocolError as exc:
+            raise BadRequest(
+                f"request {request_id} not sent: {exc}",
+                request_id=request_id,
+                status=Status.BAD_REQUEST,
+            ) from exc
+        size = sum(len(f) for f in frames)
+        limits = self._limits
+        if len(frames) > limits.max_frames or size > limits.max_message_bytes:
+            raise BadRequest(
+                f"request {request_id} not sent: {len(arrays)} inputs of {size} bytes in all "
+                f"exceed the protocol limits ({limits.max_frames - 3} tensors, "
+                f"{limits.max_message_bytes} bytes); send smaller batches",
+                request_id=request_id,
+                status=Status.BAD_REQUEST,
+            )
+        return _Call(request_id, frames, wait_s)
+
+    def _client_timeout(self, call: _Call) -> Timeout:
+        return Timeout(
+            f"no reply to request {call.request_id} within {call.wait_s:g} s (client-side "
+            f"timeout): is the coordinator at {self.address} running? If it is busy, allow a "
+            "longer timeout",
+            side="client",
+            request_id=call.request_id,
         )
-    return _Call(request_id, frames, wait_s)
+
+
+def _cancel(call: _Call) -> list[Frame]:
+    """The CANCEL that withdraws a call its caller left early (docs/PROTOCOL.md section 4)."""
+    return list(encode(Cancel(id=call.request_id, reason="the client stopped reading")))
 
 
 def _peek_id(frames: Sequence[Frame], limits: Limits) -> str | None:
@@ -378,15 +424,6 @@ def _result(reply: Reply, client_s: float) -> InvokeResult:
     )
 
 
-def _client_timeout(call: _Call, address: str) -> Timeout:
-    return Timeout(
-        f"no reply to request {call.request_id} within {call.wait_s:g} s (client-side "
-        f"timeout): is the coordinator at {address} running? If it is busy, allow a longer timeout",
-        side="client",
-        request_id=call.request_id,
-    )
-
-
 def _malformed(request_id: str, exc: ProtocolError) -> TransportError:
     return TransportError(
         f"malformed reply to request {request_id}: {exc}; is the peer a CCD/1 coordinator?",
@@ -398,9 +435,14 @@ def _malformed(request_id: str, exc: ProtocolError) -> TransportError:
 
 
 class TokenStream:
-    """Iterates over a call's streamed `Piece`s; `.result` holds the final `InvokeResult`."""
+    """Iterates over a call's streamed `Piece`s; `.result` holds the final `InvokeResult`.
 
-    def __init__(self, messages: Iterator[Piece | InvokeResult]) -> None:
+    Use it as a context manager (`with client.stream(...) as stream:`) or call `close()`:
+    leaving before the final reply withdraws the request (CANCEL: the worker stops) and frees
+    the client for its next call.
+    """
+
+    def __init__(self, messages: Generator[Piece | InvokeResult]) -> None:
         self._messages = messages
         self.result: InvokeResult | None = None
 
@@ -411,17 +453,30 @@ class TokenStream:
         for message in self._messages:
             if isinstance(message, InvokeResult):
                 self.result = message
-                for _ in self._messages:  # run the call to its end (its clean-up included)
-                    pass
+                self.close()  # run the call's clean-up now
                 break
             return message
         raise StopIteration
 
+    def close(self) -> None:
+        """Stop the call: a request still running is cancelled. Idempotent."""
+        self._messages.close()
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 class AsyncTokenStream:
-    """Async iteration over a call's streamed `Piece`s; `.result` holds the final result."""
+    """Async iteration over a call's streamed `Piece`s; `.result` holds the final result.
 
-    def __init__(self, messages: AsyncIterator[Piece | InvokeResult]) -> None:
+    `async with client.stream(...) as stream:` or `await stream.aclose()`: leaving before the
+    final reply withdraws the request (CANCEL) and stops waiting for it.
+    """
+
+    def __init__(self, messages: AsyncGenerator[Piece | InvokeResult]) -> None:
         self._messages = messages
         self.result: InvokeResult | None = None
 
@@ -432,14 +487,23 @@ class AsyncTokenStream:
         async for message in self._messages:
             if isinstance(message, InvokeResult):
                 self.result = message
-                async for _ in self._messages:  # run the call to its end (its clean-up included)
-                    pass
+                await self.aclose()  # run the call's clean-up now
                 break
             return message
         raise StopAsyncIteration
 
+    async def aclose(self) -> None:
+        """Stop the call: a request still running is cancelled. Idempotent."""
+        await self._messages.aclose()
 
-class Client:
+    async def __aenter__(self) -> AsyncTokenStream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class Client(BaseClient):
     """A synchronous client on one DEALER socket.
 
     Use it from one thread at a time (ZeroMQ sockets are not thread-safe; a concurrent
@@ -455,16 +519,11 @@ class Client:
         curve: CurveConfig | None = None,
         transport: Transport | None = None,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.address = address
-        self.timeout = timeout
-        self._limits = DEFAULT_LIMITS
+        super().__init__(address, timeout)
         self._transport: Transport = (
             transport if transport is not None else ZmqTransport(address, curve=curve)
         )
         self._busy = threading.Lock()
-        self._closed = False
 
     def invoke(
         self,
@@ -473,10 +532,10 @@ class Client:
         *,
         text: str | Sequence[str] | None = None,
         max_new_tokens: int | None = None,
-        priority: int = 1,
+        priority: int = NORMAL,
         deadline: float | None = None,
         timeout: float | None = None,
-        options: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> InvokeResult:
         """Run `model` on `inputs` (an array or a list of arrays) and return its outputs.
 
@@ -486,17 +545,12 @@ class Client:
         `stream` yields them as they come). `priority`: 0 latency-critical, 1 normal, 2
         quality-seeking. `deadline`: seconds the result is still useful (sent as the request's
         budget; the coordinator answers TIMEOUT rather than run it late). `timeout`: how long
-        this call waits at most (default: the client's). Raises a `ClientError` for any status
+        this call waits at most (default: the client's). `options`: passed to the worker
+        untouched. The keywords make an `InvokeOptions`. Raises a `ClientError` for any status
         but OK, `TransportError` if the connection lets the call down.
         """
-        stream = self.stream(
-            model, inputs, text=text, max_new_tokens=max_new_tokens, priority=priority,
-            deadline=deadline, timeout=timeout, options=options,
-        )  # fmt: skip
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
+        call = InvokeOptions(text, max_new_tokens, priority, deadline, timeout, options)
+        return _last(self._stream(model, inputs, call))
 
     def stream(
         self,
@@ -505,23 +559,22 @@ class Client:
         *,
         text: str | Sequence[str] | None = None,
         max_new_tokens: int | None = None,
-        priority: int = 1,
+        priority: int = NORMAL,
         deadline: float | None = None,
         timeout: float | None = None,
-        options: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> TokenStream:
         """As `invoke`, but iterate over the `Piece`s streamed before the final reply (one per
         generated token); the final `InvokeResult` is then in `.result`. The request is sent
-        when iteration starts; errors are raised from the iteration."""
-        if self._closed:
-            raise RuntimeError("this Client is closed")
-        call = _prepare(
-            model, inputs, priority, deadline, timeout, self.timeout, self._limits,
-            _options(text, max_new_tokens, options),
-        )  # fmt: skip
-        return TokenStream(self._locked_round_trip(call))
+        when iteration starts; errors are raised from the iteration. Close the stream (or use
+        it in a `with` block) to leave early: the request is cancelled."""
+        call = InvokeOptions(text, max_new_tokens, priority, deadline, timeout, options)
+        return self._stream(model, inputs, call)
 
-    def _locked_round_trip(self, call: _Call) -> Iterator[Piece | InvokeResult]:
+    def _stream(self, model: str, inputs: Inputs | None, options: InvokeOptions) -> TokenStream:
+        return TokenStream(self._locked_round_trip(self._prepare(model, inputs, options)))
+
+    def _locked_round_trip(self, call: _Call) -> Generator[Piece | InvokeResult]:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError(
                 "Client.invoke called from two threads at once: a Client is for one thread; "
@@ -532,7 +585,7 @@ class Client:
         finally:
             self._busy.release()
 
-    def _round_trip(self, call: _Call) -> Iterator[Piece | InvokeResult]:
+    def _round_trip(self, call: _Call) -> Generator[Piece | InvokeResult]:
         start = time.perf_counter()
         give_up = time.monotonic() + call.wait_s
         try:
@@ -540,29 +593,43 @@ class Client:
         except TransportError as exc:
             exc.request_id = exc.request_id or call.request_id
             raise
-        while (remaining := give_up - time.monotonic()) > 0:
-            frames = self._transport.recv(remaining)
-            if frames is None:
-                break
-            try:
-                reply = _read_reply(frames, self._limits)
-            except ProtocolError as exc:
-                other = _peek_id(frames, self._limits)
-                if other is not None and other != call.request_id:
-                    log.warning("discarding a malformed message for request %s: %s", other, exc)
+        answered = False
+        try:
+            while (remaining := give_up - time.monotonic()) > 0:
+                frames = self._transport.recv(remaining)
+                if frames is None:
+                    break
+                try:
+                    reply = _read_reply(frames, self._limits)
+                except ProtocolError as exc:
+                    other = _peek_id(frames, self._limits)
+                    if other is not None and other != call.request_id:
+                        log.warning("discarding a malformed message for request %s: %s", other, exc)
+                        continue
+                    answered = True  # the call ends here: nothing left to cancel
+                    raise _malformed(call.request_id, exc) from exc
+                if reply is None:
                     continue
-                raise _malformed(call.request_id, exc) from exc
-            if reply is None:
-                continue
-            if reply.id != call.request_id:  # e.g. the late reply to a call that timed out
-                log.debug("discarding a reply for request %s (not waiting for it)", reply.id)
-                continue
-            if isinstance(reply, Partial):
-                yield _piece(reply)
-                continue
-            yield _result(reply, time.perf_counter() - start)
-            return
-        raise _client_timeout(call, self.address)
+                if reply.id != call.request_id:  # e.g. the late reply to a call that timed out
+                    log.debug("discarding a reply for request %s (not waiting for it)", reply.id)
+                    continue
+                if isinstance(reply, Partial):
+                    yield _piece(reply)
+                    continue
+                answered = True
+                yield _result(reply, time.perf_counter() - start)
+                return
+            answered = True  # the deadline sent with the request ends it at the coordinator
+            raise self._client_timeout(call)
+        finally:
+            if not answered:  # left early (close, break, an exception in the caller's loop)
+                self._send_cancel(call)
+
+    def _send_cancel(self, call: _Call) -> None:
+        try:
+            self._transport.send(_cancel(call))
+        except Exception as exc:  # best effort: an uncancelled request costs only worker time
+            log.debug("could not cancel request %s: %s", call.request_id, exc)
 
     def close(self) -> None:
         """Close the socket (unsent requests are dropped). Idempotent."""
@@ -577,7 +644,16 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+def _last(stream: TokenStream) -> InvokeResult:
+    """Run a call to its end: its final result (the pieces streamed before it are dropped)."""
+    with stream:
+        for _ in stream:
+            pass
+    assert stream.result is not None
+    return stream.result
+
+
+class AsyncClient(BaseClient):
     """An asyncio client on one DEALER socket; any number of `invoke`s may be in flight.
 
     One reader task routes each reply to the call waiting for its id. Use the client from
@@ -592,11 +668,7 @@ class AsyncClient:
         curve: CurveConfig | None = None,
         transport: AsyncTransport | None = None,
     ) -> None:
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.address = address
-        self.timeout = timeout
-        self._limits = DEFAULT_LIMITS
+        super().__init__(address, timeout)
         self._transport: AsyncTransport = (
             transport if transport is not None else AsyncZmqTransport(address, curve=curve)
         )
@@ -605,7 +677,6 @@ class AsyncClient:
         self._pending: dict[str, asyncio.Queue[Reply | Partial | BaseException]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._broken: TransportError | None = None  # set when the reader stopped for good
-        self._closed = False
 
     async def invoke(
         self,
@@ -614,18 +685,17 @@ class AsyncClient:
         *,
         text: str | Sequence[str] | None = None,
         max_new_tokens: int | None = None,
-        priority: int = 1,
+        priority: int = NORMAL,
         deadline: float | None = None,
         timeout: float | None = None,
-        options: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> InvokeResult:
         """As `Client.invoke`, awaitable; concurrent calls share the socket."""
-        stream = self.stream(
-            model, inputs, text=text, max_new_tokens=max_new_tokens, priority=priority,
-            deadline=deadline, timeout=timeout, options=options,
-        )  # fmt: skip
-        async for _ in stream:
-            pass
+        call = InvokeOptions(text, max_new_tokens, priority, deadline, timeout, options)
+        stream = self._stream(model, inputs, call)
+        async with stream:
+            async for _ in stream:
+                pass
         assert stream.result is not None
         return stream.result
 
@@ -636,21 +706,21 @@ class AsyncClient:
         *,
         text: str | Sequence[str] | None = None,
         max_new_tokens: int | None = None,
-        priority: int = 1,
+        priority: int = NORMAL,
         deadline: float | None = None,
         timeout: float | None = None,
-        options: dict[str, Any] | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> AsyncTokenStream:
-        """As `Client.stream`: `async for piece in client.stream(...)`."""
-        if self._closed:
-            raise RuntimeError("this AsyncClient is closed")
-        call = _prepare(
-            model, inputs, priority, deadline, timeout, self.timeout, self._limits,
-            _options(text, max_new_tokens, options),
-        )  # fmt: skip
-        return AsyncTokenStream(self._round_trip(call))
+        """As `Client.stream`: `async with client.stream(...) as s: async for piece in s`."""
+        call = InvokeOptions(text, max_new_tokens, priority, deadline, timeout, options)
+        return self._stream(model, inputs, call)
 
-    async def _round_trip(self, call: _Call) -> AsyncIterator[Piece | InvokeResult]:
+    def _stream(
+        self, model: str, inputs: Inputs | None, options: InvokeOptions
+    ) -> AsyncTokenStream:
+        return AsyncTokenStream(self._round_trip(self._prepare(model, inputs, options)))
+
+    async def _round_trip(self, call: _Call) -> AsyncGenerator[Piece | InvokeResult]:
         if self._closed:
             raise RuntimeError("this AsyncClient is closed")
         if self._broken is not None:
@@ -661,24 +731,37 @@ class AsyncClient:
         self._pending[call.request_id] = inbox
         start = time.perf_counter()
         give_up = time.monotonic() + call.wait_s
+        sent = answered = False
         try:
             await asyncio.wait_for(self._transport.send(call.frames), call.wait_s)
+            sent = True
             while True:
                 try:
                     message = await asyncio.wait_for(inbox.get(), give_up - time.monotonic())
                 except TimeoutError:
-                    raise _client_timeout(call, self.address) from None
+                    answered = True  # the deadline sent with the request ends it there
+                    raise self._client_timeout(call) from None
                 if isinstance(message, BaseException):
+                    answered = True
                     raise message
                 if isinstance(message, Partial):
                     yield _piece(message)
                     continue
+                answered = True
                 yield _result(message, time.perf_counter() - start)
                 return
         except TimeoutError:  # the send itself waited past the timeout
-            raise _client_timeout(call, self.address) from None
+            raise self._client_timeout(call) from None
         finally:
             self._pending.pop(call.request_id, None)
+            if sent and not answered and not self._closed:  # left early: withdraw it
+                await self._send_cancel(call)
+
+    async def _send_cancel(self, call: _Call) -> None:
+        try:
+            await asyncio.wait_for(self._transport.send(_cancel(call)), DEADLINE_GRACE_S)
+        except Exception as exc:  # best effort: an uncancelled request costs only worker time
+            log.debug("could not cancel request %s: %s", call.request_id, exc)
 
     async def _read_replies(self) -> None:
         while True:

@@ -1,6 +1,6 @@
-"""Errors a Cicada client raises.
+"""Every error Cicada raises on purpose, as one tree (all importable from here).
 
-    CicadaError                  (cicada.common.errors: base of every error raised on purpose)
+    CicadaError                  base of every error raised on purpose
     ├── ClientError              the call ended without outputs; the status says why
     │   ├── Timeout              TIMEOUT from the coordinator, or no reply within the client's own
     │   │                        timeout; `side` says which ("coordinator" or "client")
@@ -10,11 +10,28 @@
     │   ├── BadRequest           BAD_REQUEST: unknown model, inputs the model refuses, a malformed
     │   │                        request (also raised before sending inputs that cannot travel)
     │   └── Failed               FAILED: the model raised while running
-    └── TransportError           the connection let the call down: a malformed reply, a send queue
-                                 that is full (wraps `cicada.common.protocol.ProtocolError`
-                                 as __cause__)
+    ├── TransportError           the connection let the call down: a malformed reply, a send queue
+    │                            that is full (wraps a `ProtocolError` as __cause__)
+    ├── ProtocolError            a frame or message does not follow docs/PROTOCOL.md
+    ├── GenerationError          generation options or prompt unusable (also a ValueError;
+    │                            a worker answers it BAD_REQUEST)
+    ├── TextError                text cannot become model inputs (no tokenizer, bad `text`)
+    ├── PackageError             a model package is missing, malformed or does not match its model
+    │   ├── PackageFormatError       manifest unreadable, unknown/newer format version, bad field
+    │   ├── PackageIntegrityError    a file's size, hash or a stage checksum does not match
+    │   ├── PackageMismatchError     a tensor is missing, extra, or has the wrong shape/dtype
+    │   ├── MissingExtraError        an optional library (transformers, torchvision) is missing
+    │   └── UnknownModelError        the library has no model (class) of that name
+    ├── StagingError             a model's stages cannot be determined as declared
+    ├── ConfigError              the coordinator's config file is missing, not TOML, or invalid
+    ├── LaunchError              a cloud worker could not be started
+    ├── EdgeModelError           an edge (ONNX) model cannot be loaded, or refuses its inputs
+    └── EdgeExportError          an edge model cannot be exported as asked
 
-Every error carries `request_id`, `status` (a `Status`; None where no status applies) and
+The client's errors (`ClientError`, `TransportError`) are defined here; the rest live in
+`cicada.common.errors` (torch-free, so that every role can raise them) and are re-exported.
+
+A client error carries `request_id`, `status` (a `Status`; None where no status applies) and
 `served_by` (`{role, worker, variant}`, None when not known), and its message says what to do
 next. Programming mistakes (a bad argument, a closed client) raise ValueError/RuntimeError.
 """
@@ -23,8 +40,50 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from cicada.common.errors import CicadaError
+from cicada.common.errors import (
+    CicadaError,
+    ConfigError,
+    EdgeExportError,
+    EdgeModelError,
+    GenerationError,
+    LaunchError,
+    MissingExtraError,
+    PackageError,
+    PackageFormatError,
+    PackageIntegrityError,
+    PackageMismatchError,
+    ProtocolError,
+    StagingError,
+    TextError,
+    UnknownModelError,
+)
 from cicada.common.protocol import Reply, Status
+
+__all__ = [
+    "BadRequest",
+    "CicadaError",
+    "ClientError",
+    "ConfigError",
+    "EdgeExportError",
+    "EdgeModelError",
+    "Failed",
+    "GenerationError",
+    "LaunchError",
+    "MissingExtraError",
+    "PackageError",
+    "PackageFormatError",
+    "PackageIntegrityError",
+    "PackageMismatchError",
+    "ProtocolError",
+    "Rejected",
+    "StagingError",
+    "TextError",
+    "Timeout",
+    "TransportError",
+    "Unavailable",
+    "UnknownModelError",
+    "raise_for_reply",
+]
 
 TimeoutSide = Literal["coordinator", "client"]
 

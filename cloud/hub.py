@@ -39,18 +39,15 @@ import torch
 from torch import nn
 
 from cicada.cloud.miniloader import parameter_init_skipped
-from cicada.common.errors import PackageError, PackageMismatchError
+from cicada.common.errors import (
+    MissingExtraError,
+    PackageError,
+    PackageMismatchError,
+    UnknownModelError,
+)
 
 TRANSFORMERS_FACTORY = "cicada.cloud.hub:transformers_model"
 TORCHVISION_FACTORY = "cicada.cloud.hub:torchvision_model"
-
-
-class MissingExtraError(PackageError):
-    """An optional library (transformers, torchvision) is not installed."""
-
-
-class UnknownModelError(PackageError):
-    """The library has no model class (transformers) or model (torchvision) of that name."""
 
 
 def _import_transformers() -> Any:

@@ -34,6 +34,8 @@ from typing import Any
 
 from ray import serve
 
+from cicada.common.defaults import HEARTBEAT_INTERVAL_S
+
 log = logging.getLogger("cicada.serve")
 
 WAKE_TIMEOUT_S = 60.0  # how long a wake-up request waits for the worker to register
@@ -88,7 +90,9 @@ class CloudWorkerReplica:
                 worker=name,
                 device=_setting(device, "CICADA_DEVICE", "cpu"),
                 threads=int(threads_s) if threads_s else None,
-                heartbeat_interval=float(_setting(heartbeat, "CICADA_HEARTBEAT", 0.5)),
+                heartbeat_interval=float(
+                    _setting(heartbeat, "CICADA_HEARTBEAT", HEARTBEAT_INTERVAL_S)
+                ),
                 curve=CurveKeys.load(Path(curve_key), Path(server_key))
                 if curve_key and server_key
                 else None,

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
+from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
 from cicada.common.errors import CicadaError
 from cicada.common.generation import GenerationError, GenerationRequest, generate, limits_of
 from cicada.common.inputs import InputError, InputLimits
@@ -53,11 +54,11 @@ EXIT_SERVING_FAILED = 4  # the serving loop died: the lifecycle replaces the wor
 class CloudWorkerConfig:
     package: Path
     model_name: str
-    coordinator: str = "tcp://127.0.0.1:5555"
+    coordinator: str = DEFAULT_ADDRESS
     worker: str = ""
     device: str = "cpu"
     threads: int | None = None
-    heartbeat_interval: float = 0.5
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     curve: CurveKeys | None = None
     health_port: int | None = None  # serve /ready and /healthz for orchestrators (Knative)
     health_host: str = "0.0.0.0"

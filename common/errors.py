@@ -1,13 +1,9 @@
-"""Errors shared by every role.
+"""Errors shared by every role (torch-free, numpy-free: every role and the SDK import them).
 
-    CicadaError
-    ├── PackageError          a model package is missing, malformed or does not match its model
-    │   ├── PackageFormatError    manifest unreadable, unknown/newer format version, bad field
-    │   ├── PackageIntegrityError a file's size, hash or a stage checksum does not match
-    │   └── PackageMismatchError  a tensor is missing, extra, or has the wrong shape/dtype
-    └── StagingError          a model's stages cannot be determined as declared
+The whole tree, the client's errors included, is drawn once in `cicada.errors`; this module
+holds the classes that the roles raise themselves. `cicada.errors` re-exports every one.
 
-Every message names the file or tensor at fault and, where there is one, the next step.
+Every message names the file, tensor or field at fault and, where there is one, the next step.
 """
 
 from __future__ import annotations
@@ -15,6 +11,9 @@ from __future__ import annotations
 
 class CicadaError(Exception):
     """Base of every error Cicada raises on purpose."""
+
+
+# -- model packages ---------------------------------------------------------------------------
 
 
 class PackageError(CicadaError):
@@ -33,5 +32,50 @@ class PackageMismatchError(PackageError):
     """The package and the model it names disagree on a tensor."""
 
 
+class MissingExtraError(PackageError):
+    """An optional library (transformers, torchvision) is not installed."""
+
+
+class UnknownModelError(PackageError):
+    """The library has no model class (transformers) or model (torchvision) of that name."""
+
+
 class StagingError(CicadaError):
     """A model's declared stages are inconsistent."""
+
+
+# -- the wire and the requests on it ----------------------------------------------------------
+
+
+class ProtocolError(CicadaError):
+    """A frame or message does not follow docs/PROTOCOL.md."""
+
+
+class GenerationError(CicadaError, ValueError):
+    """The request's generation options or prompt are unusable (answered BAD_REQUEST).
+
+    Also a ValueError, as it was before it joined the tree."""
+
+
+class TextError(CicadaError):
+    """Text cannot be turned into model inputs: no tokenizer, a malformed `text` option, or
+    text and tensors in one request. Workers answer it with BAD_REQUEST."""
+
+
+# -- the roles ----------------------------------------------------------------------------------
+
+
+class ConfigError(CicadaError):
+    """The configuration file is missing, not TOML, or has invalid values."""
+
+
+class LaunchError(CicadaError):
+    """A worker could not be started."""
+
+
+class EdgeModelError(CicadaError):
+    """An edge model cannot be loaded, or was given inputs it does not take."""
+
+
+class EdgeExportError(CicadaError):
+    """An edge model cannot be exported as asked (bad source, failed export, failed check)."""

@@ -20,11 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-MAX_NEW_TOKENS = 4096  # one request may not ask for more
-
-
-class GenerationError(ValueError):
-    """The request's generation options or prompt are unusable (answered BAD_REQUEST)."""
+from cicada.common.defaults import MAX_NEW_TOKENS
+from cicada.common.errors import GenerationError
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,8 @@ from typing import Any, Protocol
 
 import msgpack
 
-from cicada.common.errors import CicadaError
-
-
-class LaunchError(CicadaError):
-    """A worker could not be started."""
+from cicada.common.defaults import HEARTBEAT_INTERVAL_S
+from cicada.common.errors import LaunchError
 
 
 @dataclass(frozen=True)
@@ -47,7 +44,7 @@ class WorkerSpec:
     name: str
     device: str = "cpu"
     threads: int | None = None
-    heartbeat: float = 0.5
+    heartbeat: float = HEARTBEAT_INTERVAL_S
     curve_key: str | None = None
     server_key: str | None = None
     log_dir: str | None = None

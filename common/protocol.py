@@ -24,15 +24,11 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
-from cicada.common.errors import CicadaError
+from cicada.common.errors import ProtocolError
 
 SIGNATURE = b"CCD1"
 PROTOCOL_VERSION = 1
 MAX_TIMEOUT_MS = 86_400_000  # a budget beyond a day is a mistake, not a deadline
-
-
-class ProtocolError(CicadaError):
-    """A frame or message does not follow docs/PROTOCOL.md."""
 
 
 class Command(enum.IntEnum):
@@ -44,7 +40,7 @@ class Command(enum.IntEnum):
     DISCONNECT = 0x12  # both ways: leaving, or "you are unknown, register again"
     DISPATCH = 0x20  # coordinator -> agent/worker: run this request
     RESULT = 0x21  # agent/worker -> coordinator: outcome of a DISPATCH
-    CANCEL = 0x22  # coordinator -> agent/worker: stop this DISPATCH (e.g. handed to the cloud)
+    CANCEL = 0x22  # coordinator -> worker: stop this DISPATCH; client -> coordinator: withdraw
 
 
 class Status(enum.StrEnum):
@@ -324,8 +320,9 @@ class Result(Message):
 
 @dataclass
 class Cancel(Message):
-    """Stop working on a dispatch: its request is answered elsewhere. The worker's RESULT for
-    it, if any, is discarded by the coordinator; it frees the worker's slot."""
+    """To a worker: stop working on a dispatch (its request is answered elsewhere, or was
+    withdrawn); its RESULT, if any, is discarded by the coordinator and frees its slot. To the
+    coordinator, from a client: withdraw the request `id`; no REPLY follows."""
 
     command: ClassVar[Command] = Command.CANCEL
     id: str

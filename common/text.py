@@ -22,17 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from cicada.common.errors import CicadaError
+from cicada.common.errors import TextError
 
 TOKENIZER_NAME = "tokenizer.json"
 TEXT_OPTION = "text"  # REQUEST/DISPATCH options key: a list of str
 MAX_TEXTS = 1024  # per request: a batch larger than this is a mistake, not a workload
 INSTALL_HINT = "pip install tokenizers (or: pip install 'cicada[minilm]')"
-
-
-class TextError(CicadaError):
-    """Text cannot be turned into model inputs: no tokenizer, a malformed `text` option, or
-    text and tensors in one request. Workers answer it with BAD_REQUEST."""
 
 
 def _import_tokenizers() -> Any:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from cicada.common.defaults import HEARTBEAT_INTERVAL_S, LIVENESS
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
@@ -98,8 +99,8 @@ class RuntimeConfig:
     models: list[str]
     variant: str = ""
     capacity: int = 1
-    heartbeat_interval: float = 0.5
-    liveness: int = 4
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
+    liveness: int = LIVENESS
     curve: CurveKeys | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 

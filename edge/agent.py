@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
 from cicada.common.generation import (
     GenerationError,
     GenerationRequest,
@@ -39,12 +40,12 @@ log = logging.getLogger("cicada.edge")
 class EdgeAgentConfig:
     model_dir: Path
     model_name: str
-    coordinator: str = "tcp://127.0.0.1:5555"
+    coordinator: str = DEFAULT_ADDRESS
     worker: str = ""
     capacity: int = 2
     threads: int = 1  # intra-op threads per request
     int8: bool | None = None
-    heartbeat_interval: float = 0.5
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     curve: CurveKeys | None = None
     # Seconds at least between generated tokens: emulates a slower edge device (demos,
     # benchmarks, tests of a handoff mid-generation). 0 = as fast as the model runs.

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cicada.common import factory as common_factory
-from cicada.common.errors import CicadaError
+from cicada.common.errors import EdgeExportError
 from cicada.common.package import Manifest, check_weights_file
 from cicada.common.text import TOKENIZER_NAME
 from cicada.edge.onnx_model import (
@@ -89,10 +89,6 @@ INT8_REL_TOL = 0.1
 # not relative to anything useful. all-MiniLM-L6-v2 with per-channel int8 weights: measured
 # cosine 0.986..0.998 on real sentences (per-tensor: 0.93..0.97, hence per channel).
 MINILM_INT8_MIN_COSINE = 0.95
-
-
-class EdgeExportError(CicadaError):
-    """An edge model cannot be exported as asked (bad source, failed export, failed check)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from cicada.common.errors import CicadaError
+from cicada.common.errors import EdgeModelError
 from cicada.common.generation import limits_of
 from cicada.common.inputs import InputError, InputLimits, TensorSpec
 
@@ -48,8 +48,6 @@ ORT_TO_NUMPY: dict[str, np.dtype[Any]] = {
 }
 
 
-class EdgeModelError(CicadaError):
-    """An edge model cannot be loaded, or was given inputs it does not take."""
 
 
 def tensor_spec(arg: Any, where: Path) -> TensorSpec:

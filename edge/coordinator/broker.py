@@ -25,6 +25,13 @@ from typing import Any
 
 import zmq
 
+from cicada.common.defaults import (
+    DEFAULT_ADDRESS,
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS,
+    PRIORITIES,
+    QUEUE_LIMIT,
+)
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
@@ -53,7 +60,6 @@ from cicada.edge.coordinator.policy import (
     DEFAULT_CLOUD_COMPUTE_S,
     DEFAULT_EDGE_COMPUTE_S,
     DEFAULT_NETWORK_S,
-    PRIORITIES,
     Route,
     SideView,
     choose,
@@ -67,10 +73,10 @@ log = logging.getLogger("cicada.coordinator")
 
 @dataclass
 class CoordinatorConfig:
-    bind: str = "tcp://127.0.0.1:5555"
-    heartbeat_interval: float = 0.5
-    liveness: int = 4
-    queue_limit: int = 1024  # per model and priority
+    bind: str = DEFAULT_ADDRESS
+    heartbeat_interval: float = HEARTBEAT_INTERVAL_S
+    liveness: int = LIVENESS
+    queue_limit: int = QUEUE_LIMIT  # per model and priority
     retry_after_s: float = 1.0  # suggested to callers when nobody can serve a model
     network_s: float = DEFAULT_NETWORK_S
     metrics_bind: tuple[str, int] | None = None  # ("127.0.0.1", 9464) serves /metrics
@@ -244,6 +250,8 @@ class Coordinator:
         elif isinstance(message, Disconnect):
             if worker is not None:
                 self.remove_worker(identity, now, reason=message.reason or "worker left")
+        elif isinstance(message, Cancel) and worker is None:
+            self.withdraw_request(identity, message.id)
         else:
             self._malformed(identity, f"unexpected {type(message).__name__} at the coordinator")
 
@@ -282,6 +290,23 @@ class Coordinator:
     def _refuse(self, client: bytes, request: Request, refusal: Refusal) -> None:
         """Answer a request that was never queued: the one REPLY is the refusal."""
         self._reply(client, refusal.reply(request.id), request.model)
+
+    def withdraw_request(self, client: bytes, request_id: str) -> None:
+        """A client's CANCEL: it stopped reading request `request_id`. Forget it without a
+        REPLY; a queued request leaves its queue, a running one is CANCELled at its worker
+        (which keeps the slot until its RESULT comes back). Unknown ids (already answered)
+        are ignored."""
+        p = self.scheduler.withdraw(client, request_id)
+        if p is None:
+            return
+        self.relay.ended(p.key)
+        if p.worker is None:
+            self.metrics.set_queue_depth(
+                p.request.model, p.request.priority, len(self.scheduler.queue_of(p))
+            )
+        else:
+            self._send(p.worker, Cancel(id=p.key, reason="the client cancelled the request"))
+        log.debug("request %s withdrawn by its client", request_id)
 
     def _known_model(self, model: str) -> bool:
         if self.lifecycle is not None and self.lifecycle.manages(model):

@@ -33,11 +33,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cicada.common.errors import CicadaError
-
-
-class ConfigError(CicadaError):
-    """The configuration file is missing, not TOML, or has invalid values."""
+from cicada.common.defaults import (
+    DEFAULT_ADDRESS,
+    DEFAULT_METRICS,
+    HEARTBEAT_INTERVAL_S,
+    QUEUE_LIMIT,
+)
+from cicada.common.errors import ConfigError
 
 
 class ModelConfig(BaseModel):
@@ -66,10 +68,10 @@ class ModelConfig(BaseModel):
 class CoordinatorSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    bind: str = "tcp://127.0.0.1:5555"
-    metrics: str = "127.0.0.1:9464"
-    heartbeat: float = Field(default=0.5, gt=0)
-    queue_limit: int = Field(default=1024, ge=1)
+    bind: str = DEFAULT_ADDRESS
+    metrics: str = DEFAULT_METRICS
+    heartbeat: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0)
+    queue_limit: int = Field(default=QUEUE_LIMIT, ge=1)
     launcher: Literal["process", "pool", "ray"] = "process"
     pool_socket: Path | None = None
     log_dir: Path | None = None

@@ -21,8 +21,7 @@ import enum
 import math
 from dataclasses import dataclass
 
-CRITICAL, NORMAL, QUALITY = 0, 1, 2
-PRIORITIES = (CRITICAL, NORMAL, QUALITY)
+from cicada.common.defaults import CRITICAL, NORMAL, QUALITY
 
 DEFAULT_EDGE_COMPUTE_S = 0.01
 DEFAULT_CLOUD_COMPUTE_S = 0.2

@@ -11,9 +11,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from cicada.common.defaults import PRIORITIES
 from cicada.common.generation import GenerationError, check_options
 from cicada.common.protocol import Reply, Request, Status
-from cicada.edge.coordinator.policy import PRIORITIES, Route, SideView
+from cicada.edge.coordinator.policy import Route, SideView
 
 
 @dataclass
@@ -117,6 +118,22 @@ class Scheduler:
 
     def forget(self, key: str) -> None:
         self.pending.pop(key, None)
+
+    def withdraw(self, client: bytes, request_id: str) -> Pending | None:
+        """Forget `client`'s request `request_id` (out of its queue if still queued); None if
+        it is not pending (already answered, or never seen)."""
+        p = next(
+            (p for p in self.pending.values() if p.client == client and p.request.id == request_id),
+            None,
+        )  # a linear scan: clients cancel rarely, and nothing else needs the index
+        if p is None:
+            return None
+        del self.pending[p.key]
+        if p.worker is None:
+            queue = self.queue_of(p)
+            if p.key in queue:
+                queue.remove(p.key)
+        return p
 
     def queued_for(self, model: str, side: Route) -> int:
         """Requests of `model` waiting that were last routed to `side`."""

@@ -22,7 +22,16 @@ from click.testing import CliRunner
 from cicada.cli import main as cli
 from cicada.client import AsyncClient, Client, CurveConfig, InvokeResult, ZmqTransport
 from cicada.common.errors import CicadaError
-from cicada.common.protocol import DEFAULT_LIMITS, Reply, Request, Status, decode, encode
+from cicada.common.protocol import (
+    DEFAULT_LIMITS,
+    Cancel,
+    Partial,
+    Reply,
+    Request,
+    Status,
+    decode,
+    encode,
+)
 from cicada.errors import (
     BadRequest,
     ClientError,
@@ -208,6 +217,91 @@ def test_the_sync_client_refuses_concurrent_use() -> None:
     client = Client(transport=MockTransport(reentrant))
     with client, pytest.raises(RuntimeError, match="one thread"):
         client.invoke("m", np.zeros(1))
+
+
+class CancelRecording(MockTransport):
+    """A MockTransport that also records the CANCELs a client sends (by request id)."""
+
+    def __init__(self, handler: Any) -> None:
+        super().__init__(handler)
+        self.cancels: list[str] = []
+
+    def send(self, frames: Sequence[Any]) -> None:
+        message = decode([bytes(f) for f in frames])
+        if isinstance(message, Cancel):
+            self.cancels.append(message.id)
+        else:
+            super().send(frames)
+
+
+class AsyncCancelRecording(AsyncMockTransport):
+    def __init__(self, handler: Any) -> None:
+        super().__init__(handler)
+        self.cancels: list[str] = []
+
+    async def send(self, frames: Sequence[Any]) -> None:
+        message = decode([bytes(f) for f in frames])
+        if isinstance(message, Cancel):
+            self.cancels.append(message.id)
+        else:
+            await super().send(frames)
+
+
+def first_piece_only(request: Request) -> Reply | list[bytes]:
+    """A generation that streams one token and never finishes; anything else is echoed."""
+    if "max_new_tokens" not in request.options:
+        return echo(request)
+    piece = Partial(request.id, 0, outputs=[np.array([7], np.int64)], served_by=SERVED_BY)
+    return [bytes(f) for f in encode(piece)]
+
+
+PROMPT = np.zeros((1, 3), np.int64)
+
+
+def test_leaving_a_stream_early_cancels_the_request_and_frees_the_client() -> None:
+    transport = CancelRecording(first_piece_only)
+    with Client(transport=transport, timeout=5) as client:
+        with client.stream("gpt2", PROMPT, max_new_tokens=8) as stream:
+            assert next(stream).tokens.tolist() == [7]
+        # The same thread calls again at once (no "called from two threads").
+        np.testing.assert_array_equal(client.invoke("m", np.ones(2)).output, np.ones(2))
+        s = client.stream("gpt2", PROMPT, max_new_tokens=8)
+        next(s)
+        s.close()
+        s.close()  # idempotent
+        for _ in client.stream("gpt2", PROMPT, max_new_tokens=8):
+            break  # the dropped stream is closed with the loop
+        client.invoke("m", np.ones(2))
+        # Streams read to their end, or never started, cancel nothing.
+        with client.stream("m", np.ones(2)) as finished:
+            assert list(finished) == [] and finished.result is not None
+        client.stream("gpt2", PROMPT, max_new_tokens=8).close()
+    generations = [r.id for r in transport.requests if "max_new_tokens" in r.options]
+    assert len(generations) == 3 and transport.cancels == generations
+
+
+def test_leaving_an_async_stream_early_cancels_the_request() -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        transport = AsyncCancelRecording(first_piece_only)
+        async with AsyncClient(transport=transport, timeout=5) as client:
+            async with client.stream("gpt2", PROMPT, max_new_tokens=8) as stream:
+                async for piece in stream:
+                    assert piece.tokens.tolist() == [7]
+                    break
+            assert client._pending == {}  # nobody waits for that request any more
+            result = await client.invoke("m", np.ones(2))
+            np.testing.assert_array_equal(result.output, np.ones(2))
+            s = client.stream("gpt2", PROMPT, max_new_tokens=8)
+            await s.__anext__()
+            await s.aclose()
+            await s.aclose()  # idempotent
+            async with client.stream("m", np.ones(2)) as finished:
+                assert [p async for p in finished] == [] and finished.result is not None
+        ids = [r.id for r in transport.requests if "max_new_tokens" in r.options]
+        return ids, transport.cancels
+
+    generations, cancels = asyncio.run(scenario())
+    assert len(generations) == 2 and cancels == generations
 
 
 def test_curve_config_checks_keys_and_hides_the_secret() -> None:

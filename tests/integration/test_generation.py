@@ -94,6 +94,35 @@ def test_generation_streams_from_the_edge_then_continues_on_the_cloud(
         assert [int(p.tokens[0]) for p in got] == greedy(torch_logits, PROMPT, 16)
 
 
+def test_leaving_a_stream_early_cancels_the_generation(
+    tmp_path: Path, assets: dict[str, Path]
+) -> None:
+    with Stack(tmp_path) as stack:
+        stack.coordinator()
+        # One slot at 50 ms a token: a generation of 400 left running would hold it for 20 s,
+        # longer than the next calls wait (10 s).
+        stack.edge("gpt2", assets["edge"], "edge", "--capacity", "1", "--token-interval", "0.05")
+        stack.wait_workers("edge")
+        with Client(stack.address, timeout=10) as client:
+            with client.stream("gpt2", PROMPT, max_new_tokens=400) as stream:
+                assert next(stream).role == "edge"
+            # The same client calls again at once, and the edge's one slot is free for it.
+            result = client.invoke("gpt2", PROMPT, max_new_tokens=3, priority=0)
+            assert result.token_sources == ["edge"] * 3
+
+        async def leave_early() -> list[str]:
+            async with AsyncClient(stack.address, timeout=10) as aclient:
+                async with aclient.stream("gpt2", PROMPT, max_new_tokens=400) as astream:
+                    async for piece in astream:
+                        assert piece.role == "edge"
+                        break
+                assert aclient._pending == {}
+                again = await aclient.invoke("gpt2", PROMPT, max_new_tokens=3, priority=0)
+                return again.token_sources
+
+        assert asyncio.run(leave_early()) == ["edge"] * 3
+
+
 def test_a_generation_that_cannot_fit_is_a_bad_request(
     tmp_path: Path, assets: dict[str, Path]
 ) -> None:

@@ -1,4 +1,4 @@
-"""`cicada coordinator | edge | cloud | status | keys`: the long-running roles and their tools.
+"""`cicada coordinator | edge | cloud | pool`: the long-running roles.
 
 Each command imports its role only when it runs: `cicada edge` never imports torch, and
 `cicada cloud` opens its package and starts reading weights before torch is imported.
@@ -7,50 +7,21 @@ Each command imports its role only when it runs: `cicada edge` never imports tor
 from __future__ import annotations
 
 import contextlib
-import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from cicada.cli._common import ADDRESS_HELP, curve_keys, curve_options, setup_logging
+from cicada.common.defaults import (
+    DEFAULT_ADDRESS,
+    DEFAULT_METRICS,
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS,
+    QUEUE_LIMIT,
+)
 from cicada.common.errors import CicadaError
-
-ADDRESS_HELP = "Coordinator endpoint to connect to."
-DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
-
-
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def _curve_keys(key: Path | None, server_key: Path | None) -> Any:
-    if key is None and server_key is None:
-        return None
-    if key is None or server_key is None:
-        raise click.UsageError("CURVE needs both --curve-key and --server-key")
-    from cicada.common.sockets import CurveKeys
-
-    return CurveKeys.load(key, server_key)
-
-
-def _curve_options(f: Any) -> Any:
-    f = click.option(
-        "--server-key",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="The coordinator's public key file (NAME.key from `cicada keys`).",
-    )(f)
-    f = click.option(
-        "--curve-key",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="This peer's secret key file (NAME.key_secret): turns CURVE on.",
-    )(f)
-    return f
 
 
 @click.command()
@@ -63,21 +34,21 @@ def _curve_options(f: Any) -> Any:
 @click.option(
     "--metrics",
     "metrics",
-    default="127.0.0.1:9464",
+    default=DEFAULT_METRICS,
     show_default=True,
     help="HOST:PORT for the Prometheus /metrics endpoint; 'off' to disable.",
 )
 @click.option(
     "--heartbeat",
     type=float,
-    default=0.5,
+    default=HEARTBEAT_INTERVAL_S,
     show_default=True,
-    help="Heartbeat interval in seconds (a peer is dead after 4 silent intervals).",
+    help=f"Heartbeat interval in seconds (a peer is dead after {LIVENESS} silent intervals).",
 )
 @click.option(
     "--queue-limit",
     type=int,
-    default=1024,
+    default=QUEUE_LIMIT,
     show_default=True,
     help="Bound of each per-model, per-priority queue; beyond it requests are REJECTED.",
 )
@@ -117,7 +88,7 @@ def coordinator(
 
     With --config it also runs the serverless lifecycle: the first request for a configured
     model launches a cloud worker, idle workers drain and stop after their keep-alive."""
-    _logging(log_level)
+    setup_logging(log_level)
     from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
 
     file = None
@@ -240,7 +211,7 @@ def pool(socket_path: Path, preload_packages: tuple[Path, ...], log_level: str) 
 
     Started by `cicada coordinator` when its config says launcher = "pool" (it preloads the
     code of every configured model's package)."""
-    _logging(log_level)
+    setup_logging(log_level)
     from cicada.cloud.warm_pool import serve_pool
 
     serve_pool(str(socket_path), [str(p) for p in preload_packages])
@@ -287,8 +258,8 @@ def pool(socket_path: Path, preload_packages: tuple[Path, ...], log_level: str) 
     "(demos, benchmarks). 0: as fast as the model runs.",
 )
 @click.option("--name", default="", help="Worker name in replies and metrics.")
-@click.option("--heartbeat", type=float, default=0.5, show_default=True)
-@_curve_options
+@click.option("--heartbeat", type=float, default=HEARTBEAT_INTERVAL_S, show_default=True)
+@curve_options
 @click.option("--log-level", default="info", show_default=True)
 def edge(
     model_name: str,
@@ -305,7 +276,7 @@ def edge(
     log_level: str,
 ) -> None:
     """Run an edge agent: serve a small ONNX model through the coordinator (no torch)."""
-    _logging(log_level)
+    setup_logging(log_level)
     from cicada.edge.agent import EdgeAgent, EdgeAgentConfig
 
     try:
@@ -319,7 +290,7 @@ def edge(
                 threads=threads,
                 int8=int8,
                 heartbeat_interval=heartbeat,
-                curve=_curve_keys(curve_key, server_key),
+                curve=curve_keys(curve_key, server_key),
                 token_interval=token_interval,
             )
         )
@@ -342,7 +313,7 @@ def edge(
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads.")
 @click.option("--name", default="", help="Worker name in replies and metrics.")
-@click.option("--heartbeat", type=float, default=0.5, show_default=True)
+@click.option("--heartbeat", type=float, default=HEARTBEAT_INTERVAL_S, show_default=True)
 @click.option(
     "--health-port",
     type=int,
@@ -350,7 +321,7 @@ def edge(
     help="Serve GET /ready (200 once every stage is resident) and /healthz on this "
     "port, for orchestrators' probes (Knative, Kubernetes).",
 )
-@_curve_options
+@curve_options
 @click.option("--log-level", default="info", show_default=True)
 def cloud(
     model_name: str,
@@ -369,8 +340,8 @@ def cloud(
 
     It registers while still cold, reports residency as stages arrive, serves requests while
     loading (they start on resident stages) and drains cleanly on SIGTERM."""
-    _logging(log_level)
-    keys = _curve_keys(curve_key, server_key)
+    setup_logging(log_level)
+    keys = curve_keys(curve_key, server_key)
     from cicada.cloud.service import CloudWorker, CloudWorkerConfig
 
     try:
@@ -390,59 +361,3 @@ def cloud(
     except CicadaError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(worker.serve_forever())
-
-
-@click.command()
-@click.option(
-    "--metrics",
-    "url",
-    default="http://127.0.0.1:9464/metrics",
-    show_default=True,
-    help="The coordinator's metrics endpoint.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the parsed metrics as JSON.")
-def status(url: str, as_json: bool) -> None:
-    """Show a coordinator's workers, queues and request outcomes (from its /metrics)."""
-    from cicada.edge.coordinator.status import fetch_status, render_status
-
-    try:
-        snapshot = fetch_status(url)
-    except CicadaError as exc:
-        raise click.ClickException(str(exc)) from None
-    if as_json:
-        click.echo(json.dumps(snapshot, indent=1))
-    else:
-        render_status(snapshot)
-
-
-@click.command()
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to write NAME.key (public) and NAME.key_secret into.",
-)
-@click.option(
-    "--name",
-    "names",
-    multiple=True,
-    required=True,
-    help="Key pair name, e.g. coordinator, edge1, client1 (repeatable).",
-)
-def keys(out_dir: Path, names: tuple[str, ...]) -> None:
-    """Make CURVE key pairs. Give the coordinator its .key_secret and a directory holding the
-    .key (public) files it should allow; give every peer its own .key_secret and the
-    coordinator's .key."""
-    import zmq.auth
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        public, secret = zmq.auth.create_certificates(str(out_dir), name)
-        Path(secret).chmod(0o600)
-        click.echo(f"wrote {public} and {secret}")
-
-
-def register(group: click.Group) -> None:
-    for command in (coordinator, edge, cloud, status, keys, pool):
-        group.add_command(command)

@@ -1,0 +1,140 @@
+"""`cicada export-edge`: export a small ONNX model for the edge agent."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cicada.cli._common import fail, read_config
+from cicada.common.errors import CicadaError
+
+
+@click.command("export-edge")
+@click.option(
+    "--package",
+    "package_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Model package to cut the edge model from: its manifest names the factory and "
+    "config, and tensors the edge variant shares with it (embeddings, first blocks, head) "
+    "are copied.",
+)
+@click.option(
+    "--model",
+    "factory",
+    metavar="PKG.MODULE:FACTORY",
+    help="Instead of --package: the cloud model's factory, e.g. cicada.cloud.models.gpt2:build "
+    "(the edge variant keeps its seeded initialisation).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="With --model: JSON object of the cloud model's factory keyword arguments.",
+)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to write model.onnx, model.int8.onnx (--int8) and edge_model.json.",
+)
+@click.option("--int8", is_flag=True, help="Also write an int8 dynamic-quantized model.")
+@click.option(
+    "--shrink",
+    "shrink_items",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set a key of the edge config; VALUE is JSON (else a string). Repeatable, e.g. "
+    "--shrink n_layer=2 --shrink 'layers=[1,2,1,1]'.",
+)
+@click.option(
+    "--seq-len",
+    type=int,
+    default=None,
+    help="Token models: trace and check with this many tokens (the axis stays dynamic).",
+)
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def export_edge_cmd(
+    package_dir: Path | None,
+    factory: str | None,
+    config_path: Path | None,
+    out: Path,
+    int8: bool,
+    shrink_items: tuple[str, ...],
+    seq_len: int | None,
+    opset: int,
+    force: bool,
+) -> None:
+    """Export a small ONNX model for the edge agent, with the cloud model's signature.
+
+    The edge variant is the same architecture with fewer layers (GPT-2: n_layer/4, BERT:
+    num_hidden_layers/4, ResNet: one block per stage); it takes and returns what the cloud
+    model does, with dynamic batch (and sequence) axes. Its weights are stand-ins for a
+    distilled model. Before anything is written, ONNX Runtime and torch run the variant on
+    the example input and must agree within the tolerances stated in edge_model.json.
+
+    \b
+    Examples:
+      cicada export-edge --package pkg/gpt2 --out edge-models/gpt2 --int8
+      cicada export-edge --model cicada.cloud.models.resnet:build --out edge-models/resnet \\
+          --shrink width=32
+    """
+    if (package_dir is None) == (factory is None):
+        raise click.UsageError("pass either --package DIR or --model FACTORY")
+    if config_path is not None and factory is None:
+        raise click.UsageError("--config goes with --model (a package carries its config)")
+    config: dict[str, Any] | None = None
+    if config_path is not None:
+        config = read_config(config_path)
+    shrink: dict[str, Any] = {}
+    for item in shrink_items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.UsageError(f"--shrink {item!r} must look like KEY=VALUE")
+        try:
+            shrink[key.strip()] = json.loads(raw)
+        except ValueError:
+            shrink[key.strip()] = raw
+    from cicada.edge.export import export_edge
+
+    try:
+        info = export_edge(
+            package_dir, out, factory=factory, config=config, shrink=shrink or None,
+            int8=int8, seq_len=seq_len, opset=opset, force=force,
+        )  # fmt: skip
+    except CicadaError as exc:
+        fail(exc)
+        return
+    tol, measured = info.tolerance, info.measured
+    fp32 = info.files["fp32"]
+    click.echo(
+        f"wrote {out / fp32['path']}: fp32, {fp32['bytes'] / 1e6:.2f} MB, max |diff| vs torch "
+        f"{measured['fp32_max_abs']:.2g} (tolerance {tol['max_abs']:g})"
+    )
+    if "int8" in info.files:
+        q = info.files["int8"]
+        check = (
+            f"cosine vs torch {measured['int8_min_cosine']:.4f} (at least "
+            f"{tol['int8_min_cosine']:g})"
+            if "int8_min_cosine" in tol
+            else f"max |diff| vs torch {measured['int8_max_abs']:.2g} (tolerance "
+            f"{tol['int8_max_abs']:.2g}), argmax agreement {measured['int8_argmax_agreement']:.1%}"
+        )
+        click.echo(
+            f"wrote {out / q['path']}: int8, {q['bytes'] / 1e6:.2f} MB "
+            f"({q['bytes'] / fp32['bytes']:.0%} of fp32), {check}"
+        )
+    sig_in, sig_out = info.input, info.output
+    click.echo(
+        f"wrote {out / 'edge_model.json'}: variant {info.variant}, "
+        f"{sig_in['name']} {sig_in['dtype']}{sig_in['shape']} -> "
+        f"{sig_out['name']} {sig_out['dtype']}{sig_out['shape']} (-1: dynamic); "
+        + (
+            f"{info.copied_tensors} tensors copied from {package_dir}"
+            if package_dir is not None
+            else "seeded weights (no package)"
+        )
+    )

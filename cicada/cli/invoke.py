@@ -1,0 +1,171 @@
+"""`cicada invoke`: one call through the coordinator (the client SDK, cicada/client.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from cicada.common.defaults import (
+    DEFAULT_ADDRESS,
+    DEFAULT_TIMEOUT_S,
+    MAX_NEW_TOKENS,
+    NORMAL,
+    PRIORITIES,
+)
+
+
+@click.command()
+@click.argument("model")
+@click.option(
+    "--input",
+    "input_paths",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="An input tensor (.npy); repeat it for a model with several inputs, in order. For "
+    "--max-new-tokens: the prompt's int64 token ids.",
+)
+@click.option(
+    "--text",
+    "texts",
+    multiple=True,
+    help="Text instead of --input, for a model packaged with a tokenizer; repeat for a batch.",
+)
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1, MAX_NEW_TOKENS),
+    default=None,
+    help="Generate this many tokens greedily from the prompt in --input, printing each as it "
+    "arrives with the side (edge/cloud) that made it.",
+)
+@click.option(
+    "--priority",
+    type=click.IntRange(min(PRIORITIES), max(PRIORITIES)),
+    default=NORMAL,
+    show_default=True,
+    help="0 latency-critical, 1 normal, 2 quality-seeking.",
+)
+@click.option(
+    "--deadline",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Seconds the result stays useful; the coordinator answers TIMEOUT rather than late.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT_S,
+    show_default=True,
+    help="Seconds to wait for the reply at most.",
+)
+@click.option(
+    "--address",
+    default=DEFAULT_ADDRESS,
+    show_default=True,
+    envvar="CICADA_ADDRESS",
+    show_envvar=True,
+    help="The coordinator's endpoint.",
+)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Save the output here (.npy); further outputs go to OUT_1.npy, OUT_2.npy, ...",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the outcome as one JSON object.")
+def invoke(
+    model: str,
+    input_paths: tuple[Path, ...],
+    texts: tuple[str, ...],
+    max_new_tokens: int | None,
+    priority: int,
+    deadline: float | None,
+    timeout: float,
+    address: str,
+    out_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Call MODEL once through the coordinator; print who served it and the timings.
+
+    Exit status: 0 OK, 1 the call failed (TIMEOUT, REJECTED, UNAVAILABLE, BAD_REQUEST,
+    FAILED, or a connection problem; the message says which), 2 usage error.
+    """
+    import numpy as np
+
+    from cicada.client import Client
+    from cicada.errors import ClientError, TransportError
+
+    inputs = []
+    for path in input_paths:
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise click.UsageError(f"--input {path} is not a readable .npy file: {exc}") from None
+        if not isinstance(array, np.ndarray):
+            raise click.UsageError(f"--input {path} holds several arrays; save each as .npy")
+        inputs.append(array)
+    if not inputs and not texts:
+        raise click.UsageError("give the model's inputs with --input FILE.npy, or --text")
+    try:
+        client = Client(address, timeout=timeout)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        with client:
+            stream = client.stream(
+                model, inputs or None, text=list(texts) or None, max_new_tokens=max_new_tokens,
+                priority=priority, deadline=deadline,
+            )  # fmt: skip
+            role = None
+            for piece in stream:
+                if as_json:
+                    continue
+                if piece.role != role:  # a new line whenever the side changes
+                    click.echo(("\n" if role else "") + f"{piece.role}:", nl=False)
+                    role = piece.role
+                click.echo(" " + " ".join(str(int(t)) for t in piece.tokens), nl=False)
+            if role is not None:
+                click.echo()
+            assert stream.result is not None
+            result = stream.result
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    except (ClientError, TransportError) as exc:
+        if as_json:
+            status = exc.status.value if exc.status is not None else None
+            failure = {"status": status, "error": str(exc), "request_id": exc.request_id,
+                       "served_by": exc.served_by, "side": getattr(exc, "side", None),
+                       "retry_after": getattr(exc, "retry_after", None)}  # fmt: skip
+            click.echo(json.dumps(failure))
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    written: list[Path | None] = []
+    for i, array in enumerate(result.outputs):
+        if out_path is None:
+            written.append(None)
+            continue
+        path = out_path if i == 0 else out_path.with_name(f"{out_path.stem}_{i}.npy")
+        with path.open("wb") as f:  # exactly the path asked for (np.save would add .npy)
+            np.save(f, array, allow_pickle=False)
+        written.append(path)
+    if as_json:
+        click.echo(json.dumps({
+            "status": result.status.value, "request_id": result.request_id,
+            "served_by": result.served_by, "timings": result.timings,
+            "outputs": [{"dtype": a.dtype.name, "shape": list(a.shape),
+                         "path": None if p is None else str(p)}
+                        for a, p in zip(result.outputs, written, strict=True)],
+        }))  # fmt: skip
+        return
+    who = result.served_by
+    click.echo(
+        f"{result.status.value}: served by {who.get('role', '?')} worker {who.get('worker', '?')}"
+        f" (variant {who.get('variant') or '?'}), request {result.request_id}"
+    )
+    click.echo("timings: " + ", ".join(f"{name.removesuffix('_s')} {value:.4f} s"
+                                       for name, value in result.timings.items()))  # fmt: skip
+    for i, (array, saved) in enumerate(zip(result.outputs, written, strict=True)):
+        where = "" if saved is None else f" -> {saved}"
+        click.echo(f"output {i}: {array.dtype.name} {list(array.shape)}{where}")
