@@ -361,7 +361,7 @@ def demo(
     as local processes and shows live where each request goes while the cloud cold-starts.
     With --model minilm the requests are sentences, and the report shows, next to each
     latency, the cosine similarity between the edge's and the cloud's embedding."""
-    from cicada.live_demo import run_live_demo
+    from cicada.demos.live import run_live_demo
 
     try:
         run_live_demo(model, cache, as_json, count, rate, texts)
@@ -386,7 +386,7 @@ def demo(
 def coldstart(model: str, cache: Path | None, as_json: bool) -> None:
     """Cold-start a reference model once per strategy (cicada, meta, pisel, naive), side by side,
     each in a fresh process, with live residency progress."""
-    from cicada.demo import run_demo
+    from cicada.demos.cold_start import run_demo
 
     try:
         run_demo(model, cache, as_json)
