@@ -20,7 +20,7 @@ class StandInCoordinator:
         self.heartbeat = heartbeat
         self.sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.port: int = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.identity: bytes | None = None
 
     def recv(self, until: float) -> Any:
