@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Cold-start benchmark: model x strategy x page-cache state, each run a fresh process.
 
-    python3 benchmarks/cold_start.py                      # gpt2-medium, every strategy, warm+cold
-    python3 benchmarks/cold_start.py --quick              # gpt2-tiny, 2 runs, warm: a smoke test
-    python3 benchmarks/cold_start.py --models gpt2-medium,bert-base --strategies cicada,meta \\
+    python3 -m benchmarks.cold_start                      # gpt2-medium, every strategy, warm+cold
+    python3 -m benchmarks.cold_start --quick              # gpt2-tiny, 2 runs, warm: a smoke test
+    python3 -m benchmarks.cold_start --models gpt2-medium,bert-base --strategies cicada,meta \\
         --cache cold --runs 7 --out results/cold_start
 
 Every run is `python3 -m cicada run PKG --input X --strategy S --timings T` launched with
@@ -36,13 +36,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import datetime
 import importlib.metadata
 import importlib.util
 import json
 import mmap
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -53,13 +51,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from cicada.common.errors import CicadaError  # noqa: E402
-from cicada.common.package import Manifest  # noqa: E402
-from cicada.demo import REFERENCE_MODELS, default_cache  # noqa: E402
+from benchmarks.machine import ROOT
+from benchmarks.machine import machine_info as base_machine_info
+from cicada.common.errors import CicadaError
+from cicada.common.package import Manifest
+from cicada.demos.cold_start import REFERENCE_MODELS, default_cache
 
 BASE_STRATEGIES = ("cicada", "meta", "naive", "pisel")
 PEER_LIBRARIES = {
@@ -325,29 +321,9 @@ def set_priority(nice: int, console: Any) -> int:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "kernel": platform.release(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu_model"] = line.partition(":")[2].strip()
-                break
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                info["memory_bytes"] = int(line.split()[1]) * 1024
-                break
-    versions: dict[str, str] = {}
-    for dist in ("torch", "numpy", "safetensors", *(d for _, d in PEER_LIBRARIES.values())):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            versions[dist] = importlib.metadata.version(dist)
-    info["versions"] = versions
-    info["torch_version"] = versions.get("torch")
+    dists = ("torch", "numpy", "safetensors", *(d for _, d in PEER_LIBRARIES.values()))
+    info = base_machine_info(dists)
+    info["torch_version"] = info["versions"].get("torch")
     return info
 
 
@@ -415,7 +391,7 @@ def cold_start_run(
 _SETUP = """
 import json, sys
 from pathlib import Path
-from cicada.demo import ensure_package, example_input
+from cicada.demos.cold_start import ensure_package, example_input
 model, cache, inputs, tensorizer = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 package = ensure_package(model, cache)
 example_input(model, inputs)

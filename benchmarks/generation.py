@@ -2,10 +2,10 @@
 """Generation benchmark: time to first token and tokens/s, edge-only vs cooperative across a
 cold start (and cloud-only, which waits for it).
 
-    python3 benchmarks/generation.py             # GPT-2-medium-like cloud, 256 tokens, 3 runs
-    python3 benchmarks/generation.py --quick     # tiny model, 1 run: a smoke test
+    python3 -m benchmarks.generation             # GPT-2-medium-like cloud, 256 tokens, 3 runs
+    python3 -m benchmarks.generation --quick     # tiny model, 1 run: a smoke test
 
-Every role is a real process (tests/stack.py): `cicada coordinator`, `cicada edge` (the int8
+Every role is a real process (cicada.testing.Stack): `cicada coordinator`, `cicada edge` (the int8
 ONNX edge variant `cicada export-edge` makes from the package), `cicada cloud`. Per run and
 scenario, a fresh coordinator; one streamed generation (`Client.stream`, greedy, `--tokens`
 new tokens after a `--prompt`-token prompt, priority 1, no deadline):
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,15 +37,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-import numpy as np  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from cicada.client import Client  # noqa: E402
-from tests.stack import Stack  # noqa: E402
+from benchmarks.machine import ROOT, machine_info
+from cicada.client import Client
+from cicada.testing import Stack
 
 MODEL = "gpt2"
 SCENARIOS = ("edge-only", "cooperative", "cloud-only")
@@ -114,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ap.parse_args(argv)
     if opts.quick:
         opts.model, opts.runs, opts.tokens = "gpt2-tiny", 1, 16
-    from cicada.demo import REFERENCE_MODELS, default_cache, ensure_package
+    from cicada.demos.cold_start import REFERENCE_MODELS, default_cache, ensure_package
     from cicada.edge.export import export_edge
 
     cache = opts.cache or default_cache()
@@ -173,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({
         "model": opts.model, "tokens": opts.tokens, "prompt": opts.prompt, "runs": results,
         "median": summary, "ratios": ratios,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()},
+        "machine": {**machine_info(), "cpus": os.cpu_count()},
     }, indent=2))  # fmt: skip
     console.print(f"wrote {out}")
     return 0

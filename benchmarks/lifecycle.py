@@ -2,12 +2,12 @@
 """Lifecycle benchmark: first cloud answer from zero per launcher, scale back to zero, and fixed
 keep-alive vs lazy keep-warm on a bursty trace.
 
-    python3 benchmarks/lifecycle.py                         # GPT-2-medium-like, 5 runs
-    python3 benchmarks/lifecycle.py --model gpt2-tiny --runs 3 --out results/lifecycle-tiny
-    python3 benchmarks/lifecycle.py --quick                 # tiny model, 1 run: a smoke test
+    python3 -m benchmarks.lifecycle                         # GPT-2-medium-like, 5 runs
+    python3 -m benchmarks.lifecycle --model gpt2-tiny --runs 3 --out results/lifecycle-tiny
+    python3 -m benchmarks.lifecycle --quick                 # tiny model, 1 run: a smoke test
 
 Every role is a real process: `python -m cicada coordinator --config cicada.toml` (via
-tests/stack.py) starts, keeps and stops the cloud workers itself
+cicada.testing.Stack) starts, keeps and stops the cloud workers itself
 (edge/coordinator/lifecycle.py); this script is only the load generator and the stopwatch.
 There is no edge agent, so what is timed is the cloud's own first answer.
 
@@ -55,7 +55,6 @@ import datetime
 import importlib.util
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -71,18 +70,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import psutil
+import zmq
+from rich.console import Console
+from rich.table import Table
 
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
-import zmq  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from cicada.common.protocol import Reply, Request, Status, decode, encode  # noqa: E402
-from tests.stack import Stack, process_cmdline, process_running  # noqa: E402
+from benchmarks.machine import ROOT, loadavg
+from benchmarks.machine import machine_info as base_machine_info
+from cicada.common.protocol import Reply, Request, Status, decode, encode
+from cicada.testing import Stack, process_cmdline, process_running
 
 MODEL = "gpt2"
 GiB = 2**30
@@ -134,19 +131,10 @@ def import_torch_s() -> float:
 
 
 def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "memory_gib": round(psutil.virtual_memory().total / GiB, 1),
-    }
-    with contextlib.suppress(OSError):
-        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        info["git_head"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
+    info = base_machine_info()
+    info["memory_gib"] = round(psutil.virtual_memory().total / GiB, 1)
+    if (load := loadavg()) is not None:
+        info["loadavg_start"] = load
     return info
 
 
@@ -673,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         opts.model, opts.runs = "gpt2-tiny", 1
         opts.bursts, opts.burst_size, opts.gaps = 3, 3, [3.0]
         opts.trace_keep_alive, opts.prime_gib = 1.0, min(opts.prime_gib, 0.5)
-    from cicada.demo import default_cache, ensure_package, example_input
+    from cicada.demos.cold_start import default_cache, ensure_package, example_input
 
     cache = opts.cache or default_cache()
     t = time.monotonic()

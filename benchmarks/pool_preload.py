@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Warm pool and a transformers package: first answer from a fork, with and without preload.
 
-    python3 benchmarks/pool_preload.py            # 3 interleaved runs of each
-    python3 benchmarks/pool_preload.py --runs 5
+    python3 -m benchmarks.pool_preload            # 3 interleaved runs of each
+    python3 -m benchmarks.pool_preload --runs 5
 
 Packs a GPT2LMHeadModel (4 layers, 256 wide, random weights) with `cicada pack --transformers`
 once, then per run starts a warm pool (`cicada pool`, torch imported) with or without
@@ -21,14 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from cicada.common.launch import PoolLauncher, WorkerSpec  # noqa: E402
-from cicada.common.protocol import Dispatch, Ready, Result, Status  # noqa: E402
-from tests.integration.test_chaos import StandInCoordinator  # noqa: E402
+from cicada.common.launch import PoolLauncher, WorkerSpec
+from cicada.common.protocol import Dispatch, Ready, Result, Status
+from cicada.testing import StandInCoordinator
 
 
 def make_package(work: Path) -> Path:

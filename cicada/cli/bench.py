@@ -27,7 +27,7 @@ from cicada.common.errors import CicadaError
 def coldstart(model: str, cache: Path | None, as_json: bool) -> None:
     """Cold-start a reference model once per strategy (cicada, meta, pisel, naive), side by side,
     each in a fresh process, with live residency progress."""
-    from cicada.demo import run_demo
+    from cicada.demos.cold_start import run_demo
 
     try:
         run_demo(model, cache, as_json)

@@ -65,7 +65,7 @@ def demo(
     as local processes and shows live where each request goes while the cloud cold-starts.
     With --model minilm the requests are sentences, and the report shows, next to each
     latency, the cosine similarity between the edge's and the cloud's embedding."""
-    from cicada.live_demo import run_live_demo
+    from cicada.demos.live import run_live_demo
 
     try:
         run_live_demo(model, cache, as_json, count, rate, texts)

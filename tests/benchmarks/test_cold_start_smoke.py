@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cicada.demo import REFERENCE_MODELS, example_input
+from cicada.demos.cold_start import REFERENCE_MODELS, example_input
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE_STRATEGIES = ["cicada", "meta", "naive", "pisel"]
@@ -37,7 +37,7 @@ def test_quick_benchmark_writes_results_and_gantt(tmp_path: Path) -> None:
     out = tmp_path / "results"
     env = dict(os.environ, CICADA_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run(
-        [sys.executable, "benchmarks/cold_start.py", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.cold_start", "--quick", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -1,4 +1,4 @@
-"""Smoke test for the generation benchmark (benchmarks/generation.py --quick).
+"""Smoke test for the generation benchmark (`python3 -m benchmarks.generation --quick`).
 
 Real coordinator, edge agent and cloud worker processes with a tiny GPT-2. No timing is
 asserted: what must hold is that every scenario streams every token, edge-only never touches
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_generation_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "generation"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/generation.py", "--quick", "--out", str(out),
+        [sys.executable, "-m", "benchmarks.generation", "--quick", "--out", str(out),
          "--cache", str(tmp_path / "cache")],
         cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ),
     )  # fmt: skip

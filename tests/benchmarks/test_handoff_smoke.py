@@ -1,4 +1,4 @@
-"""Smoke test for the handoff benchmark (benchmarks/handoff.py --quick).
+"""Smoke test for the handoff benchmark (`python3 -m benchmarks.handoff --quick`).
 
 It runs the real thing end to end (coordinator, edge agent and cloud worker processes on
 loopback) with a tiny GPT-2. No timing is asserted: these machines are noisy. What must hold:
@@ -28,7 +28,7 @@ def _exactly_once(counts: dict[str, int]) -> None:
 def test_quick_handoff_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "handoff"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/handoff.py", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.handoff", "--quick", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

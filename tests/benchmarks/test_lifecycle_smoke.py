@@ -1,4 +1,4 @@
-"""Smoke test for the lifecycle benchmark (benchmarks/lifecycle.py --quick).
+"""Smoke test for the lifecycle benchmark (`python3 -m benchmarks.lifecycle --quick`).
 
 It runs the real thing end to end (coordinators that launch cloud workers as processes, from a
 warm pool, and as Ray actors where Ray is installed) with a tiny GPT-2. No timing is asserted:
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_quick_lifecycle_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "lifecycle"
     proc = subprocess.run(
-        [sys.executable, "benchmarks/lifecycle.py", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.lifecycle", "--quick", "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -574,7 +574,7 @@ def test_a_warm_pool_preloads_the_model_code_and_its_fork_serves(
     demand (what a forked worker would otherwise pay, ~2.5 s); its fork serves the package."""
     from cicada.common.launch import PoolLauncher, WorkerSpec, pool_call
     from cicada.common.protocol import Dispatch, Ready, Result, Status
-    from tests.integration.test_chaos import StandInCoordinator
+    from cicada.testing import StandInCoordinator
 
     socket_path = str(tmp_path / "pool.sock")
     launcher = PoolLauncher(socket_path, preload=[str(saved.by_dir)]).start(timeout=120)

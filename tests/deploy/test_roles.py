@@ -22,7 +22,6 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from cicada.client import Client, CurveConfig
+from cicada.testing import ROOT, Stack, free_port
 from tests.deploy.inventory import (
     DEPLOY,
     PROPOSED_OPTIONS,
@@ -47,7 +47,6 @@ from tests.deploy.inventory import (
     read_unit,
     secret_items,
 )
-from tests.stack import ROOT, Stack, free_port, make_assets
 
 MODEL = "gpt2"
 
@@ -164,17 +163,6 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_assets(tmp_path_factory.mktemp("deploy-assets"))
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    with Stack(tmp_path) as s:
-        yield s
-
-
 def start(stack: Stack, name: str, args: list[str], image: str | None) -> None:
     """Start `cicada ARGS`; with `image`, only that image's modules are importable."""
     log = open(stack.work / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
@@ -210,17 +198,17 @@ def coordinator_args(stack: Stack, keys: Path) -> list[str]:
     return set_option(args, "--metrics", f"127.0.0.1:{stack.metrics_port}")
 
 
-def edge_args(stack: Stack, keys: Path, assets: dict[str, Path]) -> list[str]:
+def edge_args(stack: Stack, keys: Path, tiny_package: dict[str, Path]) -> list[str]:
     unit_item = items_of("systemd-unit")[0]
     env = read_env_file(env_file_for(unit_item))
-    env["CICADA_ONNX"] = str(assets["edge"])
+    env["CICADA_ONNX"] = str(tiny_package["edge"])
     env["CICADA_COORDINATOR"] = stack.address
     words = expand_exec(read_unit(unit_item.file)["Service"]["ExecStart"], env)
     assert words[1] == "edge"
     return remap(words[1:], {"/etc/cicada/keys": keys})
 
 
-def cloud_args(stack: Stack, keys: Path, assets: dict[str, Path]) -> list[str]:
+def cloud_args(stack: Stack, keys: Path, tiny_package: dict[str, Path]) -> list[str]:
     (pod,) = pod_specs(items_of("knative")[0])
     container = main_container(pod.spec)
     volumes = {v["name"]: v for v in pod.spec["volumes"]}
@@ -235,7 +223,7 @@ def cloud_args(stack: Stack, keys: Path, assets: dict[str, Path]) -> list[str]:
             paths[m["mountPath"]].mkdir(parents=True)
         else:  # the models volume: /models/gpt2 is the package
             (stack.work / "models").mkdir()
-            (stack.work / "models" / MODEL).symlink_to(assets["package"])
+            (stack.work / "models" / MODEL).symlink_to(tiny_package["package"])
             paths[m["mountPath"]] = stack.work / "models"
     args = remap(container_args(container), paths)
     args = set_option(args, "--coordinator", stack.address)
@@ -272,12 +260,12 @@ def client_keys(keys: Path) -> CurveConfig:
 
 
 def test_the_manifests_commands_run_a_curve_stack_on_loopback(
-    stack: Stack, keys: Path, assets: dict[str, Path]
+    stack: Stack, keys: Path, tiny_package: dict[str, Path]
 ) -> None:
-    x = np.load(assets["input"])
+    x = np.load(tiny_package["input"])
     start(stack, "coordinator", ["coordinator", *coordinator_args(stack, keys)], "coordinator")
     stack.wait_for(lambda s: True, what="the coordinator's metrics endpoint", timeout=30)
-    start(stack, "edge", edge_args(stack, keys, assets), "edge")
+    start(stack, "edge", edge_args(stack, keys, tiny_package), "edge")
     try:
         stack.wait_workers("edge", 1, timeout=60)
     except TimeoutError:
@@ -286,7 +274,7 @@ def test_the_manifests_commands_run_a_curve_stack_on_loopback(
         result = client.invoke(MODEL, x, priority=0)
         assert result.served_by["role"] == "edge"
 
-        cloud = cloud_args(stack, keys, assets)
+        cloud = cloud_args(stack, keys, tiny_package)
         start(stack, "cloud", cloud, None)
         try:
             stack.wait_workers("cloud", 1, state="ready", timeout=120)
@@ -317,7 +305,7 @@ def test_the_manifests_commands_run_a_curve_stack_on_loopback(
 
 
 def test_a_peer_missing_from_the_allow_list_is_refused(
-    stack: Stack, keys: Path, assets: dict[str, Path]
+    stack: Stack, keys: Path, tiny_package: dict[str, Path]
 ) -> None:
     """The allow-list Secret is what admits peers: a key pair not in it gets no answer."""
     start(stack, "coordinator", ["coordinator", *coordinator_args(stack, keys)], "coordinator")
@@ -327,7 +315,7 @@ def test_a_peer_missing_from_the_allow_list_is_refused(
     stranger = CurveConfig(server_public_key=server, public_key=public, secret_key=secret)
     from cicada.errors import Timeout
 
-    x = np.load(assets["input"])
+    x = np.load(tiny_package["input"])
     with (
         Client(stack.address, timeout=2, curve=stranger) as client,
         pytest.raises(Timeout) as caught,

@@ -27,7 +27,7 @@ from cicada.common.errors import CicadaError
 from cicada.common.protocol import Request, encode
 from cicada.common.sockets import CurveKeys
 from cicada.errors import Timeout, TransportError
-from tests.stack import ROOT, Stack, make_assets
+from cicada.testing import ROOT, Stack, make_assets
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
 

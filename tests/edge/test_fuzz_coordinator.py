@@ -54,7 +54,7 @@ from cicada.common.protocol import (
     encode,
 )
 from cicada.errors import Unavailable
-from tests.stack import Stack, make_assets
+from cicada.testing import Stack
 
 MODEL = "gpt2"
 GARBAGE_SOCKETS = 3
@@ -70,22 +70,19 @@ Frames = list[bytes]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_assets(tmp_path_factory.mktemp("fuzz-assets"))
+def x(tiny_package: dict[str, Path]) -> np.ndarray:
+    return np.asarray(np.load(tiny_package["input"]))
 
 
 @pytest.fixture(scope="module")
-def x(assets: dict[str, Path]) -> np.ndarray:
-    return np.asarray(np.load(assets["input"]))
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]) -> Iterator[Stack]:
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, tiny_package: dict[str, Path]
+) -> Iterator[Stack]:
     # A slower heartbeat than the default (0.2 s): the edge agent must not be purged when
     # this 2-core machine is busy; the fuzzing is not about liveness.
     with Stack(tmp_path_factory.mktemp("fuzz-stack"), heartbeat=0.5) as s:
         s.coordinator()
-        s.edge(MODEL, assets["edge"])
+        s.edge(MODEL, tiny_package["edge"])
         s.wait_workers("edge")
         yield s
 
@@ -500,7 +497,10 @@ def test_unhashable_dtype_does_not_kill_the_coordinator(
 
 
 def test_huge_timeouts_do_not_kill_the_coordinator(
-    tmp_path: Path, assets: dict[str, Path], x: np.ndarray, ctx: zmq.Context[zmq.Socket[bytes]]
+    tmp_path: Path,
+    tiny_package: dict[str, Path],
+    x: np.ndarray,
+    ctx: zmq.Context[zmq.Socket[bytes]],
 ) -> None:
     """Regression: timeout_ms near 2**64 - 1 came back from the float round trip in the
     coordinator's DISPATCH as 2**64, msgpack raised OverflowError and the process died. Now
@@ -508,7 +508,7 @@ def test_huge_timeouts_do_not_kill_the_coordinator(
     is served."""
     with Stack(tmp_path) as s:
         s.coordinator()
-        s.edge(MODEL, assets["edge"])
+        s.edge(MODEL, tiny_package["edge"])
         s.wait_workers("edge")
         sock = dealer(ctx, s.address)
         sock.send_multipart(encode(Request("far", MODEL, [x], timeout_ms=2**64 - 1)))

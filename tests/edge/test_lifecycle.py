@@ -9,7 +9,7 @@ Three layers:
   clock is the same fake clock, so `view()` sees the same "now"). The coordinator's `_send` is
   replaced by a recorder, so dispatches and replies are observed as messages.
 * **The config file**: `load_config` errors name the field and say what is wrong.
-* **Real processes** on loopback (tests/stack.py): `cicada coordinator --config` with the tiny
+* **Real processes** on loopback (`cicada.testing`): `cicada coordinator --config` with the tiny
   GPT-2 package launches `cicada cloud` workers (or forks them from `cicada pool`), scales to
   zero and back, and relaunches a SIGKILLed worker. Leaks are checked with psutil (children of
   the coordinator, its open fds and connections) and /dev/shm.
@@ -53,7 +53,7 @@ from cicada.common.protocol import (
 from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
 from cicada.edge.coordinator.config import ConfigError, ModelConfig, load_config
 from cicada.edge.coordinator.lifecycle import Lifecycle
-from tests.stack import process_cmdline, process_running
+from cicada.testing import process_cmdline, process_running
 
 MODEL = "m"
 CLIENT = b"client"
@@ -791,13 +791,6 @@ def test_config_unreadable_file_is_a_config_error(tmp_path: Path, kind: str) -> 
 # -- real processes ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tests.stack import make_assets
-
-    return make_assets(tmp_path_factory.mktemp("lifecycle-assets"))
-
-
 def shm_entries() -> set[str]:
     try:
         return set(os.listdir("/dev/shm"))
@@ -841,7 +834,7 @@ class LiveCoordinator:
 
     def __init__(self, work: Path, package: Path, launcher: str = "process",
                  **model: Any) -> None:  # fmt: skip
-        from tests.stack import Stack
+        from cicada.testing import Stack
 
         self.work = work
         self.stack = Stack(work, heartbeat=0.2)
@@ -922,13 +915,13 @@ class LiveCoordinator:
 
 
 @pytest.fixture
-def live(tmp_path: Path, assets: dict[str, Path]) -> Iterator[Callable[..., LiveCoordinator]]:
+def live(tmp_path: Path, tiny_package: dict[str, Path]) -> Iterator[Callable[..., LiveCoordinator]]:
     started: list[LiveCoordinator] = []
 
     def start(launcher: str = "process", **model: Any) -> LiveCoordinator:
         work = tmp_path / f"{launcher}-{len(started)}"
         work.mkdir()
-        c = LiveCoordinator(work, assets["package"], launcher, **model)
+        c = LiveCoordinator(work, tiny_package["package"], launcher, **model)
         started.append(c)
         return c
 
@@ -992,8 +985,8 @@ class RawClient:
 
 
 @pytest.fixture
-def x(assets: dict[str, Path]) -> np.ndarray:
-    return np.load(assets["input"])
+def x(tiny_package: dict[str, Path]) -> np.ndarray:
+    return np.load(tiny_package["input"])
 
 
 def test_first_request_launches_a_worker_and_idle_scales_to_zero(

@@ -10,34 +10,32 @@ from pathlib import Path
 import numpy as np
 
 from cicada import Client
-from tests.stack import ROOT, Stack, make_assets
+from cicada.testing import ROOT, Stack
 
 
-def test_status_shows_workers_and_outcomes(tmp_path: Path) -> None:
-    assets = make_assets(tmp_path)
-    with Stack(tmp_path) as stack:
-        stack.coordinator()
-        stack.edge("gpt2", assets["edge"], name="edge-a")
-        stack.wait_workers("edge")
-        with Client(stack.address, timeout=10) as client:
-            for _ in range(3):
-                client.invoke("gpt2", np.load(assets["input"]), priority=0)
-        out = subprocess.run(
-            [sys.executable, "-m", "cicada", "status", "--metrics", stack.metrics_url, "--json"],
-            cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
-        )  # fmt: skip
-        snapshot = json.loads(out.stdout)
-        assert {"model": "gpt2", "role": "edge", "state": "ready", "count": 1} in snapshot[
-            "workers"
-        ]
-        ok = [r for r in snapshot["requests"] if r["route"] == "edge" and r["status"] == "OK"]
-        assert ok and ok[0]["count"] == 3
-        assert "edge-a" in snapshot["residency"]
-        table = subprocess.run(
-            [sys.executable, "-m", "cicada", "status", "--metrics", stack.metrics_url],
-            cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
-        )  # fmt: skip
-        assert "edge" in table.stdout and "gpt2" in table.stdout
+def test_status_shows_workers_and_outcomes(
+    tiny_package: dict[str, Path], stack: Stack, client: Client
+) -> None:
+    assets = tiny_package
+    stack.coordinator()
+    stack.edge("gpt2", assets["edge"], name="edge-a")
+    stack.wait_workers("edge")
+    for _ in range(3):
+        client.invoke("gpt2", np.load(assets["input"]), priority=0)
+    out = subprocess.run(
+        [sys.executable, "-m", "cicada", "status", "--metrics", stack.metrics_url, "--json"],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    snapshot = json.loads(out.stdout)
+    assert {"model": "gpt2", "role": "edge", "state": "ready", "count": 1} in snapshot["workers"]
+    ok = [r for r in snapshot["requests"] if r["route"] == "edge" and r["status"] == "OK"]
+    assert ok and ok[0]["count"] == 3
+    assert "edge-a" in snapshot["residency"]
+    table = subprocess.run(
+        [sys.executable, "-m", "cicada", "status", "--metrics", stack.metrics_url],
+        cwd=ROOT, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert "edge" in table.stdout and "gpt2" in table.stdout
 
 
 def test_status_says_what_to_do_when_nothing_listens(tmp_path: Path) -> None:

@@ -33,14 +33,12 @@ import numpy as np
 import pytest
 import zmq
 
-from cicada.client import AsyncClient, AsyncZmqTransport, Client, InvokeResult, ZmqTransport
+from cicada.client import AsyncClient, Client, InvokeResult
 from cicada.common.protocol import (
     Disconnect,
     Dispatch,
     Heartbeat,
-    ProtocolError,
     Ready,
-    Reply,
     Result,
     Role,
     Status,
@@ -49,10 +47,16 @@ from cicada.common.protocol import (
     encode,
 )
 from cicada.errors import BadRequest, ClientError, Failed, Rejected, Timeout, Unavailable
-from tests.stack import ROOT, Stack, make_assets
+from cicada.testing import (
+    ROOT,
+    RecordingAsyncTransport,
+    RecordingTransport,
+    Stack,
+    StandInCoordinator,
+)
 
 MODEL = "gpt2"
-HEARTBEAT = 0.2  # tests/stack.py's default: a silent peer is dead after 4 × 0.2 s
+HEARTBEAT = 0.2  # cicada.testing.Stack's default: a silent peer is dead after 4 × 0.2 s
 # The SDK's explicit outcomes. TransportError is deliberately not here: nothing in these
 # scenarios is malformed, so a TransportError would be a bug worth seeing.
 EXPLICIT = (Timeout, Rejected, Unavailable, BadRequest, Failed)
@@ -65,14 +69,16 @@ BIG_GPT2 = dict(n_layer=8, n_head=8, n_embd=512, vocab_size=50257, block_size=64
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def assets(
+    tmp_path_factory: pytest.TempPathFactory, tiny_package: dict[str, Path]
+) -> dict[str, Path]:
     """The tiny GPT-2 package, its ONNX edge model and an input; plus a bigger package that
     loads slowly. The edge model comes from the tiny package either way: its token ids (< 97)
     are valid for both, and routing, not output equality, is what is tested here."""
     from cicada.cloud.packing import pack
 
     work = tmp_path_factory.mktemp("chaos-assets")
-    paths = make_assets(work)
+    paths = dict(tiny_package)
     paths["big"] = work / "pkg-big"
     pack("cicada.cloud.models.gpt2:build", paths["big"], config=BIG_GPT2)
     return paths
@@ -81,12 +87,6 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def x(assets: dict[str, Path]) -> np.ndarray:
     return np.load(assets["input"])
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    with Stack(tmp_path, heartbeat=HEARTBEAT) as s:  # kills every process it started
-        yield s
 
 
 # -- traffic that records every outcome ------------------------------------------------------------
@@ -111,53 +111,6 @@ class Outcome:
     @property
     def role(self) -> str | None:
         return None if self.result is None else self.result.served_by.get("role")
-
-
-def _reply_id(frames: Sequence[Any]) -> str | None:
-    try:
-        message = decode(frames)
-    except ProtocolError:
-        return None
-    return message.id if isinstance(message, Reply) else None
-
-
-class RecordingTransport:
-    """The SDK's ZeroMQ transport, noting the id of every REPLY that reaches the socket (also
-    the late ones the client discards), so that a duplicate answer cannot go unseen."""
-
-    def __init__(self, address: str) -> None:
-        self.inner = ZmqTransport(address)
-        self.reply_ids: list[str] = []
-
-    def send(self, frames: Sequence[Any]) -> None:
-        self.inner.send(frames)
-
-    def recv(self, timeout: float) -> list[Any] | None:
-        frames = self.inner.recv(timeout)
-        if frames is not None and (rid := _reply_id(frames)) is not None:
-            self.reply_ids.append(rid)
-        return frames
-
-    def close(self) -> None:
-        self.inner.close()
-
-
-class RecordingAsyncTransport:
-    def __init__(self, address: str) -> None:
-        self.inner = AsyncZmqTransport(address)
-        self.reply_ids: list[str] = []
-
-    async def send(self, frames: Sequence[Any]) -> None:
-        await self.inner.send(frames)
-
-    async def recv(self) -> list[Any]:
-        frames = await self.inner.recv()
-        if (rid := _reply_id(frames)) is not None:
-            self.reply_ids.append(rid)
-        return frames
-
-    def close(self) -> None:
-        self.inner.close()
 
 
 Plan = Callable[[int], tuple[int, float | None]]  # request index -> (priority, deadline)
@@ -709,45 +662,9 @@ def test_deadlines_nobody_can_meet_end_without_running(
 # -- 4b. the cloud worker itself, behind a stand-in coordinator ------------------------------------
 
 
-class StandInCoordinator:
-    """A bare ROUTER playing coordinator to one real `cicada cloud` process, so that the
-    worker's own answer to a DISPATCH can be seen (the real coordinator answers TIMEOUT itself
-    and discards what the worker sends back late)."""
-
-    def __init__(self) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.port = self.sock.bind_to_random_port("tcp://127.0.0.1")
-        self.identity: bytes | None = None
-
-    def recv(self, until: float) -> Any:
-        """The next message from the worker (heartbeating it meanwhile), or None at `until`."""
-        while time.monotonic() < until:
-            if self.identity is not None:
-                self.send(Heartbeat())
-            if self.sock.poll(int(HEARTBEAT * 1000)):
-                frames = self.sock.recv_multipart()
-                self.identity = frames[0]
-                return decode(frames[1:])
-        return None
-
-    def expect(self, kind: type, until: float, where: Callable[[Any], bool] = bool) -> Any:
-        while (m := self.recv(until)) is not None:
-            if isinstance(m, kind) and where(m):
-                return m
-        raise AssertionError(f"no {kind.__name__} from the worker in time")
-
-    def send(self, message: Any) -> None:
-        assert self.identity is not None
-        self.sock.send_multipart([self.identity, *encode(message)])
-
-    def close(self) -> None:
-        self.sock.close(linger=0)
-
-
 @pytest.fixture
 def stand_in() -> Iterator[StandInCoordinator]:
-    c = StandInCoordinator()
+    c = StandInCoordinator(heartbeat=HEARTBEAT)
     yield c
     c.close()
 

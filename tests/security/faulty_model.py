@@ -1,6 +1,6 @@
 """A model that fails on purpose, for the worker-error tests: a tiny GPT-2 that raises when the
 first token of a request is a marker. Importable as ``tests.security.faulty_model:build`` by a
-cloud worker started from the repository root (as tests/stack.py starts them).
+cloud worker started from the repository root (as cicada.testing.Stack starts them).
 
 Seeded as `cicada.cloud.models.gpt2.build` is, so the same config gives the same weights: on
 any other input it answers exactly what the plain GPT-2 answers.

@@ -1,6 +1,6 @@
 """A worker survives its model's errors: the attacker's requests against real processes.
 
-`python -m cicada coordinator|cloud|edge` processes on loopback (tests/stack.py), fed inputs a
+`python -m cicada coordinator|cloud|edge` processes on loopback (cicada.testing.Stack), fed inputs a
 model cannot take and a model that fails on purpose (tests/security/faulty_model.py). The
 promises checked, call by call:
 
@@ -32,8 +32,8 @@ from cicada.client import Client, InvokeResult
 from cicada.cloud.models import gpt2
 from cicada.cloud.service import EXIT_SERVING_FAILED
 from cicada.errors import BadRequest, ClientError, Failed
+from cicada.testing import Stack, make_assets, tiny_gpt2_config
 from tests.security import faulty_model
-from tests.stack import Stack, make_assets, tiny_gpt2_config
 
 MODEL = "gpt2"
 CONFIG = tiny_gpt2_config()

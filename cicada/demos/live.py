@@ -17,12 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -32,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from cicada.common.errors import CicadaError
-from cicada.demo import REFERENCE_MODELS, default_cache, ensure_package, example_input
+from cicada.demos.cold_start import (
+    REFERENCE_MODELS,
+    default_cache,
+    ensure_package,
+    example_input,
+)
+from cicada.testing.stack import Stack
 
 # priority -> (share of the burst, deadline in seconds)
 MIX = {0: (0.3, 1.0), 1: (0.5, 3.0), 2: (0.2, 8.0)}
@@ -97,63 +98,6 @@ def ensure_edge_model(name: str, package: Path, cache: Path) -> Path:
     with Console(stderr=True).status(f"exporting the int8 edge model of {name} (once)"):
         export_edge(package, out, shrink=EDGE_SHRINK.get(name), int8=True, force=True)
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LocalStack:
-    """The three roles as child processes, logs in a temporary directory."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.port, self.metrics_port = _free_port(), _free_port()
-        self.address = f"tcp://127.0.0.1:{self.port}"
-        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, *args: str) -> None:
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "cicada", *args],
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-
-    def wait(self, predicate: Any, what: str, timeout: float = 60.0) -> dict[str, Any]:
-        from cicada.edge.coordinator.status import fetch_status
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    raise CicadaError(f"{name} exited: {self.tail(name)}")
-            try:
-                snapshot = fetch_status(self.metrics_url, timeout=1.0)
-                if predicate(snapshot):
-                    return snapshot
-            except CicadaError:
-                pass
-            time.sleep(0.05)
-        raise CicadaError(f"timed out waiting for {what}")
-
-    def tail(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs.values()):  # workers first, the coordinator last
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def _roles(snapshot: dict[str, Any], role: str) -> dict[str, int]:
@@ -225,24 +169,19 @@ async def _burst(
         )
 
 
-def _start_roles(stack: LocalStack, package: Path, edge_dir: Path) -> float:
+def _start_roles(stack: Stack, package: Path, edge_dir: Path) -> float:
     """Coordinator, then the edge agent, then a cold cloud worker; returns when the cloud
     worker was launched (the burst's time zero)."""
-    heartbeat = ("--heartbeat", "0.25")
-    stack.start("coordinator", "coordinator", "--bind", stack.address,
-                "--metrics", f"127.0.0.1:{stack.metrics_port}", *heartbeat)  # fmt: skip
-    stack.wait(lambda s: True, "the coordinator")
-    stack.start("edge", "edge", "--model", "demo", "--onnx", str(edge_dir),
-                "--coordinator", stack.address, "--name", "edge-1", *heartbeat)  # fmt: skip
-    stack.wait(lambda s: _roles(s, "edge"), "the edge agent to register")
+    stack.coordinator()
+    stack.edge("demo", edge_dir, "edge-1")
+    stack.wait_for(lambda s: _roles(s, "edge"), "the edge agent to register", poll_timeout=1.0)
     t0 = time.monotonic()
-    stack.start("cloud", "cloud", "--model", "demo", "--package", str(package),
-                "--coordinator", stack.address, "--name", "cloud-1", *heartbeat)  # fmt: skip
+    stack.cloud("demo", package, "cloud-1")
     return t0
 
 
 def _serve_burst(
-    stack: LocalStack,
+    stack: Stack,
     t0: float,
     request_for: RequestFor,
     count: int,
@@ -361,7 +300,8 @@ def run_live_demo(
     sentences = [*MINILM_SENTENCES, *texts]
     with tempfile.TemporaryDirectory(prefix="cicada-demo-") as tmp:
         work = Path(tmp)
-        stack = LocalStack(work)
+        # The roles run in the caller's directory; any of them exiting ends the demo.
+        stack = Stack(work, heartbeat=0.25, cwd=None, fail_fast=True)
         request_for, label = _requests(model, work, sentences)
         try:
             t0 = _start_roles(stack, package, edge_dir)

@@ -1,7 +1,9 @@
-"""Real processes on loopback for tests and benchmarks: coordinator, edge agents, cloud workers.
+"""Real processes on loopback for tests, benchmarks and `cicada demo`: coordinator, edge
+agents, cloud workers.
 
 Every process is started with `python -m cicada ...` exactly as a user would, on free ports,
-and killed (with its whole process group) when the `Stack` closes.
+and killed (with its whole process group) when the `Stack` closes; `stop` asks them to drain
+first (SIGTERM, workers before the coordinator).
 """
 
 from __future__ import annotations
@@ -19,7 +21,18 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
+from cicada.common.errors import CicadaError
+
+# The directory that holds the `cicada` package: the repository root in a checkout.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class StackError(CicadaError, RuntimeError):
+    """A process of the stack exited while a wait watched it."""
+
+
+class StackTimeout(CicadaError, TimeoutError):
+    """A bounded wait for the stack's status ran out."""
 
 
 def process_running(p: psutil.Process) -> bool:
@@ -74,6 +87,12 @@ class Stack:
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Where the processes run: the repository root by default (so `python -m cicada` finds
+    # this checkout), None for the caller's own directory (relative paths stay valid).
+    cwd: Path | None = ROOT
+    # False: only the coordinator's exit fails a wait (tests kill workers on purpose);
+    # True: any process's exit does.
+    fail_fast: bool = False
 
     @property
     def address(self) -> str:
@@ -83,17 +102,18 @@ class Stack:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
-    def _start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        """`python -m cicada *args` in its own process group, logging to `<work>/<name>.log`."""
         log = open(self.work / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cicada", *args], cwd=ROOT, stdout=log, stderr=log,
+            [sys.executable, "-m", "cicada", *args], cwd=self.cwd, stdout=log, stderr=log,
             start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"),
         )  # fmt: skip
         self.procs[name] = proc
         return proc
 
     def coordinator(self, *extra: str) -> subprocess.Popen[bytes]:
-        proc = self._start(
+        proc = self.start(
             "coordinator", "coordinator", "--bind", self.address,
             "--metrics", f"127.0.0.1:{self.metrics_port}", "--heartbeat", str(self.heartbeat),
             *extra,
@@ -102,19 +122,19 @@ class Stack:
         return proc
 
     def edge(self, model: str, edge_dir: Path, name: str = "edge", *extra: str) -> Any:
-        return self._start(name, "edge", "--model", model, "--onnx", str(edge_dir),
+        return self.start(name, "edge", "--model", model, "--onnx", str(edge_dir),
                            "--coordinator", self.address, "--name", name,
                            "--heartbeat", str(self.heartbeat), *extra)  # fmt: skip
 
     def cloud(self, model: str, package: Path, name: str = "cloud", *extra: str) -> Any:
-        return self._start(name, "cloud", "--model", model, "--package", str(package),
+        return self.start(name, "cloud", "--model", model, "--package", str(package),
                            "--coordinator", self.address, "--name", name,
                            "--heartbeat", str(self.heartbeat), *extra)  # fmt: skip
 
-    def status(self) -> dict[str, Any]:
+    def status(self, timeout: float = 2.0) -> dict[str, Any]:
         from cicada.edge.coordinator.status import fetch_status
 
-        return fetch_status(self.metrics_url, timeout=2.0)
+        return fetch_status(self.metrics_url, timeout=timeout)
 
     def workers(self, role: str | None = None, state: str | None = None) -> int:
         try:
@@ -126,23 +146,29 @@ class Stack:
             if (role is None or w["role"] == role) and (state is None or w["state"] == state)
         )  # fmt: skip
 
-    def wait_for(self, predicate: Any, what: str, timeout: float = 60.0) -> None:
-        """Poll until predicate(status) holds; a bounded wait for a condition, not a timing
-        assertion."""
+    def wait_for(self, predicate: Any, what: str, timeout: float = 60.0,
+                 poll_timeout: float = 2.0) -> dict[str, Any]:  # fmt: skip
+        """Poll until predicate(status) holds and return that status; a bounded wait for a
+        condition, not a timing assertion."""
         deadline = time.monotonic() + timeout
         last: Any = None
         while time.monotonic() < deadline:
+            if self.fail_fast:
+                self._check_exits(self.procs)
             try:
-                last = self.status()
+                last = self.status(timeout=poll_timeout)
                 if predicate(last):
-                    return
+                    return dict(last)
             except Exception as exc:
                 last = exc
-            for name, proc in self.procs.items():
-                if proc.poll() is not None and name == "coordinator":
-                    raise RuntimeError(f"coordinator exited: {self.log('coordinator')}")
+            self._check_exits({k: p for k, p in self.procs.items() if k == "coordinator"})
             time.sleep(0.05)
-        raise TimeoutError(f"waited {timeout} s for {what}; last status: {last}")
+        raise StackTimeout(f"waited {timeout} s for {what}; last status: {last}")
+
+    def _check_exits(self, procs: dict[str, subprocess.Popen[bytes]]) -> None:
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                raise StackError(f"{name} exited: {self.log(name)}")
 
     def wait_workers(self, role: str, count: int = 1, state: str | None = None,
                      timeout: float = 60.0) -> None:  # fmt: skip
@@ -152,15 +178,30 @@ class Stack:
             what=f"{count} {role} worker(s) {state or ''}", timeout=timeout,
         )  # fmt: skip
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, chars: int = 4000) -> str:
         path = self.work / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[name]
         if proc.poll() is None:
             os.killpg(proc.pid, sig)
         proc.wait(30)
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Drain: SIGTERM every process (workers first, the coordinator last), SIGKILL what
+        has not exited `grace` seconds later."""
+        procs = list(self.procs.items())
+        self.procs.clear()
+        for _, proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for _, proc in procs:
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
     def close(self) -> None:
         for name in list(self.procs):
