@@ -421,7 +421,7 @@ package = ensure_package(model, cache)
 example_input(model, inputs)
 peer = None
 if tensorizer == "1":
-    from cicada.cloud.peers import prepare_tensorizer
+    from cicada.cloud.loading.peers import prepare_tensorizer
     peer = str(prepare_tensorizer(package))
 print(json.dumps({"package": str(package), "tensorizer": peer}))
 """

@@ -265,7 +265,7 @@ def sha256_file(path: Path) -> str:
 def verify_package(package_dir: Path, check_model: bool = True) -> Manifest:
     """Full check: sha256 of every file, header vs manifest, stage checksums, and (optionally)
     that the model the manifest names has exactly these tensors with these shapes and dtypes."""
-    from cicada.cloud.reader import stage_checksum
+    from cicada.cloud.loading.cpu import stage_checksum
 
     package_dir = Path(package_dir)
     manifest = Manifest.load(package_dir)

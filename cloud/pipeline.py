@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cicada.cloud.reader import MappedWeights, StageRead, WeightReader
+from cicada.cloud.loading.cpu import MappedWeights, StageRead, WeightReader
 from cicada.cloud.timeline import Timeline
 from cicada.common.errors import CicadaError
 from cicada.common.package import Manifest, StageEntry, check_weights_file
@@ -114,7 +114,7 @@ class ColdStart:
         else:
             # Pinned buffers and CUDA need torch; until it is imported, let the kernel pull
             # the file into the page cache so the later reads are memory-speed.
-            from cicada.cloud.gpu import prefetch_file
+            from cicada.cloud.loading.cuda import prefetch_file
 
             prefetch_file(self.weights_path)
 
@@ -215,7 +215,7 @@ class ColdStart:
             self._slots = check_coverage(model, self.manifest)
             self._install_hooks(model)
         if self.device != "cpu":
-            from cicada.cloud.gpu import GpuStageLoader
+            from cicada.cloud.loading.cuda import GpuStageLoader
 
             self._gpu_loader = GpuStageLoader(
                 self.weights_path, self.manifest, self._slots, self.device, self.timeline,

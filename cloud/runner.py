@@ -68,13 +68,13 @@ def run_cold_start(
         manifest = Manifest.load(package_dir)
         check_weights_file(Path(package_dir), manifest)
         if strategy.startswith("peer-"):
-            from cicada.cloud.peers import PEERS
+            from cicada.cloud.loading.peers import PEERS
 
             if strategy not in PEERS:
                 raise CicadaError(f"unknown peer loader {strategy!r}; known: {sorted(PEERS)}")
             output = PEERS[strategy](Path(package_dir), manifest, inputs, device, timeline)
         else:
-            from cicada.cloud.baselines import BASELINES
+            from cicada.cloud.loading.baselines import BASELINES
 
             output = BASELINES[strategy](Path(package_dir), manifest, inputs, device, timeline)
     if device.startswith("cuda"):

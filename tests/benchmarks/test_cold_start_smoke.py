@@ -97,7 +97,7 @@ def test_peer_output_is_bit_identical_to_cicada(
     pytest.importorskip(PEERS[strategy], reason=f"{strategy} needs the `bench` extra")
     package, inputs, reference = tiny_package
     if strategy == "peer-tensorizer":
-        from cicada.cloud.peers import prepare_tensorizer
+        from cicada.cloud.loading.peers import prepare_tensorizer
 
         prepare_tensorizer(package)
     got = _cold_start(package, inputs, strategy, package.parent / f"{strategy}.npy")

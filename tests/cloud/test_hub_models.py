@@ -28,8 +28,8 @@ from click.testing import CliRunner, Result
 from torch import nn
 
 from cicada.cli import main
-from cicada.cloud import reader as reader_module
 from cicada.cloud.hub import TRANSFORMERS_FACTORY, load_transformers_dir
+from cicada.cloud.loading import cpu as reader_module
 from cicada.cloud.packing import pack
 from cicada.cloud.pipeline import ColdStart
 from cicada.cloud.runner import STRATEGIES
@@ -437,7 +437,7 @@ def test_core_never_imports_the_extras() -> None:
     code = (
         "import sys, cicada.cli, cicada.cloud.hub, cicada.cloud.packing, cicada.cloud.pipeline, "
         "cicada.cloud.runner, "
-        "cicada.cloud.baselines, cicada.cloud.stages, cicada.cloud.miniloader; "
+        "cicada.cloud.loading.baselines, cicada.cloud.stages, cicada.cloud.miniloader; "
         "assert not {'transformers', 'torchvision'} & set(sys.modules), 'an extra was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -90,7 +90,7 @@ def test_forward_starts_before_the_last_stage_is_resident(tmp_path: Path) -> Non
     unread. The reader is held back by a gate so the order is deterministic, not timed."""
     import threading
 
-    from cicada.cloud import reader as reader_module
+    from cicada.cloud.loading import cpu as reader_module
 
     factory, config, example = _tiny("gpt2")
     pack(factory, tmp_path / "pkg", config=config)

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from cicada.cloud.baselines import Baseline, _forward, _with_aliases
+from cicada.cloud.loading.baselines import Baseline, _forward, _with_aliases
 from cicada.cloud.miniloader import build_model
 from cicada.cloud.timeline import Timeline
 from cicada.common.errors import CicadaError
@@ -120,7 +120,8 @@ def run_tensorizer(
     if not path.exists():
         raise CicadaError(
             f"{path} does not exist: tensorizer reads its own format; create it with "
-            f"cicada.cloud.peers.prepare_tensorizer({str(package_dir)!r}) (the benchmark does)"
+            f"cicada.cloud.loading.peers.prepare_tensorizer({str(package_dir)!r}) "
+            "(the benchmark does)"
         )
     with timeline.span("import", "tensorizer"):
         try:
