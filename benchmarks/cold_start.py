@@ -57,16 +57,17 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from cicada.cloud.loading.registry import (  # noqa: E402
+    builtin_strategies,
+    optional_libraries,
+)
 from cicada.common.errors import CicadaError  # noqa: E402
 from cicada.common.package import Manifest  # noqa: E402
 from cicada.demo import REFERENCE_MODELS, default_cache  # noqa: E402
 
-BASE_STRATEGIES = ("cicada", "meta", "naive", "pisel")
-PEER_LIBRARIES = {
-    "peer-tensorizer": ("tensorizer", "tensorizer"),
-    "peer-runai": ("runai_model_streamer", "runai-model-streamer"),
-    "peer-fastsafetensors": ("fastsafetensors", "fastsafetensors"),
-}
+# The strategies' registry (cloud/loading/registry.py); torch-free, like this process.
+BASE_STRATEGIES = builtin_strategies()
+PEER_LIBRARIES = optional_libraries()  # strategy -> (import name, pip distribution)
 ALL_STRATEGIES = BASE_STRATEGIES + tuple(PEER_LIBRARIES)
 CACHE_STATES = ("warm", "cold")
 LANES = ("import", "construct", "read", "apply", "compute", "wait")
@@ -421,8 +422,8 @@ package = ensure_package(model, cache)
 example_input(model, inputs)
 peer = None
 if tensorizer == "1":
-    from cicada.cloud.loading.peers import prepare_tensorizer
-    peer = str(prepare_tensorizer(package))
+    from cicada.cloud.loading.registry import get_strategy
+    peer = str(get_strategy("peer-tensorizer").prepare(package))
 print(json.dumps({"package": str(package), "tensorizer": peer}))
 """
 

@@ -25,8 +25,9 @@ def test_edge_and_common_never_import_torch() -> None:
     """The edge side runs on devices without torch; common is shared with it."""
     code = (
         "import sys, cicada, cicada.common.package, cicada.common.errors, cicada.common.protocol, "
-        "cicada.common.worker, cicada.common.factory, cicada.cloud.loading.cpu, "
-        "cicada.cloud.timeline, "
+        "cicada.common.worker, cicada.common.factory, cicada.common.edge_model, "
+        "cicada.common.files, cicada.cloud.loading.registry, cicada.cloud.loading.cuda, "
+        "cicada.cloud.runner, cicada.cloud.timeline, "
         "cicada.edge.agent, cicada.edge.coordinator, cicada.edge.onnx_model, "
         "cicada.edge.status, cicada.client, cicada.cli; "
         "assert 'torch' not in sys.modules, 'torch was imported'"

@@ -34,7 +34,8 @@ from cicada.cloud.export_edge import (
 )
 from cicada.cloud.models import bert, gpt2, resnet
 from cicada.cloud.packing import pack
-from cicada.edge.onnx_model import INFO_NAME, INT8_NAME, ONNX_NAME, EdgeModel, EdgeModelError
+from cicada.common.edge_model import INFO_NAME, INT8_NAME, ONNX_NAME
+from cicada.edge.onnx_model import EdgeModel, EdgeModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "resnet": resnet}
