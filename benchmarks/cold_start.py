@@ -53,16 +53,14 @@ from typing import Any
 
 from benchmarks.machine import ROOT
 from benchmarks.machine import machine_info as base_machine_info
+from cicada.cloud.loading.registry import builtin_strategies, optional_libraries
 from cicada.common.errors import CicadaError
 from cicada.common.package import Manifest
 from cicada.demos.cold_start import REFERENCE_MODELS, default_cache
 
-BASE_STRATEGIES = ("cicada", "meta", "naive", "pisel")
-PEER_LIBRARIES = {
-    "peer-tensorizer": ("tensorizer", "tensorizer"),
-    "peer-runai": ("runai_model_streamer", "runai-model-streamer"),
-    "peer-fastsafetensors": ("fastsafetensors", "fastsafetensors"),
-}
+# The strategies' registry (cloud/loading/registry.py); torch-free, like this process.
+BASE_STRATEGIES = builtin_strategies()
+PEER_LIBRARIES = optional_libraries()  # strategy -> (import name, pip distribution)
 ALL_STRATEGIES = BASE_STRATEGIES + tuple(PEER_LIBRARIES)
 CACHE_STATES = ("warm", "cold")
 LANES = ("import", "construct", "read", "apply", "compute", "wait")
@@ -397,8 +395,8 @@ package = ensure_package(model, cache)
 example_input(model, inputs)
 peer = None
 if tensorizer == "1":
-    from cicada.cloud.peers import prepare_tensorizer
-    peer = str(prepare_tensorizer(package))
+    from cicada.cloud.loading.registry import get_strategy
+    peer = str(get_strategy("peer-tensorizer").prepare(package))
 print(json.dumps({"package": str(package), "tensorizer": peer}))
 """
 

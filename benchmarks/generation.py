@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = ap.parse_args(argv)
     if opts.quick:
         opts.model, opts.runs, opts.tokens = "gpt2-tiny", 1, 16
+    from cicada.cloud.export_edge import export_edge
     from cicada.demos.cold_start import REFERENCE_MODELS, default_cache, ensure_package
-    from cicada.edge.export import export_edge
 
     cache = opts.cache or default_cache()
     package = ensure_package(opts.model, cache)

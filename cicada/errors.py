@@ -15,6 +15,8 @@
     ├── ProtocolError            a frame or message does not follow docs/PROTOCOL.md
     ├── GenerationError          generation options or prompt unusable (also a ValueError;
     │                            a worker answers it BAD_REQUEST)
+    ├── InputError               inputs the model does not take: dtype, rank, context length
+    │                            (also a ValueError; a worker answers it BAD_REQUEST)
     ├── TextError                text cannot become model inputs (no tokenizer, bad `text`)
     ├── PackageError             a model package is missing, malformed or does not match its model
     │   ├── PackageFormatError       manifest unreadable, unknown/newer format version, bad field
@@ -46,6 +48,7 @@ from cicada.common.errors import (
     EdgeExportError,
     EdgeModelError,
     GenerationError,
+    InputError,
     LaunchError,
     MissingExtraError,
     PackageError,
@@ -68,6 +71,7 @@ __all__ = [
     "EdgeModelError",
     "Failed",
     "GenerationError",
+    "InputError",
     "LaunchError",
     "MissingExtraError",
     "PackageError",

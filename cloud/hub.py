@@ -160,7 +160,7 @@ def cicada_preload(config: dict[str, Any]) -> list[str]:
     return ["torchvision"]
 
 
-# -- hooks for `cicada export-edge` (edge/export.py) ---------------------------------------
+# -- hooks for `cicada export-edge` (cloud/export_edge.py) ---------------------------------------
 
 # The config keys transformers models use for their layer count.
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from torch import nn
 from cicada.cloud.miniloader import Slot, build_model, tensor_slots
 from cicada.cloud.stages import plan_stages
 from cicada.common.errors import PackageError, PackageIntegrityError, PackageMismatchError
+from cicada.common.files import replacing_dir
 from cicada.common.package import (
     MANIFEST_NAME,
     WEIGHTS_NAME,
@@ -185,13 +185,11 @@ def pack(
     header_bytes += b" " * (-(8 + len(header_bytes)) % ALIGN)
     data_start = 8 + len(header_bytes)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     sha = hashlib.sha256()
     stages: list[StageEntry] = []
     written, total = 0, offset
-    try:
+    # Replace by rename: a process that has the old weights mapped keeps its inode intact.
+    with replacing_dir(out) as tmp:
         with open(tmp / WEIGHTS_NAME, "wb") as f:
             prefix = struct.pack("<Q", len(header_bytes)) + header_bytes
             f.write(prefix)
@@ -240,17 +238,6 @@ def pack(
         if loaded:
             check_coverage(build_model(factory, config, init=False), manifest)
         manifest.dump(tmp)
-        # Replace by rename: a process that has the old weights mapped keeps its inode intact.
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -265,7 +252,7 @@ def sha256_file(path: Path) -> str:
 def verify_package(package_dir: Path, check_model: bool = True) -> Manifest:
     """Full check: sha256 of every file, header vs manifest, stage checksums, and (optionally)
     that the model the manifest names has exactly these tensors with these shapes and dtypes."""
-    from cicada.cloud.reader import stage_checksum
+    from cicada.cloud.loading.cpu import stage_checksum
 
     package_dir = Path(package_dir)
     manifest = Manifest.load(package_dir)

@@ -18,6 +18,10 @@ Scheduling rules, in priority order:
 A stage is *resident* once its bytes passed the checksum and its tensors sit in the model.
 Each residency is published as a `ResidencyEvent` (callback and iterator); the coordinator's
 handoff policy feeds on them. A result is only returned once every stage has checked out.
+
+Where the bytes come from, and how compute waits for them, is the stage source's business
+(cloud/loading/base.py): one per device kind, picked by `source_for(device)`; this module has no
+device branches.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cicada.cloud.reader import MappedWeights, StageRead, WeightReader
+from cicada.cloud.loading.base import StageRead
+from cicada.cloud.loading.sources import source_for
 from cicada.cloud.timeline import Timeline
 from cicada.common.errors import CicadaError
 from cicada.common.package import Manifest, StageEntry, check_weights_file
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
     from cicada.cloud.miniloader import Slot
@@ -95,28 +99,17 @@ class ColdStart:
         self._resident_bytes = 0
         self._resident_count = 0
         self._started = self.timeline.now()
-        self._verify = verify
-        self._reader_threads = reader_threads
-        self._gpu_loader: Any = None
         self._aliases_of: dict[str, list[str]] = {}
         for alias, target in self.manifest.aliases.items():
             self._aliases_of.setdefault(target, []).append(alias)
         # Compute-lane bookkeeping for per-stage timings (main thread only).
         self._segment_stage: int | None = None
         self._segment_start = 0.0
-        self.mapped: MappedWeights | None = None
-        if device == "cpu":
-            self.mapped = MappedWeights(self.weights_path)
-            WeightReader(
-                self.mapped, self.manifest, self._on_stage_read, self.timeline.now,
-                verify=verify, threads=reader_threads,
-            ).start()  # fmt: skip
-        else:
-            # Pinned buffers and CUDA need torch; until it is imported, let the kernel pull
-            # the file into the page cache so the later reads are memory-speed.
-            from cicada.cloud.gpu import prefetch_file
-
-            prefetch_file(self.weights_path)
+        self.source = source_for(device)(
+            self.weights_path, self.manifest, device, self.timeline,
+            verify=verify, threads=reader_threads,
+        )  # fmt: skip
+        self.source.start(self._on_stage_read)
 
     # -- residency -------------------------------------------------------------------------
 
@@ -198,8 +191,6 @@ class ColdStart:
 
     def build(self) -> nn.Module:
         """Construct the model (MiniLoader) and apply whatever stages already arrived."""
-        import torch
-
         from cicada.cloud.miniloader import build_model, resolve_factory
         from cicada.cloud.packing import check_coverage
 
@@ -207,20 +198,11 @@ class ColdStart:
         with self.timeline.span("import", "model code"):
             resolve_factory(arch.factory)
         with self.timeline.span("construct", "construct"):
-            if self.device == "cpu":  # a device context costs a dispatch hook on every op
+            with self.source.construction():
                 model = build_model(arch.factory, arch.config, init=False)
-            else:
-                with torch.device(self.device):
-                    model = build_model(arch.factory, arch.config, init=False)
             self._slots = check_coverage(model, self.manifest)
             self._install_hooks(model)
-        if self.device != "cpu":
-            from cicada.cloud.gpu import GpuStageLoader
-
-            self._gpu_loader = GpuStageLoader(
-                self.weights_path, self.manifest, self._slots, self.device, self.timeline,
-                on_resident=self._publish_locked, on_error=self._fail, verify=self._verify,
-            ).start()  # fmt: skip
+        self.source.attach(self._slots)
         with self._lock:
             self._model = model
             pending, self._pending = self._pending, []
@@ -228,35 +210,16 @@ class ColdStart:
                 self._apply(read.stage)
         return model
 
-    def _stage_tensors(self, stage: StageEntry) -> Iterator[tuple[str, torch.Tensor]]:
-        import torch
-
-        from cicada.cloud.packing import SAFETENSORS_TO_TORCH
-
-        assert self.mapped is not None
-        for t in stage.tensors:
-            dtype = SAFETENSORS_TO_TORCH[t.dtype]
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            numel = t.nbytes // itemsize
-            if numel == 0:
-                yield t.name, torch.empty(t.shape, dtype=dtype)
-            elif t.begin % itemsize == 0:
-                # Zero-copy: the tensor is a view of the mapped file (page-cache pages).
-                flat = torch.frombuffer(self.mapped.map, dtype=dtype, count=numel, offset=t.begin)
-                yield t.name, flat.view(t.shape)
-            else:
-                # Misaligned for its dtype (mixed dtypes with odd sizes): copy once.
-                raw = torch.frombuffer(self.mapped.map, dtype=torch.uint8, count=t.nbytes,
-                                       offset=t.begin)  # fmt: skip
-                yield t.name, raw.clone().view(dtype).view(t.shape)
-
     def _apply(self, stage: StageEntry) -> None:
         """Put a verified stage's tensors into the model (caller holds the lock)."""
+        if self.source.in_place:  # the source wrote them into the model's storage itself
+            self._publish(stage)
+            return
         from torch import nn
 
         aliases_of = self._aliases_of
         start = self.timeline.now()
-        for name, tensor in self._stage_tensors(stage):
+        for name, tensor in self.source.tensors(stage):
             new_param: nn.Parameter | None = None
             for slot_name in (name, *aliases_of.get(name, ())):
                 for slot in self._slots[slot_name]:
@@ -269,10 +232,6 @@ class ColdStart:
                         slot.module._buffers[slot.attr] = tensor
         self.timeline.add("apply", stage.name, start, self.timeline.now())
         self._publish(stage)
-
-    def _publish_locked(self, stage: StageEntry) -> None:
-        with self._lock:
-            self._publish(stage)
 
     def _publish(self, stage: StageEntry) -> None:
         """Record and announce a resident stage (caller holds the lock)."""
@@ -321,8 +280,7 @@ class ColdStart:
                     self._segment_start = now
                 elif self._error is not None:
                     raise self._error
-            if self._gpu_loader is not None:
-                self._gpu_loader.order_compute_after(stages)
+            self.source.order_compute_after(stages)
 
         return wait_for_stages
 
@@ -337,8 +295,7 @@ class ColdStart:
 
     def _close_compute(self) -> None:
         if self._segment_stage is not None:
-            if self._gpu_loader is not None:
-                self._gpu_loader.synchronize()
+            self.source.synchronize()
             name = self.manifest.stages[self._segment_stage].name
             self.timeline.add("compute", name, self._segment_start, self.timeline.now())
         self._segment_stage = None

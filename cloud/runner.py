@@ -1,8 +1,8 @@
 """One cold start in this process: what `cicada run` does, timed lane by lane.
 
-Import order matters and is the point: for the ``cicada`` strategy the package is opened and
-the reader thread started *before* `import torch`, so the weights stream in during the import.
-This module imports nothing heavy at module level.
+Import order matters and is the point: every strategy (cloud/loading/registry.py) is opened
+*before* `import torch`; for ``cicada`` that starts the reader thread, so the weights stream in
+during the import. This module imports nothing heavy at module level.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cicada.cloud.loading.registry import open_strategy
 from cicada.cloud.timeline import Timeline
 from cicada.common.errors import CicadaError
-
-STRATEGIES = ("cicada", "pisel", "naive", "meta")
 
 
 def peak_rss_bytes() -> int:
@@ -39,15 +38,9 @@ def run_cold_start(
     """Cold-start the packaged model with `strategy`, run one forward, return the timings."""
     timeline = Timeline()
     entered = timeline.entered
-    cold = None
-    if strategy == "cicada":
-        from cicada.cloud.pipeline import ColdStart
-
-        cold = ColdStart(package_dir, device=device, timeline=timeline)
-        if on_residency is not None:
-            cold.subscribe(on_residency)
-    elif strategy not in STRATEGIES and not strategy.startswith("peer-"):
-        raise CicadaError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    loader = open_strategy(
+        strategy, package_dir, device=device, timeline=timeline, on_residency=on_residency
+    )
 
     with timeline.span("import", "torch"):
         import numpy as np
@@ -58,25 +51,8 @@ def run_cold_start(
         raise CicadaError("--device cuda was asked for, but torch sees no CUDA device")
     inputs = _load_input(input_path, device)
 
-    if cold is not None:
-        cold.build()
-        output = cold.forward(inputs)
-        manifest = cold.manifest
-    else:
-        from cicada.common.package import Manifest, check_weights_file
-
-        manifest = Manifest.load(package_dir)
-        check_weights_file(Path(package_dir), manifest)
-        if strategy.startswith("peer-"):
-            from cicada.cloud.peers import PEERS
-
-            if strategy not in PEERS:
-                raise CicadaError(f"unknown peer loader {strategy!r}; known: {sorted(PEERS)}")
-            output = PEERS[strategy](Path(package_dir), manifest, inputs, device, timeline)
-        else:
-            from cicada.cloud.baselines import BASELINES
-
-            output = BASELINES[strategy](Path(package_dir), manifest, inputs, device, timeline)
+    output = loader.run(inputs)
+    manifest = loader.manifest
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     first_result = timeline.mark("first_result")

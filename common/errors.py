@@ -57,6 +57,12 @@ class GenerationError(CicadaError, ValueError):
     Also a ValueError, as it was before it joined the tree."""
 
 
+class InputError(CicadaError, ValueError):
+    """Inputs are not what the model takes: dtype, rank, fixed axes, context length or
+    vocabulary (checked before the forward, on the edge and the cloud alike). Workers answer
+    it with BAD_REQUEST."""
+
+
 class TextError(CicadaError):
     """Text cannot be turned into model inputs: no tokenizer, a malformed `text` option, or
     text and tensors in one request. Workers answer it with BAD_REQUEST."""

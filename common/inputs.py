@@ -16,11 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from cicada.common.errors import InputError
+
 TOKEN_INPUT = "input"  # the name a token model's one input goes by (as in its ONNX export)
-
-
-class InputError(ValueError):
-    """The inputs are not what the model takes (answered BAD_REQUEST)."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 from cicada.common.errors import PackageFormatError, PackageIntegrityError
 from cicada.common.factory import canonical_factory
+from cicada.common.files import write_text_atomic
 
 FORMAT_NAME = "cicada-package"
 FORMAT_VERSION = 1
@@ -139,10 +140,7 @@ class Manifest:
 
     def dump(self, package_dir: Path) -> None:
         """Write manifest.json atomically (a reader never sees half a manifest)."""
-        path = Path(package_dir) / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        tmp.replace(path)
+        write_text_atomic(Path(package_dir) / MANIFEST_NAME, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def from_json(cls, doc: Any, where: str = MANIFEST_NAME) -> Manifest:

@@ -31,8 +31,8 @@ def make_generation_assets(work: Path) -> dict[str, Path]:
     """Pack the sharp GPT-2 (weights from a .safetensors file) and export its edge model."""
     from safetensors.torch import save_model
 
+    from cicada.cloud.export_edge import export_edge
     from cicada.cloud.packing import pack
-    from cicada.edge.export import export_edge
 
     package, edge_dir, weights = work / "gen-pkg", work / "gen-edge", work / "sharp.safetensors"
     if not package.exists():

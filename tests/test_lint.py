@@ -25,10 +25,13 @@ def test_edge_and_common_never_import_torch() -> None:
     """The edge side runs on devices without torch; common is shared with it."""
     code = (
         "import sys, cicada, cicada.common.package, cicada.common.errors, cicada.common.protocol, "
-        "cicada.common.worker, cicada.common.factory, cicada.cloud.reader, cicada.cloud.timeline, "
-        "cicada.edge.agent, cicada.edge.coordinator, cicada.edge.coordinator.broker, "
-        "cicada.edge.coordinator.lifecycle, cicada.edge.coordinator.config, "
-        "cicada.edge.onnx_model, cicada.edge.coordinator.status, cicada.client, cicada.cli; "
+        "cicada.common.worker, cicada.common.factory, cicada.common.edge_model, "
+        "cicada.common.files, cicada.common.inputs, cicada.common.defaults, "
+        "cicada.cloud.loading.registry, cicada.cloud.loading.cuda, cicada.cloud.runner, "
+        "cicada.cloud.timeline, cicada.edge.agent, cicada.edge.coordinator, "
+        "cicada.edge.coordinator.broker, cicada.edge.coordinator.lifecycle, "
+        "cicada.edge.coordinator.config, cicada.edge.onnx_model, cicada.edge.coordinator.status, "
+        "cicada.client, cicada.cli; "
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

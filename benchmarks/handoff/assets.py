@@ -38,7 +38,7 @@ def gpt2_assets(quick: bool, cache: Path, work: Path, seq_len: int) -> Assets:
         package = ensure_package("gpt2-medium", cache)
         edge_dir = cache / "edge" / "gpt2-medium-int8"
         if not (edge_dir / "edge_model.json").exists():
-            from cicada.edge.export import export_edge
+            from cicada.cloud.export_edge import export_edge
 
             print(f"exporting the int8 edge model into {edge_dir} (once, ~30 s)", flush=True)
             export_edge(package, edge_dir, int8=True, force=True)

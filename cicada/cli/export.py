@@ -98,7 +98,7 @@ def export_edge_cmd(
             shrink[key.strip()] = json.loads(raw)
         except ValueError:
             shrink[key.strip()] = raw
-    from cicada.edge.export import export_edge
+    from cicada.cloud.export_edge import export_edge
 
     try:
         info = export_edge(

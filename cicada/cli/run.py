@@ -25,8 +25,9 @@ from cicada.common.errors import CicadaError
     "--strategy",
     default="cicada",
     show_default=True,
-    help="cicada | pisel | naive | meta, or peer-tensorizer | peer-runai | "
-    "peer-fastsafetensors where installed (the `bench` extra).",
+    help="cicada | meta | naive | pisel, or peer-tensorizer | peer-runai | "
+    "peer-fastsafetensors where installed (the `bench` extra); the registry is "
+    "cicada.cloud.loading.registry.",
 )
 @click.option(
     "--out",

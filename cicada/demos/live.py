@@ -93,7 +93,7 @@ def ensure_edge_model(name: str, package: Path, cache: Path) -> Path:
         pass
     from rich.console import Console
 
-    from cicada.edge.export import export_edge
+    from cicada.cloud.export_edge import export_edge
 
     with Console(stderr=True).status(f"exporting the int8 edge model of {name} (once)"):
         export_edge(package, out, shrink=EDGE_SHRINK.get(name), int8=True, force=True)

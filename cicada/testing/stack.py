@@ -66,9 +66,9 @@ def make_assets(work: Path, config: dict[str, Any] | None = None) -> dict[str, P
     """Pack a tiny GPT-2, export its edge model, save an example input. Returns the paths."""
     import numpy as np
 
+    from cicada.cloud.export_edge import export_edge
     from cicada.cloud.models import gpt2
     from cicada.cloud.packing import pack
-    from cicada.edge.export import export_edge
 
     config = config or tiny_gpt2_config()
     package, edge_dir, x = work / "pkg", work / "edge", work / "x.npy"

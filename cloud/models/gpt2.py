@@ -201,7 +201,7 @@ class GPT(nn.Module):
         """Logits for `idx` (B, T) following `past`, the keys and values of the P tokens
         before it, (n_layer, 2, B, nh, P, hs) with P >= 0; returns them with `idx`'s appended.
         One tensor-in, tensor-out graph for the prefill and every decoding step: what an
-        exported edge decoder with a cache needs (edge/export.py)."""
+        exported edge decoder with a cache needs (cloud/export_edge.py)."""
         t = idx.size(1)
         tr = self.transformer
         pos = torch.arange(t, device=idx.device) + past.size(4)  # absolute positions

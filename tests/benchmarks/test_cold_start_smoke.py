@@ -17,15 +17,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from cicada.cloud.loading.registry import builtin_strategies, get_strategy, optional_libraries
 from cicada.demos.cold_start import REFERENCE_MODELS, example_input
 
 ROOT = Path(__file__).resolve().parents[2]
-BASE_STRATEGIES = ["cicada", "meta", "naive", "pisel"]
-PEERS = {
-    "peer-tensorizer": "tensorizer",
-    "peer-runai": "runai_model_streamer",
-    "peer-fastsafetensors": "fastsafetensors",
-}
+BASE_STRATEGIES = list(builtin_strategies())
+PEERS = {strategy: module for strategy, (module, _) in optional_libraries().items()}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -96,10 +93,7 @@ def test_peer_output_is_bit_identical_to_cicada(
 ) -> None:
     pytest.importorskip(PEERS[strategy], reason=f"{strategy} needs the `bench` extra")
     package, inputs, reference = tiny_package
-    if strategy == "peer-tensorizer":
-        from cicada.cloud.peers import prepare_tensorizer
-
-        prepare_tensorizer(package)
+    get_strategy(strategy).prepare(package)
     got = _cold_start(package, inputs, strategy, package.parent / f"{strategy}.npy")
     assert got.dtype == reference.dtype and got.shape == reference.shape
     assert np.array_equal(got, reference)

@@ -28,11 +28,12 @@ from click.testing import CliRunner, Result
 from torch import nn
 
 from cicada.cli import main
-from cicada.cloud import reader as reader_module
 from cicada.cloud.hub import TRANSFORMERS_FACTORY, load_transformers_dir
+from cicada.cloud.loading import cpu as reader_module
+from cicada.cloud.loading.cpu import CpuStageSource
+from cicada.cloud.loading.registry import builtin_strategies
 from cicada.cloud.packing import pack
 from cicada.cloud.pipeline import ColdStart
-from cicada.cloud.runner import STRATEGIES
 from cicada.common.package import WEIGHTS_NAME, Manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,10 +43,11 @@ ROOT = Path(__file__).resolve().parents[2]
 DRIVER = """
 import sys
 from pathlib import Path
-from cicada.cloud.runner import STRATEGIES, run_cold_start
+from cicada.cloud.loading.registry import builtin_strategies
+from cicada.cloud.runner import run_cold_start
 x, out, *packages = map(Path, sys.argv[1:])
 for package in packages:
-    for strategy in STRATEGIES:
+    for strategy in builtin_strategies():
         saved = out / f"{package.name}-{strategy}.npy"
         run_cold_start(package, x, strategy=strategy, out_path=saved, threads=1)
 """
@@ -77,7 +79,7 @@ def _every_strategy_in_a_fresh_process(x: np.ndarray, work: Path, packages: list
 
 
 def _assert_served_equal(work: Path, package: Path, expected: torch.Tensor) -> None:
-    for strategy in STRATEGIES:
+    for strategy in builtin_strategies():
         got = torch.from_numpy(np.load(work / f"{package.name}-{strategy}.npy"))
         assert got.dtype == expected.dtype and got.shape == expected.shape, strategy
         assert torch.equal(got, expected), f"{package.name} {strategy}: differs from eager"
@@ -290,10 +292,11 @@ def test_rebuild_keeps_ties_buffers_and_the_mapped_weights(saved: Saved) -> None
     for name, buffer in buffers.items():
         assert rebuilt[name].dtype == buffer.dtype and torch.equal(rebuilt[name], buffer), name
     # Every parameter is a view of the mapped package file: no second copy.
-    assert cold.mapped is not None
-    base = np.frombuffer(cold.mapped.map, dtype=np.uint8).ctypes.data
+    assert isinstance(cold.source, CpuStageSource)
+    mapped = cold.source.mapped
+    base = np.frombuffer(mapped.map, dtype=np.uint8).ctypes.data
     for name, param in model.named_parameters():
-        assert 0 <= param.data_ptr() - base < cold.mapped.size, name
+        assert 0 <= param.data_ptr() - base < mapped.size, name
 
 
 def _shared(model: nn.Module) -> list[tuple[str, str]]:
@@ -437,7 +440,7 @@ def test_core_never_imports_the_extras() -> None:
     code = (
         "import sys, cicada.cli, cicada.cloud.hub, cicada.cloud.packing, cicada.cloud.pipeline, "
         "cicada.cloud.runner, "
-        "cicada.cloud.baselines, cicada.cloud.stages, cicada.cloud.miniloader; "
+        "cicada.cloud.loading.registry, cicada.cloud.stages, cicada.cloud.miniloader; "
         "assert not {'transformers', 'torchvision'} & set(sys.modules), 'an extra was imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)

@@ -16,12 +16,15 @@ import numpy as np
 import pytest
 import torch
 
+from cicada.cloud.loading.cpu import CpuStageSource
+from cicada.cloud.loading.registry import builtin_strategies
 from cicada.cloud.packing import pack
 from cicada.cloud.pipeline import ColdStart
+from cicada.common.errors import CicadaError
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ["gpt2", "bert", "resnet"]
-STRATEGIES = ["cicada", "naive", "pisel", "meta"]
+STRATEGIES = list(builtin_strategies())
 
 
 def _tiny(name: str) -> tuple[str, dict[str, Any], Any]:
@@ -72,11 +75,12 @@ def test_cold_start_is_zero_copy_keeps_ties_and_rebuilds_buffers(tmp_path: Path)
     # The non-persistent buffer (not in the package) equals the eager one.
     assert torch.equal(model.pos_ids, eager.pos_ids)
     # Parameters are views of the mapped file: no second copy of the weights.
-    assert cold.mapped is not None
-    base = np.frombuffer(cold.mapped.map, dtype=np.uint8).ctypes.data
+    assert isinstance(cold.source, CpuStageSource)
+    mapped = cold.source.mapped
+    base = np.frombuffer(mapped.map, dtype=np.uint8).ctypes.data
     for name, param in model.named_parameters():
         offset = param.data_ptr() - base
-        assert 0 <= offset < cold.mapped.size, name
+        assert 0 <= offset < mapped.size, name
     with torch.inference_mode():
         assert torch.equal(out, eager(example))
     # Hooks are gone once everything is resident: later calls run the plain model.
@@ -90,7 +94,7 @@ def test_forward_starts_before_the_last_stage_is_resident(tmp_path: Path) -> Non
     unread. The reader is held back by a gate so the order is deterministic, not timed."""
     import threading
 
-    from cicada.cloud import reader as reader_module
+    from cicada.cloud.loading import cpu as reader_module
 
     factory, config, example = _tiny("gpt2")
     pack(factory, tmp_path / "pkg", config=config)
@@ -132,6 +136,19 @@ def test_forward_starts_before_the_last_stage_is_resident(tmp_path: Path) -> Non
     with torch.inference_mode():
         eager = importlib.import_module("cicada.cloud.models.gpt2").build(**config)
         assert torch.equal(out, eager(example))
+
+
+def test_an_unknown_device_kind_is_refused_by_name(tmp_path: Path) -> None:
+    factory, config, _ = _tiny("gpt2")
+    pack(factory, tmp_path / "pkg", config=config)
+    with pytest.raises(CicadaError, match=r"'mps'.*supported device kinds are cpu, cuda"):
+        ColdStart(tmp_path / "pkg", device="mps")
+
+
+def test_the_cuda_source_imports_without_cuda() -> None:
+    code = ("import sys; from cicada.cloud.loading.sources import SOURCES; "
+            "assert SOURCES['cuda'].in_place; assert 'torch' not in sys.modules")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 @pytest.mark.gpu

@@ -1,28 +1,31 @@
-"""The GPU path of the WeightDecoupler: pinned staging ring, a copy stream, an event per stage.
+"""The CUDA stage source: pinned staging ring, a copy stream, an event per stage.
 
-The model is constructed on the GPU by MiniLoader (empty parameters, real buffers); this loader
+The model is constructed on the GPU by MiniLoader (empty parameters, real buffers); this source
 reads each stage with large positional reads into a ring of pinned host buffers, hashes each
 chunk while it is in host memory, and copies it into the parameters' storage on a CUDA stream
 of its own. A stage's event is recorded on that stream after its last copy; the compute
 stream waits on the event (on the GPU, not the host) before the stage's first module runs.
+
+Importable without torch or CUDA: torch is imported once the pipeline attaches the model.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from cicada.cloud.loading.base import StageRead, StageSource
 from cicada.common.errors import CicadaError, PackageIntegrityError
-from cicada.common.package import Manifest, StageEntry
+from cicada.common.package import StageEntry
 
 if TYPE_CHECKING:
     from cicada.cloud.miniloader import Slot
-    from cicada.cloud.timeline import Timeline
 
 CHUNK = 64 * 1024 * 1024
 RING = 3
@@ -42,48 +45,55 @@ def prefetch_file(path: Path) -> None:
         threading.Thread(target=advise, name="cicada-prefetch", daemon=True).start()
 
 
-class GpuStageLoader:
-    def __init__(
-        self,
-        path: Path,
-        manifest: Manifest,
-        slots: dict[str, list[Slot]],
-        device: str,
-        timeline: Timeline,
-        on_resident: Callable[[StageEntry], None],
-        on_error: Callable[[CicadaError], None],
-        verify: bool = True,
-        chunk: int = CHUNK,
-        ring: int = RING,
-    ) -> None:
+class CudaStageSource(StageSource):
+    kind = "cuda"
+    in_place = True
+    chunk_bytes = CHUNK
+    ring_size = RING
+
+    def start(self, on_stage: Callable[[StageRead], None]) -> None:
+        # Pinned buffers and CUDA need torch; until it is imported, let the kernel pull the
+        # file into the page cache so the later reads are memory-speed.
+        self.on_stage = on_stage
+        prefetch_file(self.path)
+
+    def construction(self) -> AbstractContextManager[Any]:
+        import torch
+
+        return torch.device(self.device)
+
+    def attach(self, slots: dict[str, list[Slot]]) -> None:
         import torch
 
         self.torch = torch
-        self.path, self.manifest, self.timeline = path, manifest, timeline
-        self.on_resident, self.on_error, self.verify = on_resident, on_error, verify
-        self.device = torch.device(device)
-        self.chunk = min(chunk, max(s.nbytes for s in manifest.stages) or 1)
-        self.stream = torch.cuda.Stream(self.device)
+        self.cuda_device = torch.device(self.device)
+        stages = self.manifest.stages
+        self.chunk = min(self.chunk_bytes, max(s.nbytes for s in stages) or 1)
+        self.stream = torch.cuda.Stream(self.cuda_device)
         self.ring = [
-            torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True) for _ in range(ring)
+            torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
+            for _ in range(self.ring_size)
         ]
-        self.ring_done: list[Any] = [None] * ring
-        self.stage_done = [torch.cuda.Event() for _ in manifest.stages]
+        self.ring_done: list[Any] = [None] * self.ring_size
+        self.stage_done = [torch.cuda.Event() for _ in stages]
         # Destination bytes of every stored tensor: the constructed (empty) GPU storage.
         self.dest = {
             t.name: slots[t.name][0].get().detach().reshape(-1).view(torch.uint8)
-            for t in manifest.tensors()
+            for t in self.manifest.tensors()
         }
-        self._thread = threading.Thread(target=self._run, name="cicada-gpu-loader", daemon=True)
-
-    def start(self) -> GpuStageLoader:
-        self._thread.start()
-        return self
+        threading.Thread(target=self._run, name="cicada-gpu-loader", daemon=True).start()
 
     def _run(self) -> None:
         torch = self.torch
-        fd = os.open(self.path, os.O_RDONLY)
         slot = 0
+        stage = self.manifest.stages[0]
+        start = self.timeline.now()
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            self.on_stage(StageRead(stage, start, self.timeline.now(),
+                                    PackageIntegrityError(f"{self.path}: {exc}")))  # fmt: skip
+            return
         try:
             with torch.no_grad():
                 for stage in self.manifest.stages:
@@ -119,12 +129,12 @@ class GpuStageLoader:
                             "the file is corrupt; re-run `cicada pack`"
                         )
                     self.stage_done[stage.index].record(self.stream)
-                    self.timeline.add("read", stage.name, start, self.timeline.now())
-                    self.on_resident(stage)
+                    self.on_stage(StageRead(stage, start, self.timeline.now()))
         except CicadaError as exc:
-            self.on_error(exc)
+            self.on_stage(StageRead(stage, start, self.timeline.now(), exc))
         except OSError as exc:
-            self.on_error(PackageIntegrityError(f"{self.path}: {exc}"))
+            error = PackageIntegrityError(f"{self.path}: {exc}")
+            self.on_stage(StageRead(stage, start, self.timeline.now(), error))
         finally:
             os.close(fd)
 
@@ -139,10 +149,10 @@ class GpuStageLoader:
                 host[lo - pos : hi - pos], non_blocking=True
             )
 
-    def order_compute_after(self, stages: list[int]) -> None:
-        current = self.torch.cuda.current_stream(self.device)
+    def order_compute_after(self, stages: Sequence[int]) -> None:
+        current = self.torch.cuda.current_stream(self.cuda_device)
         for s in stages:
             current.wait_event(self.stage_done[s])
 
     def synchronize(self) -> None:
-        self.torch.cuda.current_stream(self.device).synchronize()
+        self.torch.cuda.current_stream(self.cuda_device).synchronize()

@@ -24,9 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from cicada.cloud.models import bert, gpt2, resnet
-from cicada.cloud.packing import pack
-from cicada.edge.export import (
+from cicada.cloud.export_edge import (
     FP32_MAX_ABS,
     INT8_REL_TOL,
     EdgeExportError,
@@ -34,7 +32,10 @@ from cicada.edge.export import (
     edge_config_for,
     export_edge,
 )
-from cicada.edge.onnx_model import INFO_NAME, INT8_NAME, ONNX_NAME, EdgeModel, EdgeModelError
+from cicada.cloud.models import bert, gpt2, resnet
+from cicada.cloud.packing import pack
+from cicada.common.edge_model import INFO_NAME, INT8_NAME, ONNX_NAME
+from cicada.edge.onnx_model import EdgeModel, EdgeModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS: dict[str, ModuleType] = {"gpt2": gpt2, "bert": bert, "resnet": resnet}

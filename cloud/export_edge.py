@@ -21,7 +21,7 @@ shape with the packaged model is copied from the package (embeddings, the first 
 final norm and head): the usual starting point of layer-dropping distillation, but not a
 trained edge model. A deployment would distil the variant and export that.
 
-Output directory (names in `cicada.edge.onnx_model`): model.onnx (fp32), model.int8.onnx (with
+Output directory (names in `cicada.common.edge_model`): model.onnx (fp32), model.int8.onnx (with
 `int8`: ONNX Runtime dynamic quantization, int8 weights), edge_model.json, and the package's
 tokenizer.json when it has one (common/text.py: the edge agent then takes text), and for a
 decoder with a cached step (`model.step(ids, past)`, the reference GPT-2) decoder.onnx (and
@@ -35,8 +35,9 @@ Exporter: `torch.onnx.export(..., dynamo=False)`, the TorchScript-tracing export
 on; the tracing exporter ships with torch and handles these models with dynamic batch and
 sequence axes (it warns that it is deprecated; the warning is silenced here).
 
-Torch is imported inside functions only: this module is an offline tool, but it lives in the
-edge package, whose agent must never pay for (or need) torch.
+An offline tool on the torch side (cloud/): the edge agent only reads what it writes, through
+`cicada.common.edge_model` (names, signatures) and `cicada.edge.onnx_model` (ONNX Runtime).
+Torch is still imported inside functions, so that `cicada` starts without it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -55,10 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cicada.common import factory as common_factory
-from cicada.common.errors import EdgeExportError
-from cicada.common.package import Manifest, check_weights_file
-from cicada.common.text import TOKENIZER_NAME
-from cicada.edge.onnx_model import (
+from cicada.common.edge_model import (
     DECODER_INT8_NAME,
     DECODER_NAME,
     INFO_NAME,
@@ -67,6 +64,10 @@ from cicada.edge.onnx_model import (
     TensorSpec,
     tensor_spec,
 )
+from cicada.common.errors import EdgeExportError
+from cicada.common.files import replacing_dir
+from cicada.common.package import Manifest, check_weights_file
+from cicada.common.text import TOKENIZER_NAME
 
 if TYPE_CHECKING:
     import numpy as np
@@ -556,26 +557,11 @@ def _source(
     return factory, dict(config or {})
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
+def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise EdgeExportError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise EdgeExportError(f"{out} already exists and is not empty; pass --force to replace it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    # Replace by rename, as `cicada pack` does: a reader never sees half an edge model.
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def export_edge(
@@ -612,8 +598,9 @@ def export_edge(
     expected = _forward(model, check_x, "the example input").numpy()
     scale = float(np.abs(expected).max())
 
-    tmp = _prepare_out(out, force)
-    try:
+    _check_out(out, force)
+    # Replace by rename, as `cicada pack` does: a reader never sees half an edge model.
+    with replacing_dir(out) as tmp:
         fp32_path = tmp / ONNX_NAME
         exporter = export_onnx(model, trace_x, fp32_path, axes, opset)
         measured: dict[str, float] = {"output_scale": scale}
@@ -672,8 +659,4 @@ def export_edge(
             out=out,
         )
         (tmp / INFO_NAME).write_text(json.dumps(info.to_json(), indent=1))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info

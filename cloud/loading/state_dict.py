@@ -1,0 +1,50 @@
+"""Shared steps of the strategies that load a whole state dict: ties, construction, apply, run.
+
+Torch is imported inside the functions: strategy modules stay importable before `import torch`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from cicada.cloud.timeline import Timeline
+from cicada.common.package import Manifest
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def with_aliases(state: dict[str, torch.Tensor], manifest: Manifest) -> dict[str, torch.Tensor]:
+    """The state dict with every tied name (the package stores one of each) filled in."""
+    for alias, target in manifest.aliases.items():
+        state[alias] = state[target]
+    return state
+
+
+def forward(model: nn.Module, inputs: Any, timeline: Timeline) -> Any:
+    import torch
+
+    with timeline.span("compute", "forward"), torch.inference_mode():
+        return model(inputs)
+
+
+def construct(manifest: Manifest, timeline: Timeline) -> nn.Module:
+    """MiniLoader on the CPU: init skipped, as the ``meta`` strategy builds (without meta)."""
+    from cicada.cloud.miniloader import build_model
+
+    arch = manifest.architecture
+    with timeline.span("construct", "construct"):
+        return build_model(arch.factory, arch.config, init=False)
+
+
+def apply_and_run(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    manifest: Manifest,
+    inputs: Any,
+    timeline: Timeline,
+) -> Any:
+    with timeline.span("apply", "load_state_dict(assign)"):
+        model.load_state_dict(with_aliases(state, manifest), strict=True, assign=True)
+    return forward(model, inputs, timeline)
