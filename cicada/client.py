@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict, Unpack
 
 import msgpack
 import numpy as np
@@ -258,6 +258,18 @@ class AsyncZmqTransport:
 
 
 # -- shared call logic --------------------------------------------------------------------------
+
+
+class CallKeywords(TypedDict, total=False):
+    """The keywords of every call (`invoke` and `stream`, sync and async), defined once; they
+    make an `InvokeOptions`, whose fields say what each means."""
+
+    text: str | Sequence[str] | None
+    max_new_tokens: int | None
+    priority: int
+    deadline: float | None
+    timeout: float | None
+    options: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -529,13 +541,7 @@ class Client(BaseClient):
         self,
         model: str,
         inputs: Inputs | None = None,
-        *,
-        text: str | Sequence[str] | None = None,
-        max_new_tokens: int | None = None,
-        priority: int = NORMAL,
-        deadline: float | None = None,
-        timeout: float | None = None,
-        options: Mapping[str, Any] | None = None,
+        **call: Unpack[CallKeywords],
     ) -> InvokeResult:
         """Run `model` on `inputs` (an array or a list of arrays) and return its outputs.
 
@@ -549,27 +555,19 @@ class Client(BaseClient):
         untouched. The keywords make an `InvokeOptions`. Raises a `ClientError` for any status
         but OK, `TransportError` if the connection lets the call down.
         """
-        call = InvokeOptions(text, max_new_tokens, priority, deadline, timeout, options)
-        return _last(self._stream(model, inputs, call))
+        return _last(self._stream(model, inputs, InvokeOptions(**call)))
 
     def stream(
         self,
         model: str,
         inputs: Inputs | None = None,
-        *,
-        text: str | Sequence[str] | None = None,
-        max_new_tokens: int | None = None,
-        priority: int = NORMAL,
-        deadline: float | None = None,
-        timeout: float | None = None,
-        options: Mapping[str, Any] | None = None,
+        **call: Unpack[CallKeywords],
     ) -> TokenStream:
         """As `invoke`, but iterate over the `Piece`s streamed before the final reply (one per
         generated token); the final `InvokeResult` is then in `.result`. The request is sent
         when iteration starts; errors are raised from the iteration. Close the stream (or use
         it in a `with` block) to leave early: the request is cancelled."""
-        call = InvokeOptions(text, max_new_tokens, priority, deadline, timeout, options)
-        return self._stream(model, inputs, call)
+        return self._stream(model, inputs, InvokeOptions(**call))
 
     def _stream(self, model: str, inputs: Inputs | None, options: InvokeOptions) -> TokenStream:
         return TokenStream(self._locked_round_trip(self._prepare(model, inputs, options)))
@@ -682,17 +680,10 @@ class AsyncClient(BaseClient):
         self,
         model: str,
         inputs: Inputs | None = None,
-        *,
-        text: str | Sequence[str] | None = None,
-        max_new_tokens: int | None = None,
-        priority: int = NORMAL,
-        deadline: float | None = None,
-        timeout: float | None = None,
-        options: Mapping[str, Any] | None = None,
+        **call: Unpack[CallKeywords],
     ) -> InvokeResult:
         """As `Client.invoke`, awaitable; concurrent calls share the socket."""
-        call = InvokeOptions(text, max_new_tokens, priority, deadline, timeout, options)
-        stream = self._stream(model, inputs, call)
+        stream = self._stream(model, inputs, InvokeOptions(**call))
         async with stream:
             async for _ in stream:
                 pass
@@ -703,17 +694,10 @@ class AsyncClient(BaseClient):
         self,
         model: str,
         inputs: Inputs | None = None,
-        *,
-        text: str | Sequence[str] | None = None,
-        max_new_tokens: int | None = None,
-        priority: int = NORMAL,
-        deadline: float | None = None,
-        timeout: float | None = None,
-        options: Mapping[str, Any] | None = None,
+        **call: Unpack[CallKeywords],
     ) -> AsyncTokenStream:
         """As `Client.stream`: `async with client.stream(...) as s: async for piece in s`."""
-        call = InvokeOptions(text, max_new_tokens, priority, deadline, timeout, options)
-        return self._stream(model, inputs, call)
+        return self._stream(model, inputs, InvokeOptions(**call))
 
     def _stream(
         self, model: str, inputs: Inputs | None, options: InvokeOptions
