@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from cicada.client import AsyncClient, Client, CurveConfig, InvokeResult
     from cicada.errors import (
         BadRequest,
+        CallError,
         ClientError,
         Failed,
         Rejected,
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AsyncClient",
     "BadRequest",
+    "CallError",
     "Client",
     "ClientError",
     "CurveConfig",
@@ -45,6 +47,7 @@ _HOME = {
     "CurveConfig": "cicada.client",
     "InvokeResult": "cicada.client",
     "BadRequest": "cicada.errors",
+    "CallError": "cicada.errors",
     "ClientError": "cicada.errors",
     "Failed": "cicada.errors",
     "Rejected": "cicada.errors",

@@ -1,17 +1,19 @@
 """Every error Cicada raises on purpose, as one tree (all importable from here).
 
     CicadaError                  base of every error raised on purpose
-    ├── ClientError              the call ended without outputs; the status says why
-    │   ├── Timeout              TIMEOUT from the coordinator, or no reply within the client's own
-    │   │                        timeout; `side` says which ("coordinator" or "client")
-    │   ├── Rejected             REJECTED: the priority's queue is full, or the caller is not
-    │   │                        allowed; back off (`retry_after` seconds, when it is said)
-    │   ├── Unavailable          UNAVAILABLE: nobody can serve the model now; `retry_after` seconds
-    │   ├── BadRequest           BAD_REQUEST: unknown model, inputs the model refuses, a malformed
-    │   │                        request (also raised before sending inputs that cannot travel)
-    │   └── Failed               FAILED: the model raised while running
-    ├── TransportError           the connection let the call down: a malformed reply, a send queue
-    │                            that is full (wraps a `ProtocolError` as __cause__)
+    ├── CallError                a call ended without outputs: `request_id`, `status`, `served_by`
+    │   ├── ClientError          the coordinator or a worker said why (the status)
+    │   │   ├── Timeout          TIMEOUT from the coordinator, or no reply within the client's
+    │   │   │                    own timeout; `side` says which ("coordinator" or "client")
+    │   │   ├── Rejected         REJECTED: the priority's queue is full, or the caller is not
+    │   │   │                    allowed; back off (`retry_after` seconds, when it is said)
+    │   │   ├── Unavailable      UNAVAILABLE: nobody can serve the model now; `retry_after` s
+    │   │   ├── BadRequest       BAD_REQUEST: unknown model, inputs the model refuses, a
+    │   │   │                    malformed request (also raised before sending inputs that
+    │   │   │                    cannot travel)
+    │   │   └── Failed           FAILED: the model raised while running
+    │   └── TransportError       the connection let the call down: a malformed reply, a send
+    │                            queue that is full (wraps a `ProtocolError` as __cause__)
     ├── ProtocolError            a frame or message does not follow docs/PROTOCOL.md
     ├── GenerationError          generation options or prompt unusable (also a ValueError;
     │                            a worker answers it BAD_REQUEST)
@@ -33,7 +35,7 @@
 The client's errors (`ClientError`, `TransportError`) are defined here; the rest live in
 `cicada.common.errors` (torch-free, so that every role can raise them) and are re-exported.
 
-A client error carries `request_id`, `status` (a `Status`; None where no status applies) and
+A `CallError` carries `request_id`, `status` (a `Status`; None where no status applies) and
 `served_by` (`{role, worker, variant}`, None when not known), and its message says what to do
 next. Programming mistakes (a bad argument, a closed client) raise ValueError/RuntimeError.
 """
@@ -64,6 +66,7 @@ from cicada.common.protocol import Reply, Status
 
 __all__ = [
     "BadRequest",
+    "CallError",
     "CicadaError",
     "ClientError",
     "ConfigError",
@@ -92,8 +95,8 @@ __all__ = [
 TimeoutSide = Literal["coordinator", "client"]
 
 
-class ClientError(CicadaError):
-    """A call ended with a status other than OK (or with no reply in time)."""
+class CallError(CicadaError):
+    """A call did not end with outputs; says which request, with which status, served where."""
 
     def __init__(
         self,
@@ -107,6 +110,10 @@ class ClientError(CicadaError):
         self.request_id = request_id
         self.status = status
         self.served_by = served_by
+
+
+class ClientError(CallError):
+    """A call ended with a status other than OK (or with no reply in time)."""
 
 
 class Timeout(ClientError):
@@ -167,21 +174,8 @@ class Failed(ClientError):
     """The model raised while running the request."""
 
 
-class TransportError(CicadaError):
+class TransportError(CallError):
     """The socket let the call down: a malformed reply, or a message that could not be queued."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        request_id: str | None = None,
-        status: Status | None = None,
-        served_by: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.request_id = request_id
-        self.status = status
-        self.served_by = served_by
 
 
 _ADVICE: dict[Status, str] = {

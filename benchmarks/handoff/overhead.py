@@ -50,7 +50,7 @@ from cicada.common.protocol import (
     encode,
 )
 from cicada.common.sockets import configure
-from cicada.errors import ClientError, TransportError
+from cicada.errors import CallError
 from cicada.testing import Stack, free_port
 
 # -- B: the coordinator's own cost -------------------------------------------------------------
@@ -374,7 +374,7 @@ async def _loadgen(
                 result = await client.invoke(IDENTITY_MODEL, x)
                 sent_ids.append(result.request_id)
                 statuses["OK"] += 1
-            except (ClientError, TransportError) as exc:
+            except CallError as exc:
                 sent_ids.append(exc.request_id or "")
                 statuses[exc.status.value if exc.status is not None else type(exc).__name__] += 1
             end = time.time()

@@ -95,7 +95,7 @@ def invoke(
     import numpy as np
 
     from cicada.client import Client
-    from cicada.errors import ClientError, TransportError
+    from cicada.errors import CallError
 
     inputs = []
     for path in input_paths:
@@ -132,7 +132,7 @@ def invoke(
             result = stream.result
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    except (ClientError, TransportError) as exc:
+    except CallError as exc:
         if as_json:
             status = exc.status.value if exc.status is not None else None
             failure = {"status": status, "error": str(exc), "request_id": exc.request_id,

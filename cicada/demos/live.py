@@ -117,7 +117,7 @@ async def _burst(
     t0: float,
     outputs: dict[int, list[Any]],
 ) -> None:
-    from cicada import AsyncClient, ClientError, TransportError
+    from cicada import AsyncClient, CallError
 
     rng = random.Random(seed)
     priorities = rng.choices(list(MIX), weights=[m[0] for m in MIX.values()], k=count)
@@ -141,7 +141,7 @@ async def _burst(
                 result.served_by.get("role", "?"),
                 result.served_by.get("variant", ""),
             )
-        except (ClientError, TransportError) as exc:
+        except CallError as exc:
             status = getattr(exc, "status", None)
             outcome = Outcome(
                 i,
