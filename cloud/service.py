@@ -61,7 +61,7 @@ class CloudWorkerConfig:
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     curve: CurveKeys | None = None
     health_port: int | None = None  # serve /ready and /healthz for orchestrators (Knative)
-    health_host: str = "0.0.0.0"
+    health_host: str = "127.0.0.1"  # loopback unless told (a pod's probes need 0.0.0.0)
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec) -> CloudWorkerConfig:
@@ -341,7 +341,9 @@ class CloudWorker:
         """/ready is 200 only once every stage is resident (a readiness probe that reflects
         residency); /healthz is 200 unless the load failed. JSON bodies carry the status."""
         import json
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
+
+        from cicada.common.httpd import serve_http
 
         worker = self
 
@@ -373,9 +375,8 @@ class CloudWorker:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # probes every few seconds would flood the log
 
-        server = ThreadingHTTPServer((host, port), Health)
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="cicada-health", daemon=True).start()
+        # Idle connections are closed after a timeout, and held in bounded number (httpd.py).
+        serve_http(host, port, Health, "cicada-health")
         log.info("health endpoint on http://%s:%d/ready", host, port)
 
     def _serve_pending(self) -> None:

@@ -17,13 +17,17 @@ handles and processes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import os
+import re
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -79,9 +83,127 @@ class WorkerSpec:
         if not isinstance(doc, dict):
             raise LaunchError("worker spec must be a map")
         try:
-            return cls(**doc)
+            spec = cls(**doc)
         except TypeError as exc:
             raise LaunchError(f"bad worker spec: {exc}") from None
+        return check_spec(spec)
+
+
+# -- what a spec from the wire may hold ------------------------------------------------------------
+
+# A worker's name becomes a file name (its log) and a label: letters, digits, '.', '_', '-',
+# starting with a letter or digit, never '..': no path separator can reach a file system call.
+WORKER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DEVICE = re.compile(r"[a-z]{2,16}(:[0-9]{1,4})?")  # cpu, cuda, cuda:1, mps, ...
+MAX_SPEC_STRING = 4096
+MAX_HEARTBEAT_S = 3600.0
+MAX_THREADS = 4096
+
+
+def check_worker_name(name: object) -> str:
+    if not isinstance(name, str) or not WORKER_NAME.fullmatch(name) or ".." in name:
+        raise LaunchError(
+            f"bad worker spec: name {name!r} must be 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def _has_type(value: object, kind: Any) -> bool:
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in (str, bool):
+        return isinstance(value, kind)
+    return True  # a type this check does not know: left to the field's own consumer
+
+
+def check_spec(spec: WorkerSpec) -> WorkerSpec:
+    """Refuse a spec whose fields have the wrong types or values out of range (a launch
+    request on the warm pool's socket, a Ray actor's argument): nothing is forked, nothing
+    written, for a nonsense spec. Returns the spec."""
+    hints = typing.get_type_hints(type(spec))
+    for f in dataclasses.fields(spec):
+        value = getattr(spec, f.name)
+        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        if not any(_has_type(value, k) for k in kinds):
+            wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise LaunchError(
+                f"bad worker spec: {f.name} must be {wanted}, not {type(value).__name__}"
+            )
+        if isinstance(value, str) and (len(value) > MAX_SPEC_STRING or "\x00" in value):
+            raise LaunchError(f"bad worker spec: {f.name} is too long or holds a NUL")
+    for required in ("model", "package", "coordinator"):
+        if not getattr(spec, required):
+            raise LaunchError(f"bad worker spec: {required} is empty")
+    check_worker_name(spec.name)
+    if not DEVICE.fullmatch(spec.device):
+        raise LaunchError(f"bad worker spec: device {spec.device!r} (cpu, cuda, cuda:N, ...)")
+    if not (math.isfinite(spec.heartbeat) and 0 < spec.heartbeat <= MAX_HEARTBEAT_S):
+        raise LaunchError(f"bad worker spec: heartbeat {spec.heartbeat!r} is not in (0, 3600]")
+    if spec.threads is not None and not 1 <= spec.threads <= MAX_THREADS:
+        raise LaunchError(f"bad worker spec: threads {spec.threads!r} is not in [1, 4096]")
+    return spec
+
+
+def worker_log_path(log_dir: str | Path, name: str) -> Path:
+    """`<log_dir>/<name>.log`, for a name that cannot leave `log_dir`."""
+    return Path(log_dir) / f"{check_worker_name(name)}.log"
+
+
+def open_log(path: Path) -> int:
+    """Open a log for appending, as a new file or an existing regular one: never through a
+    symbolic link planted at its name. Returns the descriptor."""
+    return os.open(
+        path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+    )
+
+
+# -- dying with the launcher ----------------------------------------------------------------------
+
+# A launcher that starts a process (the warm pool, a cold worker) puts its own pid here; the
+# process arms the parent-death signal against it (die_with_launcher).
+PARENT_PID_ENV = "CICADA_PARENT_PID"
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> bool:
+    """Linux: ask the kernel to send `sig` to this process when its parent exits, however it
+    exits (SIGKILL included): prctl(PR_SET_PDEATHSIG) through ctypes. Then make sure the parent
+    is still `parent`: had it died before the call, the signal would never come, so it is
+    sent now. The setting is per process, cleared in a fork's child (which arms its own), and
+    follows the parent *thread* that started the process. Returns False where it is not
+    available (not Linux): the caller polls os.getppid() instead, or nothing guards it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def die_with_launcher() -> int | None:
+    """In a process a launcher started: arm the parent-death signal against the launcher's pid
+    (PARENT_PID_ENV), and take the variable out of the environment so that this process's own
+    children do not inherit it. Returns that pid, or None when nobody launched this process
+    (started by hand, by systemd, by Knative)."""
+    value = os.environ.pop(PARENT_PID_ENV, "")
+    if not value.isdigit():
+        return None
+    die_with_parent(int(value))
+    return int(value)
+
+
+def launched_env() -> dict[str, str]:
+    """The environment for a process this one launches and that must die with it."""
+    return dict(os.environ, **{PARENT_PID_ENV: str(os.getpid())})
 
 
 class WorkerHandle(Protocol):
@@ -143,6 +265,7 @@ class ProcessLauncher:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
+                env=launched_env(),  # the worker dies with the coordinator, even on SIGKILL
             )
         except OSError as exc:
             raise LaunchError(f"cannot start a worker for {spec.model}: {exc}") from None
@@ -163,8 +286,12 @@ class ProcessLauncher:
 def _log_file(spec: WorkerSpec) -> Any:
     if not spec.log_dir:
         return subprocess.DEVNULL
+    path = worker_log_path(spec.log_dir, spec.name)
     Path(spec.log_dir).mkdir(parents=True, exist_ok=True)
-    return open(Path(spec.log_dir) / f"{spec.name}.log", "ab")
+    try:
+        return os.fdopen(open_log(path), "ab")
+    except OSError as exc:
+        raise LaunchError(f"cannot open the log {path}: {exc}") from None
 
 
 # -- warm pool -----------------------------------------------------------------------------------
@@ -196,17 +323,28 @@ def write_frame(s: socket.socket, doc: dict[str, Any]) -> None:
 
 
 def read_frame(s: socket.socket) -> dict[str, Any]:
-    head = _recv_exact(s, 4)
+    return unpack_frame(_recv_exact(s, frame_size(_recv_exact(s, 4))))
+
+
+def frame_size(head: bytes) -> int:
+    """The body's size from a frame's 4-byte head, refused beyond MAX_POOL_MESSAGE."""
     (size,) = struct.unpack("<I", head)
     if size > MAX_POOL_MESSAGE:
         raise LaunchError(f"pool message of {size} bytes exceeds {MAX_POOL_MESSAGE}")
-    doc = msgpack.unpackb(
-        _recv_exact(s, size),
-        raw=False,
-        max_str_len=MAX_POOL_MESSAGE,
-        max_array_len=256,
-        max_map_len=256,
-    )
+    return int(size)
+
+
+def unpack_frame(body: bytes) -> dict[str, Any]:
+    try:
+        doc = msgpack.unpackb(
+            body,
+            raw=False,
+            max_str_len=MAX_POOL_MESSAGE,
+            max_array_len=256,
+            max_map_len=256,
+        )
+    except (ValueError, TypeError) as exc:  # msgpack's errors are ValueErrors
+        raise LaunchError(f"pool message is not msgpack: {exc}") from None
     if not isinstance(doc, dict):
         raise LaunchError("pool message is not a map")
     return doc
@@ -266,12 +404,15 @@ class PoolLauncher:
                 else subprocess.DEVNULL
             )
             preload = [arg for package in self.preload for arg in ("--preload", package)]
+            logs = ["--log-dir", self.log_dir] if self.log_dir else []
             self._pool = subprocess.Popen(
-                [sys.executable, "-m", "cicada", "pool", "--socket", self.socket_path, *preload],
+                [sys.executable, "-m", "cicada", "pool", "--socket", self.socket_path,
+                 *preload, *logs],
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-            )
+                env=launched_env(),  # the pool (and its workers) die with this process
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:
             try:

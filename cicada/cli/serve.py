@@ -205,16 +205,34 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
     help="A package whose model code to import ahead too (e.g. transformers and the model's "
     "class, ~2.5 s a worker would pay); repeatable.",
 )
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the forked workers' logs (NAME.log); a launch request naming another "
+    "folder is refused. Without it the workers log nowhere.",
+)
 @click.option("--log-level", default="info", show_default=True)
-def pool(socket_path: Path, preload_packages: tuple[Path, ...], log_level: str) -> None:
+def pool(
+    socket_path: Path, preload_packages: tuple[Path, ...], log_dir: Path | None, log_level: str
+) -> None:
     """Run a warm pool: import torch once, then fork a cloud worker per launch request.
 
     Started by `cicada coordinator` when its config says launcher = "pool" (it preloads the
-    code of every configured model's package)."""
+    code of every configured model's package); the pool and its workers then die with the
+    coordinator, even when it is killed."""
+    from cicada.common.launch import die_with_launcher
+
+    parent = die_with_launcher()
     setup_logging(log_level)
     from cicada.cloud.warm_pool import serve_pool
 
-    serve_pool(str(socket_path), [str(p) for p in preload_packages])
+    serve_pool(
+        str(socket_path),
+        [str(p) for p in preload_packages],
+        log_dir=str(log_dir) if log_dir else None,
+        parent=parent,
+    )
 
 
 @click.command()
@@ -321,6 +339,12 @@ def edge(
     help="Serve GET /ready (200 once every stage is resident) and /healthz on this "
     "port, for orchestrators' probes (Knative, Kubernetes).",
 )
+@click.option(
+    "--health-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the health endpoint binds; in a pod probed by the kubelet, 0.0.0.0.",
+)
 @curve_options
 @click.option("--log-level", default="info", show_default=True)
 def cloud(
@@ -332,6 +356,7 @@ def cloud(
     name: str,
     heartbeat: float,
     health_port: int | None,
+    health_host: str,
     curve_key: Path | None,
     server_key: Path | None,
     log_level: str,
@@ -340,6 +365,9 @@ def cloud(
 
     It registers while still cold, reports residency as stages arrive, serves requests while
     loading (they start on resident stages) and drains cleanly on SIGTERM."""
+    from cicada.common.launch import die_with_launcher
+
+    die_with_launcher()  # launched by a coordinator: die with it
     setup_logging(log_level)
     keys = curve_keys(curve_key, server_key)
     from cicada.cloud.service import CloudWorker, CloudWorkerConfig
@@ -356,6 +384,7 @@ def cloud(
                 heartbeat_interval=heartbeat,
                 curve=keys,
                 health_port=health_port,
+                health_host=health_host,
             )
         )
     except CicadaError as exc:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -240,7 +241,7 @@ class Lifecycle:
         return backoff
 
     def _launch(self, lc: ModelLifecycle, coord: Coordinator, now: float) -> None:
-        name = f"{lc.name}-cloud-{next(self._seq)}"
+        name = f"{_name_part(lc.name)}-cloud-{next(self._seq)}"
         spec = self.spec_for(lc.name, lc.config, name)
         try:
             handle = self.launcher.launch(spec)
@@ -272,6 +273,13 @@ class Lifecycle:
             }
             for name, lc in self.models.items()
         }
+
+
+def _name_part(model: str) -> str:
+    """A model name as the start of a worker name, which launchers use as a file name (its
+    log) and refuse with anything but letters, digits, '.', '_' and '-' (no '..')."""
+    part = re.sub(r"[^A-Za-z0-9._-]|\.(?=\.)", "_", model)[:100]
+    return part if part[:1].isalnum() else f"m{part}"
 
 
 class _NoWorkerType:

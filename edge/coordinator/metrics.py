@@ -1,12 +1,15 @@
-"""Coordinator metrics on a Prometheus endpoint (prometheus_client: the exposition format,
-histograms and an HTTP server we would otherwise write by hand)."""
+"""Coordinator metrics on a Prometheus endpoint (prometheus_client: the exposition format and
+histograms we would otherwise write by hand), served by common/httpd.py: idle connections are
+closed after a timeout and held in bounded number, not a thread each."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+
+from cicada.common.httpd import serve_wsgi
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
@@ -126,5 +129,5 @@ class CoordinatorMetrics:
         self._worker_names = names
 
     def serve(self, host: str, port: int) -> Any:
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return server
+        """Serve /metrics on HOST:PORT until the returned server's shutdown()."""
+        return serve_wsgi(host, port, make_wsgi_app(self.registry), "cicada-metrics")

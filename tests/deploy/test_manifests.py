@@ -244,6 +244,8 @@ def test_knative_service_scales_to_zero_on_a_gpu_and_is_ready_when_resident(item
     assert (
         str(probe["port"]) == str(given["--health-port"]) == str(c["ports"][0]["containerPort"])
     ), "probe port, --health-port and containerPort must agree"
+    # The endpoint binds loopback unless told; the kubelet probes the pod's IP.
+    assert given.get("--health-host") == "0.0.0.0", "--health-host 0.0.0.0: probes reach it"
     assert given["--device"] == "cuda"
 
 

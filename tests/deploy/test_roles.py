@@ -233,6 +233,8 @@ def cloud_args(stack: Stack, keys: Path, tiny_package: dict[str, Path]) -> list[
         args = set_option(args, "--device", "cpu")
     if "--health-port" in args:  # Knative's 8080 may be taken here: the same endpoint elsewhere
         args = set_option(args, "--health-port", str(free_port()))
+    if "--health-host" in args:  # the pod's 0.0.0.0 is this machine's every address: loopback
+        args = set_option(args, "--health-host", "127.0.0.1")
     return ["cloud", *drop_proposed("cloud", args), "--heartbeat", str(stack.heartbeat)]
 
 
