@@ -110,8 +110,7 @@ def coordinator(
     With --config it also runs the serverless lifecycle: the first request for a configured
     model launches a cloud worker, idle workers drain and stop after their keep-alive."""
     setup_logging(log_level)
-    from cicada.edge.coordinator.access import WorkerKeys
-    from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
+    from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig, WorkerKeys
 
     try:
         bound = [WorkerKeys.parse(value) for value in worker_keys]

@@ -759,4 +759,4 @@ def _after_dispatch(view: SideView, was_queued: bool) -> SideView:
     )
 
 
-__all__ = ["Coordinator", "CoordinatorConfig", "RawTensor"]
+__all__ = ["Coordinator", "CoordinatorConfig", "RawTensor", "WorkerKeys"]
