@@ -31,14 +31,13 @@ from typing import Any, TypeVar
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
-from cicada.common.errors import CicadaError
+from cicada.common.errors import CicadaError, RegistrationRefused
 from cicada.common.generation import GenerationError, GenerationRequest, generate, limits_of
 from cicada.common.inputs import InputError, InputLimits
 from cicada.common.launch import WorkerSpec
 from cicada.common.protocol import Dispatch, Result, Role, Status, WorkerState
 from cicada.common.sockets import CurveKeys
 from cicada.common.text import TextError, inputs_for, load_tokenizer
-from cicada.common.errors import RegistrationRefused
 from cicada.common.worker import (
     EXIT_REFUSED,
     RuntimeConfig,

@@ -404,7 +404,8 @@ def _count_problem(field_name: str, value: int, low: int, high: int) -> tuple[st
 
 def _estimate_problem(field_name: str, value: float | None) -> tuple[str, str] | None:
     if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_ESTIMATE_S):
-        return field_name, f"{field_name} {value} is not a finite number in 0 ... {MAX_ESTIMATE_S:g}"
+        why = f"{field_name} {value} is not a finite number in 0 ... {MAX_ESTIMATE_S:g}"
+        return field_name, why
     return None
 
 

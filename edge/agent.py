@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
+from cicada.common.errors import RegistrationRefused
 from cicada.common.generation import (
     GenerationError,
     GenerationRequest,
@@ -30,7 +31,6 @@ from cicada.common.generation import (
 from cicada.common.protocol import Dispatch, Result, Role, Status
 from cicada.common.sockets import CurveKeys
 from cicada.common.text import TextError, inputs_for, load_tokenizer
-from cicada.common.errors import RegistrationRefused
 from cicada.common.worker import (
     EXIT_REFUSED,
     RuntimeConfig,

@@ -33,6 +33,7 @@ from cicada.common.defaults import (
     PRIORITIES,
     QUEUE_LIMIT,
 )
+from cicada.common.errors import ConfigError
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
@@ -55,7 +56,6 @@ from cicada.common.protocol import (
     unpack_body,
     worker_report_problem,
 )
-from cicada.common.errors import ConfigError
 from cicada.common.sockets import configure
 from cicada.edge.coordinator.access import NO_GRANT, Access, Grant, WorkerKeys, loopback_only
 from cicada.edge.coordinator.lifecycle import Lifecycle
@@ -719,9 +719,7 @@ _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _COPIED_FRAMES = 4  # identity, signature, command, body
 
 
-def _recv_frames(
-    sock: zmq.Socket[bytes], user_id: bool = False
-) -> tuple[list[Any], str | None]:
+def _recv_frames(sock: zmq.Socket[bytes], user_id: bool = False) -> tuple[list[Any], str | None]:
     """One message, without blocking (zmq.Again if none): the identity, signature, command and
     body frames as bytes (small; the body is unpacked from bytes anyway), tensor frames as
     zero-copy buffers, which are forwarded as they are. (recv_multipart(copy=False) made a
