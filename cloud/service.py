@@ -31,14 +31,20 @@ from typing import Any, TypeVar
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
-from cicada.common.errors import CicadaError
+from cicada.common.errors import CicadaError, RegistrationRefused
 from cicada.common.generation import GenerationError, GenerationRequest, generate, limits_of
 from cicada.common.inputs import InputError, InputLimits
 from cicada.common.launch import WorkerSpec
 from cicada.common.protocol import Dispatch, Result, Role, Status, WorkerState
 from cicada.common.sockets import CurveKeys
 from cicada.common.text import TextError, inputs_for, load_tokenizer
-from cicada.common.worker import RuntimeConfig, Stream, WorkerRuntime, WorkerStatus
+from cicada.common.worker import (
+    EXIT_REFUSED,
+    RuntimeConfig,
+    Stream,
+    WorkerRuntime,
+    WorkerStatus,
+)
 
 log = logging.getLogger("cicada.cloud")
 T = TypeVar("T")
@@ -288,7 +294,8 @@ class CloudWorker:
 
     def serve_forever(self) -> int:
         """Register, load, serve until SIGTERM. Returns the process exit code: 0 after a
-        drain, EXIT_LOAD_FAILED, or EXIT_SERVING_FAILED if the serving loop died."""
+        drain, EXIT_LOAD_FAILED, EXIT_SERVING_FAILED if the serving loop died, or EXIT_REFUSED
+        if the coordinator refused the registration."""
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -326,6 +333,8 @@ class CloudWorker:
                     return self._give_up(self.failed, EXIT_LOAD_FAILED)
                 continue
             self._serve_one(dispatch, deadline, stream, done)
+        if isinstance(self.runtime.error, RegistrationRefused):  # registering again: refused
+            return self._give_up(self.runtime.error, EXIT_REFUSED)
         if self.runtime.error is not None:  # its I/O thread died: nothing can be answered
             return self._give_up(
                 CicadaError(f"the worker's I/O thread died ({self.runtime.error})"),

@@ -79,6 +79,16 @@ class LaunchError(CicadaError):
     """A worker could not be started."""
 
 
+class RegistrationRefused(CicadaError):
+    """The coordinator refused this worker's READY (or a HEARTBEAT): a field outside its
+    bounds, or a role or model its key is not bound to. The worker must not register again."""
+
+    def __init__(self, refused: str, reason: str) -> None:
+        super().__init__(f"the coordinator refused the registration ({refused}): {reason}")
+        self.refused = refused
+        self.reason = reason
+
+
 class EdgeModelError(CicadaError):
     """An edge model cannot be loaded, or was given inputs it does not take."""
 

@@ -30,6 +30,14 @@ SIGNATURE = b"CCD1"
 PROTOCOL_VERSION = 1
 MAX_TIMEOUT_MS = 86_400_000  # a budget beyond a day is a mistake, not a deadline
 
+# Bounds of what a worker reports in READY and HEARTBEAT (section 4): a registration that
+# oversteps one is refused, naming the field.
+MAX_MODELS_PER_WORKER = 16
+MAX_NAME_LEN = 256  # worker, model and variant names (they become metric labels)
+MAX_CAPACITY = 1024
+MAX_STAGES = 1 << 20
+MAX_ESTIMATE_S = 86_400.0  # eta_s, compute_s: finite, 0 ... one day
+
 
 class Command(enum.IntEnum):
     REQUEST = 0x01  # client -> coordinator
@@ -287,12 +295,18 @@ class Heartbeat(Message):
     total_stages: int = 0
     eta_s: float | None = None
     compute_s: float | None = None
+    # From the coordinator, in answer to a READY: the registration was accepted.
+    registered: bool | None = None
 
 
 @dataclass
 class Disconnect(Message):
+    """Leaving, or "register again". With `refused` (from the coordinator): the READY or
+    HEARTBEAT was refused because of that field; the worker MUST NOT register again."""
+
     command: ClassVar[Command] = Command.DISCONNECT
     reason: str = ""
+    refused: str | None = None
 
 
 @dataclass
@@ -343,7 +357,8 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "models": (list, False), "variant": (str, True), "capacity": (int, True),
     "state": (str, True), "resident_stages": (int, True), "total_stages": (int, True),
     "eta_s": ((int, float), True), "compute_s": ((int, float), True), "inflight": (int, True),
-    "load": ((int, float), True), "reason": (str, True),
+    "load": ((int, float), True), "reason": (str, True), "registered": (bool, True),
+    "refused": (str, True),
 }  # fmt: skip
 _ENUMS: dict[str, type[enum.Enum]] = {"status": Status, "role": Role, "state": WorkerState}
 # Enum member by value: a dict lookup instead of EnumType.__call__ (~1 us each).
@@ -371,6 +386,58 @@ def _check_timings(value: dict[Any, Any]) -> None:
         for k, v in value.items()
     ):
         raise ProtocolError("field 'timings' must map names to numbers")
+
+
+def _name_problem(field_name: str, value: str, empty_ok: bool = True) -> tuple[str, str] | None:
+    if len(value) > MAX_NAME_LEN:
+        return field_name, f"{field_name} longer than {MAX_NAME_LEN} characters"
+    if not value and not empty_ok:
+        return field_name, f"{field_name} is empty"
+    return None
+
+
+def _count_problem(field_name: str, value: int, low: int, high: int) -> tuple[str, str] | None:
+    if not low <= value <= high:
+        return field_name, f"{field_name} {value} is outside {low} ... {high}"
+    return None
+
+
+def _estimate_problem(field_name: str, value: float | None) -> tuple[str, str] | None:
+    if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_ESTIMATE_S):
+        why = f"{field_name} {value} is not a finite number in 0 ... {MAX_ESTIMATE_S:g}"
+        return field_name, why
+    return None
+
+
+def worker_report_problem(message: Ready | Heartbeat) -> tuple[str, str] | None:
+    """The first field of a worker's READY or HEARTBEAT outside its bounds, as (field, why);
+    None when every field is within them (section 4)."""
+    if isinstance(message, Ready):
+        n = len(message.models)
+        problem = (
+            _name_problem("worker", message.worker)
+            or _name_problem("variant", message.variant)
+            or _count_problem("models", n, 1, MAX_MODELS_PER_WORKER)
+            or _count_problem("capacity", message.capacity, 1, MAX_CAPACITY)
+        )
+        if problem:
+            return problem
+        for model in message.models:
+            problem = _name_problem("models", model, empty_ok=False)
+            if problem:
+                return problem
+    else:
+        problem = _count_problem("inflight", message.inflight, 0, MAX_CAPACITY) or (
+            _estimate_problem("load", message.load)
+        )
+        if problem:
+            return problem
+    return (
+        _count_problem("resident_stages", message.resident_stages, 0, MAX_STAGES)
+        or _count_problem("total_stages", message.total_stages, 0, MAX_STAGES)
+        or _estimate_problem("eta_s", message.eta_s)
+        or _estimate_problem("compute_s", message.compute_s)
+    )
 
 
 # Checks beyond the type, by field name (run on every decode).

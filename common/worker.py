@@ -11,13 +11,17 @@ from the coordinator ("unknown peer", e.g. after it restarted) triggers the same
 
 Every dispatch accepted ends in one RESULT, whatever the handler raises (FAILED). Should the
 I/O thread itself die, `error` says why and `stopped` is set: the worker must then exit (it can
-no longer answer anything), never linger registered.
+no longer answer anything), never linger registered. A READY the coordinator refuses (DISCONNECT
+with `refused`: a field out of bounds, or a role or model this key is not bound to) ends the
+runtime the same way, with `error` a `RegistrationRefused`: registering again would be refused
+again, so the worker exits non-zero instead of looping.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
@@ -31,8 +35,10 @@ import numpy as np
 import zmq
 
 from cicada.common.defaults import HEARTBEAT_INTERVAL_S, LIVENESS
+from cicada.common.errors import RegistrationRefused
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
+    MAX_ESTIMATE_S,
     Cancel,
     Disconnect,
     Dispatch,
@@ -51,6 +57,8 @@ from cicada.common.protocol import (
 from cicada.common.sockets import CurveKeys, apply_curve_client, configure
 
 log = logging.getLogger("cicada.worker")
+
+EXIT_REFUSED = 5  # the coordinator refused the registration: the process exits with this
 
 
 class Stream:
@@ -186,8 +194,8 @@ class WorkerRuntime:
             state=WorkerState.DRAINING if self.draining.is_set() else s.state,
             resident_stages=s.resident_stages,
             total_stages=s.total_stages,
-            eta_s=s.eta_s,
-            compute_s=self._compute_ema if self._compute_ema is not None else s.compute_s,
+            eta_s=_estimate(s.eta_s),
+            compute_s=_estimate(s.compute_s if self._compute_ema is None else self._compute_ema),
         )
 
     def _heartbeat(self) -> Heartbeat:
@@ -198,8 +206,8 @@ class WorkerRuntime:
             load=self.load(),
             resident_stages=s.resident_stages,
             total_stages=s.total_stages,
-            eta_s=s.eta_s,
-            compute_s=self._compute_ema if self._compute_ema is not None else s.compute_s,
+            eta_s=_estimate(s.eta_s),
+            compute_s=_estimate(s.compute_s if self._compute_ema is None else self._compute_ema),
         )
 
     @staticmethod
@@ -216,6 +224,9 @@ class WorkerRuntime:
     def _loop(self) -> None:
         try:
             self._serve()
+        except RegistrationRefused as exc:
+            log.error("%s; exiting", exc)
+            self.error = exc
         except BaseException as exc:
             log.exception("the worker's I/O thread died")
             self.error = exc
@@ -281,6 +292,8 @@ class WorkerRuntime:
             log.warning("dropping malformed message from the coordinator: %s", exc)
             return False
         if isinstance(message, Disconnect):
+            if message.refused:
+                raise RegistrationRefused(message.refused, message.reason)
             return True
         if isinstance(message, Heartbeat):
             self.registered.set()
@@ -363,3 +376,11 @@ class WorkerRuntime:
             if isinstance(message, Result):
                 with self._lock:
                     self._inflight -= 1
+
+
+def _estimate(value: float | None) -> float | None:
+    """A seconds estimate as the protocol takes it: finite, 0 ... MAX_ESTIMATE_S (an unknown
+    one, e.g. a load rate of zero so far, travels as nil)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return min(max(0.0, value), MAX_ESTIMATE_S)

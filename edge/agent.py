@@ -20,6 +20,7 @@ import numpy as np
 import psutil
 
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
+from cicada.common.errors import RegistrationRefused
 from cicada.common.generation import (
     GenerationError,
     GenerationRequest,
@@ -30,7 +31,13 @@ from cicada.common.generation import (
 from cicada.common.protocol import Dispatch, Result, Role, Status
 from cicada.common.sockets import CurveKeys
 from cicada.common.text import TextError, inputs_for, load_tokenizer
-from cicada.common.worker import RuntimeConfig, Stream, WorkerRuntime, WorkerStatus
+from cicada.common.worker import (
+    EXIT_REFUSED,
+    RuntimeConfig,
+    Stream,
+    WorkerRuntime,
+    WorkerStatus,
+)
 from cicada.edge.onnx_model import EdgeModel, EdgeModelError
 
 log = logging.getLogger("cicada.edge")
@@ -121,8 +128,10 @@ class EdgeAgent:
             timings={"tokens": float(len(out.tokens))},
         )
 
-    def serve_forever(self) -> None:
-        """Run until SIGTERM/SIGINT, then drain (finish what runs, say DISCONNECT)."""
+    def serve_forever(self) -> int:
+        """Run until SIGTERM/SIGINT, then drain (finish what runs, say DISCONNECT). Returns
+        the exit code: 0, EXIT_REFUSED if the coordinator refused the registration, 4 if the
+        runtime's I/O thread died."""
         stop = threading.Event()
 
         def on_signal(signum: int, frame: object) -> None:
@@ -141,6 +150,9 @@ class EdgeAgent:
         )
         while not stop.wait(0.2):
             if self.runtime.stopped.is_set():
-                return
+                if isinstance(self.runtime.error, RegistrationRefused):
+                    return EXIT_REFUSED
+                return 0 if self.runtime.error is None else 4
         self.runtime.drain()
         self.runtime.join(10)
+        return 0

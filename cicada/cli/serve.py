@@ -29,7 +29,8 @@ from cicada.common.errors import CicadaError
     "--bind",
     default=DEFAULT_ADDRESS,
     show_default=True,
-    help="ROUTER endpoint. Without CURVE keys keep it on loopback or a private net.",
+    help="ROUTER endpoint. Without CURVE keys only loopback (or ipc://) is accepted, "
+    "unless --insecure.",
 )
 @click.option(
     "--metrics",
@@ -59,9 +60,27 @@ from cicada.common.errors import CicadaError
 )
 @click.option(
     "--allow",
+    "--clients",
     "allow_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Directory of public keys (*.key) allowed to connect (with --curve-secret).",
+    help="Directory of client public keys (*.key): they may send requests and cancel "
+    "them, nothing else (with --curve-secret).",
+)
+@click.option(
+    "--worker-keys",
+    "worker_keys",
+    multiple=True,
+    metavar="ROLE:MODEL[,MODEL...]:PATH",
+    help="Public keys (a directory of *.key files, or one file) that may register as ROLE "
+    "(edge or cloud) for those models only, e.g. edge:gpt2:/etc/cicada/curve-edge "
+    "(repeatable; with --curve-secret).",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    default=False,
+    help="Allow a non-loopback --bind without CURVE: anyone who reaches the port can "
+    "then register as a worker and read requests. Only on a network you trust.",
 )
 @click.option("--log-level", default="info", show_default=True)
 @click.option(
@@ -81,6 +100,8 @@ def coordinator(
     queue_limit: int,
     curve_secret: Path | None,
     allow_dir: Path | None,
+    worker_keys: tuple[str, ...],
+    insecure: bool,
     log_level: str,
     config_path: Path | None,
 ) -> None:
@@ -89,8 +110,12 @@ def coordinator(
     With --config it also runs the serverless lifecycle: the first request for a configured
     model launches a cloud worker, idle workers drain and stop after their keep-alive."""
     setup_logging(log_level)
-    from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
+    from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig, WorkerKeys
 
+    try:
+        bound = [WorkerKeys.parse(value) for value in worker_keys]
+    except CicadaError as exc:
+        raise click.BadParameter(str(exc), param_hint="--worker-keys") from None
     file = None
     if config_path is not None:
         from cicada.edge.coordinator.config import load_config
@@ -110,13 +135,25 @@ def coordinator(
         heartbeat = pick("heartbeat", heartbeat, c.heartbeat)
         queue_limit = pick("queue_limit", queue_limit, c.queue_limit)
         curve_secret = pick("curve_secret", curve_secret, c.curve_secret)
-        allow_dir = pick("allow_dir", allow_dir, c.allow)
+        allow_dir = pick("allow_dir", allow_dir, c.clients)
+        insecure = insecure or c.insecure
+        if not worker_keys:
+            bound = [WorkerKeys.of(w.role, w.models, w.keys) for w in c.workers]
     metrics_bind = None
     if metrics != "off":
         host, _, port = metrics.rpartition(":")
         metrics_bind = (host or "127.0.0.1", int(port))
-    if curve_secret is not None and allow_dir is None:
-        raise click.UsageError("--curve-secret needs --allow DIR (the allow-list of public keys)")
+    if curve_secret is None and (allow_dir is not None or bound):
+        raise click.UsageError("--allow and --worker-keys need --curve-secret (CURVE)")
+    launched = None
+    if curve_secret is not None and file is not None and file.models:
+        launched = _launched_keys(file, curve_secret)
+        # The launched workers' key may register as cloud for the models it is launched for.
+        bound.append(WorkerKeys.of("cloud", list(file.models), launched[0]))
+    if curve_secret is not None and allow_dir is None and not bound:
+        raise click.UsageError(
+            "--curve-secret needs keys to admit: --allow DIR (clients) and/or --worker-keys"
+        )
     config = CoordinatorConfig(
         bind=bind,
         heartbeat_interval=heartbeat,
@@ -124,12 +161,17 @@ def coordinator(
         metrics_bind=metrics_bind,
         curve_secret_file=curve_secret,
         curve_allow_dir=allow_dir,
+        worker_keys=bound,
+        insecure=insecure,
     )
     node = Coordinator(config)
-    endpoint = node.bind()
+    try:
+        endpoint = node.bind()
+    except CicadaError as exc:
+        raise click.ClickException(str(exc)) from None
     if file is not None and file.models:
         try:
-            node.lifecycle = _lifecycle(file, endpoint, heartbeat)
+            node.lifecycle = _lifecycle(file, endpoint, heartbeat, launched)
         except CicadaError as exc:  # e.g. the warm pool or the Ray cluster is unreachable
             node.close()
             raise click.ClickException(str(exc)) from None
@@ -145,9 +187,30 @@ def coordinator(
         node.serve_forever()
 
 
-def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
+def _launched_keys(file: Any, curve_secret: Path) -> tuple[Path, Path]:
+    """(the launched workers' key pair file, the coordinator's public key file) for a CURVE
+    coordinator that launches its own cloud workers: without them none could register."""
+    c = file.coordinator
+    if c.worker_key is None:
+        raise click.UsageError(
+            "CURVE is on and the config launches cloud workers: set coordinator.worker_key "
+            "(a key pair from `cicada keys`) so that they can register"
+        )
+    server = c.server_key
+    if server is None:  # `cicada keys` writes NAME.key beside NAME.key_secret
+        server = curve_secret.with_name(curve_secret.name.removesuffix("_secret"))
+    for path, what in ((c.worker_key, "coordinator.worker_key"), (server, "server_key")):
+        if not path.is_file():
+            raise click.UsageError(f"{what}: {path} does not exist")
+    return c.worker_key, server
+
+
+def _lifecycle(
+    file: Any, endpoint: str, heartbeat: float, keys: tuple[Path, Path] | None = None
+) -> Any:
     """Wire the configured launcher into a Lifecycle (this CLI is the composition root: the
-    coordinator itself only knows the Launcher interface)."""
+    coordinator itself only knows the Launcher interface). `keys`: the launched workers' CURVE
+    key pair and the coordinator's public key, handed to every worker it launches."""
     import tempfile
 
     from cicada.common.launch import PoolLauncher, ProcessLauncher, WorkerSpec
@@ -183,6 +246,8 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
             device=cfg.device,
             threads=cfg.threads,
             heartbeat=heartbeat,
+            curve_key=str(keys[0]) if keys else None,
+            server_key=str(keys[1]) if keys else None,
             log_dir=log_dir,
         )
 
@@ -314,7 +379,7 @@ def edge(
         )
     except CicadaError as exc:
         raise click.ClickException(str(exc)) from None
-    agent.serve_forever()
+    sys.exit(agent.serve_forever())
 
 
 @click.command()

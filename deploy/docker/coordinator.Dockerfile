@@ -7,8 +7,13 @@
 #
 #   docker build -f deploy/docker/coordinator.Dockerfile -t cicada/coordinator:0.1.0 .
 #
-# Ports: 5555 (ZeroMQ ROUTER, CCD/1) and 9464 (Prometheus /metrics). Without CURVE keys
-# (--curve-secret, --allow) publish 5555 on a private network only.
+# Ports: 5555 (ZeroMQ ROUTER, CCD/1) and 9464 (Prometheus /metrics). The default command runs
+# CURVE (docs/PROTOCOL.md section 10) with keys mounted as in deploy/k8s/coordinator.yaml:
+# /etc/cicada/curve/coordinator.key_secret, client public keys in /etc/cicada/curve-clients,
+# edge and cloud workers' public keys (bound to gpt2) in /etc/cicada/curve-edge and
+# /etc/cicada/curve-cloud; without them it exits. Other models: pass your own
+# --worker-keys ROLE:MODEL:DIR. Plain TCP on 0.0.0.0 takes an explicit --insecure (only on a
+# private network), as deploy/compose.yaml does.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE}
 
@@ -46,4 +51,8 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=5s --retries=3 \
     CMD ["cicada", "status", "--json", "--metrics", "http://127.0.0.1:9464/metrics"]
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["tini", "--", "cicada", "coordinator"]
-CMD ["--bind", "tcp://0.0.0.0:5555", "--metrics", "0.0.0.0:9464"]
+CMD ["--bind", "tcp://0.0.0.0:5555", "--metrics", "0.0.0.0:9464", \
+     "--curve-secret", "/etc/cicada/curve/coordinator.key_secret", \
+     "--allow", "/etc/cicada/curve-clients", \
+     "--worker-keys", "edge:gpt2:/etc/cicada/curve-edge", \
+     "--worker-keys", "cloud:gpt2:/etc/cicada/curve-cloud"]

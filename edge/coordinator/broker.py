@@ -15,11 +15,12 @@ Methods are named for intent, after the Majordomo broker: `dispatch` routes queu
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from cicada.common.defaults import (
     PRIORITIES,
     QUEUE_LIMIT,
 )
+from cicada.common.errors import ConfigError
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
@@ -52,8 +54,10 @@ from cicada.common.protocol import (
     decode,
     encode,
     unpack_body,
+    worker_report_problem,
 )
 from cicada.common.sockets import configure
+from cicada.edge.coordinator.access import NO_GRANT, Access, Grant, WorkerKeys, loopback_only
 from cicada.edge.coordinator.lifecycle import Lifecycle
 from cicada.edge.coordinator.metrics import CoordinatorMetrics
 from cicada.edge.coordinator.policy import (
@@ -81,7 +85,10 @@ class CoordinatorConfig:
     network_s: float = DEFAULT_NETWORK_S
     metrics_bind: tuple[str, int] | None = None  # ("127.0.0.1", 9464) serves /metrics
     curve_secret_file: Path | None = None  # coordinator's .key_secret: turns CURVE on
-    curve_allow_dir: Path | None = None  # directory of allowed public keys (.key files)
+    curve_allow_dir: Path | None = None  # client public keys (.key files): REQUEST/CANCEL only
+    # Worker public keys, each bound to a role and models (see access.py).
+    worker_keys: list[WorkerKeys] = field(default_factory=list)
+    insecure: bool = False  # allow a non-loopback bind without CURVE
     limits: Limits = DEFAULT_LIMITS
 
 
@@ -105,6 +112,7 @@ class Coordinator:
         self.endpoint = ""
         self._sock: zmq.Socket[bytes] | None = None
         self._auth: Any = None
+        self.access: Access | None = None  # None: no CURVE, every peer may do everything
         self._metrics_server: Any = None
         self.lifecycle: Lifecycle | None = None  # set to launch/stop cloud workers on demand
 
@@ -129,6 +137,13 @@ class Coordinator:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         if self.config.curve_secret_file is not None:
             self._enable_curve(ctx, sock)
+        elif not self.config.insecure and not loopback_only(self.config.bind):
+            sock.close(linger=0)
+            raise ConfigError(
+                f"refusing to bind {self.config.bind} without CURVE: anyone who can reach it "
+                "could register as a worker and read other clients' requests. Give CURVE keys "
+                "(--curve-secret, --allow, --worker-keys), bind loopback, or pass --insecure"
+            )
         if self.config.bind.endswith(":0"):
             port = sock.bind_to_random_port(self.config.bind.rsplit(":", 1)[0])
             self.endpoint = f"{self.config.bind.rsplit(':', 1)[0]}:{port}"
@@ -148,11 +163,14 @@ class Coordinator:
         public, secret = zmq.auth.load_certificate(str(self.config.curve_secret_file))
         if secret is None:
             raise ValueError(f"{self.config.curve_secret_file} holds no secret key")
-        if self.config.curve_allow_dir is None:
-            raise ValueError("CURVE needs an allow-list directory of public keys")
+        if self.config.curve_allow_dir is None and not self.config.worker_keys:
+            raise ValueError("CURVE needs public keys to allow: clients, workers or both")
+        # Every key is bound to what it may do; ZAP admits the keys bound to anything and
+        # tags each message with its key (User-Id), which `handle` checks against the grant.
+        self.access = Access.load(self.config.curve_allow_dir, self.config.worker_keys)
         self._auth = ThreadAuthenticator(ctx)
         self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(self.config.curve_allow_dir))
+        self._auth.configure_curve_callback(domain="*", credentials_provider=self.access)
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
@@ -166,6 +184,7 @@ class Coordinator:
         poller.register(sock, zmq.POLLIN)
         interval = self.config.heartbeat_interval
         next_beat = self.clock() + interval
+        curve = self.access is not None
         self.ready.set()
         try:
             while not self.stop_event.is_set():
@@ -175,11 +194,11 @@ class Coordinator:
                     # Drain what is there before doing the bookkeeping once.
                     for _ in range(256):
                         try:
-                            frames = _recv_frames(sock)
+                            frames, user = _recv_frames(sock, curve)
                         except zmq.Again:
                             break
                         try:
-                            self.handle(frames)
+                            self.handle(frames, user)
                         except Exception:  # one bad message must never stop the coordinator
                             log.exception("unexpected error handling a message; dropped")
                             self.malformed += 1
@@ -214,8 +233,9 @@ class Coordinator:
 
     # -- messages ----------------------------------------------------------------------------
 
-    def handle(self, frames: list[Any]) -> None:
-        """One message from the ROUTER: identity, then the protocol frames."""
+    def handle(self, frames: list[Any], user: str | None = None) -> None:
+        """One message from the ROUTER: identity, then the protocol frames. `user` is the
+        sender's CURVE public key (z85, ZAP's User-Id), checked against its grant."""
         if len(frames) < 2:
             self._malformed(b"?", "no identity frame")
             return
@@ -227,17 +247,21 @@ class Coordinator:
             return
         now = self.clock()
         worker = self.registry.seen(identity, now)
+        grant = None if self.access is None else self.access.grant(user)
         if isinstance(message, Request):
+            if grant is not None and not grant.client:
+                self._unauthorized(identity, "REQUEST")
+                refusal = Refusal(Status.REJECTED, "this key may not send requests")
+                self._reply(identity, refusal.reply(message.id), message.model)
+                return
             self.accept_request(identity, message, now)
         elif isinstance(message, Ready):
-            self.register_worker(identity, message, now)
+            self.register_worker(identity, message, now, grant)
         elif isinstance(message, Heartbeat):
             if worker is None:
                 self._send(identity, Disconnect(reason="unknown worker: register again"))
             else:
-                self._note_ready(worker, message.state, now)
-                worker.update(message)
-                self.metrics.set_workers(self.registry.workers.values())
+                self.worker_heartbeat(worker, message, now)
         elif isinstance(message, Result):
             if worker is None:
                 self._send(identity, Disconnect(reason="unknown worker: register again"))
@@ -251,13 +275,22 @@ class Coordinator:
             if worker is not None:
                 self.remove_worker(identity, now, reason=message.reason or "worker left")
         elif isinstance(message, Cancel) and worker is None:
+            if grant is not None and not grant.client:
+                self._unauthorized(identity, "CANCEL")
+                return
             self.withdraw_request(identity, message.id)
         else:
             self._malformed(identity, f"unexpected {type(message).__name__} at the coordinator")
 
     def _answer_malformed(self, identity: bytes, body: list[Any], exc: ProtocolError) -> None:
-        """Log and drop; if the frames are a REQUEST whose id is readable, answer BAD_REQUEST."""
+        """Log and drop; if the frames are a REQUEST whose id is readable, answer BAD_REQUEST;
+        if they are a READY, refuse it naming the field (the sender must not register again)."""
         self._malformed(identity, str(exc))
+        if len(body) >= 3 and bytes(body[1]) == bytes([Ready.command]):
+            named = re.search(r"field '(\w+)'", str(exc))
+            field_name = named.group(1) if named else "body"
+            self.refuse_worker(identity, (field_name, str(exc)), self.clock(), "a malformed READY")
+            return
         try:
             if len(body) >= 3 and bytes(body[1]) == b"\x01":
                 # The protocol's own limits: any request whose id the decoder could have read
@@ -269,6 +302,10 @@ class Coordinator:
                     self._reply(identity, refusal.reply(doc["id"]), str(model))
         except Exception:  # the frames are garbage: dropping them is the answer
             pass
+
+    def _unauthorized(self, identity: bytes, what: str) -> None:
+        self.metrics.unauthorized.inc()
+        log.warning("refused %s from %s: its key is not a client's", what, identity.hex()[:16])
 
     def _malformed(self, identity: bytes, why: str) -> None:
         self.malformed += 1
@@ -555,11 +592,26 @@ class Coordinator:
 
     # -- workers -----------------------------------------------------------------------------
 
-    def register_worker(self, identity: bytes, ready: Ready, now: float) -> None:
+    def register_worker(
+        self, identity: bytes, ready: Ready, now: float, grant: Grant | None = None
+    ) -> None:
+        """Register (or re-register) the sender, answering HEARTBEAT{registered}; or refuse
+        it with DISCONNECT{refused: FIELD}: a field out of bounds, or (with CURVE) a role or
+        model its key is not bound to. `grant` None: no CURVE, any role and model."""
+        problem = worker_report_problem(ready)
+        if problem is None and self.access is not None:
+            problem = (grant or NO_GRANT).may_register(ready.role, ready.models)
+        if problem is not None:
+            self.refuse_worker(identity, problem, now, f"READY from {ready.worker!r}")
+            return
         existing = self.registry.get(identity)
         if existing is not None:
+            changed = existing.state is not ready.state or existing.models != ready.models
             self._note_ready(existing, ready.state, now)
             existing.reregister(ready)
+            if changed:
+                self.metrics.set_workers(self.registry.workers.values())
+            self._send(identity, Heartbeat(registered=True))
             return
         worker = self.registry.add(identity, ready, now)
         if self.lifecycle is not None and worker.role is Role.CLOUD:
@@ -573,7 +625,33 @@ class Coordinator:
             ready.models,
             worker.state.value,
         )
-        self._send(identity, Heartbeat())
+        self._send(identity, Heartbeat(registered=True))
+
+    def refuse_worker(
+        self, identity: bytes, problem: tuple[str, str], now: float, what: str
+    ) -> None:
+        """Answer a READY or HEARTBEAT that cannot stand: DISCONNECT naming the field (the
+        worker must not register again), and forget the sender if it was registered."""
+        name, why = problem
+        self.metrics.refused_registrations.inc()
+        log.warning("refused %s (%s): %s", what, name, why)
+        self.remove_worker(identity, now, reason=f"refused: {why}")
+        self._send(identity, Disconnect(reason=why, refused=name))
+
+    def worker_heartbeat(self, worker: WorkerInfo, beat: Heartbeat, now: float) -> None:
+        """A registered worker's state and residency. Only a change of state recounts the
+        per-model series; otherwise just this worker's own gauges move."""
+        problem = worker_report_problem(beat)
+        if problem is not None:
+            self.refuse_worker(worker.identity, problem, now, f"HEARTBEAT from {worker.name!r}")
+            return
+        changed = beat.state is not None and beat.state is not worker.state
+        self._note_ready(worker, beat.state, now)
+        worker.update(beat)
+        if changed:
+            self.metrics.set_workers(self.registry.workers.values())
+        else:
+            self.metrics.set_worker(worker)
 
     def _note_ready(
         self, worker: WorkerInfo, state: WorkerState | None, now: float, first: bool = False
@@ -588,8 +666,7 @@ class Coordinator:
 
     def purge_workers(self, now: float) -> None:
         for identity in self.registry.expired(now):
-            self.remove_worker(identity, now, reason="missed heartbeats")
-        self.metrics.set_workers(self.registry.workers.values())
+            self.remove_worker(identity, now, reason="missed heartbeats")  # recounts the metrics
 
     def remove_worker(self, identity: bytes, now: float, reason: str) -> None:
         """Forget a worker; its in-flight requests are re-routed if they still can be."""
@@ -642,19 +719,27 @@ _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _COPIED_FRAMES = 4  # identity, signature, command, body
 
 
-def _recv_frames(sock: zmq.Socket[bytes]) -> list[Any]:
+def _recv_frames(sock: zmq.Socket[bytes], user_id: bool = False) -> tuple[list[Any], str | None]:
     """One message, without blocking (zmq.Again if none): the identity, signature, command and
     body frames as bytes (small; the body is unpacked from bytes anyway), tensor frames as
     zero-copy buffers, which are forwarded as they are. (recv_multipart(copy=False) made a
-    Frame object for every frame: ~3 us per message more than this.)"""
+    Frame object for every frame: ~3 us per message more than this.) With `user_id` (CURVE),
+    also the sender's public key, which ZAP attached to the message as its User-Id."""
     recv = sock.recv
-    frames: list[Any] = [recv(zmq.NOBLOCK)]
+    user: str | None = None
+    if user_id:
+        first = recv(zmq.NOBLOCK, copy=False)
+        value = first.get("User-Id")
+        user = value if isinstance(value, str) else None
+        frames: list[Any] = [first.bytes]
+    else:
+        frames = [recv(zmq.NOBLOCK)]
     while sock.getsockopt(zmq.RCVMORE):
         if len(frames) < _COPIED_FRAMES:
             frames.append(recv())
         else:
             frames.append(recv(copy=False).buffer)
-    return frames
+    return frames, user
 
 
 def _after_dispatch(view: SideView, was_queued: bool) -> SideView:
@@ -672,4 +757,4 @@ def _after_dispatch(view: SideView, was_queued: bool) -> SideView:
     )
 
 
-__all__ = ["Coordinator", "CoordinatorConfig", "RawTensor"]
+__all__ = ["Coordinator", "CoordinatorConfig", "RawTensor", "WorkerKeys"]

@@ -10,6 +10,20 @@
     ray_num_gpus = 1                   # per worker actor
     ray_resources = { cloud = 1 }      # custom resources per worker actor
     ray_label_selector = { "cicada-tier" = "cloud" }   # node labels (Ray 2.49+)
+    insecure = false                   # true: allow a non-loopback bind without CURVE
+
+    # CURVE (docs/PROTOCOL.md section 10): every key is bound to what it may do.
+    curve_secret = "keys/coordinator.key_secret"
+    clients = "keys/clients"           # client public keys (*.key): REQUEST and CANCEL only
+    worker_key = "keys/cloud.key_secret"   # the key pair launched cloud workers use (bound
+                                           # to cloud for the models below)
+    server_key = "keys/coordinator.key"    # given to launched workers (default: beside
+                                           # curve_secret)
+
+    [[coordinator.workers]]            # worker public keys, bound to a role and models
+    role = "edge"
+    models = ["gpt2"]
+    keys = "keys/edge"                 # a directory of *.key files, or one key file
 
     [models.gpt2]                      # the name clients invoke
     package = "/models/gpt2-medium"    # from `cicada pack`
@@ -31,7 +45,14 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from cicada.common.defaults import (
     DEFAULT_ADDRESS,
@@ -40,6 +61,7 @@ from cicada.common.defaults import (
     QUEUE_LIMIT,
 )
 from cicada.common.errors import ConfigError
+from cicada.common.protocol import MAX_MODELS_PER_WORKER
 
 
 class ModelConfig(BaseModel):
@@ -65,6 +87,16 @@ class ModelConfig(BaseModel):
         return self
 
 
+class WorkerKeysConfig(BaseModel):
+    """Public keys that may register as `role` for `models` (and nothing else)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["edge", "cloud"]
+    models: list[str] = Field(min_length=1, max_length=MAX_MODELS_PER_WORKER)
+    keys: Path
+
+
 class CoordinatorSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -80,7 +112,12 @@ class CoordinatorSection(BaseModel):
     ray_resources: dict[str, float] = Field(default_factory=dict)
     ray_label_selector: dict[str, str] = Field(default_factory=dict)
     curve_secret: Path | None = None
-    allow: Path | None = None
+    # Client public keys ("allow" is the older name of the same directory).
+    clients: Path | None = Field(default=None, validation_alias=AliasChoices("clients", "allow"))
+    workers: list[WorkerKeysConfig] = Field(default_factory=list)
+    worker_key: Path | None = None
+    server_key: Path | None = None
+    insecure: bool = False
 
 
 class CicadaConfig(BaseModel):
@@ -115,8 +152,11 @@ def load_config(path: Path) -> CicadaConfig:
                 f"{path}: package {model.package} has no manifest.json; make it with cicada pack"
             )
     section = config.coordinator
-    for attr in ("pool_socket", "log_dir", "curve_secret", "allow"):
+    for attr in ("pool_socket", "log_dir", "curve_secret", "clients", "worker_key", "server_key"):
         value = getattr(section, attr)
         if value is not None and not value.is_absolute():
             setattr(section, attr, base / value)
+    for bound in section.workers:
+        if not bound.keys.is_absolute():
+            bound.keys = base / bound.keys
     return config

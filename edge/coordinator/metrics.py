@@ -53,6 +53,16 @@ class CoordinatorMetrics:
             "Results that arrived after their request was answered",
             registry=r,
         )
+        self.unauthorized = Counter(
+            "cicada_unauthorized_messages",
+            "Messages refused because the sender's key is not bound to that role",
+            registry=r,
+        )
+        self.refused_registrations = Counter(
+            "cicada_refused_registrations",
+            "READYs and HEARTBEATs refused (a field out of bounds, or not allowed for the key)",
+            registry=r,
+        )
         self.handoffs = Counter(
             "cicada_generation_handoffs",
             "Generations moved from an edge agent to a cloud worker mid-stream",
@@ -105,28 +115,34 @@ class CoordinatorMetrics:
             entry[1] = depth
 
     def set_workers(self, workers: Iterable[Any]) -> None:
+        """Recount the registered workers by model, role and state, and drop every series of
+        those gone (a registration, a departure or a change of state: not per heartbeat)."""
         workers = list(workers)
         counts: dict[tuple[str, str, str], int] = {}
         for w in workers:
             for model in w.models:
                 key = (model, w.role.value, w.state.value)
                 counts[key] = counts.get(key, 0) + 1
-        for key in self._worker_labels - set(counts):
-            self.workers.labels(*key).set(0)
+        for key in self._worker_labels - set(counts):  # nobody left there: drop the series
+            self.workers.remove(*key)
         for key, n in counts.items():
             self.workers.labels(*key).set(n)
-        self._worker_labels |= set(counts)
+        self._worker_labels = set(counts)
         names: set[tuple[str, str]] = set()
         for w in workers:
-            name = (w.name, w.role.value)
-            names.add(name)
-            self.residency.labels(*name).set(w.resident_stages)
-            self.total_stages.labels(*name).set(w.total_stages)
-            self.eta.labels(*name).set(w.eta_s if w.eta_s is not None else -1)
+            names.add((w.name, w.role.value))
+            self.set_worker(w)
         for name in self._worker_names - names:  # gone: drop the series
             for gauge in (self.residency, self.total_stages, self.eta):
                 gauge.remove(*name)
         self._worker_names = names
+
+    def set_worker(self, w: Any) -> None:
+        """One worker's residency and ETA (a heartbeat that did not change its state)."""
+        name = (w.name, w.role.value)
+        self.residency.labels(*name).set(w.resident_stages)
+        self.total_stages.labels(*name).set(w.total_stages)
+        self.eta.labels(*name).set(w.eta_s if w.eta_s is not None else -1)
 
     def serve(self, host: str, port: int) -> Any:
         """Serve /metrics on HOST:PORT until the returned server's shutdown()."""

@@ -625,6 +625,8 @@ def _check_files_in_mounts(args: list[str], mounts: dict[str, Any], secrets: dic
                            where: str) -> None:  # fmt: skip
     """Every key file an argument names lies in a mounted Secret that has that key."""
     values = [a.split("=", 1)[-1] for a in args]
+    # `--worker-keys ROLE:MODELS:PATH`: the path is the last part.
+    values = [v if v.startswith("/") else v.rpartition(":")[2] for v in values]
     for value in values:
         if not value.startswith("/etc/cicada/"):
             continue

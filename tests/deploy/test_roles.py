@@ -116,12 +116,15 @@ def secret_files(secret_name: str, keys: Path, into: Path) -> Path:
 
 
 def remap(args: list[str], paths: dict[str, Path]) -> list[str]:
-    """Replace in-container paths by local ones (longest prefix first, whole components)."""
+    """Replace in-container paths by local ones (longest prefix first, whole components),
+    also the PATH of a `--worker-keys ROLE:MODELS:PATH` value."""
     out = []
     for arg in args:
+        head, path = ("", arg) if arg.startswith("/") else arg.rpartition(":")[::2]
+        head += ":" if head else ""
         for prefix in sorted(paths, key=len, reverse=True):
-            if arg == prefix or arg.startswith(prefix + "/"):
-                arg = str(paths[prefix]) + arg[len(prefix) :]
+            if path == prefix or path.startswith(prefix + "/"):
+                arg = head + str(paths[prefix]) + path[len(prefix) :]
                 break
         out.append(arg)
     return out

@@ -1,6 +1,7 @@
 """CURVE on real processes (docs/PROTOCOL.md, section 10): `cicada keys` makes key pairs; a
-coordinator started with `--curve-secret` and `--allow DIR` serves the edge agent and the
-client whose public keys are in DIR, and nobody else: a client or agent with another key, a
+coordinator started with `--curve-secret`, `--allow DIR` (client keys) and `--worker-keys
+edge:MODEL:PATH` serves the client and the edge agent whose public keys are listed, and nobody
+else: a client or agent with another key, a
 client with the wrong server key, and a plain client are never heard; a raw TCP peer that
 speaks plaintext ZMTP is cut off before anything reaches the coordinator."""
 
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built witho
 
 MODEL = "gpt2"
 NAMES = ("coordinator", "edge1", "client1", "intruder-edge", "intruder-client")
-ALLOWED = ("edge1", "client1")
+ALLOWED = ("client1",)  # clients; edge1 is bound to edge for MODEL
 REFUSED_WAIT_S = 1.5  # client timeout where no reply must come
 
 
@@ -116,7 +117,10 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
         shutil.copy(keys / f"{name}.key", allow)
     server_key = str(keys / "coordinator.key")
     with Stack(work) as s:
-        s.coordinator("--curve-secret", str(keys / "coordinator.key_secret"), "--allow", str(allow))
+        s.coordinator(
+            "--curve-secret", str(keys / "coordinator.key_secret"), "--allow", str(allow),
+            "--worker-keys", f"edge:{MODEL}:{keys / 'edge1.key'}",
+        )  # fmt: skip
         # The intruder starts first, so it has had every chance to register by the time the
         # allowed agent has.
         s.edge(
@@ -234,10 +238,11 @@ def test_plaintext_tcp_peer_is_cut_off(secure: Secure) -> None:
 
 def test_refused_agent_registers_once_its_key_is_allowed(tmp_path: Path) -> None:
     assets = make_assets(tmp_path)
-    keys, allow = tmp_path / "keys", tmp_path / "allow"
+    keys, allow = tmp_path / "keys", tmp_path / "edge-keys"
     cicada_keys(keys, "coordinator", "edge1")
     allow.mkdir()
-    secret = ("--curve-secret", str(keys / "coordinator.key_secret"), "--allow", str(allow))
+    secret = ("--curve-secret", str(keys / "coordinator.key_secret"),
+              "--worker-keys", f"edge:{MODEL}:{allow}")  # fmt: skip
     with Stack(tmp_path) as s:
         s.coordinator(*secret)
         s.edge(
