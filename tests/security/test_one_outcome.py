@@ -372,3 +372,63 @@ def test_a_slow_reader_gets_every_reply(stack: Stack, tiny_package: dict[str, Pa
         assert stack.status()["client_backlog"] == 0
     finally:
         sock.close(0)
+
+
+def test_a_client_over_its_backlog_bound_gets_rejected_replies_not_silence() -> None:
+    """A coordinator with a 64 KiB backlog bound and a client that reads nothing until every
+    request is answered: past its pipe (1,000 messages) the replies wait in the backlog, those
+    over the bound are REJECTED without outputs, its new REQUESTs are REJECTED while it
+    overflows, and every request still has exactly one REPLY."""
+    from tests.edge.test_coordinator import Harness
+
+    n, size = 1600, 1024  # 4 KiB of float32 per reply
+    h = Harness(client_backlog_bytes=64 * 1024)
+    try:
+        worker = h.worker(Role.EDGE, capacity=n)
+        client = h.ctx.socket(zmq.DEALER)
+        client.setsockopt(zmq.RCVHWM, 1)
+        client.setsockopt(zmq.LINGER, 0)
+        client.connect(h.endpoint)
+        inputs = [np.arange(4, dtype=np.float32)]
+        for i in range(n):
+            client.send_multipart(encode(Request(id=f"r{i}", model="m", inputs=inputs)))
+
+        def answer(timeout: float) -> int:
+            dispatches = [m for m in worker.drain(timeout) if isinstance(m, Dispatch)]
+            for d in dispatches:
+                worker.send(Result(id=d.id, status=Status.OK, outputs=[np.ones(size, np.float32)]))
+            return len(dispatches)
+
+        answered, deadline = 0, time.monotonic() + WAIT
+        while h.coord.pending or answered < n:
+            assert time.monotonic() < deadline, f"{answered} of {n} answered"
+            h.pump(200)
+            answered += answer(0.01)
+        assert h.coord._overflowing  # the backlog passed its bound
+        client.send_multipart(encode(Request(id="late", model="m", inputs=inputs)))
+        h.pump()
+        replies: list[Reply] = []
+        deadline = time.monotonic() + WAIT
+        while len(replies) < n + 1:
+            assert time.monotonic() < deadline, f"{len(replies)} of {n + 1} replies arrived"
+            h.coord.flush_clients(h.clock.now)
+            h.pump(1)
+            answer(0.0)
+            while client.poll(10):
+                reply = decode(client.recv_multipart())
+                assert isinstance(reply, Reply)
+                replies.append(reply)
+        by_id = {r.id: r for r in replies}
+        assert len(by_id) == len(replies) == n + 1  # one REPLY each, none twice
+        assert by_id["late"].status is Status.REJECTED and "back-pressure" in by_id["late"].error
+        rejected = [r for r in replies if r.status is Status.REJECTED and r.id != "late"]
+        assert rejected, "some replies went over the bound"
+        for r in rejected:
+            assert r.outputs == [] and "did not read its replies" in r.error
+        for r in replies:
+            assert r.status in (Status.OK, Status.REJECTED)
+            if r.status is Status.OK:
+                assert r.outputs[0].shape == (size,)
+        assert not h.coord._outbox and not h.coord._overflowing
+    finally:
+        h.close()
