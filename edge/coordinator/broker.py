@@ -114,6 +114,7 @@ class Coordinator:
         self._outbox: dict[bytes, deque[Reply | Partial]] = {}
         self._outbox_bytes: dict[bytes, int] = {}
         self._overflowing: set[bytes] = set()
+        self._send_errno = 0  # why the last `_send` failed
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.endpoint = ""
@@ -697,10 +698,9 @@ class Coordinator:
         its outbox, in order: nothing for a client is dropped silently (PROTOCOL.md 9)."""
         box = self._outbox.get(client)
         if box is None:
-            sent = self._try_send(client, message)
-            if sent == 0:
+            if self._send(client, message):
                 return
-            if sent == zmq.EHOSTUNREACH:
+            if self._send_errno != zmq.EAGAIN:
                 log.info("client %s left before its %s", client.hex()[:16], message.id)
                 return
             box = self._outbox[client] = deque()
@@ -766,13 +766,13 @@ class Coordinator:
         for client, box in list(self._outbox.items()):
             while box:
                 message = box[0]
-                sent = self._try_send(client, message)
-                if sent == zmq.EAGAIN:
+                sent = self._send(client, message)
+                if not sent and self._send_errno == zmq.EAGAIN:
                     break
                 box.popleft()
                 self.metrics.client_backlog.dec()
                 self._outbox_bytes[client] -= _tensor_bytes(message)
-                if sent == zmq.EHOSTUNREACH:  # it left: nothing more can reach it
+                if not sent:  # it left: nothing more can reach it
                     log.info("client %s left with %d replies waiting", client.hex()[:16],
                              len(box) + 1)  # fmt: skip
                     self.metrics.replies_discarded.labels("dropped").inc(len(box) + 1)
@@ -855,13 +855,11 @@ class Coordinator:
             self._send(identity, Heartbeat())
 
     def _send(self, identity: bytes, message: Any) -> bool:
-        return self._try_send(identity, message) == 0
-
-    def _try_send(self, identity: bytes, message: Any) -> int:
-        """0 if sent; else the errno: EAGAIN (the peer's pipe is full) or EHOSTUNREACH (the
-        peer is gone, or the socket is closed)."""
+        """Whether `message` went; if not, `_send_errno` says why: EAGAIN (the peer's pipe is
+        full) or EHOSTUNREACH (the peer is gone, or the socket is closed)."""
+        self._send_errno = zmq.EHOSTUNREACH
         if self._sock is None:
-            return zmq.EHOSTUNREACH
+            return False
         try:
             # Never block: a peer that stops reading fills its pipe to the HWM, and a blocking
             # send would stall every other peer. Its message is dropped instead (a worker is
@@ -878,11 +876,12 @@ class Coordinator:
             for frame in frames[:-1]:
                 send(frame, _MORE_NOBLOCK, copy=copy)
             send(frames[-1], _NOBLOCK, copy=copy)
-            return 0
+            return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: peer is gone
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
-            return int(exc.errno)
+            self._send_errno = int(exc.errno)
+            return False
 
 
 _ZERO_COPY_BYTES = 64 * 1024
