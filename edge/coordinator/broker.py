@@ -5,7 +5,9 @@ metrics server, and composes what it holds: the `Registry` of workers of each ro
 state and residency, the `Scheduler`'s bounded per-priority queues and deadlines, and the
 `GenerationRelay` of streamed tokens; `policy.choose` decides the routes. Every decoded REQUEST
 ends in exactly one REPLY: the worker's result, or TIMEOUT / REJECTED / UNAVAILABLE /
-BAD_REQUEST. Tensor frames are validated and forwarded as they are, never copied into arrays
+BAD_REQUEST, or FAILED when its worker broke the protocol. Each dispatch is one attempt with
+an id unique across restarts (`epoch.key.attempt`); only the current attempt's PARTIALs and
+RESULT count. A client that reads slowly gets its replies from a bounded backlog. Tensor frames are validated and forwarded as they are, never copied into arrays
 here.
 
 Methods are named for intent, after the Majordomo broker: `dispatch` routes queued work,
