@@ -7,8 +7,8 @@ state and residency, the `Scheduler`'s bounded per-priority queues and deadlines
 ends in exactly one REPLY: the worker's result, or TIMEOUT / REJECTED / UNAVAILABLE /
 BAD_REQUEST, or FAILED when its worker broke the protocol. Each dispatch is one attempt with
 an id unique across restarts (`epoch.key.attempt`); only the current attempt's PARTIALs and
-RESULT count. A client that reads slowly gets its replies from a bounded backlog. Tensor frames are validated and forwarded as they are, never copied into arrays
-here.
+RESULT count. A client that reads slowly gets its replies from a bounded backlog. Tensor
+frames are validated and forwarded as they are, never copied into arrays here.
 
 Methods are named for intent, after the Majordomo broker: `dispatch` routes queued work,
 `purge_workers` drops the silent, `expire_requests` answers what ran out of time.
