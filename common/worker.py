@@ -7,7 +7,10 @@ its residency progress the moment it changes (`notify()`).
 
 Liveness: the coordinator is presumed dead after `liveness` heartbeat intervals of silence;
 the runtime then reconnects with a fresh socket and registers again (READY). A DISCONNECT
-from the coordinator ("unknown peer", e.g. after it restarted) triggers the same.
+from the coordinator ("unknown peer", e.g. after it restarted, or after it dropped this worker
+as silent) triggers the same. READY means "I hold nothing of yours": every dispatch running
+when the runtime registers again is abandoned (cancelled, and its PARTIALs and RESULT are
+never sent), so no attempt the coordinator has re-routed keeps streaming.
 
 Every dispatch accepted ends in one RESULT, whatever the handler raises (FAILED). Should the
 I/O thread itself die, `error` says why and `stopped` is set: the worker must then exit (it can
@@ -133,6 +136,7 @@ class WorkerRuntime:
         # RESULTs and PARTIALs, in the order they are to be sent.
         self._outgoing: queue.Queue[Result | Partial] = queue.Queue()
         self._streams: dict[str, Stream] = {}
+        self._abandoned: set[str] = set()  # dispatches given up at a re-registration
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._inflight = 0
@@ -251,6 +255,7 @@ class WorkerRuntime:
                         frames = sock.recv_multipart(copy=True)
                         heard = now
                         if self._on_message(sock, frames):
+                            self._abandon()
                             self._send(sock, self._ready())
                             self.registrations += 1
                 if self._wake_r in events:
@@ -271,12 +276,29 @@ class WorkerRuntime:
                 if now - heard > interval * self.config.liveness:
                     # The coordinator is gone or restarted: reconnect and register again.
                     log.warning("coordinator silent for %.1f s: reconnecting", now - heard)
+                    self._abandon()
                     sock.close(linger=0)
                     sock = self._connect(ctx)
                     poller = self._poller(sock)
                     heard = now
         finally:
             sock.close(linger=0)
+
+    def _abandon(self) -> None:
+        """Before registering again: cancel every running dispatch and drop what it has sent
+        or will send (its PARTIALs and RESULT belong to a registration that is over)."""
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.cancel()
+            self._abandoned.add(stream.dispatch_id)
+        if streams:
+            log.warning("registering again: %d running dispatches abandoned", len(streams))
+        # Pieces and results already waiting to go are the old registration's too.
+        with self._outgoing.mutex:
+            waiting = list(self._outgoing.queue)
+        for message in waiting:
+            self._abandoned.add(message.id)
 
     def _poller(self, sock: zmq.Socket[bytes]) -> zmq.Poller:
         poller = zmq.Poller()
@@ -370,10 +392,12 @@ class WorkerRuntime:
                 message = self._outgoing.queue[0]  # peek: order must survive a failed send
             except IndexError:
                 return
-            if not self._send(sock, message):
+            abandoned = message.id in self._abandoned
+            if not abandoned and not self._send(sock, message):
                 return  # keep it for the next round rather than lose an outcome
             self._outgoing.get_nowait()
             if isinstance(message, Result):
+                self._abandoned.discard(message.id)
                 with self._lock:
                     self._inflight -= 1
 

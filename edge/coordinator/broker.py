@@ -5,8 +5,10 @@ metrics server, and composes what it holds: the `Registry` of workers of each ro
 state and residency, the `Scheduler`'s bounded per-priority queues and deadlines, and the
 `GenerationRelay` of streamed tokens; `policy.choose` decides the routes. Every decoded REQUEST
 ends in exactly one REPLY: the worker's result, or TIMEOUT / REJECTED / UNAVAILABLE /
-BAD_REQUEST. Tensor frames are validated and forwarded as they are, never copied into arrays
-here.
+BAD_REQUEST, or FAILED when its worker broke the protocol. Each dispatch is one attempt with
+an id unique across restarts (`epoch.key.attempt`); only the current attempt's PARTIALs and
+RESULT count. A client that reads slowly gets its replies from a bounded backlog. Tensor
+frames are validated and forwarded as they are, never copied into arrays here.
 
 Methods are named for intent, after the Majordomo broker: `dispatch` routes queued work,
 `purge_workers` drops the silent, `expire_requests` answers what ran out of time.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import threading
 import time
 from collections import deque
@@ -37,10 +40,12 @@ from cicada.common.errors import ConfigError
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
+    Command,
     Disconnect,
     Dispatch,
     Heartbeat,
     Limits,
+    Message,
     Partial,
     ProtocolError,
     RawTensor,
@@ -90,6 +95,11 @@ class CoordinatorConfig:
     worker_keys: list[WorkerKeys] = field(default_factory=list)
     insecure: bool = False  # allow a non-loopback bind without CURVE
     limits: Limits = DEFAULT_LIMITS
+    # A client that does not read: replies wait for it in the coordinator up to this many
+    # bytes of tensors (then its replies are REJECTED without outputs), and up to this many
+    # messages (then the client is forgotten). docs/PROTOCOL.md section 9.
+    client_backlog_bytes: int = 64 * 1024 * 1024
+    client_backlog_messages: int = 100_000
 
 
 class Coordinator:
@@ -107,6 +117,13 @@ class Coordinator:
         self.relay = GenerationRelay(self.config.limits)
         self.metrics = CoordinatorMetrics()
         self.malformed = 0
+        # Random per process: DISPATCH ids (epoch.key.attempt) never repeat across restarts.
+        self.epoch = secrets.token_hex(4)
+        # Clients whose pipe was full: what waits for them, in order, and its tensor bytes.
+        self._outbox: dict[bytes, deque[Reply | Partial]] = {}
+        self._outbox_bytes: dict[bytes, int] = {}
+        self._overflowing: set[bytes] = set()
+        self._send_errno = 0  # why the last `_send` failed
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.endpoint = ""
@@ -190,6 +207,8 @@ class Coordinator:
             while not self.stop_event.is_set():
                 now = self.clock()
                 wait = min(next_beat, self.scheduler.next_deadline(now + interval)) - now
+                if self._outbox:  # a slow reader's replies wait: try again soon
+                    wait = min(wait, 0.005)
                 if poller.poll(int(max(0.0, min(wait, 0.1) * 1000))):
                     # Drain what is there before doing the bookkeeping once.
                     for _ in range(256):
@@ -204,6 +223,8 @@ class Coordinator:
                             self.malformed += 1
                             self.metrics.malformed.inc()
                 now = self.clock()
+                if self._outbox:
+                    self.flush_clients(now)
                 self.expire_requests(now)
                 if now >= next_beat:
                     self.purge_workers(now)
@@ -269,8 +290,9 @@ class Coordinator:
         elif isinstance(message, Partial):
             if worker is None:
                 self._send(identity, Disconnect(reason="unknown worker: register again"))
+                self.metrics.superseded.labels("partial").inc()
             else:
-                self.forward_partial(worker, message)
+                self.forward_partial(worker, message, now)
         elif isinstance(message, Disconnect):
             if worker is not None:
                 self.remove_worker(identity, now, reason=message.reason or "worker left")
@@ -284,12 +306,20 @@ class Coordinator:
 
     def _answer_malformed(self, identity: bytes, body: list[Any], exc: ProtocolError) -> None:
         """Log and drop; if the frames are a REQUEST whose id is readable, answer BAD_REQUEST;
-        if they are a READY, refuse it naming the field (the sender must not register again)."""
+        if they are a READY, refuse it naming the field (the sender must not register again);
+        if they are a registered worker's RESULT or PARTIAL, end the attempt they belong to."""
         self._malformed(identity, str(exc))
         if len(body) >= 3 and bytes(body[1]) == bytes([Ready.command]):
             named = re.search(r"field '(\w+)'", str(exc))
             field_name = named.group(1) if named else "body"
             self.refuse_worker(identity, (field_name, str(exc)), self.clock(), "a malformed READY")
+            return
+        if (
+            len(body) >= 3
+            and bytes(body[1]) in (_RESULT, _PARTIAL)
+            and self.registry.get(identity) is not None
+        ):
+            self._unusable(identity, body, exc)
             return
         try:
             if len(body) >= 3 and bytes(body[1]) == b"\x01":
@@ -307,6 +337,30 @@ class Coordinator:
         self.metrics.unauthorized.inc()
         log.warning("refused %s from %s: its key is not a client's", what, identity.hex()[:16])
 
+    def _unusable(self, identity: bytes, body: list[Any], exc: ProtocolError) -> None:
+        """A RESULT or PARTIAL from a registered worker that cannot be decoded: its attempt
+        ends FAILED at once (its slot is free); if it names no attempt, the worker is in
+        breach (see `worker_breach`)."""
+        kind = "RESULT" if bytes(body[1]) == _RESULT else "PARTIAL"
+        now = self.clock()
+        try:
+            doc: Any = unpack_body(bytes(body[2]), self.config.limits, tolerate_ext=True)
+            dispatch_id = doc.get("id") if isinstance(doc, dict) else None
+        except ProtocolError:
+            dispatch_id = None
+        if not isinstance(dispatch_id, str):
+            self.worker_breach(identity, f"an unusable {kind} with no readable id: {exc}", now)
+            return
+        p = self._attempt(identity, dispatch_id)
+        if p is not None:
+            self.fail_attempt(p, f"the worker sent an unusable {kind}: {exc}", now)
+        elif self._never_dispatched(dispatch_id):
+            self.worker_breach(identity, f"an unusable {kind} for an unknown id: {exc}", now)
+        else:  # an attempt already superseded or answered: its RESULT still frees its slot
+            self.metrics.superseded.labels(kind.lower()).inc()
+            if kind == "RESULT":
+                self.registry.release(identity, dispatch_id)
+
     def _malformed(self, identity: bytes, why: str) -> None:
         self.malformed += 1
         self.metrics.malformed.inc()
@@ -315,6 +369,14 @@ class Coordinator:
     # -- requests ----------------------------------------------------------------------------
 
     def accept_request(self, client: bytes, request: Request, now: float) -> None:
+        if client in self._overflowing:
+            refusal = Refusal(
+                Status.REJECTED,
+                "back-pressure: this client does not read its replies; read them, then retry",
+                int(self.config.retry_after_s * 1000),
+            )
+            self._refuse(client, request, refusal)
+            return
         admitted = self.scheduler.admit(client, request, now)
         if isinstance(admitted, Refusal):
             self._refuse(client, request, admitted)
@@ -341,8 +403,10 @@ class Coordinator:
             self.metrics.set_queue_depth(
                 p.request.model, p.request.priority, len(self.scheduler.queue_of(p))
             )
-        else:
-            self._send(p.worker, Cancel(id=p.key, reason="the client cancelled the request"))
+        elif p.dispatch_id is not None:
+            self._send(
+                p.worker, Cancel(id=p.dispatch_id, reason="the client cancelled the request")
+            )
         log.debug("request %s withdrawn by its client", request_id)
 
     def _known_model(self, model: str) -> bool:
@@ -450,9 +514,13 @@ class Coordinator:
         the edge is told to CANCEL, the cloud gets the prompt plus the tokens so far and
         recomputes its own cache."""
         for p, edge, cloud in self.relay.handoffs(self.scheduler.pending, self.registry):
-            self._send(edge.identity, Cancel(id=p.key, reason="handed to a cloud worker"))
-            # The edge keeps its slot until its RESULT for this dispatch comes back.
-            p.worker, p.dispatched_at, p.route = None, None, Route.CLOUD
+            if p.dispatch_id is not None:
+                self._send(
+                    edge.identity, Cancel(id=p.dispatch_id, reason="handed to a cloud worker")
+                )
+            # The edge keeps its slot until its RESULT for this dispatch comes back; what it
+            # sends for it from now on belongs to a superseded attempt.
+            p.worker, p.dispatched_at, p.route, p.dispatch_id = None, None, Route.CLOUD, None
             self.metrics.handoffs.inc()
             self._send_dispatch(cloud, p, now)
 
@@ -478,16 +546,18 @@ class Coordinator:
                 self._finish(p, reply, now)
                 return
             inputs, options = self.relay.continuation(p)
+        p.attempt += 1
+        dispatch_id = f"{self.epoch}.{p.key}.{p.attempt}"
         message = Dispatch(
-            id=p.key,
+            id=dispatch_id,
             model=p.request.model,
             inputs=inputs,
             timeout_ms=None if remaining is None else max(0, int(remaining * 1000)),
             options=options,
         )
         if self._send(worker.identity, message):
-            p.worker, p.dispatched_at = worker.identity, now
-            worker.inflight[p.key] = p
+            p.worker, p.dispatched_at, p.dispatch_id = worker.identity, now, dispatch_id
+            worker.inflight[dispatch_id] = p
             self.relay.started(p, worker)
             if self.lifecycle is not None:
                 self.lifecycle.on_busy(worker.name, now)
@@ -496,33 +566,112 @@ class Coordinator:
             self.scheduler.queue_of(p).appendleft(p.key)
             self.remove_worker(worker.identity, now, reason="unreachable")
 
-    def forward_partial(self, worker: WorkerInfo, partial: Partial) -> None:
+    def _attempt(self, identity: bytes, dispatch_id: str) -> Pending | None:
+        """The pending request whose current attempt is `dispatch_id`, running on `identity`;
+        None for anything else (answered, superseded, another worker's, never dispatched)."""
+        worker = self.registry.get(identity)
+        p = None if worker is None else worker.inflight.get(dispatch_id)
+        return p if p is not None and self._current(p, identity, dispatch_id) else None
+
+    def _current(self, p: Pending, identity: bytes, dispatch_id: str) -> bool:
+        """Whether `dispatch_id` on `identity` is `p`'s current attempt, `p` still pending."""
+        return (
+            p.dispatch_id == dispatch_id
+            and p.worker == identity
+            and self.scheduler.pending.get(p.key) is p
+        )
+
+    def _never_dispatched(self, dispatch_id: str) -> bool:
+        """Whether `dispatch_id` cannot be an id this coordinator, or an earlier one, sent:
+        not `epoch.key.attempt`, or this epoch with a key it never handed out."""
+        parts = dispatch_id.split(".")
+        if len(parts) != 3 or not all(parts):
+            return True
+        epoch, key, attempt = parts
+        try:
+            number, _ = int(key, 16), int(attempt)
+        except ValueError:
+            return True
+        return epoch == self.epoch and number >= self.scheduler.issued
+
+    def _stale(self, identity: bytes, dispatch_id: str, kind: str) -> None:
+        """A PARTIAL or RESULT that no current attempt owns: dropped and counted; an id no
+        coordinator ever sent puts its (registered) worker in breach."""
+        if self._never_dispatched(dispatch_id) and self.registry.get(identity) is not None:
+            self.worker_breach(identity, f"a {kind} for {dispatch_id!r}, never dispatched", None)
+            return
+        key = dispatch_id.split(".")[1] if dispatch_id.startswith(self.epoch + ".") else None
+        if kind == "RESULT" and key is not None and key not in self.scheduler.pending:
+            self.metrics.late_results.inc()  # its request was answered (e.g. TIMEOUT)
+        else:  # re-dispatched, handed off, or a previous coordinator's
+            self.metrics.superseded.labels(kind.lower()).inc()
+
+    def forward_partial(self, worker: WorkerInfo, partial: Partial, now: float) -> None:
         """Relay a streamed piece to the client, numbered across every worker that served the
-        request. Pieces from a worker that no longer owns the request (cancelled, re-routed)
-        are dropped: the client sees each token once."""
-        p = self.scheduler.pending.get(partial.id)
-        if p is None or p.worker != worker.identity:
-            self.metrics.late_results.inc()
+        request. Pieces of an attempt that is not the request's current one (cancelled,
+        re-routed, a previous coordinator's) are dropped and counted: the client sees each
+        token once. A piece the request cannot take (not one int64 token, over its budget)
+        ends the attempt FAILED."""
+        p = self._attempt(worker.identity, partial.id)
+        if p is None:
+            self._stale(worker.identity, partial.id, "PARTIAL")
             return
         try:
             piece = self.relay.relay(p, worker, partial)
         except ProtocolError as exc:
-            self._malformed(worker.identity, str(exc))
+            self.fail_attempt(p, f"the worker sent an unusable PARTIAL: {exc}", now)
             return
-        self._send(p.client, piece)
+        self._send_client(p.client, piece)
+
+    def fail_attempt(self, p: Pending, why: str, now: float, count: bool = True) -> None:
+        """A worker broke the protocol on `p`'s current attempt: it is CANCELled there, its
+        slot is free at once, and the request ends FAILED naming the problem."""
+        worker = self.registry.get(p.worker) if p.worker is not None else None
+        name = worker.name if worker is not None else "?"
+        if count:
+            self.metrics.violations.inc()
+        log.warning("request %s: worker %s broke the protocol: %s", p.request.id, name, why)
+        if p.worker is not None and p.dispatch_id is not None:
+            self._send(p.worker, Cancel(id=p.dispatch_id, reason=why))
+        error = f"worker {name} failed the request: {why}"
+        if p.generating:
+            reply = self.relay.final_reply(p, worker, Status.FAILED, error, {})
+        else:
+            reply = Refusal(Status.FAILED, error).reply(p.request.id)
+        self._finish(p, reply, now)  # (frees the slot: the status is not TIMEOUT)
+
+    def worker_breach(self, identity: bytes, why: str, now: float | None) -> None:
+        """A registered worker sent what cannot be tied to any dispatch (an id never sent, an
+        unusable message with no id): nothing it says about its slots can be trusted. Every
+        attempt it runs ends FAILED, every slot it held is free, and it is CANCELled."""
+        worker = self.registry.get(identity)
+        if worker is None:
+            return
+        now = self.clock() if now is None else now
+        self.metrics.violations.inc()
+        log.warning("worker %s broke the protocol: %s", worker.name, why)
+        for dispatch_id, p in list(worker.inflight.items()):
+            if self._attempt(identity, dispatch_id) is p:
+                self.fail_attempt(p, f"it sent {why}", now, count=False)
+            else:
+                self._send(identity, Cancel(id=dispatch_id, reason="protocol breach"))
+        worker.inflight.clear()
 
     def complete(self, identity: bytes, result: Result, now: float) -> None:
-        p = self.scheduler.pending.get(result.id)
         worker = self.registry.get(identity)
-        if p is None or p.worker != identity:
-            # Already answered (e.g. TIMEOUT while it ran) or re-routed: exactly one outcome.
-            # The worker's slot, held until now, is free again.
-            if worker is not None:
-                worker.inflight.pop(result.id, None)
-            self.metrics.late_results.inc()
+        p = self._attempt(identity, result.id)
+        if worker is not None:
+            # Whatever its attempt's fate, the worker's slot, held until now, is free again.
+            worker.inflight.pop(result.id, None)
+        if p is None:
+            # Already answered (e.g. TIMEOUT while it ran), re-routed, or a previous
+            # coordinator's: exactly one outcome.
+            if worker is None:
+                self.metrics.late_results.inc()
+            else:
+                self._stale(identity, result.id, "RESULT")
             return
         if worker is not None:
-            worker.inflight.pop(p.key, None)
             if self.lifecycle is not None:
                 self.lifecycle.on_busy(worker.name, now)
             if result.status is Status.UNAVAILABLE:
@@ -567,7 +716,7 @@ class Coordinator:
         if p.worker is not None and reply.status is not Status.TIMEOUT:
             # (A request that timed out while running keeps its slot until the worker's late
             # result comes back: the worker is still busy with it.)
-            self.registry.release(p.worker, p.key)
+            self.registry.release(p.worker, p.dispatch_id or "")
         reply.timings["total_s"] = now - p.arrived
         route = reply.served_by.get("role") or "none"
         self.metrics.observe(p.request.model, str(route), reply.status.value, now - p.arrived)
@@ -579,8 +728,97 @@ class Coordinator:
             # the metrics without bound.
             label = model if self._known_model(model) else "unknown"
             self.metrics.observe(label, "none", reply.status.value, 0.0)
-        if not self._send(client, reply):
-            log.info("client %s left before its reply %s", client.hex()[:16], reply.id)
+        self._send_client(client, reply)
+
+    # -- clients that read slowly ------------------------------------------------------------
+
+    def _send_client(self, client: bytes, message: Reply | Partial) -> None:
+        """Send to a client, or, when its pipe is full (it reads slowly), keep the message in
+        its outbox, in order: nothing for a client is dropped silently (PROTOCOL.md 9)."""
+        box = self._outbox.get(client)
+        if box is None:
+            if self._send(client, message):
+                return
+            if self._send_errno != zmq.EAGAIN:
+                log.info("client %s left before its %s", client.hex()[:16], message.id)
+                return
+            box = self._outbox[client] = deque()
+            self._outbox_bytes[client] = 0
+        self._backlog(client, box, message)
+
+    def _backlog(
+        self, client: bytes, box: deque[Reply | Partial], message: Reply | Partial
+    ) -> None:
+        if client in self._overflowing:
+            shed = _shed(message, self.config.client_backlog_bytes)
+            if shed is not message:
+                self.metrics.replies_discarded.labels(type(message).__name__.lower()).inc()
+            if shed is None:
+                return
+            message = shed
+        box.append(message)
+        self._outbox_bytes[client] += _tensor_bytes(message)
+        self.metrics.client_backlog.inc()
+        if len(box) > self.config.client_backlog_messages:
+            self.drop_client(client, f"more than {self.config.client_backlog_messages} "
+                                     "messages waited for it")  # fmt: skip
+        elif self._outbox_bytes[client] > self.config.client_backlog_bytes:
+            self._overflow(client, box)
+
+    def _overflow(self, client: bytes, box: deque[Reply | Partial]) -> None:
+        """Over its byte bound: what waits loses its outputs (PARTIALs go; each REPLY becomes
+        a REJECTED without outputs), and until its outbox is empty the client's replies go
+        the same way and its new REQUESTs are REJECTED."""
+        log.warning("client %s reads too slowly: its replies are REJECTED", client.hex()[:16])
+        self._overflowing.add(client)
+        kept: deque[Reply | Partial] = deque()
+        for message in box:
+            shed = _shed(message, self.config.client_backlog_bytes)
+            if shed is not message:
+                self.metrics.replies_discarded.labels(type(message).__name__.lower()).inc()
+            if shed is not None:
+                kept.append(shed)
+        self.metrics.client_backlog.dec(len(box) - len(kept))
+        box.clear()
+        box.extend(kept)
+        self._outbox_bytes[client] = 0
+
+    def drop_client(self, client: bytes, why: str) -> None:
+        """The last resort for a client that never reads: forget what waits for it and
+        withdraw its outstanding requests (counted: cicada_clients_dropped)."""
+        log.warning("client %s dropped: %s", client.hex()[:16], why)
+        self.metrics.clients_dropped.inc()
+        box = self._forget_outbox(client)
+        self.metrics.replies_discarded.labels("dropped").inc(len(box))
+        for p in self.scheduler.of_client(client):
+            self.withdraw_request(client, p.request.id)
+
+    def _forget_outbox(self, client: bytes) -> deque[Reply | Partial]:
+        box = self._outbox.pop(client, deque())
+        self._outbox_bytes.pop(client, None)
+        self._overflowing.discard(client)
+        self.metrics.client_backlog.dec(len(box))
+        return box
+
+    def flush_clients(self, now: float) -> None:
+        """Send what waits for slow readers, as far as their pipes take it."""
+        for client, box in list(self._outbox.items()):
+            while box:
+                message = box[0]
+                sent = self._send(client, message)
+                if not sent and self._send_errno == zmq.EAGAIN:
+                    break
+                box.popleft()
+                self.metrics.client_backlog.dec()
+                self._outbox_bytes[client] -= _tensor_bytes(message)
+                if not sent:  # it left: nothing more can reach it
+                    log.info("client %s left with %d replies waiting", client.hex()[:16],
+                             len(box) + 1)  # fmt: skip
+                    self.metrics.replies_discarded.labels("dropped").inc(len(box) + 1)
+                    self._forget_outbox(client)
+                    break
+            if not box and client in self._outbox:
+                self._forget_outbox(client)
 
     def expire_requests(self, now: float) -> None:
         """Answer TIMEOUT for everything whose deadline passed, queued or running."""
@@ -609,6 +847,9 @@ class Coordinator:
             changed = existing.state is not ready.state or existing.models != ready.models
             self._note_ready(existing, ready.state, now)
             existing.reregister(ready)
+            # READY means "I hold nothing of yours": a worker abandons its dispatches when it
+            # registers again, so what it ran is re-routed, as for a worker that died.
+            self._reroute_inflight(existing)
             if changed:
                 self.metrics.set_workers(self.registry.workers.values())
             self._send(identity, Heartbeat(registered=True))
@@ -676,18 +917,26 @@ class Coordinator:
         log.warning("worker %s (%s) removed: %s", worker.name, worker.role.value, reason)
         if self.lifecycle is not None:
             self.lifecycle.on_removed(worker.name)
-        for key, p in list(worker.inflight.items()):
-            if key not in self.scheduler.pending or p.worker != identity:
-                continue  # already answered or handed over; only its slot was held
-            self.scheduler.requeue(p)
-        worker.inflight.clear()
+        self._reroute_inflight(worker)
         self.metrics.set_workers(self.registry.workers.values())
+
+    def _reroute_inflight(self, worker: WorkerInfo) -> None:
+        """`worker`'s current attempts go back to their queues (a new attempt, with a new
+        DISPATCH id, is decided next pass); its slots are free."""
+        for dispatch_id, p in list(worker.inflight.items()):
+            if self._current(p, worker.identity, dispatch_id):
+                self.scheduler.requeue(p)
+            # (else: already answered or handed over; only its slot was held)
+        worker.inflight.clear()
 
     def send_heartbeats(self) -> None:
         for identity in list(self.registry.workers):
             self._send(identity, Heartbeat())
 
     def _send(self, identity: bytes, message: Any) -> bool:
+        """Whether `message` went; if not, `_send_errno` says why: EAGAIN (the peer's pipe is
+        full) or EHOSTUNREACH (the peer is gone, or the socket is closed)."""
+        self._send_errno = zmq.EHOSTUNREACH
         if self._sock is None:
             return False
         try:
@@ -710,10 +959,35 @@ class Coordinator:
         except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: peer is gone
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
+            self._send_errno = int(exc.errno)
             return False
 
 
 _ZERO_COPY_BYTES = 64 * 1024
+_RESULT = bytes([Command.RESULT])
+_PARTIAL = bytes([Command.PARTIAL])
+
+
+def _tensor_bytes(message: Message) -> int:
+    outputs = getattr(message, "outputs", ())
+    return sum(len(t.frame) if isinstance(t, RawTensor) else t.nbytes for t in outputs)
+
+
+def _shed(message: Reply | Partial, bound: int) -> Reply | None:
+    """What a client over its backlog bound gets instead of `message`: no PARTIAL, and for a
+    REPLY with outputs a REJECTED without them (one that carries none is kept)."""
+    if isinstance(message, Partial):
+        return None
+    if not message.outputs:
+        return message
+    return Reply(
+        id=message.id,
+        status=Status.REJECTED,
+        error=f"reply discarded: the client did not read its replies (over {bound} bytes "
+        "waited for it); read them, then retry",
+    )
+
+
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _COPIED_FRAMES = 4  # identity, signature, command, body

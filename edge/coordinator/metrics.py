@@ -63,6 +63,36 @@ class CoordinatorMetrics:
             "READYs and HEARTBEATs refused (a field out of bounds, or not allowed for the key)",
             registry=r,
         )
+        self.superseded = Counter(
+            "cicada_superseded_messages",
+            "PARTIALs and RESULTs dropped because another attempt (a re-dispatch, a handoff, a "
+            "previous coordinator) owns their request",
+            ["kind"],
+            registry=r,
+        )
+        self.violations = Counter(
+            "cicada_worker_violations",
+            "Worker messages that broke the protocol (an unusable RESULT or PARTIAL, an id "
+            "never dispatched); the attempts they touch end FAILED",
+            registry=r,
+        )
+        self.client_backlog = Gauge(
+            "cicada_client_backlog_messages",
+            "Messages waiting in the coordinator for clients that read slowly",
+            registry=r,
+        )
+        self.replies_discarded = Counter(
+            "cicada_replies_discarded",
+            "Replies whose outputs were discarded for a client over its backlog bound (it got "
+            "REJECTED instead), and messages dropped with a client that was forgotten",
+            ["kind"],
+            registry=r,
+        )
+        self.clients_dropped = Counter(
+            "cicada_clients_dropped",
+            "Clients forgotten (outstanding work withdrawn) for not reading their replies",
+            registry=r,
+        )
         self.handoffs = Counter(
             "cicada_generation_handoffs",
             "Generations moved from an edge agent to a cloud worker mid-stream",

@@ -55,22 +55,28 @@ class GenerationRelay:
 
     def relay(self, p: Pending, worker: WorkerInfo, partial: Partial) -> Partial:
         """The client's PARTIAL for `worker`'s piece of `p` (a generation's tokens are kept, to
-        continue from and to reply with). ProtocolError: a malformed piece, dropped."""
+        continue from and to reply with). ProtocolError: a piece the request cannot take (not
+        a generation, not one int64 token, a token over max_new_tokens): the attempt fails."""
         served_by = {"role": worker.role.value, "worker": worker.name, "variant": worker.variant}
-        if p.generating:
-            try:
-                pieces = [self.array(t) for t in partial.outputs]
-            except ProtocolError as exc:
-                raise ProtocolError(f"partial for {partial.id}: {exc}") from exc
-            if len(pieces) != 1 or pieces[0].dtype != np.int64 or pieces[0].ndim != 1:
-                raise ProtocolError("a generation PARTIAL carries one int64 vector")
-            new = [int(t) for t in pieces[0]]
-            p.tokens.extend(new)
-            last = p.segments[-1] if p.segments else None
-            if last is not None and last["worker"] == worker.name:
-                last["tokens"] += len(new)
-            else:
-                p.segments.append({**served_by, "tokens": len(new)})
+        if not p.generating:
+            raise ProtocolError("a PARTIAL for a request that does not generate")
+        # Checked on the spec before any value is read: one token, within the budget.
+        outputs = partial.outputs
+        spec = _spec(outputs[0]) if len(outputs) == 1 else None
+        if spec is None or spec["dtype"] != "int64" or spec["shape"] != [1]:
+            raise ProtocolError(
+                "a generation PARTIAL carries one token: one int64 tensor of shape (1,)"
+            )
+        if p.tokens_left() < 1:
+            budget = p.request.options["max_new_tokens"]
+            raise ProtocolError(f"a token beyond the request's max_new_tokens ({budget})")
+        token = int(self.array(outputs[0])[0])
+        p.tokens.append(token)
+        last = p.segments[-1] if p.segments else None
+        if last is not None and last["worker"] == worker.name:
+            last["tokens"] += 1
+        else:
+            p.segments.append({**served_by, "tokens": 1})
         seq, p.seq = p.seq, p.seq + 1
         return Partial(id=p.request.id, seq=seq, outputs=partial.outputs, served_by=served_by)
 
@@ -118,3 +124,11 @@ class GenerationRelay:
                 continue
             self.on_edge.discard(key)
             yield p, edge, cloud
+
+
+def _spec(tensor: Any) -> dict[str, Any] | None:
+    """A tensor's {dtype, shape} as it travelled (or as numpy holds it)."""
+    if isinstance(tensor, RawTensor):
+        return tensor.spec
+    array = np.asarray(tensor)
+    return {"dtype": array.dtype.name, "shape": list(array.shape)}

@@ -31,6 +31,10 @@ class Pending:
     tokens: list[int] = field(default_factory=list)
     segments: list[dict[str, Any]] = field(default_factory=list)
     seq: int = 0  # the next PARTIAL's number, to the client
+    # The attempt running now: its DISPATCH id (epoch.key.attempt, unique across coordinator
+    # restarts and re-dispatches), None while queued. Only its PARTIALs and RESULT count.
+    attempt: int = 0
+    dispatch_id: str | None = None
 
     def remaining(self, now: float) -> float | None:
         return None if self.deadline is None else self.deadline - now
@@ -69,6 +73,9 @@ class Scheduler:
         self.queues: dict[str, dict[int, deque[str]]] = {}
         self._deadlines: list[tuple[float, str]] = []
         self._ids = itertools.count()
+        self.issued = 0  # keys handed out so far (a key >= issued was never this process's)
+        # (client, request id) -> key of its outstanding request: ids are unique per client
+        self._by_client: dict[tuple[bytes, str], str] = {}
 
     # -- admission -----------------------------------------------------------------------------
 
@@ -95,9 +102,16 @@ class Scheduler:
                 f"queue for {model} priority {request.priority} is full",
                 self.retry_after_ms,
             )
+        if (client, request.id) in self._by_client:
+            return Refusal(
+                Status.BAD_REQUEST,
+                f"request id {request.id!r} is already outstanding on this connection",
+            )
         if request.timeout_ms is not None and request.timeout_ms <= 0:
             return Refusal(Status.TIMEOUT, "deadline passed before the request arrived")
         key = f"{next(self._ids):x}"
+        self.issued += 1
+        self._by_client[(client, request.id)] = key
         deadline = None if request.timeout_ms is None else now + request.timeout_ms / 1000
         p = self.pending[key] = Pending(key, client, request, now, deadline)
         if deadline is not None:
@@ -113,22 +127,26 @@ class Scheduler:
     def requeue(self, p: Pending) -> None:
         """Back to the front of its queue, undecided: the next dispatch decides again, or
         answers UNAVAILABLE / TIMEOUT if nobody can take it in time."""
-        p.worker, p.dispatched_at, p.route = None, None, None
+        p.worker, p.dispatched_at, p.route, p.dispatch_id = None, None, None, None
         self.queue_of(p).appendleft(p.key)
 
     def forget(self, key: str) -> None:
-        self.pending.pop(key, None)
+        p = self.pending.pop(key, None)
+        if p is not None:
+            self._by_client.pop((p.client, p.request.id), None)
+
+    def of_client(self, client: bytes) -> list[Pending]:
+        """`client`'s outstanding requests."""
+        return [p for p in self.pending.values() if p.client == client]
 
     def withdraw(self, client: bytes, request_id: str) -> Pending | None:
         """Forget `client`'s request `request_id` (out of its queue if still queued); None if
         it is not pending (already answered, or never seen)."""
-        p = next(
-            (p for p in self.pending.values() if p.client == client and p.request.id == request_id),
-            None,
-        )  # a linear scan: clients cancel rarely, and nothing else needs the index
+        key = self._by_client.get((client, request_id))
+        p = None if key is None else self.pending.get(key)
         if p is None:
             return None
-        del self.pending[p.key]
+        self.forget(p.key)
         if p.worker is None:
             queue = self.queue_of(p)
             if p.key in queue:

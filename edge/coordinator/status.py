@@ -25,6 +25,11 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
         "requests": [],
         "malformed": 0,
         "late_results": 0,
+        "superseded": 0,
+        "violations": 0,
+        "client_backlog": 0,
+        "replies_discarded": 0,
+        "clients_dropped": 0,
         "latency": [],
         "residency": {},
     }
@@ -48,6 +53,16 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
                 snapshot["malformed"] = int(value)
             elif s.name == "cicada_late_results_total":
                 snapshot["late_results"] = int(value)
+            elif s.name == "cicada_superseded_messages_total":
+                snapshot["superseded"] += int(value)
+            elif s.name == "cicada_worker_violations_total":
+                snapshot["violations"] = int(value)
+            elif s.name == "cicada_client_backlog_messages":
+                snapshot["client_backlog"] = int(value)
+            elif s.name == "cicada_replies_discarded_total":
+                snapshot["replies_discarded"] += int(value)
+            elif s.name == "cicada_clients_dropped_total":
+                snapshot["clients_dropped"] = int(value)
             elif s.name in ("cicada_request_seconds_count", "cicada_request_seconds_sum"):
                 snapshot["latency"].append({**labels, s.name.rsplit("_", 1)[1]: value})
     return snapshot

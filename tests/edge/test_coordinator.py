@@ -193,7 +193,7 @@ def test_critical_goes_to_edge_while_quality_waits_for_loading_cloud(h: Harness)
     to_edge = {m.id for m in edge.drain() if isinstance(m, Dispatch)}
     to_cloud = {m.id for m in cloud.drain() if isinstance(m, Dispatch)}
     assert len(to_edge) == 2 and len(to_cloud) == 1
-    keys = {p.request.id: k for k, p in h.coord.pending.items()}
+    keys = {p.request.id: p.dispatch_id for p in h.coord.pending.values()}
     assert keys["qual"] in to_cloud
     assert keys["crit"] in to_edge and keys["qual-short"] in to_edge
 

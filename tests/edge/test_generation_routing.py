@@ -162,19 +162,30 @@ def test_a_dead_edge_mid_generation_is_continued_elsewhere(h: Harness) -> None:
     assert isinstance(reply, Reply) and reply.outputs[0].tolist() == [41, 42, 43, 44]
 
 
-def test_a_malformed_generation_partial_is_dropped_and_serving_goes_on(h: Harness) -> None:
+def test_a_malformed_generation_partial_fails_its_attempt_and_serving_goes_on(h: Harness) -> None:
+    """A PARTIAL the request cannot take (not one int64 token) ends the attempt FAILED at once,
+    naming the problem; the worker's slot is free for the next generation."""
     edge = h.worker(Role.EDGE)
     client = h.peer()
     client.send(generation("g6", 1))
     h.pump()
     d = next_dispatch(edge)
     edge.send(Partial(id=d.id, seq=0, outputs=[np.asarray([1.5], dtype=np.float32)]))
-    edge.send(token(d.id, 1, 7))
+    edge.send(token(d.id, 1, 7))  # (the attempt is over: dropped)
     edge.send(Result(id=d.id, status=Status.OK))
     h.pump()
     got = client_messages(client)
-    assert h.coord.malformed == 1
-    assert [int(m.outputs[0][0]) for m in got if isinstance(m, Partial)] == [7]
+    assert [m for m in got if isinstance(m, Partial)] == []
+    assert isinstance(got[-1], Reply) and got[-1].status is Status.FAILED
+    assert "int64" in got[-1].error
+    assert all(not w.inflight for w in h.coord.workers.values())
+    client.send(generation("g7", 1))
+    h.pump()
+    d = next_dispatch(edge)
+    edge.send(token(d.id, 0, 7))
+    edge.send(Result(id=d.id, status=Status.OK))
+    h.pump()
+    got = client_messages(client)
     assert isinstance(got[-1], Reply) and got[-1].outputs[0].tolist() == [7]
 
 
