@@ -117,6 +117,17 @@ def coordinator(
         metrics_bind = (host or "127.0.0.1", int(port))
     if curve_secret is not None and allow_dir is None:
         raise click.UsageError("--curve-secret needs --allow DIR (the allow-list of public keys)")
+    fair: dict[str, Any] = {}
+    if file is not None:  # the bounds on what the coordinator holds: from the file only
+        c = file.coordinator
+        fair = dict(
+            client_queue_limit=c.client_queue_limit,
+            max_queued_bytes=c.max_queued_bytes,
+            max_client_queued_bytes=c.max_client_queued_bytes,
+            default_deadline_s=c.default_deadline_s,
+            allow_critical=c.allow_critical,
+            critical_clients=frozenset(c.critical_clients),
+        )
     config = CoordinatorConfig(
         bind=bind,
         heartbeat_interval=heartbeat,
@@ -124,6 +135,7 @@ def coordinator(
         metrics_bind=metrics_bind,
         curve_secret_file=curve_secret,
         curve_allow_dir=allow_dir,
+        **fair,
     )
     node = Coordinator(config)
     endpoint = node.bind()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,11 @@ import zmq
 
 from cicada.common.defaults import (
     DEFAULT_ADDRESS,
+    DEFAULT_DEADLINE_S,
     HEARTBEAT_INTERVAL_S,
     LIVENESS,
+    MAX_CLIENT_QUEUED_BYTES,
+    MAX_QUEUED_BYTES,
     PRIORITIES,
     QUEUE_LIMIT,
 )
@@ -66,7 +68,7 @@ from cicada.edge.coordinator.policy import (
 )
 from cicada.edge.coordinator.registry import Registry, WorkerInfo
 from cicada.edge.coordinator.relay import GenerationRelay
-from cicada.edge.coordinator.scheduler import Pending, Refusal, Scheduler
+from cicada.edge.coordinator.scheduler import Admission, FairQueue, Pending, Refusal, Scheduler
 
 log = logging.getLogger("cicada.coordinator")
 
@@ -77,6 +79,13 @@ class CoordinatorConfig:
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     liveness: int = LIVENESS
     queue_limit: int = QUEUE_LIMIT  # per model and priority
+    # Fair and bounded (docs/PROTOCOL.md section 13; edge/coordinator/config.py):
+    client_queue_limit: int | None = None  # of a queue, per client (None: queue_limit // 2)
+    max_queued_bytes: int = MAX_QUEUED_BYTES  # request tensor bytes held, all clients
+    max_client_queued_bytes: int = MAX_CLIENT_QUEUED_BYTES  # ... held for one client
+    default_deadline_s: float | None = DEFAULT_DEADLINE_S  # for requests without timeout_ms
+    allow_critical: bool = True  # any client may use priority 0
+    critical_clients: frozenset[str] = frozenset()  # else: these CURVE public keys (Z85)
     retry_after_s: float = 1.0  # suggested to callers when nobody can serve a model
     network_s: float = DEFAULT_NETWORK_S
     metrics_bind: tuple[str, int] | None = None  # ("127.0.0.1", 9464) serves /metrics
@@ -94,9 +103,27 @@ class Coordinator:
         self.config = config or CoordinatorConfig()
         self.clock = clock
         self.registry = Registry(self.config.heartbeat_interval * self.config.liveness)
+        c = self.config
         self.scheduler = Scheduler(
-            self.config.queue_limit, int(self.config.retry_after_s * 1000), self._known_model
+            Admission(
+                queue_limit=c.queue_limit,
+                client_queue_limit=(
+                    max(1, c.queue_limit // 2)
+                    if c.client_queue_limit is None
+                    else c.client_queue_limit
+                ),
+                max_queued_bytes=c.max_queued_bytes,
+                max_client_queued_bytes=c.max_client_queued_bytes,
+                default_deadline_s=c.default_deadline_s or None,
+            ),
+            int(c.retry_after_s * 1000),
+            self._known_model,
         )
+        # Clients whose reply could not be routed (they are gone): their other requests are
+        # dropped before the next dispatch.
+        self._gone: set[bytes] = set()
+        # Priority 0 by CURVE key: the messages' User-Id (the key ZAP accepted) is read.
+        self._keys_needed = not c.allow_critical and bool(c.critical_clients)
         self.relay = GenerationRelay(self.config.limits)
         self.metrics = CoordinatorMetrics()
         self.malformed = 0
@@ -117,7 +144,7 @@ class Coordinator:
         return self.scheduler.pending
 
     @property
-    def queues(self) -> dict[str, dict[int, deque[str]]]:
+    def queues(self) -> dict[str, dict[int, FairQueue]]:
         return self.scheduler.queues
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -175,7 +202,7 @@ class Coordinator:
                     # Drain what is there before doing the bookkeeping once.
                     for _ in range(256):
                         try:
-                            frames = _recv_frames(sock)
+                            frames = _recv_frames(sock, self._keys_needed)
                         except zmq.Again:
                             break
                         try:
@@ -219,7 +246,8 @@ class Coordinator:
         if len(frames) < 2:
             self._malformed(b"?", "no identity frame")
             return
-        identity, body = bytes(frames[0]), frames[1:]
+        head = frames[0]
+        identity, body = bytes(head), frames[1:]
         try:
             message = decode(body, self.config.limits, materialize=False)
         except ProtocolError as exc:
@@ -228,7 +256,7 @@ class Coordinator:
         now = self.clock()
         worker = self.registry.seen(identity, now)
         if isinstance(message, Request):
-            self.accept_request(identity, message, now)
+            self.accept_request(identity, message, now, _user_id(head))
         elif isinstance(message, Ready):
             self.register_worker(identity, message, now)
         elif isinstance(message, Heartbeat):
@@ -277,8 +305,17 @@ class Coordinator:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def accept_request(self, client: bytes, request: Request, now: float) -> None:
-        admitted = self.scheduler.admit(client, request, now)
+    def accept_request(
+        self, client: bytes, request: Request, now: float, key: str | None = None
+    ) -> None:
+        """Queue a client's request, or answer why not. `key`: the client's CURVE public key
+        (Z85) when it is needed to allow priority 0."""
+        if self._gone:
+            self._gone.discard(client)  # it is back (a client that sets its routing id)
+        critical = self.config.allow_critical or (
+            key is not None and key in self.config.critical_clients
+        )
+        admitted = self.scheduler.admit(client, request, now, critical)
         if isinstance(admitted, Refusal):
             self._refuse(client, request, admitted)
             return
@@ -299,6 +336,7 @@ class Coordinator:
         p = self.scheduler.withdraw(client, request_id)
         if p is None:
             return
+        self.metrics.dropped("cancelled")
         self.relay.ended(p.key)
         if p.worker is None:
             self.metrics.set_queue_depth(
@@ -307,6 +345,27 @@ class Coordinator:
         else:
             self._send(p.worker, Cancel(id=p.key, reason="the client cancelled the request"))
         log.debug("request %s withdrawn by its client", request_id)
+
+    def drop_gone_clients(self) -> None:
+        """Forget the requests of clients whose reply could not be routed: the ROUTER has no
+        connection for them any more (ROUTER_MANDATORY), so no reply of theirs can arrive.
+        Queued ones leave their queues, running ones are CANCELled at their workers (which
+        keep the slot until their RESULT); none gets a REPLY."""
+        gone, self._gone = self._gone, set()
+        for client in gone:
+            dropped = self.scheduler.drop_client(client)
+            for p in dropped:
+                self.relay.ended(p.key)
+                if p.worker is not None:
+                    self._send(p.worker, Cancel(id=p.key, reason="the client is gone"))
+                self.metrics.dropped("client_gone")
+            if dropped:
+                log.info(
+                    "client %s is gone: %d request(s) dropped", client.hex()[:16], len(dropped)
+                )
+        for model, queues in self.scheduler.queues.items():
+            for priority in PRIORITIES:
+                self.metrics.set_queue_depth(model, priority, len(queues[priority]))
 
     def _known_model(self, model: str) -> bool:
         if self.lifecycle is not None and self.lifecycle.manages(model):
@@ -349,7 +408,10 @@ class Coordinator:
         )
 
     def dispatch(self, now: float) -> None:
-        """Route queued requests, highest priority first, to workers with free slots."""
+        """Route queued requests, highest priority first and the clients of each priority in
+        turn, to workers with free slots."""
+        if self._gone:
+            self.drop_gone_clients()
         for model, queues in self.scheduler.queues.items():
             if not any(queues.values()):
                 continue
@@ -364,14 +426,16 @@ class Coordinator:
             stale = False
             for priority in PRIORITIES:
                 queue = queues[priority]
-                for key in list(queue):
+                if not queue:
+                    continue
+                for client, key in queue.order():
                     if self._no_free_slot(model, edge, cloud):
                         # Nothing can be dispatched; deciding again per queued request would
                         # cost O(queue) per message (deadlines are enforced by expiry).
                         break
                     p = self.scheduler.pending.get(key)
                     if p is None:
-                        queue.remove(key)
+                        queue.remove(client, key)
                         continue
                     decision = choose(priority, p.remaining(now), edge, cloud)
                     route = decision.route
@@ -379,7 +443,7 @@ class Coordinator:
                     if route is not was_queued_for and was_queued_for is not None:
                         stale = True
                     if route is Route.UNAVAILABLE or route is Route.TOO_LATE:
-                        queue.remove(key)
+                        queue.remove(client, key)
                         refusal = self.scheduler.unroutable(route, model, cloud)
                         self._finish(p, refusal.reply(p.request.id), now)
                         continue
@@ -391,7 +455,7 @@ class Coordinator:
                         # `route`'s side.
                         stale = stale or route is not was_queued_for
                         continue
-                    queue.remove(key)
+                    queue.took(client, key)  # its client's turn is used
                     self._send_dispatch(worker, p, now)
                     if stale or p.worker is None:  # (not sent: the workers changed)
                         edge, cloud = self.view(model, Role.EDGE), self.view(model, Role.CLOUD)
@@ -456,7 +520,7 @@ class Coordinator:
                 self.lifecycle.on_busy(worker.name, now)
         else:
             # The worker vanished between its last message and now: drop it, keep the request.
-            self.scheduler.queue_of(p).appendleft(p.key)
+            self.scheduler.put_back(p)
             self.remove_worker(worker.identity, now, reason="unreachable")
 
     def forward_partial(self, worker: WorkerInfo, partial: Partial) -> None:
@@ -472,7 +536,8 @@ class Coordinator:
         except ProtocolError as exc:
             self._malformed(worker.identity, str(exc))
             return
-        self._send(p.client, piece)
+        if self._deliver(p.client, piece) == zmq.EHOSTUNREACH:
+            self._gone.add(p.client)
 
     def complete(self, identity: bytes, result: Result, now: float) -> None:
         p = self.scheduler.pending.get(result.id)
@@ -542,8 +607,11 @@ class Coordinator:
             # the metrics without bound.
             label = model if self._known_model(model) else "unknown"
             self.metrics.observe(label, "none", reply.status.value, 0.0)
-        if not self._send(client, reply):
+        error = self._deliver(client, reply)
+        if error:
             log.info("client %s left before its reply %s", client.hex()[:16], reply.id)
+            if error == zmq.EHOSTUNREACH:
+                self._gone.add(client)  # no route: its connection is closed
 
     def expire_requests(self, now: float) -> None:
         """Answer TIMEOUT for everything whose deadline passed, queued or running."""
@@ -611,8 +679,13 @@ class Coordinator:
             self._send(identity, Heartbeat())
 
     def _send(self, identity: bytes, message: Any) -> bool:
+        return self._deliver(identity, message) == 0
+
+    def _deliver(self, identity: bytes, message: Any) -> int:
+        """Send without blocking: 0, or why not (zmq.EHOSTUNREACH: no connection for
+        `identity`; zmq.EAGAIN: its pipe is full; ENOTSOCK: closed)."""
         if self._sock is None:
-            return False
+            return zmq.ENOTSOCK
         try:
             # Never block: a peer that stops reading fills its pipe to the HWM, and a blocking
             # send would stall every other peer. Its message is dropped instead (a worker is
@@ -629,11 +702,11 @@ class Coordinator:
             for frame in frames[:-1]:
                 send(frame, _MORE_NOBLOCK, copy=copy)
             send(frames[-1], _NOBLOCK, copy=copy)
-            return True
+            return 0
         except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: peer is gone
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
-            return False
+            return int(exc.errno)
 
 
 _ZERO_COPY_BYTES = 64 * 1024
@@ -642,19 +715,31 @@ _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _COPIED_FRAMES = 4  # identity, signature, command, body
 
 
-def _recv_frames(sock: zmq.Socket[bytes]) -> list[Any]:
+def _recv_frames(sock: zmq.Socket[bytes], keys: bool = False) -> list[Any]:
     """One message, without blocking (zmq.Again if none): the identity, signature, command and
     body frames as bytes (small; the body is unpacked from bytes anyway), tensor frames as
     zero-copy buffers, which are forwarded as they are. (recv_multipart(copy=False) made a
-    Frame object for every frame: ~3 us per message more than this.)"""
+    Frame object for every frame: ~3 us per message more than this.) `keys`: the identity
+    frame as a zmq.Frame instead, whose metadata names the peer's CURVE key (`_user_id`)."""
     recv = sock.recv
-    frames: list[Any] = [recv(zmq.NOBLOCK)]
+    frames: list[Any] = [recv(zmq.NOBLOCK, copy=not keys)]
     while sock.getsockopt(zmq.RCVMORE):
         if len(frames) < _COPIED_FRAMES:
             frames.append(recv())
         else:
             frames.append(recv(copy=False).buffer)
     return frames
+
+
+def _user_id(frame: Any) -> str | None:
+    """The CURVE public key (Z85) ZAP accepted for the peer that sent `frame`, if it is a
+    zmq.Frame that carries one."""
+    if not isinstance(frame, zmq.Frame):
+        return None
+    try:
+        return str(frame.get("User-Id"))
+    except zmq.ZMQError:
+        return None
 
 
 def _after_dispatch(view: SideView, was_queued: bool) -> SideView:

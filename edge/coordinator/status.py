@@ -25,6 +25,7 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
         "requests": [],
         "malformed": 0,
         "late_results": 0,
+        "dropped": {},
         "latency": [],
         "residency": {},
     }
@@ -46,6 +47,8 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
                 snapshot["requests"].append({**labels, "count": int(value)})
             elif s.name == "cicada_malformed_messages_total":
                 snapshot["malformed"] = int(value)
+            elif s.name == "cicada_requests_dropped_total":
+                snapshot["dropped"][labels["reason"]] = int(value)
             elif s.name == "cicada_late_results_total":
                 snapshot["late_results"] = int(value)
             elif s.name in ("cicada_request_seconds_count", "cicada_request_seconds_sum"):
