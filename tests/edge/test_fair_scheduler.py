@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from cicada.common.errors import ConfigError
 from cicada.common.protocol import Request, Status
+from cicada.edge.coordinator.config import load_config
 from cicada.edge.coordinator.scheduler import Admission, FairQueue, Pending, Refusal, Scheduler
 
 A, B, C = b"client-a", b"client-b", b"client-c"
@@ -139,3 +144,24 @@ def test_drop_client_forgets_everything_it_holds() -> None:
     assert len(s.queues["m"][1]) == 1 and len(s.queues["m"][2]) == 0
     assert A not in s.clients and s.held_bytes == 8
     assert s.withdraw(B, "b0") is not None and s.held_bytes == 0 and not s.clients
+
+
+def test_config_sizes_and_keys(tmp_path: Path) -> None:
+    path = tmp_path / "cicada.toml"
+    path.write_text('[coordinator]\nmax_queued_bytes = "1GiB"\nmax_client_queued_bytes = 1024\n'
+                    'default_deadline_s = 5\nallow_critical = false\n'
+                    f'critical_clients = ["{"k" * 40}"]\n')  # fmt: skip
+    c = load_config(path).coordinator
+    assert (c.max_queued_bytes, c.max_client_queued_bytes) == (2**30, 1024)
+    assert c.default_deadline_s == 5.0 and not c.allow_critical
+    assert c.critical_clients == ["k" * 40]
+    defaults = path.with_name("defaults.toml")
+    defaults.write_text("[coordinator]\n")
+    d = load_config(defaults).coordinator
+    assert (d.max_queued_bytes, d.max_client_queued_bytes) == (2**30, 256 * 2**20)
+    assert d.default_deadline_s == 60.0 and d.allow_critical and d.client_queue_limit is None
+    for bad in ('max_queued_bytes = "lots"', 'critical_clients = ["short"]',
+                "max_client_queued_bytes = 0"):  # fmt: skip
+        path.write_text(f"[coordinator]\n{bad}\n")
+        with pytest.raises(ConfigError):
+            load_config(path)
