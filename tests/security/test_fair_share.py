@@ -22,6 +22,7 @@ asserts how long anything took.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -248,3 +249,62 @@ def test_default_deadline_and_priority_zero_for_the_allowed_only(
     status = stack.wait_for(lambda s: answered(s) >= 3, what="three answered")
     assert answered(status) == 3  # TIMEOUT, BAD_REQUEST, OK: one each
     assert status["dropped"] == {"cancelled": 1}  # the slot holder
+
+
+@pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
+def test_priority_zero_by_curve_key(tmp_path: Path, ctx: zmq.Context[Any]) -> None:
+    """With CURVE, priority 0 is for the keys in critical_clients: told apart by the key the
+    coordinator's ZAP handler accepted (a coordinator on a real loop, in this process)."""
+    import zmq.auth
+
+    from cicada.common.protocol import Dispatch, Ready, Result, Role
+    from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
+
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    keys = {}
+    for name in ("coordinator", "worker", "vip", "other"):
+        public_file, secret_file = zmq.auth.create_certificates(str(tmp_path), name)
+        keys[name] = zmq.auth.load_certificate(secret_file)
+        if name != "coordinator":
+            shutil.copy(public_file, allow / f"{name}.key")
+    node = Coordinator(CoordinatorConfig(
+        bind="tcp://127.0.0.1:0", curve_secret_file=tmp_path / "coordinator.key_secret",
+        curve_allow_dir=allow, allow_critical=False,
+        critical_clients=frozenset({keys["vip"][0].decode()}),
+    ))  # fmt: skip
+    endpoint = node.bind()
+    thread = threading.Thread(target=node.serve_forever, daemon=True)
+    thread.start()
+
+    def peer(name: str) -> Raw:
+        raw = Raw.__new__(Raw)
+        raw.sock = ctx.socket(zmq.DEALER)
+        raw.sock.setsockopt(zmq.LINGER, 0)
+        raw.sock.curve_publickey, raw.sock.curve_secretkey = keys[name]
+        raw.sock.curve_serverkey = keys["coordinator"][0]
+        raw.sock.connect(endpoint)
+        return raw
+
+    try:
+        worker = peer("worker")
+        worker.send(Ready(role=Role.EDGE, worker="w", models=["m"], capacity=4))
+        worker.recv()  # the coordinator's greeting: registered
+        x = np.zeros(4, np.float32)
+        replies = {}
+        for name in ("vip", "other"):
+            client = peer(name)
+            client.send(Request(id=name, model="m", inputs=[x], priority=0, timeout_ms=60_000))
+            if name == "vip":
+                dispatch = worker.recv()
+                assert isinstance(dispatch, Dispatch)
+                worker.send(Result(id=dispatch.id, status=Status.OK, outputs=[x]))
+            (replies[name],) = client.replies(1)
+            client.close()
+        assert replies["vip"].status is Status.OK
+        assert replies["other"].status is Status.BAD_REQUEST
+        assert "critical_clients" in replies["other"].error
+        worker.close()
+    finally:
+        node.stop()
+        thread.join(10)
