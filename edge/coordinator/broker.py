@@ -122,6 +122,7 @@ class Coordinator:
         # Clients whose reply could not be routed (they are gone): their other requests are
         # dropped before the next dispatch.
         self._gone: set[bytes] = set()
+        self._send_error = 0  # why the last `_send` that failed did
         # Priority 0 by CURVE key: the messages' User-Id (the key ZAP accepted) is read.
         self._keys_needed = not c.allow_critical and bool(c.critical_clients)
         self.relay = GenerationRelay(self.config.limits)
@@ -536,7 +537,7 @@ class Coordinator:
         except ProtocolError as exc:
             self._malformed(worker.identity, str(exc))
             return
-        if self._deliver(p.client, piece) == zmq.EHOSTUNREACH:
+        if not self._send(p.client, piece) and self._send_error == zmq.EHOSTUNREACH:
             self._gone.add(p.client)
 
     def complete(self, identity: bytes, result: Result, now: float) -> None:
@@ -607,10 +608,9 @@ class Coordinator:
             # the metrics without bound.
             label = model if self._known_model(model) else "unknown"
             self.metrics.observe(label, "none", reply.status.value, 0.0)
-        error = self._deliver(client, reply)
-        if error:
+        if not self._send(client, reply):
             log.info("client %s left before its reply %s", client.hex()[:16], reply.id)
-            if error == zmq.EHOSTUNREACH:
+            if self._send_error == zmq.EHOSTUNREACH:
                 self._gone.add(client)  # no route: its connection is closed
 
     def expire_requests(self, now: float) -> None:
@@ -679,13 +679,11 @@ class Coordinator:
             self._send(identity, Heartbeat())
 
     def _send(self, identity: bytes, message: Any) -> bool:
-        return self._deliver(identity, message) == 0
-
-    def _deliver(self, identity: bytes, message: Any) -> int:
-        """Send without blocking: 0, or why not (zmq.EHOSTUNREACH: no connection for
-        `identity`; zmq.EAGAIN: its pipe is full; ENOTSOCK: closed)."""
+        """Send without blocking; False if not sent, and why in `_send_error`
+        (zmq.EHOSTUNREACH: no connection for `identity`; zmq.EAGAIN: its pipe is full)."""
         if self._sock is None:
-            return zmq.ENOTSOCK
+            self._send_error = zmq.ENOTSOCK
+            return False
         try:
             # Never block: a peer that stops reading fills its pipe to the HWM, and a blocking
             # send would stall every other peer. Its message is dropped instead (a worker is
@@ -702,11 +700,12 @@ class Coordinator:
             for frame in frames[:-1]:
                 send(frame, _MORE_NOBLOCK, copy=copy)
             send(frames[-1], _NOBLOCK, copy=copy)
-            return 0
+            return True
         except zmq.ZMQError as exc:  # EHOSTUNREACH under ROUTER_MANDATORY: peer is gone
             if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
                 raise
-            return int(exc.errno)
+            self._send_error = exc.errno
+            return False
 
 
 _ZERO_COPY_BYTES = 64 * 1024
