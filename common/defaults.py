@@ -17,5 +17,10 @@ MAX_NEW_TOKENS = 4096  # one generation request may not ask for more (section 12
 HEARTBEAT_INTERVAL_S = 0.5  # both sides heartbeat this often when otherwise silent (section 7)
 LIVENESS = 4  # heartbeat intervals without a word before a peer counts as dead
 QUEUE_LIMIT = 1024  # the coordinator's queue bound, per model and priority
+# What one coordinator holds (docs/PROTOCOL.md section 13): request tensor bytes in all, and
+# for one client; the deadline of a request that brings none.
+MAX_QUEUED_BYTES = 1 << 30  # 1 GiB
+MAX_CLIENT_QUEUED_BYTES = 256 << 20  # 256 MiB
+DEFAULT_DEADLINE_S = 60.0
 
 DEFAULT_TIMEOUT_S = 30.0  # how long a client call waits at most, unless told otherwise

@@ -154,6 +154,17 @@ def coordinator(
         raise click.UsageError(
             "--curve-secret needs keys to admit: --allow DIR (clients) and/or --worker-keys"
         )
+    fair: dict[str, Any] = {}
+    if file is not None:  # the bounds on what the coordinator holds: from the file only
+        c = file.coordinator
+        fair = dict(
+            client_queue_limit=c.client_queue_limit,
+            max_queued_bytes=c.max_queued_bytes,
+            max_client_queued_bytes=c.max_client_queued_bytes,
+            default_deadline_s=c.default_deadline_s,
+            allow_critical=c.allow_critical,
+            critical_clients=frozenset(c.critical_clients),
+        )
     config = CoordinatorConfig(
         bind=bind,
         heartbeat_interval=heartbeat,
@@ -163,6 +174,7 @@ def coordinator(
         curve_allow_dir=allow_dir,
         worker_keys=bound,
         insecure=insecure,
+        **fair,
     )
     node = Coordinator(config)
     try:

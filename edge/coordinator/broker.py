@@ -31,8 +31,11 @@ import zmq
 
 from cicada.common.defaults import (
     DEFAULT_ADDRESS,
+    DEFAULT_DEADLINE_S,
     HEARTBEAT_INTERVAL_S,
     LIVENESS,
+    MAX_CLIENT_QUEUED_BYTES,
+    MAX_QUEUED_BYTES,
     PRIORITIES,
     QUEUE_LIMIT,
 )
@@ -75,7 +78,7 @@ from cicada.edge.coordinator.policy import (
 )
 from cicada.edge.coordinator.registry import Registry, WorkerInfo
 from cicada.edge.coordinator.relay import GenerationRelay
-from cicada.edge.coordinator.scheduler import Pending, Refusal, Scheduler
+from cicada.edge.coordinator.scheduler import Admission, FairQueue, Pending, Refusal, Scheduler
 
 log = logging.getLogger("cicada.coordinator")
 
@@ -86,6 +89,13 @@ class CoordinatorConfig:
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     liveness: int = LIVENESS
     queue_limit: int = QUEUE_LIMIT  # per model and priority
+    # Fair and bounded (docs/PROTOCOL.md section 13; edge/coordinator/config.py):
+    client_queue_limit: int | None = None  # of a queue, per client (None: queue_limit // 2)
+    max_queued_bytes: int = MAX_QUEUED_BYTES  # request tensor bytes held, all clients
+    max_client_queued_bytes: int = MAX_CLIENT_QUEUED_BYTES  # ... held for one client
+    default_deadline_s: float | None = DEFAULT_DEADLINE_S  # for requests without timeout_ms
+    allow_critical: bool = True  # any client may use priority 0
+    critical_clients: frozenset[str] = frozenset()  # else: these CURVE public keys (Z85)
     retry_after_s: float = 1.0  # suggested to callers when nobody can serve a model
     network_s: float = DEFAULT_NETWORK_S
     metrics_bind: tuple[str, int] | None = None  # ("127.0.0.1", 9464) serves /metrics
@@ -111,9 +121,26 @@ class Coordinator:
         self.config = config or CoordinatorConfig()
         self.clock = clock
         self.registry = Registry(self.config.heartbeat_interval * self.config.liveness)
+        c = self.config
         self.scheduler = Scheduler(
-            self.config.queue_limit, int(self.config.retry_after_s * 1000), self._known_model
+            Admission(
+                queue_limit=c.queue_limit,
+                client_queue_limit=(
+                    max(1, c.queue_limit // 2)
+                    if c.client_queue_limit is None
+                    else c.client_queue_limit
+                ),
+                max_queued_bytes=c.max_queued_bytes,
+                max_client_queued_bytes=c.max_client_queued_bytes,
+                default_deadline_s=c.default_deadline_s or None,
+            ),
+            int(c.retry_after_s * 1000),
+            self._known_model,
         )
+        # Clients whose reply could not be routed (they are gone): their other requests are
+        # dropped before the next dispatch.
+        self._gone: set[bytes] = set()
+        # Priority 0 by CURVE key: the messages' User-Id (the key ZAP accepted) is read.
         self.relay = GenerationRelay(self.config.limits)
         self.metrics = CoordinatorMetrics()
         self.malformed = 0
@@ -142,7 +169,7 @@ class Coordinator:
         return self.scheduler.pending
 
     @property
-    def queues(self) -> dict[str, dict[int, deque[str]]]:
+    def queues(self) -> dict[str, dict[int, FairQueue]]:
         return self.scheduler.queues
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -260,7 +287,8 @@ class Coordinator:
         if len(frames) < 2:
             self._malformed(b"?", "no identity frame")
             return
-        identity, body = bytes(frames[0]), frames[1:]
+        head = frames[0]
+        identity, body = bytes(head), frames[1:]
         try:
             message = decode(body, self.config.limits, materialize=False)
         except ProtocolError as exc:
@@ -275,7 +303,7 @@ class Coordinator:
                 refusal = Refusal(Status.REJECTED, "this key may not send requests")
                 self._reply(identity, refusal.reply(message.id), message.model)
                 return
-            self.accept_request(identity, message, now)
+            self.accept_request(identity, message, now, user)
         elif isinstance(message, Ready):
             self.register_worker(identity, message, now, grant)
         elif isinstance(message, Heartbeat):
@@ -368,7 +396,13 @@ class Coordinator:
 
     # -- requests ----------------------------------------------------------------------------
 
-    def accept_request(self, client: bytes, request: Request, now: float) -> None:
+    def accept_request(
+        self, client: bytes, request: Request, now: float, key: str | None = None
+    ) -> None:
+        """Queue a client's request, or answer why not. `key`: the client's CURVE public key
+        (Z85) when it is needed to allow priority 0."""
+        if self._gone:
+            self._gone.discard(client)  # it is back (a client that sets its routing id)
         if client in self._overflowing:
             refusal = Refusal(
                 Status.REJECTED,
@@ -377,7 +411,10 @@ class Coordinator:
             )
             self._refuse(client, request, refusal)
             return
-        admitted = self.scheduler.admit(client, request, now)
+        critical = self.config.allow_critical or (
+            key is not None and key in self.config.critical_clients
+        )
+        admitted = self.scheduler.admit(client, request, now, critical)
         if isinstance(admitted, Refusal):
             self._refuse(client, request, admitted)
             return
@@ -398,6 +435,7 @@ class Coordinator:
         p = self.scheduler.withdraw(client, request_id)
         if p is None:
             return
+        self.metrics.dropped("cancelled")
         self.relay.ended(p.key)
         if p.worker is None:
             self.metrics.set_queue_depth(
@@ -408,6 +446,27 @@ class Coordinator:
                 p.worker, Cancel(id=p.dispatch_id, reason="the client cancelled the request")
             )
         log.debug("request %s withdrawn by its client", request_id)
+
+    def drop_gone_clients(self) -> None:
+        """Forget the requests of clients whose reply could not be routed: the ROUTER has no
+        connection for them any more (ROUTER_MANDATORY), so no reply of theirs can arrive.
+        Queued ones leave their queues, running ones are CANCELled at their workers (which
+        keep the slot until their RESULT); none gets a REPLY."""
+        gone, self._gone = self._gone, set()
+        for client in gone:
+            dropped = self.scheduler.drop_client(client)
+            for p in dropped:
+                self.relay.ended(p.key)
+                if p.worker is not None:
+                    self._send(p.worker, Cancel(id=p.key, reason="the client is gone"))
+                self.metrics.dropped("client_gone")
+            if dropped:
+                log.info(
+                    "client %s is gone: %d request(s) dropped", client.hex()[:16], len(dropped)
+                )
+        for model, queues in self.scheduler.queues.items():
+            for priority in PRIORITIES:
+                self.metrics.set_queue_depth(model, priority, len(queues[priority]))
 
     def _known_model(self, model: str) -> bool:
         if self.lifecycle is not None and self.lifecycle.manages(model):
@@ -450,7 +509,10 @@ class Coordinator:
         )
 
     def dispatch(self, now: float) -> None:
-        """Route queued requests, highest priority first, to workers with free slots."""
+        """Route queued requests, highest priority first and the clients of each priority in
+        turn, to workers with free slots."""
+        if self._gone:
+            self.drop_gone_clients()
         for model, queues in self.scheduler.queues.items():
             if not any(queues.values()):
                 continue
@@ -465,14 +527,16 @@ class Coordinator:
             stale = False
             for priority in PRIORITIES:
                 queue = queues[priority]
-                for key in list(queue):
+                if not queue:
+                    continue
+                for client, key in queue.order():
                     if self._no_free_slot(model, edge, cloud):
                         # Nothing can be dispatched; deciding again per queued request would
                         # cost O(queue) per message (deadlines are enforced by expiry).
                         break
                     p = self.scheduler.pending.get(key)
                     if p is None:
-                        queue.remove(key)
+                        queue.remove(client, key)
                         continue
                     decision = choose(priority, p.remaining(now), edge, cloud)
                     route = decision.route
@@ -480,7 +544,7 @@ class Coordinator:
                     if route is not was_queued_for and was_queued_for is not None:
                         stale = True
                     if route is Route.UNAVAILABLE or route is Route.TOO_LATE:
-                        queue.remove(key)
+                        queue.remove(client, key)
                         refusal = self.scheduler.unroutable(route, model, cloud)
                         self._finish(p, refusal.reply(p.request.id), now)
                         continue
@@ -492,7 +556,7 @@ class Coordinator:
                         # `route`'s side.
                         stale = stale or route is not was_queued_for
                         continue
-                    queue.remove(key)
+                    queue.took(client, key)  # its client's turn is used
                     self._send_dispatch(worker, p, now)
                     if stale or p.worker is None:  # (not sent: the workers changed)
                         edge, cloud = self.view(model, Role.EDGE), self.view(model, Role.CLOUD)
@@ -563,7 +627,7 @@ class Coordinator:
                 self.lifecycle.on_busy(worker.name, now)
         else:
             # The worker vanished between its last message and now: drop it, keep the request.
-            self.scheduler.queue_of(p).appendleft(p.key)
+            self.scheduler.put_back(p)
             self.remove_worker(worker.identity, now, reason="unreachable")
 
     def _attempt(self, identity: bytes, dispatch_id: str) -> Pending | None:
@@ -741,6 +805,8 @@ class Coordinator:
                 return
             if self._send_errno != zmq.EAGAIN:
                 log.info("client %s left before its %s", client.hex()[:16], message.id)
+                if self._send_errno == zmq.EHOSTUNREACH:
+                    self._gone.add(client)  # no route: its connection is closed
                 return
             box = self._outbox[client] = deque()
             self._outbox_bytes[client] = 0
@@ -938,6 +1004,7 @@ class Coordinator:
         full) or EHOSTUNREACH (the peer is gone, or the socket is closed)."""
         self._send_errno = zmq.EHOSTUNREACH
         if self._sock is None:
+            self._send_errno = zmq.ENOTSOCK
             return False
         try:
             # Never block: a peer that stops reading fills its pipe to the HWM, and a blocking

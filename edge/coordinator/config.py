@@ -10,6 +10,14 @@
     ray_num_gpus = 1                   # per worker actor
     ray_resources = { cloud = 1 }      # custom resources per worker actor
     ray_label_selector = { "cicada-tier" = "cloud" }   # node labels (Ray 2.49+)
+    queue_limit = 1024                 # requests queued per model and priority
+    # Fair and bounded (docs/PROTOCOL.md section 13): nobody takes the coordinator down alone.
+    client_queue_limit = 512           # of each such queue, per client (default queue_limit/2)
+    max_queued_bytes = "1GiB"          # request tensor bytes held (queued or running), in all
+    max_client_queued_bytes = "256MiB" # ... and for one client; beyond either: REJECTED
+    default_deadline_s = 60.0          # the deadline of a request without timeout_ms; 0: none
+    allow_critical = true              # any client may use priority 0; false: only ...
+    critical_clients = ["<Z85 public key>", ...]   # ... these CURVE keys (BAD_REQUEST else)
     insecure = false                   # true: allow a non-loopback bind without CURVE
 
     # CURVE (docs/PROTOCOL.md section 10): every key is bound to what it may do.
@@ -36,32 +44,60 @@
     start_timeout_s = 120.0            # a worker that has not registered by then is killed
     expected_start_s = 3.0             # cold-start estimate until one is measured
 
-Relative paths are taken relative to the file.
+Relative paths are taken relative to the file. Byte sizes are integers (bytes) or strings
+with a unit: "512KiB", "256MiB", "1GiB" (also KB, MB, GB: powers of 1000).
+
+`allow_critical = false` without CURVE keys (`curve_secret`) leaves priority 0 to nobody:
+clients are told apart only by the key the coordinator's ZAP handler accepted for them. A
+client's key is the `public-key` of its `.key` file (`cicada keys`).
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
 from cicada.common.defaults import (
     DEFAULT_ADDRESS,
+    DEFAULT_DEADLINE_S,
     DEFAULT_METRICS,
     HEARTBEAT_INTERVAL_S,
+    MAX_CLIENT_QUEUED_BYTES,
+    MAX_QUEUED_BYTES,
     QUEUE_LIMIT,
 )
 from cicada.common.errors import ConfigError
 from cicada.common.protocol import MAX_MODELS_PER_WORKER
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+
+
+def parse_bytes(value: Any) -> Any:
+    """ "256MiB" -> 268435456; integers pass through (pydantic checks the rest)."""
+    if not isinstance(value, str):
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", value)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f'{value!r} is not a size (e.g. 1048576, "256MiB", "1GiB")')
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1)]
 
 
 class ModelConfig(BaseModel):
@@ -118,6 +154,23 @@ class CoordinatorSection(BaseModel):
     worker_key: Path | None = None
     server_key: Path | None = None
     insecure: bool = False
+    client_queue_limit: int | None = Field(default=None, ge=1)
+    max_queued_bytes: Bytes = MAX_QUEUED_BYTES
+    max_client_queued_bytes: Bytes = MAX_CLIENT_QUEUED_BYTES
+    default_deadline_s: float = Field(default=DEFAULT_DEADLINE_S, ge=0)
+    allow_critical: bool = True
+    critical_clients: list[str] = Field(default_factory=list)
+
+    @field_validator("critical_clients")
+    @classmethod
+    def _z85_keys(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if len(key) != 40:
+                raise ValueError(
+                    f"{key!r} is not a CURVE public key (40 Z85 characters, the public-key "
+                    "of a .key file)"
+                )
+        return keys
 
 
 class CicadaConfig(BaseModel):

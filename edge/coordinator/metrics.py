@@ -98,6 +98,14 @@ class CoordinatorMetrics:
             "Generations moved from an edge agent to a cloud worker mid-stream",
             registry=r,
         )
+        self._dropped = Counter(
+            "cicada_requests_dropped",
+            "Requests forgotten without a REPLY: withdrawn by their client (cancelled), or "
+            "their client is gone (client_gone)",
+            ["reason"],
+            registry=r,
+        )
+        self._dropped_by: dict[str, Any] = {}
         self.residency = Gauge(
             "cicada_worker_resident_stages",
             "Stages resident on a cloud worker (of cicada_worker_total_stages)",
@@ -132,6 +140,12 @@ class CoordinatorMetrics:
             if histogram is None:
                 histogram = self._latency[key[:2]] = self.latency.labels(model, route)
             histogram.observe(seconds)
+
+    def dropped(self, reason: str) -> None:
+        counter = self._dropped_by.get(reason)
+        if counter is None:
+            counter = self._dropped_by[reason] = self._dropped.labels(reason)
+        counter.inc()
 
     def set_queue_depth(self, model: str, priority: int, depth: int) -> None:
         entry = self._depth.get((model, priority))

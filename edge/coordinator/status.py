@@ -30,6 +30,7 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
         "client_backlog": 0,
         "replies_discarded": 0,
         "clients_dropped": 0,
+        "dropped": {},
         "latency": [],
         "residency": {},
     }
@@ -51,6 +52,8 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
                 snapshot["requests"].append({**labels, "count": int(value)})
             elif s.name == "cicada_malformed_messages_total":
                 snapshot["malformed"] = int(value)
+            elif s.name == "cicada_requests_dropped_total":
+                snapshot["dropped"][labels["reason"]] = int(value)
             elif s.name == "cicada_late_results_total":
                 snapshot["late_results"] = int(value)
             elif s.name == "cicada_superseded_messages_total":

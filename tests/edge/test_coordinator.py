@@ -143,7 +143,7 @@ def test_unknown_model_is_unavailable_with_retry_after(h: Harness) -> None:
 
 
 def test_full_queue_rejects_and_loses_nothing() -> None:
-    h = Harness(queue_limit=2)
+    h = Harness(queue_limit=2, client_queue_limit=2)  # one client may fill the whole queue
     try:
         edge = h.worker(Role.EDGE, capacity=1)  # never answers
         client = h.peer()
