@@ -258,6 +258,7 @@ def test_priority_zero_by_curve_key(tmp_path: Path, ctx: zmq.Context[Any]) -> No
     import zmq.auth
 
     from cicada.common.protocol import Dispatch, Ready, Result, Role
+    from cicada.edge.coordinator.access import WorkerKeys
     from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
 
     allow = tmp_path / "allow"
@@ -266,11 +267,12 @@ def test_priority_zero_by_curve_key(tmp_path: Path, ctx: zmq.Context[Any]) -> No
     for name in ("coordinator", "worker", "vip", "other"):
         public_file, secret_file = zmq.auth.create_certificates(str(tmp_path), name)
         keys[name] = zmq.auth.load_certificate(secret_file)
-        if name != "coordinator":
+        if name in ("vip", "other"):  # client keys; the worker's is bound to edge for "m"
             shutil.copy(public_file, allow / f"{name}.key")
     node = Coordinator(CoordinatorConfig(
         bind="tcp://127.0.0.1:0", curve_secret_file=tmp_path / "coordinator.key_secret",
         curve_allow_dir=allow, allow_critical=False,
+        worker_keys=[WorkerKeys.of("edge", ["m"], tmp_path / "worker.key")],
         critical_clients=frozenset({keys["vip"][0].decode()}),
     ))  # fmt: skip
     endpoint = node.bind()

@@ -382,9 +382,10 @@ def test_a_client_over_its_backlog_bound_gets_rejected_replies_not_silence() -> 
     from tests.edge.test_coordinator import Harness
 
     n, size = 1600, 1024  # 4 KiB of float32 per reply
-    h = Harness(client_backlog_bytes=64 * 1024)
+    # One client queues them all (client_queue_limit), on the largest worker READY allows.
+    h = Harness(client_backlog_bytes=64 * 1024, client_queue_limit=n)
     try:
-        worker = h.worker(Role.EDGE, capacity=n)
+        worker = h.worker(Role.EDGE, capacity=1024)
         client = h.ctx.socket(zmq.DEALER)
         client.setsockopt(zmq.RCVHWM, 1)
         client.setsockopt(zmq.LINGER, 0)
