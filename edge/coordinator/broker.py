@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 from cicada.common.defaults import (
+    CRITICAL,
     DEFAULT_ADDRESS,
     HEARTBEAT_INTERVAL_S,
     LIVENESS,
@@ -34,7 +36,9 @@ from cicada.common.defaults import (
 )
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
+    SIGNATURE,
     Cancel,
+    Command,
     Disconnect,
     Dispatch,
     Heartbeat,
@@ -51,7 +55,7 @@ from cicada.common.protocol import (
     WorkerState,
     decode,
     encode,
-    unpack_body,
+    request_id_of,
 )
 from cicada.common.sockets import configure
 from cicada.edge.coordinator.lifecycle import Lifecycle
@@ -95,7 +99,10 @@ class Coordinator:
         self.clock = clock
         self.registry = Registry(self.config.heartbeat_interval * self.config.liveness)
         self.scheduler = Scheduler(
-            self.config.queue_limit, int(self.config.retry_after_s * 1000), self._known_model
+            self.config.queue_limit,
+            int(self.config.retry_after_s * 1000),
+            self._known_model,
+            self._unknown_model,
         )
         self.relay = GenerationRelay(self.config.limits)
         self.metrics = CoordinatorMetrics()
@@ -258,17 +265,13 @@ class Coordinator:
     def _answer_malformed(self, identity: bytes, body: list[Any], exc: ProtocolError) -> None:
         """Log and drop; if the frames are a REQUEST whose id is readable, answer BAD_REQUEST."""
         self._malformed(identity, str(exc))
-        try:
-            if len(body) >= 3 and bytes(body[1]) == b"\x01":
-                # The protocol's own limits: any request whose id the decoder could have read
-                # gets its BAD_REQUEST.
-                doc: Any = unpack_body(bytes(body[2]), self.config.limits, tolerate_ext=True)
-                if isinstance(doc, dict) and isinstance(doc.get("id"), str):
-                    model = doc.get("model") if isinstance(doc.get("model"), str) else "?"
-                    refusal = Refusal(Status.BAD_REQUEST, f"malformed request: {exc}")
-                    self._reply(identity, refusal.reply(doc["id"]), str(model))
-        except Exception:  # the frames are garbage: dropping them is the answer
-            pass
+        # Signed CCD1, a REQUEST, its id readable (whatever the body's size): BAD_REQUEST.
+        # Another signature is dropped unanswered (section 11).
+        readable = request_id_of(body, self.config.limits)
+        if readable is not None:
+            request_id, model = readable
+            refusal = Refusal(Status.BAD_REQUEST, f"malformed request: {exc}")
+            self._reply(identity, refusal.reply(request_id), model or "?")
 
     def _malformed(self, identity: bytes, why: str) -> None:
         self.malformed += 1
@@ -309,9 +312,21 @@ class Coordinator:
         log.debug("request %s withdrawn by its client", request_id)
 
     def _known_model(self, model: str) -> bool:
+        """Whether someone can take `model` now, or will be launched for it."""
         if self.lifecycle is not None and self.lifecycle.manages(model):
             return True
         return self.registry.serves(model)
+
+    def _unknown_model(self, model: str) -> str | None:
+        """Why `model` is unknown (configured nowhere, never registered), naming what this
+        coordinator serves; None if it is known (with no live worker: UNAVAILABLE instead)."""
+        configured = self.lifecycle.models if self.lifecycle is not None else {}
+        if model in self.registry.models_seen or model in configured:
+            return None
+        known = self.registry.models_seen.union(configured)
+        served = ", ".join(repr(m[:64]) for m in sorted(known)[:_MODELS_NAMED]) or "none"
+        more = f" and {len(known) - _MODELS_NAMED} more" if len(known) > _MODELS_NAMED else ""
+        return f"unknown model {model[:64]!r}; this coordinator serves: {served}{more}"
 
     def cloud_demand(self, model: str) -> int:
         """Requests for `model` that want the large model (see Scheduler.cloud_demand)."""
@@ -385,7 +400,7 @@ class Coordinator:
                         continue
                     p.route = route
                     role = Role.EDGE if route is Route.EDGE else Role.CLOUD
-                    worker = self.registry.pick(model, role)
+                    worker = self.registry.pick(model, role, ready_only=priority == CRITICAL)
                     if worker is None:
                         # Stays queued; re-decided next pass (may move sides). Now counted on
                         # `route`'s side.
@@ -540,7 +555,7 @@ class Coordinator:
         if count:
             # Label by model only for models someone serves: made-up names must not grow
             # the metrics without bound.
-            label = model if self._known_model(model) else "unknown"
+            label = model if self._unknown_model(model) is None else "unknown"
             self.metrics.observe(label, "none", reply.status.value, 0.0)
         if not self._send(client, reply):
             log.info("client %s left before its reply %s", client.hex()[:16], reply.id)
@@ -559,7 +574,7 @@ class Coordinator:
         existing = self.registry.get(identity)
         if existing is not None:
             self._note_ready(existing, ready.state, now)
-            existing.reregister(ready)
+            self.registry.reregister(existing, ready)
             return
         worker = self.registry.add(identity, ready, now)
         if self.lifecycle is not None and worker.role is Role.CLOUD:
@@ -573,7 +588,7 @@ class Coordinator:
             ready.models,
             worker.state.value,
         )
-        self._send(identity, Heartbeat())
+        self._send(identity, _HEARTBEAT)
 
     def _note_ready(
         self, worker: WorkerInfo, state: WorkerState | None, now: float, first: bool = False
@@ -608,7 +623,7 @@ class Coordinator:
 
     def send_heartbeats(self) -> None:
         for identity in list(self.registry.workers):
-            self._send(identity, Heartbeat())
+            self._send(identity, _HEARTBEAT)
 
     def _send(self, identity: bytes, message: Any) -> bool:
         if self._sock is None:
@@ -617,7 +632,7 @@ class Coordinator:
             # Never block: a peer that stops reading fills its pipe to the HWM, and a blocking
             # send would stall every other peer. Its message is dropped instead (a worker is
             # then treated as unreachable by the caller).
-            frames = encode(message)
+            frames = _EMPTY_HEARTBEAT if message is _HEARTBEAT else encode(message)
             # Zero-copy only pays for big frames: for small ones pyzmq's Frame objects cost
             # more than the copy (a tiny request's frames are all small).
             copy = len(frames) == 3 or sum(len(f) for f in frames) < _ZERO_COPY_BYTES
@@ -637,6 +652,12 @@ class Coordinator:
 
 
 _ZERO_COPY_BYTES = 64 * 1024
+_MODELS_NAMED = 16  # at most this many served models are named in an unknown model's reply
+# The coordinator's HEARTBEAT has an empty body (section 4): the worker fields mean nothing here.
+_HEARTBEAT = Heartbeat()
+_EMPTY_HEARTBEAT: list[bytes | memoryview] = [
+    SIGNATURE, bytes([Command.HEARTBEAT]), msgpack.packb({})
+]  # fmt: skip
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _COPIED_FRAMES = 4  # identity, signature, command, body

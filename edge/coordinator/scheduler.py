@@ -59,11 +59,16 @@ class Refusal:
 
 class Scheduler:
     def __init__(
-        self, queue_limit: int, retry_after_ms: int, serves: Callable[[str], bool]
+        self,
+        queue_limit: int,
+        retry_after_ms: int,
+        serves: Callable[[str], bool],
+        unknown: Callable[[str], str | None] = lambda model: None,
     ) -> None:
         self.queue_limit = queue_limit  # per model and priority
         self.retry_after_ms = retry_after_ms  # suggested when nobody can serve a model
         self.serves = serves  # whether anyone (registered or launchable) serves a model
+        self.unknown = unknown  # why a model is unknown (BAD_REQUEST); None: it is known
         self.pending: dict[str, Pending] = {}
         # model -> priority -> queue of pending keys (bounded by queue_limit)
         self.queues: dict[str, dict[int, deque[str]]] = {}
@@ -83,6 +88,9 @@ class Scheduler:
         if request.priority not in PRIORITIES:
             return Refusal(Status.BAD_REQUEST, f"priority must be one of {PRIORITIES}")
         if not self.serves(model):
+            unknown = self.unknown(model)
+            if unknown is not None:
+                return Refusal(Status.BAD_REQUEST, unknown)
             return Refusal(
                 Status.UNAVAILABLE,
                 f"no edge agent or cloud worker serves {model!r}",
