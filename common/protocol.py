@@ -116,6 +116,9 @@ def unpack_body(raw: bytes, limits: Limits, tolerate_ext: bool = False) -> dict[
         raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("body is not a msgpack map")
+    for key in body:
+        if type(key) is not str:  # (strict_map_key lets bin keys through)
+            raise ProtocolError("body keys must be strings")
     return body
 
 
