@@ -143,9 +143,8 @@ def _check(kind: str, value: Any) -> Any:
             isinstance(k, str) and _number(v) for k, v in value.items()
         )
     else:
-        ok = value in {"status": STATUSES, "role": ROLES, "state": STATES}[kind] and isinstance(
-            value, str
-        )
+        ok = isinstance(value, str) and value in {"status": STATUSES, "role": ROLES,
+                                                  "state": STATES}[kind]  # fmt: skip
     if not ok:
         raise WireError(f"{kind} expected, got {value!r}")
     return value
