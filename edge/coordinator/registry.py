@@ -74,6 +74,9 @@ class WorkerInfo:
         return state is WorkerState.READY and (first or self.state is not WorkerState.READY)
 
 
+MODELS_REMEMBERED = 4096
+
+
 class Side(NamedTuple):
     """The registered workers of one role for one model, summed for the policy's SideView."""
 
@@ -104,12 +107,20 @@ class Registry:
     def add(self, identity: bytes, ready: Ready, now: float) -> WorkerInfo:
         worker = WorkerInfo.from_ready(identity, ready, now + self.ttl_s)
         self.workers[identity] = worker
-        self.models_seen.update(ready.models)
+        self._remember(ready.models)
         return worker
 
     def reregister(self, worker: WorkerInfo, ready: Ready) -> None:
         worker.reregister(ready)
-        self.models_seen.update(ready.models)
+        self._remember(ready.models)
+
+    def _remember(self, models: list[str]) -> None:
+        """Models registered once stay known (UNAVAILABLE, not BAD_REQUEST, once their workers
+        are gone); bounded, so that registrations cannot grow it without end."""
+        for model in models:
+            if len(self.models_seen) >= MODELS_REMEMBERED:
+                return
+            self.models_seen.add(model)
 
     def remove(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.pop(identity, None)
