@@ -61,16 +61,21 @@ class GenerationRequest:
 def check_options(options: Mapping[str, Any]) -> tuple[int, int | None]:
     """(max_new_tokens, eos_token_id) of a generation request's options, or GenerationError.
     The coordinator checks them too, before it tracks the request's tokens."""
-    n = options.get("max_new_tokens")
+    n = _integral(options.get("max_new_tokens"))
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS:
         raise GenerationError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
-    eos = options.get("eos_token_id")
+    eos = _integral(options.get("eos_token_id"))
     if eos is not None and (isinstance(eos, bool) or not isinstance(eos, int) or eos < 0):
         raise GenerationError("eos_token_id must be a non-negative integer")
     handoff = options.get("handoff", True)
     if not isinstance(handoff, bool):
         raise GenerationError("handoff must be true or false")
     return n, eos
+
+
+def _integral(value: Any) -> Any:
+    """An integral float (5.0, as some msgpack encoders write integers) as the int it is."""
+    return int(value) if type(value) is float and value.is_integer() else value
 
 
 CONTEXT_KEYS = ("block_size", "n_positions", "max_position_embeddings")

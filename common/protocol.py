@@ -124,7 +124,72 @@ def unpack_body(raw: bytes, limits: Limits, tolerate_ext: bool = False) -> dict[
         raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
         raise ProtocolError("body is not a msgpack map")
+    for key in body:
+        if type(key) is not str:  # (strict_map_key lets bin keys through)
+            raise ProtocolError("body keys must be strings")
     return body
+
+
+def request_id_of(
+    frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
+) -> tuple[str, str | None] | None:
+    """(id, model or None) of a REQUEST that `decode` refused, if its id can be read: the
+    frames are signed CCD1, the command is REQUEST and the body is a well-formed msgpack map
+    (of any size or width: the limits bound allocation, and nothing is allocated here but the
+    two strings) whose str key "id" holds a UTF-8 str of at most `limits.max_str_len` bytes.
+    None otherwise: such a message is dropped, there is nobody to answer."""
+    if len(frames) < 3 or frames[0] != SIGNATURE or frames[1] != _COMMAND_BYTES[Command.REQUEST]:
+        return None
+    raw = bytes(frames[2])
+    found: dict[bytes, str | None] = {}
+    try:
+        unpacker = msgpack.Unpacker(raw=True, max_buffer_size=max(1, len(raw)))
+        unpacker.feed(raw)
+        for _ in range(unpacker.read_map_header()):
+            key = _short_str(unpacker, raw, 8)
+            if key is None:
+                unpacker.skip()
+            if key in (b"id", b"model"):
+                value = _short_str(unpacker, raw, limits.max_str_len)
+                if value is None:
+                    unpacker.skip()
+                    found[key] = None
+                else:
+                    found[key] = _utf8(value)
+            else:
+                unpacker.skip()
+        if unpacker.tell() != len(raw):
+            return None
+    except Exception:  # not msgpack, truncated, not a map, a str that is not UTF-8
+        return None
+    request_id = found.get(b"id")
+    return None if request_id is None else (request_id, found.get(b"model"))
+
+
+def _utf8(value: bytes) -> str | None:
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _short_str(unpacker: msgpack.Unpacker, raw: bytes, most: int) -> bytes | None:
+    """The next object, read if it is a msgpack str of at most `most` bytes; otherwise left
+    where it is (None)."""
+    at = unpacker.tell()
+    head = raw[at]
+    if 0xA0 <= head <= 0xBF:
+        length = head & 0x1F
+    elif head in (0xD9, 0xDA, 0xDB):
+        width = {0xD9: 1, 0xDA: 2, 0xDB: 4}[head]
+        length = int.from_bytes(raw[at + 1 : at + 1 + width], "big")
+    else:
+        return None
+    if length > most:
+        return None
+    value = unpacker.unpack()
+    assert isinstance(value, bytes)
+    return value
 
 
 def encode_tensor(array: np.ndarray) -> tuple[dict[str, Any], memoryview]:
@@ -165,6 +230,8 @@ def check_tensor(spec: Any, frame: bytes | memoryview, limits: Limits) -> RawTen
     if dtype is None:
         raise ProtocolError(f"tensor dtype {spec.get('dtype')!r} is not one of {sorted(DTYPES)}")
     shape = spec.get("shape")
+    if isinstance(shape, list) and any(type(d) is float for d in shape):
+        shape = [int(d) if type(d) is float and d.is_integer() else d for d in shape]
     if (
         not isinstance(shape, list)
         or len(shape) > limits.max_dims
@@ -220,6 +287,8 @@ def _check(body: dict[str, Any], name: str, kind: type | tuple[type, ...], optio
         raise ProtocolError(f"missing field {name!r}")
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise ProtocolError(f"field {name!r} must be a number, not a bool")
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # 1500.0: many msgpack encoders write every number as a float
     if not isinstance(value, kind):
         raise ProtocolError(f"field {name!r} has type {type(value).__name__}")
     return value

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 from cicada.common.defaults import (
+    CRITICAL,
     DEFAULT_ADDRESS,
     DEFAULT_DEADLINE_S,
     HEARTBEAT_INTERVAL_S,
@@ -42,6 +44,7 @@ from cicada.common.defaults import (
 from cicada.common.errors import ConfigError
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
+    SIGNATURE,
     Cancel,
     Command,
     Disconnect,
@@ -61,6 +64,7 @@ from cicada.common.protocol import (
     WorkerState,
     decode,
     encode,
+    request_id_of,
     unpack_body,
     worker_report_problem,
 )
@@ -136,6 +140,7 @@ class Coordinator:
             ),
             int(c.retry_after_s * 1000),
             self._known_model,
+            self._unknown_model,
         )
         # Clients whose reply could not be routed (they are gone): their other requests are
         # dropped before the next dispatch.
@@ -349,17 +354,13 @@ class Coordinator:
         ):
             self._unusable(identity, body, exc)
             return
-        try:
-            if len(body) >= 3 and bytes(body[1]) == b"\x01":
-                # The protocol's own limits: any request whose id the decoder could have read
-                # gets its BAD_REQUEST.
-                doc: Any = unpack_body(bytes(body[2]), self.config.limits, tolerate_ext=True)
-                if isinstance(doc, dict) and isinstance(doc.get("id"), str):
-                    model = doc.get("model") if isinstance(doc.get("model"), str) else "?"
-                    refusal = Refusal(Status.BAD_REQUEST, f"malformed request: {exc}")
-                    self._reply(identity, refusal.reply(doc["id"]), str(model))
-        except Exception:  # the frames are garbage: dropping them is the answer
-            pass
+        # Signed CCD1, a REQUEST, its id readable (whatever the body's size): BAD_REQUEST.
+        # Another signature is dropped unanswered (section 11).
+        readable = request_id_of(body, self.config.limits)
+        if readable is not None:
+            request_id, model = readable
+            refusal = Refusal(Status.BAD_REQUEST, f"malformed request: {exc}")
+            self._reply(identity, refusal.reply(request_id), model or "?")
 
     def _unauthorized(self, identity: bytes, what: str) -> None:
         self.metrics.unauthorized.inc()
@@ -469,9 +470,21 @@ class Coordinator:
                 self.metrics.set_queue_depth(model, priority, len(queues[priority]))
 
     def _known_model(self, model: str) -> bool:
+        """Whether someone can take `model` now, or will be launched for it."""
         if self.lifecycle is not None and self.lifecycle.manages(model):
             return True
         return self.registry.serves(model)
+
+    def _unknown_model(self, model: str) -> str | None:
+        """Why `model` is unknown (configured nowhere, never registered), naming what this
+        coordinator serves; None if it is known (with no live worker: UNAVAILABLE instead)."""
+        configured = self.lifecycle.models if self.lifecycle is not None else {}
+        if model in self.registry.models_seen or model in configured:
+            return None
+        known = self.registry.models_seen.union(configured)
+        served = ", ".join(repr(m[:64]) for m in sorted(known)[:_MODELS_NAMED]) or "none"
+        more = f" and {len(known) - _MODELS_NAMED} more" if len(known) > _MODELS_NAMED else ""
+        return f"unknown model {model[:64]!r}; this coordinator serves: {served}{more}"
 
     def cloud_demand(self, model: str) -> int:
         """Requests for `model` that want the large model (see Scheduler.cloud_demand)."""
@@ -550,7 +563,7 @@ class Coordinator:
                         continue
                     p.route = route
                     role = Role.EDGE if route is Route.EDGE else Role.CLOUD
-                    worker = self.registry.pick(model, role)
+                    worker = self.registry.pick(model, role, ready_only=priority == CRITICAL)
                     if worker is None:
                         # Stays queued; re-decided next pass (may move sides). Now counted on
                         # `route`'s side.
@@ -790,7 +803,7 @@ class Coordinator:
         if count:
             # Label by model only for models someone serves: made-up names must not grow
             # the metrics without bound.
-            label = model if self._known_model(model) else "unknown"
+            label = model if self._unknown_model(model) is None else "unknown"
             self.metrics.observe(label, "none", reply.status.value, 0.0)
         self._send_client(client, reply)
 
@@ -912,13 +925,13 @@ class Coordinator:
         if existing is not None:
             changed = existing.state is not ready.state or existing.models != ready.models
             self._note_ready(existing, ready.state, now)
-            existing.reregister(ready)
+            self.registry.reregister(existing, ready)
             # READY means "I hold nothing of yours": a worker abandons its dispatches when it
             # registers again, so what it ran is re-routed, as for a worker that died.
             self._reroute_inflight(existing)
             if changed:
                 self.metrics.set_workers(self.registry.workers.values())
-            self._send(identity, Heartbeat(registered=True))
+            self._send(identity, _REGISTERED)
             return
         worker = self.registry.add(identity, ready, now)
         if self.lifecycle is not None and worker.role is Role.CLOUD:
@@ -932,7 +945,7 @@ class Coordinator:
             ready.models,
             worker.state.value,
         )
-        self._send(identity, Heartbeat(registered=True))
+        self._send(identity, _REGISTERED)
 
     def refuse_worker(
         self, identity: bytes, problem: tuple[str, str], now: float, what: str
@@ -997,7 +1010,7 @@ class Coordinator:
 
     def send_heartbeats(self) -> None:
         for identity in list(self.registry.workers):
-            self._send(identity, Heartbeat())
+            self._send(identity, _HEARTBEAT)
 
     def _send(self, identity: bytes, message: Any) -> bool:
         """Whether `message` went; if not, `_send_errno` says why: EAGAIN (the peer's pipe is
@@ -1010,7 +1023,7 @@ class Coordinator:
             # Never block: a peer that stops reading fills its pipe to the HWM, and a blocking
             # send would stall every other peer. Its message is dropped instead (a worker is
             # then treated as unreachable by the caller).
-            frames = encode(message)
+            frames = _HEARTBEAT_FRAMES.get(id(message)) or encode(message)
             # Zero-copy only pays for big frames: for small ones pyzmq's Frame objects cost
             # more than the copy (a tiny request's frames are all small).
             copy = len(frames) == 3 or sum(len(f) for f in frames) < _ZERO_COPY_BYTES
@@ -1055,6 +1068,15 @@ def _shed(message: Reply | Partial, bound: int) -> Reply | None:
     )
 
 
+_MODELS_NAMED = 16  # at most this many served models are named in an unknown model's reply
+# The coordinator's HEARTBEATs (section 4): an empty body, or `{registered: true}` answering
+# an accepted READY; the worker fields mean nothing here, so they are not sent.
+_HEARTBEAT = Heartbeat()
+_REGISTERED = Heartbeat(registered=True)
+_HEARTBEAT_FRAMES: dict[int, list[bytes | memoryview]] = {
+    id(beat): [SIGNATURE, bytes([Command.HEARTBEAT]), msgpack.packb(body)]
+    for beat, body in ((_HEARTBEAT, {}), (_REGISTERED, {"registered": True}))
+}
 _NOBLOCK = int(zmq.NOBLOCK)
 _MORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _COPIED_FRAMES = 4  # identity, signature, command, body

@@ -12,7 +12,9 @@ Pure functions of a snapshot, so they are tested without sockets or sleeping:
   loading worker: stage-pipelined execution), else the edge.
 
 With no edge at all, normal and quality work may still go to a loading cloud if it fits;
-otherwise the answer is UNAVAILABLE (nobody can serve it) or TIMEOUT (nobody in time).
+otherwise the answer is UNAVAILABLE (nobody can serve it) or TIMEOUT (nobody in time). Either
+side may be not `ready` (its workers cold or loading, with an ETA): latency-critical work
+never waits for one, other work only when its estimate (ETA included) fits the deadline.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ class SideView:
     inflight: int  # running now
     queued: int  # waiting in the coordinator for this side
     compute_s: float  # seconds per request
-    ready: bool = True  # cloud: some worker has every stage resident
-    eta_s: float = 0.0  # cloud: seconds until the best worker is fully resident
+    ready: bool = True  # some worker is `ready` (a cloud one: every stage resident)
+    eta_s: float = 0.0  # if none is: seconds until the soonest will be
     network_s: float = 0.0
 
     @property
@@ -85,18 +87,19 @@ def choose(priority: int, remaining_s: float | None, edge: SideView, cloud: Side
         return decide(Route.UNAVAILABLE)
     if remaining_s is not None and remaining_s <= 0:
         return decide(Route.TOO_LATE)
+    edge_now = edge.available and edge.ready
     if priority <= CRITICAL:
-        if cloud.available and cloud.ready and (c < e or not edge.available):
+        if cloud.available and cloud.ready and (c < e or not edge_now):
             return decide(Route.CLOUD)
-        if edge.available:
+        if edge_now:
             return decide(Route.EDGE)
-        return decide(Route.UNAVAILABLE)  # only a cold cloud: critical work never waits
+        return decide(Route.UNAVAILABLE)  # nobody ready: critical work never waits
     if priority == NORMAL and cloud.ready and fits(c):
         return decide(Route.CLOUD)
     if priority >= QUALITY and fits(c):
         return decide(Route.CLOUD)
-    if edge.available:
+    if edge_now or (edge.available and fits(e)):
         return decide(Route.EDGE)
     if fits(c):
         return decide(Route.CLOUD)
-    return decide(Route.TOO_LATE if cloud.available else Route.UNAVAILABLE)
+    return decide(Route.TOO_LATE if cloud.available or edge.available else Route.UNAVAILABLE)

@@ -45,7 +45,11 @@ class WorkerInfo:
 
     @property
     def accepting(self) -> bool:
-        return self.state is not WorkerState.DRAINING
+        """Whether it takes work (docs/PROTOCOL.md, section 6): `ready`; `cold` or `loading`
+        when it reports an ETA (`eta_s`: work that may wait for it); never `draining`."""
+        if self.state is WorkerState.READY:
+            return True
+        return self.state is not WorkerState.DRAINING and self.eta_s is not None
 
     @property
     def free(self) -> int:
@@ -70,6 +74,9 @@ class WorkerInfo:
         return state is WorkerState.READY and (first or self.state is not WorkerState.READY)
 
 
+MODELS_REMEMBERED = 4096
+
+
 class Side(NamedTuple):
     """The registered workers of one role for one model, summed for the policy's SideView."""
 
@@ -85,6 +92,7 @@ class Registry:
     def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s  # heartbeat interval x liveness: silent longer, a worker is gone
         self.workers: dict[bytes, WorkerInfo] = {}
+        self.models_seen: set[str] = set()  # every model a worker ever registered for
 
     def get(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.get(identity)
@@ -99,7 +107,20 @@ class Registry:
     def add(self, identity: bytes, ready: Ready, now: float) -> WorkerInfo:
         worker = WorkerInfo.from_ready(identity, ready, now + self.ttl_s)
         self.workers[identity] = worker
+        self._remember(ready.models)
         return worker
+
+    def reregister(self, worker: WorkerInfo, ready: Ready) -> None:
+        worker.reregister(ready)
+        self._remember(ready.models)
+
+    def _remember(self, models: list[str]) -> None:
+        """Models registered once stay known (UNAVAILABLE, not BAD_REQUEST, once their workers
+        are gone); bounded, so that registrations cannot grow it without end."""
+        for model in models:
+            if len(self.models_seen) >= MODELS_REMEMBERED:
+                return
+            self.models_seen.add(model)
 
     def remove(self, identity: bytes) -> WorkerInfo | None:
         return self.workers.pop(identity, None)
@@ -128,10 +149,9 @@ class Registry:
     def side(self, model: str, role: Role) -> Side:
         # One pass over the workers (this runs per dispatch decision: it was a fifth of the
         # coordinator's time as a chain of comprehensions).
-        cloud = role is Role.CLOUD
         count = capacity = inflight = 0
-        ready = not cloud
-        eta = float("inf") if cloud else 0.0
+        ready = False  # some worker is `ready`; else the soonest ETA of those that will be
+        eta = float("inf")
         compute: float | None = None
         for w in self.workers.values():
             if w.role is not role or model not in w.models or not w.accepting:
@@ -141,11 +161,10 @@ class Registry:
             inflight += len(w.inflight)
             if w.compute_s is not None and (compute is None or w.compute_s < compute):
                 compute = w.compute_s
-            if cloud:
-                if w.state is WorkerState.READY:
-                    ready, eta = True, 0.0
-                elif w.eta_s is not None and w.eta_s < eta:
-                    eta = w.eta_s
+            if w.state is WorkerState.READY:
+                ready, eta = True, 0.0
+            elif w.eta_s is not None and w.eta_s < eta:
+                eta = w.eta_s
         return Side(count, capacity, inflight, compute, ready, eta)
 
     def all_slots_taken(self, model: str) -> bool:
@@ -159,12 +178,14 @@ class Registry:
                 serving = True
         return serving
 
-    def pick(self, model: str, role: Role) -> WorkerInfo | None:
+    def pick(self, model: str, role: Role, ready_only: bool = False) -> WorkerInfo | None:
         """The worker of `role` for `model` with a free slot: ready ones first, then the least
-        loaded."""
+        loaded (`ready_only`: latency-critical work never waits for a worker to load)."""
         best: WorkerInfo | None = None
         for w in self.workers.values():
             if w.role is not role or model not in w.models or w.free <= 0:
+                continue
+            if ready_only and w.state is not WorkerState.READY:
                 continue
             key = (w.state is not WorkerState.READY, len(w.inflight) / w.capacity)
             if best is None or key < (

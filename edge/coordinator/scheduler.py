@@ -209,6 +209,7 @@ class Scheduler:
         queue_limit: int | Admission,
         retry_after_ms: int,
         serves: Callable[[str], bool],
+        unknown: Callable[[str], str | None] = lambda model: None,
     ) -> None:
         if not isinstance(queue_limit, Admission):
             queue_limit = Admission(queue_limit, queue_limit, 2**62, 2**62, None)
@@ -216,6 +217,7 @@ class Scheduler:
         self.queue_limit = queue_limit.queue_limit  # per model and priority
         self.retry_after_ms = retry_after_ms  # suggested when nobody can serve a model
         self.serves = serves  # whether anyone (registered or launchable) serves a model
+        self.unknown = unknown  # why a model is unknown (BAD_REQUEST); None: it is known
         self.pending: dict[str, Pending] = {}
         # model -> priority -> queue of pending keys (bounded by queue_limit)
         self.queues: dict[str, dict[int, FairQueue]] = {}
@@ -250,6 +252,9 @@ class Scheduler:
                 "use priority 1 or 2",
             )
         if not self.serves(model):
+            unknown = self.unknown(model)
+            if unknown is not None:
+                return Refusal(Status.BAD_REQUEST, unknown)
             return Refusal(
                 Status.UNAVAILABLE,
                 f"no edge agent or cloud worker serves {model!r}",

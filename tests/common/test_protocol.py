@@ -354,7 +354,7 @@ MALFORMED: dict[str, list[bytes]] = {
     "shape is a map": spec_request({"dtype": "float32", "shape": {"0": 6}}, F32_2x3),
     "negative dim": spec_request({"dtype": "float32", "shape": [-1]}, b""),
     "negative dims cancel": spec_request({"dtype": "float32", "shape": [-2, -3]}, F32_2x3),
-    "float dim": spec_request({"dtype": "float32", "shape": [2.0, 3]}, F32_2x3),
+    "float dim": spec_request({"dtype": "float32", "shape": [2.5, 3]}, F32_2x3),
     "string dim": spec_request({"dtype": "float32", "shape": ["2", 3]}, F32_2x3),
     "bool dims": spec_request({"dtype": "uint8", "shape": [True, True]}, b"\x00"),
     "nil dim": spec_request({"dtype": "float32", "shape": [None]}, b""),
@@ -474,9 +474,9 @@ WRONG_TYPES: list[tuple[Command, str, Any]] = [
     (Command.REQUEST, "priority", "1"),
     (Command.REQUEST, "priority", True),
     (Command.REQUEST, "priority", False),
-    (Command.REQUEST, "priority", 1.0),
+    (Command.REQUEST, "priority", 1.25),
     (Command.REQUEST, "timeout_ms", True),
-    (Command.REQUEST, "timeout_ms", 1500.0),
+    (Command.REQUEST, "timeout_ms", 1500.5),
     (Command.REQUEST, "timeout_ms", "1500"),
     (Command.REQUEST, "options", []),
     (Command.REQUEST, "options", "x"),
@@ -493,7 +493,7 @@ WRONG_TYPES: list[tuple[Command, str, Any]] = [
     (Command.REPLY, "timings", {"2": {"s": 1}}),
     (Command.PARTIAL, "seq", "0"),
     (Command.PARTIAL, "seq", True),
-    (Command.PARTIAL, "seq", 0.0),
+    (Command.PARTIAL, "seq", 0.5),
     (Command.READY, "role", 1),
     (Command.READY, "worker", 1),
     (Command.READY, "models", "m"),
@@ -503,7 +503,7 @@ WRONG_TYPES: list[tuple[Command, str, Any]] = [
     (Command.READY, "variant", 1),
     (Command.READY, "capacity", True),
     (Command.READY, "capacity", "2"),
-    (Command.READY, "capacity", 2.0),
+    (Command.READY, "capacity", 2.5),
     (Command.READY, "state", 1),
     (Command.READY, "resident_stages", True),
     (Command.READY, "total_stages", 1.5),
@@ -513,7 +513,7 @@ WRONG_TYPES: list[tuple[Command, str, Any]] = [
     (Command.READY, "compute_s", [0.1]),
     (Command.HEARTBEAT, "state", True),
     (Command.HEARTBEAT, "inflight", True),
-    (Command.HEARTBEAT, "inflight", 1.0),
+    (Command.HEARTBEAT, "inflight", float("nan")),
     (Command.HEARTBEAT, "load", "0.5"),
     (Command.HEARTBEAT, "load", True),
     (Command.HEARTBEAT, "eta_s", {}),
@@ -933,3 +933,19 @@ def test_property_mutated_fields(message: Message, data: st.DataObject) -> None:
     frames = as_bytes(encode(message))
     repack_body(frames, data)
     check_guarantee(frames)
+
+
+def test_integral_floats_are_accepted_for_integer_fields() -> None:
+    """1500.0 where an integer is expected (as many msgpack encoders write numbers) is that
+    integer (docs/PROTOCOL.md, section 4); 1500.5 is refused above."""
+    body = {"id": "r", "model": "m", "priority": 0.0, "timeout_ms": 1500.0,
+            "tensors": [{"dtype": "float32", "shape": [2.0, 3.0]}]}  # fmt: skip
+    frames = [SIGNATURE, b"\x01", msgpack.packb(body), np.zeros((2, 3), np.float32).tobytes()]
+    request = decode(frames)
+    assert isinstance(request, Request)
+    assert request.timeout_ms == 1500 and type(request.timeout_ms) is int
+    assert request.priority == 0 and type(request.priority) is int
+    assert request.inputs[0].shape == (2, 3)
+    ready = decode([SIGNATURE, b"\x10", msgpack.packb(
+        {"role": "cloud", "worker": "w", "models": ["m"], "capacity": 2.0})])  # fmt: skip
+    assert isinstance(ready, Ready) and ready.capacity == 2 and type(ready.capacity) is int

@@ -133,13 +133,64 @@ def test_request_is_dispatched_and_answered_once(h: Harness) -> None:
     assert h.coord.pending == {}
 
 
-def test_unknown_model_is_unavailable_with_retry_after(h: Harness) -> None:
+def test_unknown_model_is_a_bad_request_naming_what_is_served(h: Harness) -> None:
+    client = h.peer()
+    client.send(request("r1"))
+    h.pump()
+    reply = client.recv()
+    assert isinstance(reply, Reply) and reply.status is Status.BAD_REQUEST
+    assert "unknown model 'm'" in reply.error and reply.retry_after_ms is None
+    h.worker(Role.EDGE)  # serves "m"
+    client.send(Request(id="r2", model="other", inputs=[]))
+    h.pump()
+    reply = client.recv()
+    assert isinstance(reply, Reply) and reply.status is Status.BAD_REQUEST
+    assert "unknown model 'other'" in reply.error and "'m'" in reply.error
+
+
+def test_known_model_without_a_live_worker_is_unavailable_with_retry_after(h: Harness) -> None:
+    edge = h.worker(Role.EDGE)
+    edge.send(Disconnect(reason="leaving"))
+    h.pump()
     client = h.peer()
     client.send(request("r1"))
     h.pump()
     reply = client.recv()
     assert isinstance(reply, Reply) and reply.status is Status.UNAVAILABLE
     assert reply.retry_after_ms and reply.retry_after_ms > 0
+
+
+@pytest.mark.parametrize("role", [Role.EDGE, Role.CLOUD])
+@pytest.mark.parametrize("priority", [0, 1, 2])
+def test_workers_that_cannot_take_work_make_a_model_unavailable(
+    h: Harness, role: Role, priority: int
+) -> None:
+    """`cold` without an ETA takes no work, of either role: UNAVAILABLE at once, not TIMEOUT."""
+    worker = h.worker(role, state=WorkerState.COLD)
+    client = h.peer()
+    client.send(request("r1", priority=priority, timeout_ms=60_000))
+    h.pump()
+    reply = client.recv()
+    assert isinstance(reply, Reply) and reply.status is Status.UNAVAILABLE, reply
+    assert reply.retry_after_ms and reply.retry_after_ms > 0
+    assert worker.drain(0.05) == []
+    client.send(request("r2", priority=priority, timeout_ms=None))
+    h.pump()
+    reply = client.recv()
+    assert isinstance(reply, Reply) and reply.status is Status.UNAVAILABLE, reply
+
+
+@pytest.mark.parametrize("role", [Role.EDGE, Role.CLOUD])
+def test_a_cold_worker_with_an_eta_takes_work_that_can_wait(h: Harness, role: Role) -> None:
+    worker = h.worker(role, state=WorkerState.COLD, eta_s=0.5, capacity=2)
+    client = h.peer()
+    client.send(request("wait", priority=1, timeout_ms=60_000))
+    h.pump()
+    assert isinstance(worker.recv(), Dispatch)
+    client.send(request("now", priority=0, timeout_ms=60_000))
+    h.pump()
+    reply = client.recv()
+    assert isinstance(reply, Reply) and reply.id == "now" and reply.status is Status.UNAVAILABLE
 
 
 def test_full_queue_rejects_and_loses_nothing() -> None:

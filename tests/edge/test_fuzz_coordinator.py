@@ -6,11 +6,14 @@ up, answer every valid request exactly once with OK, answer BAD_REQUEST to malfo
 whose id is readable, and count exactly the messages it dropped in
 `cicada_malformed_messages_total` (docs/PROTOCOL.md, sections 5 and 9).
 
-What the coordinator does with each message is predicted with `cicada.common.protocol.decode`, the
-function it runs itself: a ProtocolError, or a REPLY/PARTIAL/DISPATCH (which only the
-coordinator sends), is counted as malformed; a message that decodes as READY is not sent (it
-would register a fake worker that takes real requests). Any other exception from `decode`
-fails the test here, before the message is sent.
+What the coordinator does with each message is predicted by an independent oracle: the
+minimal codec of tests/security/wire.py, written from docs/PROTOCOL.md alone (never the
+coordinator's own decoder). A message the document calls malformed, or a REPLY/DISPATCH (which
+only the coordinator sends), is counted as malformed; a malformed REQUEST whose id the document
+says is readable is answered BAD_REQUEST as well; HEARTBEAT, RESULT and PARTIAL from a stranger
+draw DISCONNECT; a message that decodes as READY is not sent (it would register a fake worker
+that takes real requests). Any exception from the oracle fails the test here, before the
+message is sent.
 
 At the end: regression tests for bugs this fuzzing found (one message killed the
 coordinator; a peer that never reads stalled it; made-up model names grew the metrics), and
@@ -40,21 +43,16 @@ from cicada.common.protocol import (
     MAX_TIMEOUT_MS,
     SIGNATURE,
     Command,
-    Disconnect,
-    Dispatch,
     Message,
-    Partial,
-    ProtocolError,
-    Ready,
     Reply,
     Request,
-    Result,
     Status,
     decode,
     encode,
 )
-from cicada.errors import Unavailable
+from cicada.errors import BadRequest
 from cicada.testing import Stack
+from tests.security import wire
 
 MODEL = "gpt2"
 GARBAGE_SOCKETS = 3
@@ -119,24 +117,30 @@ def drain(sock: Any, wait_s: float = 0.0) -> list[Frames]:
 
 
 def classify(frames: Frames) -> str:
-    """`malformed` (dropped and counted), `request` (answered), `result` (a late result),
-    `other` (heartbeat/disconnect from a stranger), or `skip` (a READY, or no frames at all:
-    not sent; a mutation may drop every frame, and ZeroMQ has no empty message)."""
+    """What the document says the coordinator does with `frames` from a stranger (section 5 and
+    7), by the document's own codec: `malformed` (dropped and counted), `bad` (malformed, its
+    id readable: counted and answered BAD_REQUEST), `request` (answered), `result` (a late
+    result, counted; draws DISCONNECT), `stranger` (a HEARTBEAT or PARTIAL: draws DISCONNECT),
+    `cancel` (withdraws a request of the same peer: no REPLY for it), `other` (a DISCONNECT:
+    ignored), or `skip` (a READY, or no frames at all: not sent; a mutation may drop every
+    frame, and ZeroMQ has no empty message)."""
     if not frames:
         return "skip"
     try:
-        message = decode(frames, materialize=False)
-    except ProtocolError:
-        return "malformed"
-    if isinstance(message, Ready):
-        return "skip"
-    if isinstance(message, (Reply, Partial, Dispatch)):
-        return "malformed"  # only the coordinator sends these: "unexpected ... at the coordinator"
-    if isinstance(message, Request):
-        return "request"
-    if isinstance(message, Result):
-        return "result"
-    return "other"
+        message = wire.decode(frames)
+    except wire.WireError:
+        return "bad" if wire.readable_id(frames) is not None else "malformed"
+    return {
+        wire.READY: "skip",
+        wire.REPLY: "malformed",  # only the coordinator sends these
+        wire.DISPATCH: "malformed",
+        wire.REQUEST: "request",
+        wire.RESULT: "result",
+        wire.HEARTBEAT: "stranger",
+        wire.PARTIAL: "stranger",
+        wire.CANCEL: "cancel",
+        wire.DISCONNECT: "other",
+    }[message.command]
 
 
 # -- garbage ----------------------------------------------------------------------------------
@@ -332,18 +336,31 @@ class Tally:
     skipped: int = 0
     garbage_replies: list[Frames] = field(default_factory=list)
     bad_ids: dict[str, str] = field(default_factory=dict)  # id -> defect
-    bad_replies: dict[str, list[Reply]] = field(default_factory=lambda: defaultdict(list))
+    bad_replies: dict[str, list[wire.Message]] = field(default_factory=lambda: defaultdict(list))
     valid_ids: set[str] = field(default_factory=set)
-    valid_replies: dict[str, list[Reply]] = field(default_factory=lambda: defaultdict(list))
+    valid_replies: dict[str, list[wire.Message]] = field(default_factory=lambda: defaultdict(list))
     bad_sent: Counter[str] = field(default_factory=Counter)
     sdk_calls: int = 0
 
 
-def read_replies(frames_list: list[Frames], into: dict[str, list[Reply]]) -> None:
+def read_replies(frames_list: list[Frames], into: dict[str, list[wire.Message]]) -> None:
     for frames in frames_list:
-        message = decode(frames)
-        assert isinstance(message, Reply), message
-        into[message.id].append(message)
+        message = wire.decode(frames)  # the document's codec reads what the coordinator sent
+        assert message.command == wire.REPLY, message
+        into[message.body["id"]].append(message)
+
+
+def garbage_answers(tally: Tally) -> list[wire.Message]:
+    return [wire.decode(f) for f in tally.garbage_replies]
+
+
+def most_replies(tally: Tally) -> int:
+    """REPLYs the garbage sockets may hear: requests, readable bad ones, the sentinels."""
+    return tally.sent["request"] + tally.sent["bad"] + GARBAGE_SOCKETS
+
+
+def least_replies(tally: Tally) -> int:
+    return most_replies(tally) - tally.sent["cancel"]
 
 
 def metric(stack: Stack, name: str) -> int:
@@ -415,9 +432,15 @@ def test_fuzzed_coordinator_stays_up_and_answers_exactly_once(
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             collect()
-            seen = {m.id for f in tally.garbage_replies if isinstance(m := decode(f), Reply)}
+            answers = garbage_answers(tally)
+            seen = {m.body["id"] for m in answers if m.command == wire.REPLY}
             seen |= set(tally.bad_replies)
-            if sentinels <= seen and tally.valid_ids <= set(tally.valid_replies):
+            replied = sum(m.command == wire.REPLY for m in answers)
+            if (
+                sentinels <= seen
+                and tally.valid_ids <= set(tally.valid_replies)
+                and replied >= least_replies(tally)
+            ):
                 break
             time.sleep(0.02)
         time.sleep(0.3)  # a duplicate reply would arrive in this time
@@ -427,39 +450,44 @@ def test_fuzzed_coordinator_stays_up_and_answers_exactly_once(
 
     assert coordinator.poll() is None, stack.log("coordinator")
     assert "Traceback" not in stack.log("coordinator")
-    garbage_total = sum(tally.sent.values())
     summary = (
         f"garbage sent {dict(tally.sent)}, skipped {tally.skipped}; bad requests "
         f"{dict(tally.bad_sent)}; valid {len(tally.valid_ids)}; sdk calls {tally.sdk_calls}"
     )
     print(summary)
-    assert tally.sent["malformed"] >= MIN_GARBAGE, summary
+    assert tally.sent["malformed"] + tally.sent["bad"] >= MIN_GARBAGE, summary
     # Every valid request: exactly one reply, OK, with the model's output.
     assert set(tally.valid_replies) == tally.valid_ids, summary
     for request_id, replies in tally.valid_replies.items():
         assert len(replies) == 1, (request_id, replies)
         (reply,) = replies
-        assert reply.status is Status.OK, reply
-        assert reply.outputs[0].shape == (*x.shape, 97)
-        assert reply.served_by["role"] == "edge"
+        assert reply.body["status"] == "OK", reply
+        assert reply.tensors[0].shape == [*x.shape, 97]
+        assert reply.body["served_by"]["role"] == "edge"
     # Every malformed request with a readable id: exactly one BAD_REQUEST.
     unanswered = {i: d for i, d in tally.bad_ids.items() if i not in tally.bad_replies}
     assert not unanswered, unanswered
     assert set(tally.bad_replies) == {*tally.bad_ids, f"sentinel-{GARBAGE_SOCKETS}"}
     for request_id, defect in tally.bad_ids.items():
         replies = tally.bad_replies[request_id]
-        assert [r.status for r in replies] == [Status.BAD_REQUEST], (request_id, defect, replies)
-    # Garbage sockets hear only well-formed replies (to garbage that was a request, or had a
-    # readable id) and DISCONNECTs (to heartbeats/results from a stranger); never more
-    # replies than they sent messages.
-    received = [decode(f) for f in tally.garbage_replies]
-    assert all(isinstance(m, (Reply, Disconnect)) for m in received)
-    assert sum(isinstance(m, Reply) for m in received) <= garbage_total + GARBAGE_SOCKETS
+        statuses = [r.body["status"] for r in replies]
+        assert statuses == ["BAD_REQUEST"], (request_id, defect, replies)
+    # Garbage sockets hear well-formed REPLYs, one per request and per malformed request with
+    # a readable id (fewer only by those their own CANCELs withdrew), and DISCONNECTs, one
+    # per HEARTBEAT, RESULT or PARTIAL from a stranger: exactly.
+    received = garbage_answers(tally)
+    assert {m.command for m in received} <= {wire.REPLY, wire.DISCONNECT}, summary
+    replies_heard = sum(m.command == wire.REPLY for m in received)
+    assert least_replies(tally) <= replies_heard <= most_replies(tally), summary
+    bad_heard = sum(m.command == wire.REPLY and m.body["status"] == "BAD_REQUEST" for m in received)
+    assert bad_heard >= tally.sent["bad"] + GARBAGE_SOCKETS, summary  # (+ the sentinels)
+    disconnects = sum(m.command == wire.DISCONNECT for m in received)
+    assert disconnects == tally.sent["result"] + tally.sent["stranger"], summary
     # The counters, exactly: the garbage that does not decode (or is not for the
-    # coordinator), plus the bad requests that do not decode (`priority 7` does: answered
-    # BAD_REQUEST without being counted as malformed).
-    assert set(tally.bad_sent) <= {"malformed", "request"}, tally.bad_sent
-    expected = tally.sent["malformed"] + tally.bad_sent["malformed"]
+    # coordinator), readable or not, plus the bad requests that do not decode (`priority 7`
+    # does: answered BAD_REQUEST without being counted as malformed).
+    assert set(tally.bad_sent) <= {"bad", "request"}, tally.bad_sent
+    expected = tally.sent["malformed"] + tally.sent["bad"] + tally.bad_sent["bad"]
     assert metric(stack, "malformed") - malformed0 == expected, summary
     assert metric(stack, "late_results") - late0 == tally.sent["result"], summary
     assert stack.workers("edge") == 1
@@ -534,7 +562,7 @@ def test_a_client_that_never_reads_does_not_stall_the_coordinator(
         for i in range(3000):
             slow.send_multipart(encode(Request(f"{i}-{pad}", "nobody", [])))
         time.sleep(1.0)
-        with Client(s.address, timeout=3) as client, pytest.raises(Unavailable):
+        with Client(s.address, timeout=3) as client, pytest.raises(BadRequest):
             client.invoke("nobody", x)  # any reply at all proves it still serves others
         assert s.procs["coordinator"].poll() is None
 
