@@ -342,7 +342,11 @@ class Coordinator:
         if they are a READY, refuse it naming the field (the sender must not register again);
         if they are a registered worker's RESULT or PARTIAL, end the attempt they belong to."""
         self._malformed(identity, str(exc))
-        if len(body) >= 3 and bytes(body[1]) == bytes([Ready.command]):
+        if (
+            len(body) >= 3
+            and bytes(body[0]) == SIGNATURE
+            and bytes(body[1]) == bytes([Ready.command])
+        ):
             named = re.search(r"field '(\w+)'", str(exc))
             field_name = named.group(1) if named else "body"
             self.refuse_worker(identity, (field_name, str(exc)), self.clock(), "a malformed READY")

@@ -122,14 +122,18 @@ def classify(frames: Frames) -> str:
     id readable: counted and answered BAD_REQUEST), `request` (answered), `result` (a late
     result, counted; draws DISCONNECT), `stranger` (a HEARTBEAT or PARTIAL: draws DISCONNECT),
     `cancel` (withdraws a request of the same peer: no REPLY for it), `other` (a DISCONNECT:
-    ignored), or `skip` (a READY, or no frames at all: not sent; a mutation may drop every
-    frame, and ZeroMQ has no empty message)."""
+    ignored), `refused` (a signed READY that does not decode: counted, and refused with a
+    DISCONNECT naming the field, section 4), or `skip` (a READY that decodes, or no frames at
+    all: not sent; a mutation may drop every frame, and ZeroMQ has no empty message)."""
     if not frames:
         return "skip"
     try:
         message = wire.decode(frames)
     except wire.WireError:
-        return "bad" if wire.readable_id(frames) is not None else "malformed"
+        if wire.readable_id(frames) is not None:
+            return "bad"
+        signed_ready = len(frames) >= 3 and frames[:2] == [wire.SIGNATURE, bytes([wire.READY])]
+        return "refused" if signed_ready else "malformed"
     return {
         wire.READY: "skip",
         wire.REPLY: "malformed",  # only the coordinator sends these
@@ -482,12 +486,16 @@ def test_fuzzed_coordinator_stays_up_and_answers_exactly_once(
     bad_heard = sum(m.command == wire.REPLY and m.body["status"] == "BAD_REQUEST" for m in received)
     assert bad_heard >= tally.sent["bad"] + GARBAGE_SOCKETS, summary  # (+ the sentinels)
     disconnects = sum(m.command == wire.DISCONNECT for m in received)
-    assert disconnects == tally.sent["result"] + tally.sent["stranger"], summary
+    assert disconnects == (
+        tally.sent["result"] + tally.sent["stranger"] + tally.sent["refused"]
+    ), summary
     # The counters, exactly: the garbage that does not decode (or is not for the
     # coordinator), readable or not, plus the bad requests that do not decode (`priority 7`
     # does: answered BAD_REQUEST without being counted as malformed).
     assert set(tally.bad_sent) <= {"bad", "request"}, tally.bad_sent
-    expected = tally.sent["malformed"] + tally.sent["bad"] + tally.bad_sent["bad"]
+    expected = (
+        tally.sent["malformed"] + tally.sent["bad"] + tally.sent["refused"] + tally.bad_sent["bad"]
+    )
     assert metric(stack, "malformed") - malformed0 == expected, summary
     assert metric(stack, "late_results") - late0 == tally.sent["result"], summary
     assert stack.workers("edge") == 1

@@ -81,7 +81,7 @@ class Peer:
         self.send(wire.READY, body)
         first = self.recv(timeout=WAIT_S, keep_heartbeats=True)
         assert first is not None and first.command == wire.HEARTBEAT  # the acknowledgement
-        assert first.body == {}  # section 4: the coordinator's HEARTBEAT is empty
+        assert first.body == {"registered": True}  # section 4: only the acknowledgement
 
     def recv(self, timeout: float = WAIT_S, keep_heartbeats: bool = False) -> Message | None:
         """The next message (HEARTBEATs skipped unless kept); None after `timeout`."""
@@ -157,7 +157,10 @@ def test_register_and_heartbeat_both_ways(peers: Any) -> None:
     # Heartbeating, the worker outlives the liveness window (4 intervals), and the
     # coordinator keeps sending its own empty HEARTBEATs.
     assert worker.recv(timeout=4 * HEARTBEAT_S * 1.5) is None
-    assert len(worker.beats) >= 3 and all(b.body == {} for b in worker.beats)
+    acknowledgements = [b for b in worker.beats if b.body == {"registered": True}]
+    empty = [b for b in worker.beats if b.body == {}]
+    assert len(acknowledgements) == 1 and len(empty) >= 3
+    assert len(acknowledgements) + len(empty) == len(worker.beats)
     ask(client, "r", model, timeout_ms=5000)
     dispatch = worker.expect(wire.DISPATCH)
     worker.send(wire.RESULT, {"id": dispatch.body["id"], "status": "OK"}, dispatch.tensors)
@@ -245,11 +248,14 @@ def test_rejected_when_the_queue_is_full(peers: Any) -> None:
     worker.register(model)
     ask(client, "running", model, timeout_ms=60_000)
     worker.expect(wire.DISPATCH)  # holds its only slot
+    # One client may hold half of a queue (section 13): two fill it, a third is turned away.
+    sharers = [client, peers()]
     for i in range(QUEUE_LIMIT):
-        ask(client, f"queued-{i}", model, timeout_ms=60_000)
-    ask(client, "over", model, timeout_ms=60_000)
-    reply = reply_to(client, "over")
-    assert reply.body["status"] == "REJECTED"
+        ask(sharers[i % 2], f"queued-{i}", model, timeout_ms=60_000)
+    late = peers()
+    ask(late, "over", model, timeout_ms=60_000)
+    reply = reply_to(late, "over")
+    assert reply.body["status"] == "REJECTED" and "is full" in reply.body["error"]
 
 
 def test_unavailable_for_a_known_model_without_a_worker(stack: Stack, peers: Any) -> None:
