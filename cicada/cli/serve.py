@@ -13,7 +13,13 @@ from typing import Any
 
 import click
 
-from cicada.cli._common import ADDRESS_HELP, curve_keys, curve_options, setup_logging
+from cicada.cli._common import (
+    ADDRESS_HELP,
+    curve_keys,
+    curve_options,
+    setup_logging,
+    trust_option,
+)
 from cicada.common.defaults import (
     DEFAULT_ADDRESS,
     DEFAULT_METRICS,
@@ -160,8 +166,13 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
     launcher: Any
     if c.launcher == "pool":
         socket_path = str(c.pool_socket or Path(tempfile.mkdtemp(prefix="cicada-pool-")) / "s")
-        packages = [str(cfg.package) for cfg in file.models.values()]
-        launcher = PoolLauncher(socket_path, log_dir=log_dir, preload=packages).start()
+        models = file.models.values()
+        launcher = PoolLauncher(
+            socket_path,
+            log_dir=log_dir,
+            preload=[str(cfg.package) for cfg in models if not cfg.trust_package_code],
+            preload_trusted=[str(cfg.package) for cfg in models if cfg.trust_package_code],
+        ).start()
     elif c.launcher == "ray":
         from cicada.cloud.ray_launcher import RayLauncher
 
@@ -184,6 +195,7 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
             threads=cfg.threads,
             heartbeat=heartbeat,
             log_dir=log_dir,
+            trust_package_code=cfg.trust_package_code,
         )
 
     return Lifecycle(file.models, launcher, spec_for)
@@ -203,18 +215,43 @@ def _lifecycle(file: Any, endpoint: str, heartbeat: float) -> Any:
     multiple=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A package whose model code to import ahead too (e.g. transformers and the model's "
-    "class, ~2.5 s a worker would pay); repeatable.",
+    "class, ~2.5 s a worker would pay); repeatable. Its factory must be one of Cicada's own "
+    "(docs/PACKAGE.md) unless --trust-package-code.",
+)
+@click.option(
+    "--preload-trusted",
+    "trusted_packages",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="As --preload, for a package whose code you trust (its factory may be any); repeatable.",
+)
+@click.option(
+    "--trust-package-code",
+    is_flag=True,
+    help="Trust the code of every --preload package: import its factory even if it is not "
+    "one of Cicada's own model builders (docs/PACKAGE.md, threat model).",
 )
 @click.option("--log-level", default="info", show_default=True)
-def pool(socket_path: Path, preload_packages: tuple[Path, ...], log_level: str) -> None:
+def pool(
+    socket_path: Path,
+    preload_packages: tuple[Path, ...],
+    trusted_packages: tuple[Path, ...],
+    trust_package_code: bool,
+    log_level: str,
+) -> None:
     """Run a warm pool: import torch once, then fork a cloud worker per launch request.
 
     Started by `cicada coordinator` when its config says launcher = "pool" (it preloads the
-    code of every configured model's package)."""
+    code of every configured model's package). A forked worker trusts its package's code
+    only if its launch request says so (the model's `trust_package_code`)."""
     setup_logging(log_level)
     from cicada.cloud.warm_pool import serve_pool
 
-    serve_pool(str(socket_path), [str(p) for p in preload_packages])
+    trusted = [str(p) for p in trusted_packages]
+    untrusted = [str(p) for p in preload_packages]
+    if trust_package_code:
+        trusted, untrusted = trusted + untrusted, []
+    serve_pool(str(socket_path), untrusted, trusted)
 
 
 @click.command()
@@ -321,6 +358,7 @@ def edge(
     help="Serve GET /ready (200 once every stage is resident) and /healthz on this "
     "port, for orchestrators' probes (Knative, Kubernetes).",
 )
+@trust_option
 @curve_options
 @click.option("--log-level", default="info", show_default=True)
 def cloud(
@@ -334,6 +372,7 @@ def cloud(
     health_port: int | None,
     curve_key: Path | None,
     server_key: Path | None,
+    trust_package_code: bool,
     log_level: str,
 ) -> None:
     """Run a cloud worker: cold-start PACKAGE with the Cicada pipeline and serve it.
@@ -356,6 +395,7 @@ def cloud(
                 heartbeat_interval=heartbeat,
                 curve=keys,
                 health_port=health_port,
+                trust_package_code=trust_package_code,
             )
         )
     except CicadaError as exc:
