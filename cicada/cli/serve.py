@@ -17,6 +17,7 @@ from cicada.cli._common import (
     ADDRESS_HELP,
     curve_keys,
     curve_options,
+    fail,
     setup_logging,
     trust_option,
 )
@@ -27,7 +28,7 @@ from cicada.common.defaults import (
     LIVENESS,
     QUEUE_LIMIT,
 )
-from cicada.common.errors import CicadaError
+from cicada.common.errors import CicadaError, PackageError
 
 
 @click.command()
@@ -398,6 +399,9 @@ def cloud(
                 trust_package_code=trust_package_code,
             )
         )
+    except PackageError as exc:  # as every command that loads a package: exit status 2
+        fail(exc)
+        return
     except CicadaError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(worker.serve_forever())
