@@ -443,7 +443,7 @@ def test_a_worker_whose_load_fails_reports_and_exits(pkg: Path, tmp_path: Path) 
     from cicada.testing.stack import free_port
 
     port = free_port()
-    with Stack(tmp_path / "stack") as s:
+    with Stack(tmp_path) as s:
         s.coordinator()
         proc = s.cloud("gpt2", pkg, "cloud", "--health-port", str(port))
         seen: list[tuple[int, dict[str, Any]]] = []
