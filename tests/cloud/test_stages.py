@@ -328,8 +328,9 @@ def test_cicada_run_fresh_process_matches_eager(
     x = case.make_input()
     np.save(tmp_path / "x.npy", x.numpy())
     result = _cicada(
-        "run", pkg, "--input", tmp_path / "x.npy", "--out", tmp_path / "y.npy", "--events"
-    )
+        "run", pkg, "--input", tmp_path / "x.npy", "--out", tmp_path / "y.npy", "--events",
+        "--trust-package-code",  # the toy factories (tests.cloud.toy_models) are test code
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     served = torch.from_numpy(np.load(tmp_path / "y.npy"))
     expected = _eager(case, x)
