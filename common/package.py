@@ -299,7 +299,12 @@ def package_file(
             f"{Path(package_dir) / name} resolves to {path}, outside the package {root}: "
             f"a package may not link to files outside itself"
         )
-    mode = os.stat(path).st_mode  # FileNotFoundError for the caller
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise  # the caller says what is missing
+    except OSError as exc:  # permissions, a loop of links, a name too long
+        raise error(f"{Path(package_dir) / name}: cannot stat: {exc}") from None
     if not stat.S_ISREG(mode):
         raise error(f"{Path(package_dir) / name} is not a regular file: refused")
     return path
