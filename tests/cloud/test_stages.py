@@ -20,6 +20,7 @@ from cicada.cloud.models import bert, gpt2, resnet
 from cicada.cloud.packing import pack
 from cicada.cloud.stages import plan_stages
 from cicada.common.errors import StagingError
+from cicada.common.factory import trust_package_code
 from cicada.common.package import Manifest
 from tests.cloud import toy_models
 
@@ -94,6 +95,14 @@ CASES: dict[str, Case] = {
 cases = pytest.mark.parametrize("case_id", list(CASES))
 
 _packed: dict[str, tuple[Path, Manifest]] = {}
+
+
+@pytest.fixture(autouse=True)
+def _trust_toy_factories() -> Iterator[None]:
+    """The toy models' factories (tests.cloud.toy_models) are these tests' own code: built
+    here as a package's factory, they need the trust flag (docs/PACKAGE.md, threat model)."""
+    with trust_package_code():
+        yield
 
 
 @pytest.fixture(scope="module")
