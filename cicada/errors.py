@@ -24,6 +24,8 @@
     │   ├── PackageFormatError       manifest unreadable, unknown/newer format version, bad field
     │   ├── PackageIntegrityError    a file's size, hash or a stage checksum does not match
     │   ├── PackageMismatchError     a tensor is missing, extra, or has the wrong shape/dtype
+    │   ├── UntrustedCodeError       the factory is outside the allow-list (no trust flag given)
+    │   ├── LoadStalledError         a stage did not become resident within the load's bound
     │   ├── MissingExtraError        an optional library (transformers, torchvision) is missing
     │   └── UnknownModelError        the library has no model (class) of that name
     ├── StagingError             a model's stages cannot be determined as declared
@@ -52,6 +54,7 @@ from cicada.common.errors import (
     GenerationError,
     InputError,
     LaunchError,
+    LoadStalledError,
     MissingExtraError,
     PackageError,
     PackageFormatError,
@@ -62,6 +65,7 @@ from cicada.common.errors import (
     StagingError,
     TextError,
     UnknownModelError,
+    UntrustedCodeError,
 )
 from cicada.common.protocol import Reply, Status
 
@@ -77,6 +81,7 @@ __all__ = [
     "GenerationError",
     "InputError",
     "LaunchError",
+    "LoadStalledError",
     "MissingExtraError",
     "PackageError",
     "PackageFormatError",
@@ -91,6 +96,7 @@ __all__ = [
     "TransportError",
     "Unavailable",
     "UnknownModelError",
+    "UntrustedCodeError",
     "raise_for_reply",
 ]
 

@@ -549,6 +549,8 @@ def _source(
         if factory is not None or config is not None:
             raise EdgeExportError("pass a package or a factory (+ config), not both")
         manifest = Manifest.load(package_dir)
+        # The package's factory is data: refused before import unless allowed or trusted.
+        common_factory.check_factory_allowed(manifest.architecture.factory)
         return manifest.architecture.factory, dict(manifest.architecture.config)
     if factory is None:
         raise EdgeExportError(
@@ -580,12 +582,33 @@ def export_edge(
 
     Writes model.onnx (and model.int8.onnx with `int8`) and edge_model.json, after checking
     that ONNX Runtime reproduces torch on the example input within the stated tolerances;
-    raises EdgeExportError otherwise and leaves `out` untouched.
+    raises EdgeExportError otherwise and leaves `out` untouched. A package's factory must be
+    on the allow-list unless the package's code is trusted (common/factory.py).
     """
-    import numpy as np
-
     out = Path(out).resolve()
     source_factory, source_config = _source(package_dir, factory, config)
+    # A factory the operator named (--model) is their own choice; a package's was checked.
+    with common_factory.trust_package_code(
+        factory is not None or common_factory.package_code_trusted()
+    ):
+        return _export(package_dir, out, source_factory, source_config, shrink=shrink,
+                       int8=int8, seq_len=seq_len, opset=opset, force=force)  # fmt: skip
+
+
+def _export(
+    package_dir: Path | None,
+    out: Path,
+    source_factory: str,
+    source_config: dict[str, Any],
+    *,
+    shrink: dict[str, Any] | None,
+    int8: bool,
+    seq_len: int | None,
+    opset: int,
+    force: bool,
+) -> EdgeModelInfo:
+    import numpy as np
+
     edge_config, variant = edge_config_for(source_factory, source_config, shrink)
     rule = SHRINK_RULES.get(common_factory.canonical_factory(source_factory))
     model, copied = build_edge_variant(source_factory, edge_config, package_dir)

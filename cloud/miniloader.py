@@ -72,15 +72,19 @@ def skip_parameter_init() -> Iterator[None]:
                 setattr(nn.init, name, original)
 
 
-def resolve_factory(spec: str) -> Callable[..., nn.Module]:
-    """`pkg.module:callable` -> the callable, with errors that say what to fix."""
-    _, factory = common_factory.resolve_factory(spec)
+def resolve_factory(spec: str, *, trusted: bool = False) -> Callable[..., nn.Module]:
+    """`pkg.module:callable` -> the callable, with errors that say what to fix. A factory
+    outside the allow-list needs `trusted` or the trust flag (common/factory.py)."""
+    _, factory = common_factory.resolve_factory(spec, trusted=trusted)
     return factory
 
 
-def build_model(factory: str, config: dict[str, Any], *, init: bool) -> nn.Module:
-    """Call the factory; with `init=False` parameters are left uninitialised (MiniLoader)."""
-    fn = resolve_factory(factory)
+def build_model(
+    factory: str, config: dict[str, Any], *, init: bool, trusted: bool = False
+) -> nn.Module:
+    """Call the factory; with `init=False` parameters are left uninitialised (MiniLoader).
+    `trusted`: the caller named the factory itself (`cicada pack --model`), not a package."""
+    fn = resolve_factory(factory, trusted=trusted)
     try:
         if init:
             model = fn(**config)

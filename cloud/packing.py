@@ -2,7 +2,11 @@
 
 The weights file is written by hand in safetensors format (any safetensors reader loads it)
 because the library orders tensors by dtype and name, and Cicada needs them in stage order so
-each stage is one contiguous read. The header is padded so the data starts 64-byte aligned.
+each stage is one contiguous read. The header is padded so the data starts 64-byte aligned, and
+every tensor starts 64-byte aligned too: the gap after a tensor is a small U8 padding entry
+(`__cicada_pad__.N`) that the manifest does not list, since safetensors wants the data section
+covered by tensors exactly. Zero-copy views of the file are then as aligned as torch's own
+allocations, so kernels take the same path as in eager PyTorch (bit-identical outputs).
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from torch import nn
 from cicada.cloud.miniloader import Slot, build_model, tensor_slots
 from cicada.cloud.stages import plan_stages
 from cicada.common.errors import PackageError, PackageIntegrityError, PackageMismatchError
+from cicada.common.factory import check_factory_allowed
 from cicada.common.files import replacing_dir
 from cicada.common.package import (
+    ALIGN,
     MANIFEST_NAME,
+    PAD_PREFIX,
     WEIGHTS_NAME,
     Architecture,
     FileEntry,
@@ -33,6 +40,7 @@ from cicada.common.package import (
     StageEntry,
     TensorEntry,
     check_weights_file,
+    open_package_file,
 )
 
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
@@ -42,7 +50,6 @@ TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
     torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
 SAFETENSORS_TO_TORCH = {v: k for k, v in TORCH_TO_SAFETENSORS.items()}
-ALIGN = 64
 HASH_CHUNK = 16 * 1024 * 1024
 
 
@@ -64,7 +71,8 @@ def pretrained_source(factory: str, config: dict[str, Any]) -> PretrainedSource 
 
     from cicada.cloud.miniloader import resolve_factory
 
-    resolve_factory(factory)  # a bad spec fails here, with a message that says what to fix
+    # The caller names the factory (`cicada pack --model`): their own code, trusted.
+    resolve_factory(factory, trusted=True)  # a bad spec fails here, saying what to fix
     module = importlib.import_module(factory.partition(":")[0])
     hook = getattr(module, "cicada_pretrained", None)
     return hook(config) if callable(hook) else None
@@ -155,7 +163,7 @@ def pack(
     json.dumps(config)  # the config must survive the manifest round trip
     loaded = model is not None
     if model is None:
-        model = build_model(factory, config, init=weights is None)
+        model = build_model(factory, config, init=weights is None, trusted=True)
     elif weights is not None:
         raise PackageError("pass weights or a loaded model, not both")
     if weights is not None:
@@ -170,10 +178,11 @@ def pack(
     # A tied tensor is stored in the earliest stage that uses it, which plan order guarantees
     # because the stored name is its first occurrence in registration order.
 
-    order = [n for _, names in plan.stages for n in names]
+    # Every tensor at a multiple of ALIGN: the gap after one is a U8 padding entry.
     header: dict[str, Any] = {"__metadata__": {"format": "pt", "producer": "cicada"}}
     offset = 0
-    for n in order:
+    padding: dict[str, int] = {}  # tensor name -> pad bytes after it
+    for n in (n for _, names in plan.stages for n in names):
         t = tensors[n]
         header[n] = {
             "dtype": TORCH_TO_SAFETENSORS[t.dtype],
@@ -181,6 +190,13 @@ def pack(
             "data_offsets": [offset, offset + nbytes[n]],
         }
         offset += nbytes[n]
+        pad = -offset % ALIGN
+        if pad:
+            padding[n] = pad
+            header[f"{PAD_PREFIX}{len(padding)}"] = {
+                "dtype": "U8", "shape": [pad], "data_offsets": [offset, offset + pad],
+            }  # fmt: skip
+            offset += pad
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-(8 + len(header_bytes)) % ALIGN)
     data_start = 8 + len(header_bytes)
@@ -203,15 +219,16 @@ def pack(
                 begin = cursor
                 for n in names:
                     raw = _raw_bytes(tensors[n])
-                    f.write(raw)
-                    sha.update(raw)
-                    stage_hash.update(raw)
                     entries.append(
                         TensorEntry(n, header[n]["dtype"], tuple(tensors[n].shape), cursor,
                                     cursor + len(raw))
                     )  # fmt: skip
-                    cursor += len(raw)
-                    written += len(raw)
+                    for chunk in (raw, bytes(padding.get(n, 0))):
+                        f.write(chunk)
+                        sha.update(chunk)
+                        stage_hash.update(chunk)
+                        cursor += len(chunk)
+                        written += len(chunk)
                     if progress:
                         progress(written, total)
                 stages.append(
@@ -236,39 +253,53 @@ def pack(
             staging_note=plan.note,
         )
         if loaded:
-            check_coverage(build_model(factory, config, init=False), manifest)
+            check_coverage(build_model(factory, config, init=False, trusted=True), manifest)
         manifest.dump(tmp)
     return manifest
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: Path, package_dir: Path | None = None) -> str:
+    """sha256 of a file; with `package_dir`, `path` is a name inside it, opened confined
+    (no link out, regular files only: a FIFO is refused, never waited on)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    if package_dir is None:
+        f = open(path, "rb")  # noqa: SIM115 (closed below)
+    else:
+        f = os.fdopen(open_package_file(package_dir, str(path)), "rb")
+    with f:
         while chunk := f.read(HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
 
-def verify_package(package_dir: Path, check_model: bool = True) -> Manifest:
-    """Full check: sha256 of every file, header vs manifest, stage checksums, and (optionally)
-    that the model the manifest names has exactly these tensors with these shapes and dtypes."""
+def verify_package(
+    package_dir: Path, check_model: bool = False, *, trusted: bool = False
+) -> Manifest:
+    """Full check of the package as data: the manifest's own sha256, sha256 of every file
+    (each confined to the package), header vs manifest, byte ranges, stage checksums, and
+    that the factory is on the allow-list (or `trusted`; nothing is imported for it).
+
+    With `check_model`, also build the model (its code runs: allow-listed or trusted only)
+    and check it has exactly these tensors, aliases included, with these shapes and dtypes."""
     from cicada.cloud.loading.cpu import stage_checksum
+    from cicada.common.package import package_file
 
     package_dir = Path(package_dir)
     manifest = Manifest.load(package_dir)
+    check_factory_allowed(manifest.architecture.factory, trusted=trusted)
     for entry in manifest.files:
         path = package_dir / entry.path
-        if not path.exists():
-            raise PackageIntegrityError(f"{path} is missing")
-        if path.stat().st_size != entry.size:
-            raise PackageIntegrityError(
-                f"{path} is {path.stat().st_size} bytes, manifest says {entry.size}"
-            )
-        digest = sha256_file(path)
+        try:
+            size = package_file(package_dir, entry.path).stat().st_size
+        except FileNotFoundError:
+            raise PackageIntegrityError(f"{path} is missing") from None
+        if size != entry.size:
+            raise PackageIntegrityError(f"{path} is {size} bytes, manifest says {entry.size}")
+        digest = sha256_file(Path(entry.path), package_dir)
         if digest != entry.sha256:
             raise PackageIntegrityError(f"{path}: sha256 {digest} != manifest {entry.sha256}")
     weights = check_weights_file(package_dir, manifest)
-    with open(weights, "rb") as f:
+    with os.fdopen(open_package_file(package_dir, manifest.weights), "rb") as f:
         for stage in manifest.stages:
             f.seek(stage.begin)
             digest = stage_checksum(memoryview(f.read(stage.nbytes)))
@@ -276,7 +307,7 @@ def verify_package(package_dir: Path, check_model: bool = True) -> Manifest:
                 raise PackageIntegrityError(f"{weights}: stage {stage.name} checksum mismatch")
     if check_model:
         model = build_model(manifest.architecture.factory, manifest.architecture.config,
-                            init=False)  # fmt: skip
+                            init=False, trusted=trusted)  # fmt: skip
         check_coverage(model, manifest)
     return manifest
 
@@ -293,12 +324,16 @@ def check_coverage(model: nn.Module, manifest: Manifest) -> dict[str, list[Slot]
             f"package {MANIFEST_NAME} and model {manifest.architecture.factory} disagree: "
             f"tensors the package lacks: {missing[:5]}; tensors the model lacks: {extra[:5]}"
         )
-    for name, entry in stored.items():
+    # A tied name takes its stored tensor: it must fit the model's slot as well.
+    named = [(name, entry) for name, entry in stored.items()]
+    named += [(alias, stored[target]) for alias, target in manifest.aliases.items()]
+    for name, entry in named:
         current = slots[name][0].get()
         dtype = SAFETENSORS_TO_TORCH.get(entry.dtype)
         if tuple(current.shape) != entry.shape or current.dtype != dtype:
+            what = f"tensor {name}" if name in stored else f"alias {name} (of {entry.name})"
             raise PackageMismatchError(
-                f"tensor {name}: package holds {entry.dtype}{list(entry.shape)}, the model "
+                f"{what}: package holds {entry.dtype}{list(entry.shape)}, the model "
                 f"expects {current.dtype}{list(current.shape)}"
             )
     return slots

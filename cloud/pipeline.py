@@ -22,12 +22,18 @@ handoff policy feeds on them. A result is only returned once every stage has che
 Where the bytes come from, and how compute waits for them, is the stage source's business
 (cloud/loading/base.py): one per device kind, picked by `source_for(device)`; this module has no
 device branches.
+
+No wait is unbounded: a forward that waits for a stage gives up with `LoadStalledError` once no
+stage has arrived for `stall_timeout` seconds, and fails the load (every waiter wakes with the
+error, `on_error` listeners hear it). A failure on a loader thread, of any kind, fails the load
+the same way.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +42,20 @@ from typing import TYPE_CHECKING, Any
 from cicada.cloud.loading.base import StageRead
 from cicada.cloud.loading.sources import source_for
 from cicada.cloud.timeline import Timeline
-from cicada.common.errors import CicadaError
+from cicada.common.errors import CicadaError, LoadStalledError, PackageIntegrityError
+from cicada.common.factory import check_factory_allowed
 from cicada.common.package import Manifest, StageEntry, check_weights_file
 
 if TYPE_CHECKING:
     from torch import nn
 
     from cicada.cloud.miniloader import Slot
+
+# A load with no stage arriving for this long is stuck (a dead disk, a hung mount): the forward
+# waiting on it fails instead of waiting for ever. Generous: one stage of a large model on a
+# slow network volume can take a minute.
+DEFAULT_STALL_TIMEOUT_S = 300.0
+WAIT_SLICE_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -79,11 +92,18 @@ class ColdStart:
         timeline: Timeline | None = None,
         verify: bool = True,
         reader_threads: int = 1,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+        trust_package_code: bool = False,
     ) -> None:
         self.package_dir = Path(package_dir)
+        self.stall_timeout = stall_timeout
+        self.trust_package_code = trust_package_code
+        self._progress = time.monotonic()  # when a stage last arrived (or the load began)
         self.device = device
         self.timeline = timeline or Timeline()
         self.manifest = Manifest.load(self.package_dir)
+        # A factory outside the allow-list is refused before a byte of weights is read.
+        check_factory_allowed(self.manifest.architecture.factory, trusted=trust_package_code)
         self.weights_path = check_weights_file(self.package_dir, self.manifest)
         stages = self.manifest.stages
         self._resident = [threading.Event() for _ in stages]
@@ -116,6 +136,20 @@ class ColdStart:
     def subscribe(self, listener: Callable[[ResidencyEvent], None]) -> None:
         """Call `listener` (from a loader thread) for every stage that becomes resident."""
         self._listeners.append(listener)
+
+    def on_error(self, listener: Callable[[CicadaError], None]) -> None:
+        """Call `listener` (from any thread) once if the load fails; at once if it has."""
+        with self._lock:
+            error = self._error
+            if error is None:
+                self._error_listeners.append(listener)
+        if error is not None:
+            listener(error)
+
+    @property
+    def error(self) -> CicadaError | None:
+        """The load's failure, if it failed."""
+        return self._error
 
     def residency(self, timeout: float | None = None) -> Iterator[ResidencyEvent]:
         """Every residency event, past ones first, ending when every stage is resident.
@@ -155,8 +189,24 @@ class ColdStart:
         return self._resident[stage].is_set() and self._error is None
 
     def wait_stage(self, stage: int, timeout: float | None = None) -> None:
-        if not self._resident[stage].wait(timeout):
-            raise TimeoutError(f"stage {stage} not resident after {timeout} s")
+        """Wait until `stage` is resident. Raises TimeoutError after `timeout` (if given), and
+        fails the whole load with `LoadStalledError` once no stage has arrived for
+        `stall_timeout` seconds: no wait here is unbounded."""
+        event = self._resident[stage]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not event.wait(WAIT_SLICE_S):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"stage {stage} not resident after {timeout} s")
+            if now - self._progress > self.stall_timeout:
+                name = self.manifest.stages[stage].name
+                self._fail(
+                    LoadStalledError(
+                        f"{self.weights_path}: stage {stage} ({name}) is not resident and no "
+                        f"stage has arrived for {self.stall_timeout:.0f} s: the load is stuck "
+                        f"(storage not answering?); giving up"
+                    )
+                )
         if self._error is not None:
             raise self._error
 
@@ -167,15 +217,27 @@ class ColdStart:
     # -- the reader's side -----------------------------------------------------------------
 
     def _on_stage_read(self, read: StageRead) -> None:
+        self._progress = time.monotonic()
         self.timeline.add("read", read.stage.name, read.start, read.end)
         if read.error is not None:
             self._fail(read.error)
             return
-        with self._lock:
-            if self._model is None:
-                self._pending.append(read)
-                return
-            self._apply(read.stage)
+        try:
+            with self._lock:
+                if self._model is None:
+                    self._pending.append(read)
+                    return
+                self._apply(read.stage)
+        except Exception as exc:  # on the loader's thread: fail the load, never lose it
+            self._fail(self._apply_error(read.stage, exc))
+
+    def _apply_error(self, stage: StageEntry, exc: Exception) -> CicadaError:
+        if isinstance(exc, CicadaError):
+            return exc
+        return PackageIntegrityError(
+            f"{self.weights_path}: stage {stage.index} ({stage.name}) cannot be applied: "
+            f"{type(exc).__name__}: {exc}"
+        )
 
     def _fail(self, error: CicadaError) -> None:
         with self._lock:
@@ -195,19 +257,26 @@ class ColdStart:
         from cicada.cloud.packing import check_coverage
 
         arch = self.manifest.architecture
+        trusted = self.trust_package_code
         with self.timeline.span("import", "model code"):
-            resolve_factory(arch.factory)
+            resolve_factory(arch.factory, trusted=trusted)
         with self.timeline.span("construct", "construct"):
             with self.source.construction():
-                model = build_model(arch.factory, arch.config, init=False)
+                model = build_model(arch.factory, arch.config, init=False, trusted=trusted)
             self._slots = check_coverage(model, self.manifest)
             self._install_hooks(model)
         self.source.attach(self._slots)
         with self._lock:
             self._model = model
             pending, self._pending = self._pending, []
-            for read in pending:
-                self._apply(read.stage)
+        for read in pending:
+            try:
+                with self._lock:
+                    self._apply(read.stage)
+            except Exception as exc:
+                error = self._apply_error(read.stage, exc)
+                self._fail(error)
+                raise error from None
         return model
 
     def _apply(self, stage: StageEntry) -> None:

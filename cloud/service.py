@@ -68,6 +68,8 @@ class CloudWorkerConfig:
     curve: CurveKeys | None = None
     health_port: int | None = None  # serve /ready and /healthz for orchestrators (Knative)
     health_host: str = "127.0.0.1"  # loopback unless told (a pod's probes need 0.0.0.0)
+    # Run a package's factory even if it is outside the allow-list (common/factory.py).
+    trust_package_code: bool = False
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec) -> CloudWorkerConfig:
@@ -86,6 +88,7 @@ class CloudWorkerConfig:
             threads=spec.threads,
             heartbeat_interval=spec.heartbeat,
             curve=keys,
+            trust_package_code=spec.trust_package_code,
         )
 
 
@@ -93,7 +96,10 @@ class CloudWorker:
     def __init__(self, config: CloudWorkerConfig) -> None:
         self.config = config
         self.timeline = Timeline()
-        self.cold = ColdStart(config.package, device=config.device, timeline=self.timeline)
+        self.cold = ColdStart(
+            config.package, device=config.device, timeline=self.timeline,
+            trust_package_code=config.trust_package_code,
+        )  # fmt: skip
         self.tokenizer = load_tokenizer(config.package)  # read on the first text request
         self.built = threading.Event()
         self.failed: CicadaError | None = None
@@ -121,6 +127,14 @@ class CloudWorker:
             status=self.status,
         )
         self.cold.subscribe(self._on_residency)
+        # A failed load (a reader's error, a stall) fails the worker at once, with no request
+        # needed to find out: /healthz says so, and the serving loop gives up (exit 3).
+        self.cold.on_error(self._on_load_error)
+
+    def _on_load_error(self, error: CicadaError) -> None:
+        log.error("the load failed: %s", error)
+        self._fail(error)
+        self.runtime.notify()
 
     def status(self) -> WorkerStatus:
         total = len(self.cold.manifest.stages)

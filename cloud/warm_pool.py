@@ -66,10 +66,11 @@ def _child(spec: WorkerSpec, log_path: Path | None, pool: int) -> int:
     return worker.serve_forever()
 
 
-def preload(package_dirs: list[str]) -> list[str]:
+def preload(package_dirs: list[str], trusted: list[str] | None = None) -> list[str]:
     """Import what the packages' factories need (a transformers model's library and class,
     ~2.5 s) so that a forked worker does not. Returns the modules loaded; a package that
-    cannot be read is logged and skipped: the worker will say what is wrong with it."""
+    cannot be read is logged and skipped: the worker will say what is wrong with it. Only
+    allow-listed factories are imported, but for the packages in `trusted`."""
     import importlib
 
     from cicada.cloud.miniloader import resolve_factory
@@ -77,10 +78,11 @@ def preload(package_dirs: list[str]) -> list[str]:
     from cicada.common.package import Manifest
 
     loaded: list[str] = []
-    for package in package_dirs:
+    trusted = list(trusted or [])
+    for package in [*package_dirs, *trusted]:
         try:
             arch = Manifest.load(Path(package)).architecture
-            resolve_factory(arch.factory)
+            resolve_factory(arch.factory, trusted=package in trusted)
             module = importlib.import_module(arch.factory.partition(":")[0])
             hook = getattr(module, "cicada_preload", None)
             loaded += hook(arch.config) if callable(hook) else [module.__name__]
@@ -101,6 +103,7 @@ class _Conn:
 def serve_pool(
     socket_path: str,
     preload_packages: list[str] | None = None,
+    trusted_packages: list[str] | None = None,
     log_dir: str | None = None,
     parent: int | None = None,
 ) -> None:
@@ -119,7 +122,7 @@ def serve_pool(
     import cicada.cloud.service
     import cicada.common.worker  # noqa: F401
 
-    preloaded = preload(preload_packages or [])
+    preloaded = preload(preload_packages or [], trusted_packages)
     logs = Path(log_dir).resolve() if log_dir else None
     if logs is not None:
         logs.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,16 @@ class PackageMismatchError(PackageError):
     """The package and the model it names disagree on a tensor."""
 
 
+class UntrustedCodeError(PackageError):
+    """The package names a factory outside the allow-list, and the operator did not pass
+    the trust flag (`--trust-package-code`): its code is not imported."""
+
+
+class LoadStalledError(PackageError):
+    """A stage did not become resident within the load's bound: the forward gives up
+    instead of waiting for ever."""
+
+
 class MissingExtraError(PackageError):
     """An optional library (transformers, torchvision) is not installed."""
 

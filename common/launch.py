@@ -52,6 +52,9 @@ class WorkerSpec:
     curve_key: str | None = None
     server_key: str | None = None
     log_dir: str | None = None
+    # The coordinator's `trust_package_code` for this model: run its factory even if it is
+    # outside the allow-list (docs/PACKAGE.md, "Threat model").
+    trust_package_code: bool = False
 
     def cli_args(self) -> list[str]:
         args = [
@@ -73,6 +76,8 @@ class WorkerSpec:
             args += ["--threads", str(self.threads)]
         if self.curve_key and self.server_key:
             args += ["--curve-key", self.curve_key, "--server-key", self.server_key]
+        if self.trust_package_code:
+            args.append("--trust-package-code")
         return args
 
     def to_wire(self) -> dict[str, Any]:
@@ -390,6 +395,9 @@ class PoolLauncher:
     start_pool: bool = True
     log_dir: str | None = None
     preload: list[str] = field(default_factory=list)  # packages whose model code to import
+    # Packages whose model code the pool imports even outside the allow-list (their model's
+    # `trust_package_code`); the others' factories must be allow-listed to be preloaded.
+    preload_trusted: list[str] = field(default_factory=list)
     kind: str = "pool"
     _pool: subprocess.Popen[bytes] | None = None
     handles: list[PoolHandle] = field(default_factory=list)
@@ -404,6 +412,7 @@ class PoolLauncher:
                 else subprocess.DEVNULL
             )
             preload = [arg for package in self.preload for arg in ("--preload", package)]
+            preload += [arg for p in self.preload_trusted for arg in ("--preload-trusted", p)]
             logs = ["--log-dir", self.log_dir] if self.log_dir else []
             self._pool = subprocess.Popen(
                 [sys.executable, "-m", "cicada", "pool", "--socket", self.socket_path,

@@ -7,19 +7,33 @@ A package is a directory::
 
 Reading a package never imports torch: the cold-start reader starts before torch is imported,
 so everything it needs (byte ranges, dtypes, checksums) lives here in plain Python.
+
+A package is data from someone else (docs/PACKAGE.md, "Threat model"): every file it names is
+confined to its directory and must be a regular file, every size is capped before anything is
+parsed, JSON nesting is bounded, every byte range is checked against the file, and every
+malformed input ends in a `PackageError`, never in another exception.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import logging
+import os
+import re
+import stat
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from itertools import accumulate
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cicada.common.errors import PackageFormatError, PackageIntegrityError
 from cicada.common.factory import canonical_factory
 from cicada.common.files import write_text_atomic
+
+log = logging.getLogger("cicada.package")
 
 FORMAT_NAME = "cicada-package"
 FORMAT_VERSION = 1
@@ -32,8 +46,20 @@ DTYPE_SIZES: dict[str, int] = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 
-# A safetensors header larger than this is refused before it is parsed.
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# Caps checked before anything is parsed: a manifest or safetensors header this large is
+# refused from its size alone (a 20 MiB header cost 535 MiB of memory to parse).
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
+# Deepest JSON nesting accepted (a manifest is ~5 deep, a transformers config a few more).
+MAX_JSON_DEPTH = 64
+# `cicada pack` starts every tensor (and every stage) at a multiple of this, so that the CPU
+# source's zero-copy views are as aligned as torch's own allocations (docs/PACKAGE.md).
+ALIGN = 64
+# Header entries named so are padding between tensors: U8 vectors the manifest does not list.
+PAD_PREFIX = "__cicada_pad__."
+# The manifest's own sha256, over its canonical JSON without this field.
+MANIFEST_HASH_FIELD = "manifest_sha256"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -139,8 +165,9 @@ class Manifest:
         }  # fmt: skip
 
     def dump(self, package_dir: Path) -> None:
-        """Write manifest.json atomically (a reader never sees half a manifest)."""
-        write_text_atomic(Path(package_dir) / MANIFEST_NAME, json.dumps(self.to_json(), indent=1))
+        """Write manifest.json atomically (a reader never sees half a manifest), sealed with
+        its own sha256."""
+        write_manifest_doc(package_dir, self.to_json())
 
     @classmethod
     def from_json(cls, doc: Any, where: str = MANIFEST_NAME) -> Manifest:
@@ -150,16 +177,161 @@ class Manifest:
     def load(cls, package_dir: Path | str) -> Manifest:
         path = Path(package_dir) / MANIFEST_NAME
         try:
-            raw = path.read_bytes()
+            fd = open_package_file(package_dir, MANIFEST_NAME, PackageFormatError)
         except FileNotFoundError:
             raise PackageFormatError(
                 f"{path} does not exist: is {package_dir} a package made by `cicada pack`?"
             ) from None
-        try:
-            doc = json.loads(raw)
-        except ValueError as exc:
-            raise PackageFormatError(f"{path} is not valid JSON: {exc}") from None
+        with os.fdopen(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise PackageFormatError(
+                    f"{path} is {size} bytes, more than a manifest may be "
+                    f"({MAX_MANIFEST_BYTES}): refused before parsing"
+                )
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise PackageFormatError(f"{path} grew past {MAX_MANIFEST_BYTES} bytes while read")
+        doc = loads_bounded(raw, f"{path} is not valid JSON", PackageFormatError)
+        check_manifest_hash(doc, str(path))
         return _parse_manifest(doc, str(path))
+
+
+def canonical_manifest_bytes(doc: dict[str, Any]) -> bytes:
+    """What the manifest's sha256 covers: its JSON without `manifest_sha256`, keys sorted,
+    no whitespace, UTF-8 (Python's json.dumps(sort_keys=True, separators=(",", ":"),
+    ensure_ascii=False))."""
+    body = {k: v for k, v in doc.items() if k != MANIFEST_HASH_FIELD}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def manifest_digest(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_manifest_bytes(doc)).hexdigest()
+
+
+def write_manifest_doc(package_dir: Path | str, doc: dict[str, Any]) -> None:
+    """Write a manifest document atomically with its `manifest_sha256` (re)computed."""
+    sealed = {k: v for k, v in doc.items() if k != MANIFEST_HASH_FIELD}
+    sealed[MANIFEST_HASH_FIELD] = manifest_digest(sealed)
+    write_text_atomic(Path(package_dir) / MANIFEST_NAME, json.dumps(sealed, indent=1))
+
+
+_warned_unsealed: set[str] = set()
+
+
+def check_manifest_hash(doc: Any, where: str) -> bool:
+    """True if the manifest carries its sha256 and it matches; False for a manifest written
+    before it had one (loaded, with a warning once per path); a mismatch is an error."""
+    if not isinstance(doc, dict):
+        return False  # _parse_manifest says what is wrong with it
+    recorded = doc.get(MANIFEST_HASH_FIELD)
+    if recorded is None:
+        if where not in _warned_unsealed:
+            _warned_unsealed.add(where)
+            log.warning(
+                "%s has no %s (written by an older cicada): its own bytes are not covered "
+                "by a checksum; re-pack it to seal it", where, MANIFEST_HASH_FIELD,
+            )  # fmt: skip
+        return False
+    if not isinstance(recorded, str) or manifest_digest(doc) != recorded:
+        raise PackageIntegrityError(
+            f"{where}: {MANIFEST_HASH_FIELD} does not match the manifest's contents: it was "
+            f"edited or corrupted after `cicada pack`; re-run `cicada pack`"
+        )
+    return True
+
+
+# -- bounded JSON -------------------------------------------------------------------------
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of `raw` (JSON), without parsing it (linear, in C but the sum)."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _BRACKETS)
+    return max(accumulate(_DEPTH_STEP[b] for b in brackets), default=0)
+
+
+def loads_bounded(
+    raw: bytes, what: str, error: type[Exception], max_depth: int = MAX_JSON_DEPTH
+) -> Any:
+    """json.loads with the nesting depth checked first; every failure is `error(what: ...)`."""
+    try:
+        depth = json_depth(raw)
+    except RecursionError:  # the string regex on pathological input
+        raise error(f"{what}: cannot be scanned") from None
+    if depth > max_depth:
+        raise error(f"{what}: nested {depth} levels deep (at most {max_depth})")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise error(f"{what}: {exc}") from None
+
+
+# -- files confined to the package ------------------------------------------------------------
+
+
+def check_relative_path(name: Any, where: str) -> str:
+    """A file name from a manifest: relative, normalised, inside the package (syntax only)."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise PackageFormatError(f"{where}: file name {name!r} is not a plain relative path")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or any(part in ("..", ".", "") for part in name.split("/")):
+        raise PackageFormatError(
+            f"{where}: file name {name!r} leaves the package directory (absolute, '..', or "
+            f"not normalised): a package may only name files inside itself"
+        )
+    return name
+
+
+def package_file(
+    package_dir: Path | str, name: str, error: type[Exception] = PackageIntegrityError
+) -> Path:
+    """`name` inside `package_dir`, resolved: no symlink out of the package, a regular file
+    (a FIFO or device is refused before anything opens it). FileNotFoundError if absent."""
+    check_relative_path(name, str(package_dir))
+    root = Path(os.path.realpath(package_dir))
+    path = Path(os.path.realpath(root / name))
+    if path != root and root not in path.parents:
+        raise error(
+            f"{Path(package_dir) / name} resolves to {path}, outside the package {root}: "
+            f"a package may not link to files outside itself"
+        )
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise  # the caller says what is missing
+    except OSError as exc:  # permissions, a loop of links, a name too long
+        raise error(f"{Path(package_dir) / name}: cannot stat: {exc}") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{Path(package_dir) / name} is not a regular file: refused")
+    return path
+
+
+def open_package_file(
+    package_dir: Path | str, name: str, error: type[Exception] = PackageIntegrityError
+) -> int:
+    """A read-only descriptor of `package_file(...)`: opened without blocking and without
+    following a link, and checked again on the descriptor (no race with a swap)."""
+    path = package_file(package_dir, name, error)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(str(path)) from None
+        raise error(f"{path}: cannot open: {exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f"{path} is not a regular file: refused")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _need(doc: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -168,6 +340,13 @@ def _need(doc: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     value = doc[key]
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
         raise PackageFormatError(f"{where}: field {key!r} has the wrong type")
+    return value
+
+
+def _need_int(doc: Any, key: str, where: str) -> int:
+    value: int = _need(doc, key, int, where)
+    if value < 0:
+        raise PackageFormatError(f"{where}: field {key!r} is negative")
     return value
 
 
@@ -192,20 +371,28 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
     )
     staging = doc.get("staging", {})
     stages: list[StageEntry] = []
+    names: set[str] = set()
     cursor: int | None = None
     for index, s in enumerate(_need(doc, "stages", list, where)):
         at = f"{where}: stage {index}"
+        if not isinstance(s, dict):
+            raise PackageFormatError(f"{at}: not an object")
         tensors: list[TensorEntry] = []
-        begin, end = _need(s, "begin", int, at), _need(s, "end", int, at)
+        begin, end = _need_int(s, "begin", at), _need_int(s, "end", at)
+        if end < begin:
+            raise PackageFormatError(f"{at}: byte range [{begin}, {end}) ends before it begins")
         if cursor is not None and begin != cursor:
             raise PackageFormatError(f"{at}: byte range does not follow the previous stage")
         t_cursor = begin
         for t in _need(s, "tensors", list, at):
             name = _need(t, "name", str, at)
-            dtype = _need(t, "dtype", str, f"{at} tensor {name}")
-            shape = tuple(_need(t, "shape", list, f"{at} tensor {name}"))
-            t_begin = _need(t, "begin", int, f"{at} tensor {name}")
-            t_end = _need(t, "end", int, f"{at} tensor {name}")
+            tat = f"{at} tensor {name}"
+            dtype = _need(t, "dtype", str, tat)
+            shape = tuple(_need(t, "shape", list, tat))
+            t_begin, t_end = _need_int(t, "begin", tat), _need_int(t, "end", tat)
+            if name in names or name.startswith(PAD_PREFIX) or not name:
+                raise PackageFormatError(f"{tat}: duplicate or reserved tensor name")
+            names.add(name)
             if dtype not in DTYPE_SIZES:
                 raise PackageFormatError(f"{at}: tensor {name} has unknown dtype {dtype!r}")
             if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -213,14 +400,19 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
             numel = 1
             for d in shape:
                 numel *= d
-            if t_begin != t_cursor or t_end - t_begin != numel * DTYPE_SIZES[dtype]:
+            # Tensors follow each other in file order; what lies between two of them (less
+            # than ALIGN bytes) is padding, which the weights file must hold as pad entries.
+            if (
+                not t_cursor <= t_begin < t_cursor + ALIGN
+                or t_end - t_begin != numel * DTYPE_SIZES[dtype]
+            ):
                 raise PackageFormatError(
                     f"{at}: tensor {name} byte range [{t_begin}, {t_end}) does not match its "
-                    f"shape/dtype or is not contiguous with the previous tensor"
+                    f"shape/dtype or does not follow the previous tensor"
                 )
             t_cursor = t_end
             tensors.append(TensorEntry(name, dtype, shape, t_begin, t_end))
-        if t_cursor != end:
+        if not t_cursor <= end < t_cursor + ALIGN:
             raise PackageFormatError(f"{at}: tensors do not fill the stage's byte range")
         cursor = end
         modules = _need(s, "modules", list, at)
@@ -241,16 +433,13 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
         raise PackageFormatError(f"{where}: the package has no stages")
     files = tuple(
         FileEntry(
-            path=p,
-            size=_need(f, "size", int, f"{where}: file {p}"),
+            path=check_relative_path(p, f"{where}: files"),
+            size=_need_int(f, "size", f"{where}: file {p}"),
             sha256=_need(f, "sha256", str, f"{where}: file {p}"),
         )
         for p, f in _need(doc, "files", dict, where).items()
     )
-    if any(f.size < 0 for f in files):
-        raise PackageFormatError(f"{where}: a file entry has a negative size")
     aliases = _need(doc, "aliases", dict, where)
-    names = {t.name for s in stages for t in s.tensors}
     for alias, target in aliases.items():
         if not isinstance(target, str):
             raise PackageFormatError(f"{where}: alias {alias} must name a tensor (a string)")
@@ -265,70 +454,148 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
         aliases={str(k): str(v) for k, v in aliases.items()},
         staging_method=str(staging.get("method", "whole")) if isinstance(staging, dict) else "",
         staging_note=str(staging.get("note", "")) if isinstance(staging, dict) else "",
-        weights=_need(doc, "weights", str, where),
+        weights=check_relative_path(_need(doc, "weights", str, where), f"{where}: weights"),
         format_version=version,
     )
     manifest.file(manifest.weights)  # the weights file must be listed
     return manifest
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header without torch; return (entries, absolute data start)."""
-    with open(path, "rb") as f:
+def read_safetensors_header(
+    path: Path, expected_size: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """Parse a safetensors header without torch; return (entries, absolute data start).
+
+    The header's length is read first and checked (against `expected_size` when the manifest
+    says where the data starts, and against the cap) before a byte of it is read. Every entry
+    is checked for form: a dtype, a shape, offsets whose span fits dtype and shape."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise PackageIntegrityError(f"{path} is not a regular file: refused")
         head = f.read(8)
         if len(head) != 8:
             raise PackageIntegrityError(f"{path}: truncated (no safetensors header)")
         (size,) = struct.unpack("<Q", head)
         if size > MAX_SAFETENSORS_HEADER:
-            raise PackageIntegrityError(f"{path}: safetensors header of {size} bytes is too large")
+            raise PackageIntegrityError(
+                f"{path}: safetensors header of {size} bytes is too large (at most "
+                f"{MAX_SAFETENSORS_HEADER}): refused before reading it"
+            )
+        if expected_size is not None and size != expected_size:
+            raise PackageIntegrityError(
+                f"{path}: safetensors header is {size} bytes but the manifest's first stage "
+                f"puts the data at byte {8 + expected_size}: the two files do not belong together"
+            )
         raw = f.read(size)
     if len(raw) != size:
         raise PackageIntegrityError(f"{path}: truncated inside the safetensors header")
-    try:
-        header = json.loads(raw)
-    except ValueError as exc:
-        raise PackageIntegrityError(
-            f"{path}: safetensors header is not valid JSON: {exc}"
-        ) from None
+    header = loads_bounded(
+        raw, f"{path}: safetensors header is not valid JSON", PackageIntegrityError
+    )
     if not isinstance(header, dict):
         raise PackageIntegrityError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise PackageIntegrityError(f"{path}: __metadata__ must map strings to strings")
+    for name, h in header.items():
+        _check_header_entry(path, name, h)
     return header, 8 + size
 
 
+def _check_header_entry(path: Path, name: str, h: Any) -> None:
+    bad = f"{path}: header entry {name!r}"
+    if not isinstance(h, dict):
+        raise PackageIntegrityError(f"{bad} is not an object")
+    dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise PackageIntegrityError(f"{bad} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise PackageIntegrityError(f"{bad} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+    ):
+        raise PackageIntegrityError(f"{bad} has invalid data_offsets {offsets!r}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * DTYPE_SIZES[dtype]:
+        raise PackageIntegrityError(f"{bad}: data_offsets do not span its shape and dtype")
+
+
 def check_weights_file(package_dir: Path, manifest: Manifest) -> Path:
-    """Cheap structural checks (size, header vs manifest) before any byte is trusted.
+    """Cheap structural checks (path, size, header vs manifest) before any byte is trusted.
 
     Costs a stat and a JSON parse of the header: done on every cold start. Full hashing is
     `verify_package` (sha256) and the per-stage xxh3 the reader computes while streaming.
+    Checked: the weights file is a regular file inside the package of the recorded size; the
+    stages cover its data section exactly; the header's entries tile the data section as
+    safetensors requires (from 0, contiguous, no overlap, to the end of the file); each
+    manifest tensor is the header's entry of that name; every other entry is padding.
     """
-    path = Path(package_dir) / manifest.weights
     entry = manifest.file(manifest.weights)
     try:
-        size = path.stat().st_size
+        path = package_file(package_dir, manifest.weights)
     except FileNotFoundError:
+        path = Path(package_dir) / manifest.weights
         raise PackageIntegrityError(f"{path} is missing: re-run `cicada pack`") from None
+    size = path.stat().st_size
     if size != entry.size:
         raise PackageIntegrityError(
             f"{path} is {size} bytes but the manifest recorded {entry.size} "
             f"({'truncated' if size < entry.size else 'extra bytes'}): re-run `cicada pack`"
         )
-    header, data_start = read_safetensors_header(path)
-    for t in manifest.tensors():
+    first, last = manifest.stages[0], manifest.stages[-1]
+    if last.end != size:
+        raise PackageIntegrityError(
+            f"{path}: the last stage ({last.name}) ends at byte {last.end} but the file has "
+            f"{size} bytes: the manifest's byte ranges do not fit the file"
+        )
+    if first.begin < 8:
+        raise PackageIntegrityError(f"{path}: the first stage begins inside the header")
+    header, data_start = read_safetensors_header(path, expected_size=first.begin - 8)
+    # safetensors: the entries cover [0, size - data_start) exactly, in order, no overlap.
+    spans = sorted((h["data_offsets"][0], h["data_offsets"][1], n) for n, h in header.items())
+    cursor = 0
+    for begin, end, name in spans:
+        if begin != cursor:
+            raise PackageIntegrityError(
+                f"{path}: header entry {name!r} starts at data offset {begin}, not {cursor}: "
+                f"the data section must be covered by tensors, contiguous and without overlap"
+            )
+        cursor = end
+    if cursor != size - data_start:
+        raise PackageIntegrityError(
+            f"{path}: the header's tensors cover {cursor} data bytes, the file holds "
+            f"{size - data_start}"
+        )
+    stored = manifest.tensors()
+    for t in stored:
         h = header.get(t.name)
         if h is None:
             raise PackageIntegrityError(f"{path}: tensor {t.name} is in the manifest, not the file")
-        offsets = h.get("data_offsets", [None, None])
         if (
-            h.get("dtype") != t.dtype
-            or tuple(h.get("shape", ())) != t.shape
-            or [data_start + int(o) for o in offsets] != [t.begin, t.end]
+            h["dtype"] != t.dtype
+            or tuple(h["shape"]) != t.shape
+            or [data_start + o for o in h["data_offsets"]] != [t.begin, t.end]
         ):
             raise PackageIntegrityError(
                 f"{path}: tensor {t.name} in the file header differs from the manifest "
                 f"(dtype/shape/offsets): the two files do not belong together"
             )
-    if len(header) != len(manifest.tensors()):
-        extra = sorted(set(header) - {t.name for t in manifest.tensors()})
-        raise PackageIntegrityError(f"{path}: tensors not in the manifest: {extra[:5]}")
+    if len(header) != len(stored):
+        names = {t.name for t in stored}
+        extra = sorted(
+            n for n, h in header.items()
+            if n not in names
+            and not (n.startswith(PAD_PREFIX) and h["dtype"] == "U8" and len(h["shape"]) == 1)
+        )  # fmt: skip
+        if extra:
+            raise PackageIntegrityError(f"{path}: tensors not in the manifest: {extra[:5]}")
     return path

@@ -22,6 +22,18 @@ def fail(exc: Exception) -> None:
     sys.exit(2)
 
 
+TRUST_HELP = (
+    "Trust the package's code: import and call its factory even if it is not one of "
+    "Cicada's own model builders (a package is data; its factory would run as you). "
+    "See docs/PACKAGE.md, threat model."
+)
+
+
+def trust_option(f: Any) -> Any:
+    """`--trust-package-code` (a bool parameter `trust_package_code`)."""
+    return click.option("--trust-package-code", is_flag=True, help=TRUST_HELP)(f)
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """A --config file: one JSON object, or a usage error that names the file."""
     try:

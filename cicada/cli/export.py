@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from cicada.cli._common import fail, read_config
+from cicada.cli._common import fail, read_config, trust_option
 from cicada.common.errors import CicadaError
 
 
@@ -57,6 +57,7 @@ from cicada.common.errors import CicadaError
 )
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@trust_option
 def export_edge_cmd(
     package_dir: Path | None,
     factory: str | None,
@@ -67,6 +68,7 @@ def export_edge_cmd(
     seq_len: int | None,
     opset: int,
     force: bool,
+    trust_package_code: bool,
 ) -> None:
     """Export a small ONNX model for the edge agent, with the cloud model's signature.
 
@@ -99,7 +101,9 @@ def export_edge_cmd(
         except ValueError:
             shrink[key.strip()] = raw
     from cicada.cloud.export_edge import export_edge
+    from cicada.common.factory import set_trust_package_code
 
+    set_trust_package_code(trust_package_code)  # --package's factory; --model is yours
     try:
         info = export_edge(
             package_dir, out, factory=factory, config=config, shrink=shrink or None,

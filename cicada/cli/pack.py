@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from cicada.cli._common import fail, read_config
+from cicada.cli._common import fail, read_config, trust_option
 from cicada.common.errors import CicadaError, PackageMismatchError
 
 
@@ -69,9 +69,18 @@ from cicada.common.errors import CicadaError, PackageMismatchError
     "--verify",
     "verify_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Instead of packing: check a package's hashes, shapes and "
-    "coverage against its model, then exit.",
+    help="Instead of packing: check a package as data (its manifest's and files' sha256, "
+    "paths, byte ranges, header, stage checksums, that its factory is allowed), then "
+    "exit. Imports no model code unless --check-model.",
 )
+@click.option(
+    "--check-model",
+    is_flag=True,
+    help="With --verify: also build the model its manifest names (running its code: one of "
+    "Cicada's own factories, or any with --trust-package-code) and check that it has exactly "
+    "the package's tensors and aliases, with their shapes and dtypes.",
+)
+@trust_option
 def pack(
     factory: str | None,
     transformers_dir: Path | None,
@@ -83,6 +92,8 @@ def pack(
     out: Path | None,
     force: bool,
     verify_dir: Path | None,
+    check_model: bool,
+    trust_package_code: bool,
 ) -> None:
     """Write a model package: manifest.json + safetensors weights in stage order.
 
@@ -101,16 +112,28 @@ def pack(
             from cicada.cloud.packing import verify_package
 
             with console.status(f"verifying {verify_dir}"):
-                manifest = verify_package(verify_dir)
+                manifest = verify_package(
+                    verify_dir, check_model=check_model, trusted=trust_package_code
+                )
             click.echo(
                 f"ok: {verify_dir}: {len(manifest.stages)} stages, {len(manifest.tensors())} "
-                f"tensors, {manifest.total_bytes / 1e6:.1f} MB; sha256, stage checksums, "
-                f"shapes and coverage match {manifest.architecture.factory}"
-            )
+                f"tensors, {manifest.total_bytes / 1e6:.1f} MB; sha256, paths, byte ranges "
+                f"and stage checksums match; factory {manifest.architecture.factory}"
+                + (" builds a model with exactly these tensors" if check_model else
+                   " (not imported; --check-model builds it)")
+            )  # fmt: skip
+            if not manifest_sealed(verify_dir):
+                click.echo(
+                    "note: the manifest carries no manifest_sha256 (written by an older "
+                    "cicada): its own bytes are not covered; re-pack to seal it",
+                    err=True,
+                )
             return
         sources = [factory, transformers_dir, torchvision_name]
         if transformers_dir is None:
             sources.append(transformers_class)
+        if check_model:
+            raise click.UsageError("--check-model goes with --verify")
         if sum(s is not None for s in sources) != 1 or out is None:
             raise click.UsageError(
                 "pass --out and one of --model, --transformers, --transformers-class or "
@@ -161,6 +184,17 @@ def pack(
             click.echo(f"note: {manifest.staging_note}", err=True)
     except CicadaError as exc:
         fail(exc)
+
+
+def manifest_sealed(package_dir: Path) -> bool:
+    import json
+
+    from cicada.common.package import MANIFEST_HASH_FIELD, MANIFEST_NAME
+
+    try:
+        return MANIFEST_HASH_FIELD in json.loads((package_dir / MANIFEST_NAME).read_bytes())
+    except (OSError, ValueError):
+        return False
 
 
 def _library_model(

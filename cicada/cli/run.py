@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from cicada.cli._common import fail
+from cicada.cli._common import fail, trust_option
 from cicada.common.errors import CicadaError
 
 
@@ -49,6 +49,7 @@ from cicada.common.errors import CicadaError
     help="Print each residency event (stage resident, bytes, elapsed, ETA) as a JSON "
     "line on stdout (cicada strategy).",
 )
+@trust_option
 def run(
     package: Path,
     input_path: Path,
@@ -58,9 +59,13 @@ def run(
     device: str,
     threads: int | None,
     events: bool,
+    trust_package_code: bool,
 ) -> None:
     """One cold start of PACKAGE in this fresh process, then one forward on --input."""
     from cicada.cloud.runner import run_cold_start
+    from cicada.common.factory import set_trust_package_code
+
+    set_trust_package_code(trust_package_code)  # this process runs this one package
 
     try:
         timings = run_cold_start(

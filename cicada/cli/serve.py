@@ -13,7 +13,14 @@ from typing import Any
 
 import click
 
-from cicada.cli._common import ADDRESS_HELP, curve_keys, curve_options, setup_logging
+from cicada.cli._common import (
+    ADDRESS_HELP,
+    curve_keys,
+    curve_options,
+    fail,
+    setup_logging,
+    trust_option,
+)
 from cicada.common.defaults import (
     DEFAULT_ADDRESS,
     DEFAULT_METRICS,
@@ -21,7 +28,7 @@ from cicada.common.defaults import (
     LIVENESS,
     QUEUE_LIMIT,
 )
-from cicada.common.errors import CicadaError
+from cicada.common.errors import CicadaError, PackageError
 
 
 @click.command()
@@ -235,8 +242,13 @@ def _lifecycle(
     launcher: Any
     if c.launcher == "pool":
         socket_path = str(c.pool_socket or Path(tempfile.mkdtemp(prefix="cicada-pool-")) / "s")
-        packages = [str(cfg.package) for cfg in file.models.values()]
-        launcher = PoolLauncher(socket_path, log_dir=log_dir, preload=packages).start()
+        models = file.models.values()
+        launcher = PoolLauncher(
+            socket_path,
+            log_dir=log_dir,
+            preload=[str(cfg.package) for cfg in models if not cfg.trust_package_code],
+            preload_trusted=[str(cfg.package) for cfg in models if cfg.trust_package_code],
+        ).start()
     elif c.launcher == "ray":
         from cicada.cloud.ray_launcher import RayLauncher
 
@@ -261,6 +273,7 @@ def _lifecycle(
             curve_key=str(keys[0]) if keys else None,
             server_key=str(keys[1]) if keys else None,
             log_dir=log_dir,
+            trust_package_code=cfg.trust_package_code,
         )
 
     return Lifecycle(file.models, launcher, spec_for)
@@ -280,7 +293,21 @@ def _lifecycle(
     multiple=True,
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="A package whose model code to import ahead too (e.g. transformers and the model's "
-    "class, ~2.5 s a worker would pay); repeatable.",
+    "class, ~2.5 s a worker would pay); repeatable. Its factory must be one of Cicada's own "
+    "(docs/PACKAGE.md) unless --trust-package-code.",
+)
+@click.option(
+    "--preload-trusted",
+    "trusted_packages",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="As --preload, for a package whose code you trust (its factory may be any); repeatable.",
+)
+@click.option(
+    "--trust-package-code",
+    is_flag=True,
+    help="Trust the code of every --preload package: import its factory even if it is not "
+    "one of Cicada's own model builders (docs/PACKAGE.md, threat model).",
 )
 @click.option(
     "--log-dir",
@@ -291,22 +318,33 @@ def _lifecycle(
 )
 @click.option("--log-level", default="info", show_default=True)
 def pool(
-    socket_path: Path, preload_packages: tuple[Path, ...], log_dir: Path | None, log_level: str
+    socket_path: Path,
+    preload_packages: tuple[Path, ...],
+    trusted_packages: tuple[Path, ...],
+    trust_package_code: bool,
+    log_dir: Path | None,
+    log_level: str,
 ) -> None:
     """Run a warm pool: import torch once, then fork a cloud worker per launch request.
 
     Started by `cicada coordinator` when its config says launcher = "pool" (it preloads the
     code of every configured model's package); the pool and its workers then die with the
-    coordinator, even when it is killed."""
+    coordinator, even when it is killed. A forked worker trusts its package's code only if
+    its launch request says so (the model's `trust_package_code`)."""
     from cicada.common.launch import die_with_launcher
 
     parent = die_with_launcher()
     setup_logging(log_level)
     from cicada.cloud.warm_pool import serve_pool
 
+    trusted = [str(p) for p in trusted_packages]
+    untrusted = [str(p) for p in preload_packages]
+    if trust_package_code:
+        trusted, untrusted = trusted + untrusted, []
     serve_pool(
         str(socket_path),
-        [str(p) for p in preload_packages],
+        untrusted,
+        trusted,
         log_dir=str(log_dir) if log_dir else None,
         parent=parent,
     )
@@ -422,6 +460,7 @@ def edge(
     show_default=True,
     help="Address the health endpoint binds; in a pod probed by the kubelet, 0.0.0.0.",
 )
+@trust_option
 @curve_options
 @click.option("--log-level", default="info", show_default=True)
 def cloud(
@@ -436,6 +475,7 @@ def cloud(
     health_host: str,
     curve_key: Path | None,
     server_key: Path | None,
+    trust_package_code: bool,
     log_level: str,
 ) -> None:
     """Run a cloud worker: cold-start PACKAGE with the Cicada pipeline and serve it.
@@ -462,8 +502,12 @@ def cloud(
                 curve=keys,
                 health_port=health_port,
                 health_host=health_host,
+                trust_package_code=trust_package_code,
             )
         )
+    except PackageError as exc:  # as every command that loads a package: exit status 2
+        fail(exc)
+        return
     except CicadaError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(worker.serve_forever())

@@ -9,12 +9,23 @@ in order of need, which faults the pages in (sequential, kernel readahead ahead 
 hashes them with xxh3 on the way (GIL released). A stage is published as *verified* only once
 its checksum matches, so no byte that failed the check can reach a tensor. Tensors are later
 built zero-copy over the mapping: one copy of the weights in memory, shared with the page cache.
+
+Zero-copy only where the tensor starts 64-byte aligned in the file (every tensor of a package
+`cicada pack` writes now): a view that starts elsewhere can send a kernel down another path
+than an aligned allocation does, and the result differs in the last bits. A tensor of an older
+package that is not aligned is copied once into an aligned buffer instead, so outputs are
+bit-identical to eager PyTorch either way.
+
+A reader thread never dies silently: whatever it raises (BaseException included) is reported
+as that stage's failure, which wakes every waiter with the error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,8 +34,8 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from cicada.cloud.loading.base import StageRead, StageSource
-from cicada.common.errors import PackageIntegrityError
-from cicada.common.package import Manifest, StageEntry
+from cicada.common.errors import CicadaError, PackageIntegrityError
+from cicada.common.package import ALIGN, Manifest, StageEntry
 
 if TYPE_CHECKING:
     import torch
@@ -52,9 +63,13 @@ class MappedWeights:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fd = os.open(path, os.O_RDONLY)
+        # Never blocks on a FIFO; anything but a regular file is refused on the descriptor.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         try:
-            self.size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise PackageIntegrityError(f"{path} is not a regular file: refused")
+            self.size = st.st_size
             self.map = mmap.mmap(fd, self.size, access=mmap.ACCESS_COPY)
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -114,26 +129,50 @@ class WeightReader:
             return stage
 
     def _run(self) -> None:
-        while (stage := self._claim()) is not None:
-            start = self.clock()
-            error: PackageIntegrityError | None = None
-            try:
-                view = self.weights.view[stage.begin : stage.end]
-                if self.verify:
-                    digest = stage_checksum(view)
-                    if digest != stage.xxh3:
-                        error = PackageIntegrityError(
-                            f"{self.weights.path}: stage {stage.index} ({stage.name}, bytes "
-                            f"{stage.begin}-{stage.end}) checksum {digest} != manifest "
-                            f"{stage.xxh3}: the file is corrupt; re-run `cicada pack`"
-                        )
-                else:
-                    touch_pages(view)
-            except (OSError, ValueError) as exc:  # e.g. file shrank under the mapping
-                error = PackageIntegrityError(f"{self.weights.path}: reading {stage.name}: {exc}")
-            if error is not None:
-                self._failed.set()
-            self.on_stage(StageRead(stage, start, self.clock(), error))
+        stage: StageEntry | None = None
+        try:
+            while (stage := self._claim()) is not None:
+                read = self._read(stage)
+                if read.error is not None:
+                    self._failed.set()
+                self.on_stage(read)
+        except BaseException as exc:  # reported, never lost with the thread
+            self._failed.set()
+            failed = stage if stage is not None else self.manifest.stages[0]
+            error = PackageIntegrityError(
+                f"{self.weights.path}: the reader failed on stage {failed.name}: "
+                f"{type(exc).__name__}: {exc}"
+            )
+            with contextlib.suppress(BaseException):  # the load is failed already
+                self.on_stage(StageRead(failed, self.clock(), self.clock(), error))
+
+    def _read(self, stage: StageEntry) -> StageRead:
+        start = self.clock()
+        error: CicadaError | None = None
+        try:
+            if stage.end > self.weights.size:
+                raise PackageIntegrityError(
+                    f"{self.weights.path}: stage {stage.index} ({stage.name}) ends at byte "
+                    f"{stage.end}, past the end of the file ({self.weights.size} bytes)"
+                )
+            view = self.weights.view[stage.begin : stage.end]
+            if self.verify:
+                digest = stage_checksum(view)
+                if digest != stage.xxh3:
+                    error = PackageIntegrityError(
+                        f"{self.weights.path}: stage {stage.index} ({stage.name}, bytes "
+                        f"{stage.begin}-{stage.end}) checksum {digest} != manifest "
+                        f"{stage.xxh3}: the file is corrupt; re-run `cicada pack`"
+                    )
+            else:
+                touch_pages(view)
+        except CicadaError as exc:
+            error = exc
+        except Exception as exc:  # e.g. the file shrank under the mapping
+            error = PackageIntegrityError(
+                f"{self.weights.path}: reading {stage.name}: {type(exc).__name__}: {exc}"
+            )
+        return StageRead(stage, start, self.clock(), error)
 
 
 def touch_pages(view: memoryview) -> None:
@@ -168,14 +207,19 @@ class CpuStageSource(StageSource):
             dtype = SAFETENSORS_TO_TORCH[t.dtype]
             itemsize = torch.empty((), dtype=dtype).element_size()
             numel = t.nbytes // itemsize
+            if t.end > self.mapped.size:
+                raise PackageIntegrityError(
+                    f"{self.path}: tensor {t.name} ends past the end of the file"
+                )
             if numel == 0:
                 yield t.name, torch.empty(t.shape, dtype=dtype)
-            elif t.begin % itemsize == 0:
+            elif t.begin % ALIGN == 0:
                 # Zero-copy: the tensor is a view of the mapped file (page-cache pages).
                 flat = torch.frombuffer(self.mapped.map, dtype=dtype, count=numel, offset=t.begin)
                 yield t.name, flat.view(t.shape)
             else:
-                # Misaligned for its dtype (mixed dtypes with odd sizes): copy once.
+                # Not aligned (a package written before tensors were): copy once into a
+                # fresh (aligned) buffer, so kernels see what they see in eager PyTorch.
                 raw = torch.frombuffer(self.mapped.map, dtype=torch.uint8, count=t.nbytes,
                                        offset=t.begin)  # fmt: skip
                 yield t.name, raw.clone().view(dtype).view(t.shape)

@@ -35,7 +35,7 @@ def prefetch_file(path: Path) -> None:
     """Ask the kernel to read the file into the page cache, from a thread (fadvise may block)."""
 
     def advise() -> None:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         finally:
@@ -132,8 +132,8 @@ class CudaStageSource(StageSource):
                     self.on_stage(StageRead(stage, start, self.timeline.now()))
         except CicadaError as exc:
             self.on_stage(StageRead(stage, start, self.timeline.now(), exc))
-        except OSError as exc:
-            error = PackageIntegrityError(f"{self.path}: {exc}")
+        except BaseException as exc:  # any failure is the load's, reported
+            error = PackageIntegrityError(f"{self.path}: {type(exc).__name__}: {exc}")
             self.on_stage(StageRead(stage, start, self.timeline.now(), error))
         finally:
             os.close(fd)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 from cicada.cloud.loading.sources import device_kind
 from cicada.cloud.timeline import Timeline
 from cicada.common.errors import CicadaError
+from cicada.common.factory import check_factory_allowed
 from cicada.common.package import Manifest, check_weights_file
 
 
@@ -47,6 +48,8 @@ class Loader:
     def open(self) -> Manifest:
         """Open the package, before torch is imported."""
         manifest = Manifest.load(self.package_dir)
+        # Refused before any byte is read, unless allow-listed or trusted (common/factory.py).
+        check_factory_allowed(manifest.architecture.factory)
         check_weights_file(self.package_dir, manifest)
         return manifest
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from cicada.cloud.timeline import Timeline
-from cicada.common.package import Manifest
+from cicada.common.package import PAD_PREFIX, Manifest
 
 if TYPE_CHECKING:
     import torch
@@ -16,7 +16,10 @@ if TYPE_CHECKING:
 
 
 def with_aliases(state: dict[str, torch.Tensor], manifest: Manifest) -> dict[str, torch.Tensor]:
-    """The state dict with every tied name (the package stores one of each) filled in."""
+    """The state dict with every tied name (the package stores one of each) filled in, and
+    the weights file's padding entries (docs/PACKAGE.md) left out."""
+    for name in [n for n in state if n.startswith(PAD_PREFIX)]:
+        del state[name]
     for alias, target in manifest.aliases.items():
         state[alias] = state[target]
     return state

@@ -43,6 +43,8 @@
     lazy_threshold = 1                 # lazy: change the warm count only by this much or more
     start_timeout_s = 120.0            # a worker that has not registered by then is killed
     expected_start_s = 3.0             # cold-start estimate until one is measured
+    trust_package_code = false         # true: run the package's factory even if it is not
+                                       # one of Cicada's own (docs/PACKAGE.md, threat model)
 
 Relative paths are taken relative to the file. Byte sizes are integers (bytes) or strings
 with a unit: "512KiB", "256MiB", "1GiB" (also KB, MB, GB: powers of 1000).
@@ -106,6 +108,8 @@ class ModelConfig(BaseModel):
     package: Path
     device: str = "cpu"
     threads: int | None = Field(default=None, ge=1)
+    # Run the package's factory even if it is not one of Cicada's own (docs/PACKAGE.md).
+    trust_package_code: bool = False
     min_workers: int = Field(default=0, ge=0)
     max_workers: int = Field(default=1, ge=1)
     keep_alive_s: float = Field(default=30.0, gt=0)

@@ -25,7 +25,13 @@ from cicada.cloud.models import gpt2
 from cicada.cloud.packing import pack
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.common.errors import PackageIntegrityError, PackageMismatchError
-from cicada.common.package import MANIFEST_NAME, WEIGHTS_NAME, Manifest, read_safetensors_header
+from cicada.common.package import (
+    MANIFEST_NAME,
+    WEIGHTS_NAME,
+    Manifest,
+    read_safetensors_header,
+    write_manifest_doc,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FACTORY = "cicada.cloud.models.gpt2:build"
@@ -100,7 +106,7 @@ def _wait(proc: subprocess.Popen[str]) -> Outcome:
 def run_and_verify(pkg: Path, x_npy: Path, y: Path) -> tuple[Outcome, Outcome]:
     """`cicada run PKG --input X --out Y` and `cicada pack --verify PKG`, side by side."""
     run = _popen("run", pkg, "--input", x_npy, "--out", y)
-    verify = _popen("pack", "--verify", pkg)
+    verify = _popen("pack", "--verify", pkg, "--check-model")
     return _wait(run), _wait(verify)
 
 
@@ -117,7 +123,7 @@ def edit_manifest(pkg: Path, change: Callable[[dict[str, Any]], None]) -> None:
     path = pkg / MANIFEST_NAME
     doc = json.loads(path.read_text())
     change(doc)
-    path.write_text(json.dumps(doc, indent=1))
+    write_manifest_doc(pkg, doc)  # sealed again, as whoever edits it can
 
 
 def stage_named(pkg: Path, name: str) -> Any:
@@ -191,7 +197,7 @@ def relayout(pkg: Path, drop: Iterable[str] = (), to_f64: Iterable[str] = ()) ->
     doc["aliases"] = {a: t for a, t in doc["aliases"].items() if t not in drop}
     doc["files"][WEIGHTS_NAME] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     (pkg / WEIGHTS_NAME).write_bytes(bytes(body))
-    (pkg / MANIFEST_NAME).write_text(json.dumps(doc, indent=1))
+    write_manifest_doc(pkg, doc)
 
 
 # -- the pristine package works, so the failures below are the corruption's doing -------------
@@ -294,13 +300,13 @@ def test_tensor_in_manifest_not_in_file(broken: Path, x_npy: Path, tmp_path: Pat
     doc = json.loads(manifest_before)
     doc["files"][WEIGHTS_NAME]["size"] = len(weights_only)
     doc["files"][WEIGHTS_NAME]["sha256"] = hashlib.sha256(weights_only).hexdigest()
-    (broken / MANIFEST_NAME).write_text(json.dumps(doc))
+    write_manifest_doc(broken, doc)
     y = tmp_path / "y.npy"
     run, verify = run_and_verify(broken, x_npy, y)
     for outcome in (run, verify):
         assert_clean_failure(outcome, str(broken / WEIGHTS_NAME))
-    # The first tensor whose placement differs is named.
-    assert "tensor " in run.stderr and "differs from the manifest" in run.stderr
+    # The manifest's byte ranges no longer fit the file (caught before the header is read).
+    assert "the manifest's byte ranges do not fit the file" in run.stderr
     assert not y.exists()
 
 

@@ -58,7 +58,7 @@ def test_package_records_the_shipped_config_and_carries_the_tokenizer(
     artifacts: tuple[Path, Path],
 ) -> None:
     package, edge_dir = artifacts
-    manifest = verify_package(package)  # sha256 of every listed file, coverage, shapes
+    manifest = verify_package(package, check_model=True)  # sha256s, coverage, shapes
     assert manifest.architecture.factory == minilm.FACTORY
     assert manifest.architecture.config == minilm.pretrained_config()
     assert manifest.architecture.config["num_hidden_layers"] == 6

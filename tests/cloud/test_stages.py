@@ -20,6 +20,7 @@ from cicada.cloud.models import bert, gpt2, resnet
 from cicada.cloud.packing import pack
 from cicada.cloud.stages import plan_stages
 from cicada.common.errors import StagingError
+from cicada.common.factory import trust_package_code
 from cicada.common.package import Manifest
 from tests.cloud import toy_models
 
@@ -94,6 +95,14 @@ CASES: dict[str, Case] = {
 cases = pytest.mark.parametrize("case_id", list(CASES))
 
 _packed: dict[str, tuple[Path, Manifest]] = {}
+
+
+@pytest.fixture(autouse=True)
+def _trust_toy_factories() -> Iterator[None]:
+    """The toy models' factories (tests.cloud.toy_models) are these tests' own code: built
+    here as a package's factory, they need the trust flag (docs/PACKAGE.md, threat model)."""
+    with trust_package_code():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -328,8 +337,9 @@ def test_cicada_run_fresh_process_matches_eager(
     x = case.make_input()
     np.save(tmp_path / "x.npy", x.numpy())
     result = _cicada(
-        "run", pkg, "--input", tmp_path / "x.npy", "--out", tmp_path / "y.npy", "--events"
-    )
+        "run", pkg, "--input", tmp_path / "x.npy", "--out", tmp_path / "y.npy", "--events",
+        "--trust-package-code",  # the toy factories (tests.cloud.toy_models) are test code
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     served = torch.from_numpy(np.load(tmp_path / "y.npy"))
     expected = _eager(case, x)

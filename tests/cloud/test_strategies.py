@@ -6,7 +6,10 @@ the reference is the factory's eager model in this process.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +18,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 from cicada.cloud.loading.cpu import CpuStageSource
 from cicada.cloud.loading.registry import builtin_strategies
 from cicada.cloud.packing import pack
 from cicada.cloud.pipeline import ColdStart
 from cicada.common.errors import CicadaError
+from cicada.common.package import MANIFEST_NAME, PAD_PREFIX, WEIGHTS_NAME, Manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ["gpt2", "bert", "resnet"]
@@ -87,6 +92,69 @@ def test_cold_start_is_zero_copy_keeps_ties_and_rebuilds_buffers(tmp_path: Path)
     assert not cold._hooks
     with torch.inference_mode():
         assert torch.equal(model(example), out)
+
+
+def test_every_tensor_of_a_fresh_package_is_64_byte_aligned(tmp_path: Path) -> None:
+    factory, config, _ = _tiny("resnet")
+    manifest = pack(factory, tmp_path / "pkg", config=config)
+    # ResNet's 8-byte num_batches_tracked buffers would shift what follows them.
+    assert any(t.nbytes % 64 for t in manifest.tensors())
+    assert all(t.begin % 64 == 0 for t in manifest.tensors())
+    # Padding entries keep the file a valid safetensors file.
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "pkg" / WEIGHTS_NAME), framework="pt") as f:
+        keys = set(f.keys())
+    assert {t.name for t in manifest.tensors()} < keys
+    assert all(k.startswith(PAD_PREFIX) for k in keys - {t.name for t in manifest.tensors()})
+
+
+def _unaligned_copy(src: Path, dest: Path) -> Manifest:
+    """`src` as packages were written before alignment: tensors back to back, no padding,
+    no manifest_sha256."""
+    doc = json.loads((src / MANIFEST_NAME).read_text())
+    raw = (src / WEIGHTS_NAME).read_bytes()
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for stage in doc["stages"]:
+        for t in stage["tensors"]:
+            header[t["name"]] = {
+                "dtype": t["dtype"],
+                "shape": t["shape"],
+                "data_offsets": [offset, offset + t["end"] - t["begin"]],
+            }
+            offset += t["end"] - t["begin"]
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(8 + len(head)) % 64)
+    body = bytearray(struct.pack("<Q", len(head)) + head)
+    for stage in doc["stages"]:
+        stage["begin"] = len(body)
+        digest = xxhash.xxh3_64()
+        for t in stage["tensors"]:
+            data = raw[t["begin"] : t["end"]]
+            t["begin"], t["end"] = len(body), len(body) + len(data)
+            body += data
+            digest.update(data)
+        stage["end"], stage["xxh3"] = len(body), digest.hexdigest()
+    doc["files"][WEIGHTS_NAME] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    doc.pop("manifest_sha256")
+    dest.mkdir()
+    (dest / WEIGHTS_NAME).write_bytes(bytes(body))
+    (dest / MANIFEST_NAME).write_text(json.dumps(doc))
+    return Manifest.load(dest)
+
+
+def test_an_older_unaligned_package_is_still_bit_identical(tmp_path: Path) -> None:
+    factory, config, example = _tiny("resnet")
+    pack(factory, tmp_path / "pkg", config=config)
+    old = _unaligned_copy(tmp_path / "pkg", tmp_path / "old")
+    assert any(t.begin % 64 for t in old.tensors())  # the copy path is exercised
+    cold = ColdStart(tmp_path / "old")
+    cold.build()
+    out = cold.forward(example)
+    eager = importlib.import_module("cicada.cloud.models.resnet").build(**config)
+    with torch.inference_mode():
+        assert torch.equal(out, eager(example))
 
 
 def test_forward_starts_before_the_last_stage_is_resident(tmp_path: Path) -> None:

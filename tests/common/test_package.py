@@ -20,12 +20,16 @@ from cicada.cloud.packing import pack
 from cicada.common.errors import PackageError, PackageFormatError, PackageIntegrityError
 from cicada.common.package import (
     FORMAT_VERSION,
+    MANIFEST_HASH_FIELD,
     MANIFEST_NAME,
     MAX_SAFETENSORS_HEADER,
+    PAD_PREFIX,
     WEIGHTS_NAME,
     Manifest,
     check_weights_file,
+    manifest_digest,
     read_safetensors_header,
+    write_manifest_doc,
 )
 
 FACTORY = "cicada.cloud.models.gpt2:build"
@@ -50,7 +54,9 @@ def doc(pkg: Path) -> dict[str, Any]:
 
 def test_manifest_json_round_trip(pkg: Path, doc: dict[str, Any], tmp_path: Path) -> None:
     manifest = Manifest.load(pkg)
-    assert manifest.to_json() == doc
+    # manifest.json is to_json() sealed with its own sha256 (docs/PACKAGE.md).
+    assert doc[MANIFEST_HASH_FIELD] == manifest_digest(doc)
+    assert manifest.to_json() == {k: v for k, v in doc.items() if k != MANIFEST_HASH_FIELD}
     through_text = json.loads(json.dumps(manifest.to_json()))
     assert Manifest.from_json(through_text) == manifest
     manifest.dump(tmp_path)
@@ -107,7 +113,7 @@ def _shift_stage(d: dict[str, Any]) -> None:
 
 
 def _grow_stage(d: dict[str, Any]) -> None:
-    d["stages"][0]["end"] += 4
+    d["stages"][0]["end"] += 64  # less than ALIGN past the last tensor would be padding
 
 
 def _two_tensors_one_range(d: dict[str, Any]) -> None:
@@ -198,7 +204,7 @@ def test_malformed_manifest_on_disk_names_the_file(
 ) -> None:
     mutate, message = MALFORMED[case]
     mutate(doc)
-    (tmp_path / MANIFEST_NAME).write_text(json.dumps(doc))
+    write_manifest_doc(tmp_path, doc)  # sealed: the hash matches, the contents are wrong
     with pytest.raises(PackageFormatError, match=message) as info:
         Manifest.load(tmp_path)
     assert str(tmp_path / MANIFEST_NAME) in str(info.value)
@@ -358,7 +364,11 @@ def test_weights_file_data_is_64_byte_aligned_and_in_stage_order(pkg: Path) -> N
     header.pop("__metadata__")
     manifest = Manifest.load(pkg)
     by_offset = sorted(header, key=lambda n: header[n]["data_offsets"][0])
-    assert by_offset == [t.name for t in manifest.tensors()]
+    stored = [n for n in by_offset if not n.startswith(PAD_PREFIX)]
+    assert stored == [t.name for t in manifest.tensors()]
+    # Every tensor and every stage starts 64-byte aligned; padding entries fill the gaps.
+    assert all(t.begin % 64 == 0 for t in manifest.tensors())
+    assert all(s.begin % 64 == 0 for s in manifest.stages)
     # No gaps: the data section is exactly the stages, back to back, to the end of the file.
     assert manifest.stages[0].begin == data_start
     assert manifest.stages[-1].end == len(raw)
