@@ -37,6 +37,7 @@ import psutil
 import pytest
 import zmq
 
+from benchmarks.lifecycle import log_times
 from cicada.common.launch import LaunchError, WorkerSpec
 from cicada.common.protocol import (
     Dispatch,
@@ -1104,15 +1105,15 @@ def test_a_killed_worker_is_relaunched_and_every_request_ends_once(
         assert first.status is Status.OK, first.error
         (victim,) = coord.descendants()
 
-        killed_at = 0.0
+        killed_at = 0.0  # wall clock (time.time), to compare with a process's create_time
         start = time.monotonic()
         relaunched_ok = False
         while time.monotonic() - start < 60 and not relaunched_ok:
             client.send(x, priority=2, deadline_s=20.0)
             client.pump(0.1)
             if not killed_at and len(client.sent) >= 5:
+                killed_at = time.time()
                 os.kill(victim.pid, signal.SIGKILL)  # with requests in flight
-                killed_at = time.monotonic()
             relaunched_ok = any(r[0].status is Status.OK and
                                 r[0].served_by.get("worker") == "gpt2-cloud-2"
                                 for r in client.replies.values())  # fmt: skip
@@ -1135,3 +1136,10 @@ def test_a_killed_worker_is_relaunched_and_every_request_ends_once(
     assert "exited unasked (crash 1)" in log
     live_workers = coord.descendants()
     assert len(live_workers) == 1 and live_workers[0].pid != victim.pid
+    assert killed_at, "the worker was never killed"
+    # The crash was seen after the kill, and the relaunch waited the backoff (0.5 s) after it:
+    # the coordinator's log lines, stamped to the millisecond (hence 2 ms of slack).
+    (crashed,) = log_times(log, "exited unasked (crash 1)")
+    launched = [t for t in log_times(log, "launched gpt2-cloud-2 ") if t >= crashed]
+    assert crashed >= killed_at - 0.002, (crashed - killed_at, log)
+    assert launched and launched[0] - crashed >= 0.5 - 0.002, (launched, crashed, log)
