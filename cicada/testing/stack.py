@@ -231,7 +231,7 @@ def curve_handshake(address: str, curve: Any | None, timeout: float = 10.0) -> s
         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed",
         zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed",
     }
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         sock.curve_serverkey = _key(curve.server_public_key)

@@ -54,7 +54,7 @@ from cicada.common.protocol import (
 from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
 from cicada.edge.coordinator.config import ConfigError, ModelConfig, load_config
 from cicada.edge.coordinator.lifecycle import Lifecycle
-from cicada.testing import process_cmdline, process_running
+from cicada.testing import free_port, process_cmdline, process_running
 
 MODEL = "m"
 CLIENT = b"client"
@@ -1143,3 +1143,65 @@ def test_a_killed_worker_is_relaunched_and_every_request_ends_once(
     launched = [t for t in log_times(log, "launched gpt2-cloud-2 ") if t >= crashed]
     assert crashed >= killed_at - 0.002, (crashed - killed_at, log)
     assert launched and launched[0] - crashed >= 0.5 - 0.002, (launched, crashed, log)
+
+
+def test_the_pool_reports_a_crashed_fork_as_dead_with_its_signal(
+    tmp_path: Path, tiny_package: dict[str, Path]
+) -> None:
+    """A forked worker killed by a signal: the pool reaps it and says so (alive false, the
+    exit code of the signal); the handle agrees; a pid the pool never forked is refused."""
+    from cicada.common.launch import PoolLauncher, pool_call
+
+    sock = str(tmp_path / "pool.sock")
+    launcher = PoolLauncher(sock, log_dir=str(tmp_path / "logs")).start(timeout=60)
+    try:
+        # A coordinator address nobody listens on: the worker lives on, retrying, until killed.
+        spec = WorkerSpec(model="gpt2", package=str(tiny_package["package"]),
+                          coordinator=f"tcp://127.0.0.1:{free_port()}", name="doomed",
+                          log_dir=str(tmp_path / "logs"))  # fmt: skip
+        handle = launcher.launch(spec)
+        status = pool_call(sock, {"op": "status", "pid": handle.pid})
+        assert status["alive"] is True and status["exit_code"] is None, status
+        assert handle.alive()
+        os.kill(handle.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30  # a bound on the pool reaping it, not a timing claim
+        while (status := pool_call(sock, {"op": "status", "pid": handle.pid}))["alive"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status["exit_code"] == -signal.SIGKILL, status
+        assert not handle.alive()
+        with pytest.raises(LaunchError, match="no worker with pid"):
+            pool_call(sock, {"op": "status", "pid": os.getpid()})
+    finally:
+        launcher.close()
+
+
+def test_a_worker_that_never_exits_on_sigterm_is_killed_on_close(
+    tmp_path: Path, tiny_package: dict[str, Path]
+) -> None:
+    """Stopping escalates: a launched worker that ignores SIGTERM (stopped with SIGSTOP, so
+    the signal stays pending) outlives `terminate`, and the launcher's close SIGKILLs it."""
+    from cicada.common.launch import ProcessLauncher
+
+    launcher = ProcessLauncher()
+    spec = WorkerSpec(model="gpt2", package=str(tiny_package["package"]),
+                      coordinator=f"tcp://127.0.0.1:{free_port()}", name="stubborn",
+                      log_dir=str(tmp_path / "logs"))  # fmt: skip
+    handle = launcher.launch(spec)
+    log = tmp_path / "logs" / "stubborn.log"
+    try:
+        # Once it logs, it has its SIGTERM handler (drain); a process still starting would be
+        # killed by a pending SIGTERM's default action even while stopped.
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.stat().st_size):
+            assert handle.alive() and time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.05)
+        os.killpg(handle.process.pid, signal.SIGSTOP)
+        handle.terminate()
+        with pytest.raises(subprocess.TimeoutExpired):
+            handle.process.wait(1.0)  # a stop that never comes
+        assert handle.alive()
+    finally:
+        launcher.close()
+    assert handle.process.poll() == -signal.SIGKILL
+    assert launcher.handles == []
