@@ -225,7 +225,7 @@ def curve_handshake(address: str, curve: Any | None, timeout: float = 10.0) -> s
     import zmq
     from zmq.utils.monitor import recv_monitor_message
 
-    outcomes = {
+    outcomes: dict[int, str] = {
         zmq.EVENT_HANDSHAKE_SUCCEEDED: "accepted",
         zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed",
@@ -237,18 +237,15 @@ def curve_handshake(address: str, curve: Any | None, timeout: float = 10.0) -> s
         sock.curve_serverkey = _key(curve.server_public_key)
         sock.curve_publickey = _key(curve.public_key)
         sock.curve_secretkey = _key(curve.secret_key)
-    events = 0
-    for event in outcomes:
-        events |= event
-    monitor = sock.get_monitor_socket(events)
+    monitor = sock.get_monitor_socket(sum(outcomes))  # distinct bits: the sum is the mask
     try:
         sock.connect(address)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if monitor.poll(int(left * 1000) + 1):
-                event = recv_monitor_message(monitor)["event"]
-                if event in outcomes:
-                    return outcomes[event]
+                seen = int(recv_monitor_message(monitor)["event"])
+                if seen in outcomes:
+                    return outcomes[seen]
         return "silent"
     finally:
         sock.disable_monitor()
