@@ -508,6 +508,28 @@ def test_sigterm_edge_agent_under_load_drains(
     wait_answered(s, traffic.sent)
 
 
+def edge_generation(address: str, n: int) -> tuple[threading.Thread, list[Any]]:
+    """Stream a generation of `n` tokens in a thread, latency-critical without proactive
+    handoff (so it stays on the edge agent while there is one); return once its first piece
+    came from the edge: the thread, and the pieces as they arrive."""
+    pieces: list[Any] = []
+    first_piece = threading.Event()
+
+    def generation() -> None:
+        with Client(address, timeout=60) as client:
+            stream = client.stream(MODEL, PROMPT, max_new_tokens=n, priority=0,
+                                   options={"handoff": False})  # fmt: skip
+            for piece in stream:
+                pieces.append(piece)
+                first_piece.set()
+
+    streamer = threading.Thread(target=generation, daemon=True)
+    streamer.start()
+    assert first_piece.wait(30), "the generation never started"
+    assert pieces[0].role == "edge"
+    return streamer, pieces
+
+
 def test_sigterm_edge_agent_mid_request_finishes_it_and_new_work_goes_elsewhere(
     stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:
@@ -523,22 +545,7 @@ def test_sigterm_edge_agent_mid_request_finishes_it_and_new_work_goes_elsewhere(
     s.edge(MODEL, assets["edge"], "edge", "--token-interval", "0.1")
     s.wait_workers("edge", 1)
     n = 55
-    pieces: list[Any] = []
-    first_piece = threading.Event()
-
-    def generation() -> None:
-        with Client(s.address, timeout=60) as client:
-            # Latency-critical without proactive handoff: it stays on the edge agent.
-            stream = client.stream(MODEL, PROMPT, max_new_tokens=n, priority=0,
-                                   options={"handoff": False})  # fmt: skip
-            for piece in stream:
-                pieces.append(piece)
-                first_piece.set()
-
-    streamer = threading.Thread(target=generation, daemon=True)
-    streamer.start()
-    assert first_piece.wait(30), "the generation never started"
-    assert pieces[0].role == "edge"
+    streamer, pieces = edge_generation(s.address, n)
     edge = s.procs["edge"]
     os.killpg(edge.pid, signal.SIGTERM)  # mid-request
     # Sent at once: the agent may not have handled the signal yet (it serves them), or be
@@ -589,22 +596,8 @@ def test_frozen_edge_agent_is_replaced_and_its_late_results_discarded(
     # latency-critical without proactive handoff, so it stays on the edge until the edge is
     # presumed dead and then finishes on the cloud.
     n = 50
-    pieces: list[Any] = []
-    first_piece = threading.Event()
-
-    def generation() -> None:
-        with Client(s.address, timeout=60) as client:
-            stream = client.stream(MODEL, PROMPT, max_new_tokens=n, priority=0,
-                                   options={"handoff": False})  # fmt: skip
-            for piece in stream:
-                pieces.append(piece)
-                first_piece.set()
-
-    streamer = threading.Thread(target=generation, daemon=True)
     with Traffic(s.address, x, plan, threads=4) as traffic:
-        streamer.start()
-        assert first_piece.wait(30), "the generation never started"
-        assert pieces[0].role == "edge"
+        streamer, pieces = edge_generation(s.address, n)
         os.killpg(edge.pid, signal.SIGSTOP)
         try:
             wait_no_workers(s, "edge")  # missed heartbeats: dropped, its work re-routed
