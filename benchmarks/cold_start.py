@@ -465,7 +465,8 @@ def summarize_strategy(runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary["peak_rss_max_bytes"] = max(r["peak_rss_bytes"] for r in ok)
     summary["resident_before"] = median([r.get("resident_before") for r in ok])
     summary["foreign_cpu_s"] = median([r.get("foreign_cpu_s") for r in ok])
-    summary["outputs_match_cicada"] = all(r.get("output_matches_cicada", True) for r in ok)
+    # A run never compared (no cicada run to compare with) is not a match.
+    summary["outputs_match_cicada"] = all(r.get("output_matches_cicada") is True for r in ok)
     return summary
 
 
@@ -926,6 +927,8 @@ def main(argv: list[str] | None = None) -> int:
                 for c in args.cache
             }
             reference: np.ndarray | None = None
+            # Runs that finished before the first cicada run: compared once it has.
+            uncompared: list[tuple[dict[str, Any], np.ndarray]] = []
             for cache in args.cache:
                 if cache == "warm":
                     # One untimed start of each strategy first: "warm" is a page cache holding
@@ -1005,10 +1008,17 @@ def main(argv: list[str] | None = None) -> int:
                             output = np.load(timings.pop("output_path"))
                             if strategy == "cicada" and reference is None:
                                 reference = output
+                                for earlier, earlier_output in uncompared:
+                                    earlier["output_matches_cicada"] = bool(
+                                        np.array_equal(earlier_output, reference)
+                                    )
+                                uncompared.clear()
                             if reference is not None:
                                 record["output_matches_cicada"] = bool(
                                     np.array_equal(output, reference)
                                 )
+                            else:
+                                uncompared.append((record, output))
                             record.update(timings)
                             res = "-" if resident is None else f"{resident:.0%}"
                             console.print(

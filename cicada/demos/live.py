@@ -43,6 +43,7 @@ EDGE_SHRINK = {"gpt2-medium": {"n_layer": 2}, "gpt2-tiny": {"n_layer": 1}}
 # (torch and transformers imports, ~4 s here), so that both sides answer some of it.
 BURST_DEFAULTS = {"minilm": (36, 4.0)}
 DEFAULT_BURST = (60, 12.0)
+HOLD_FOR_CLOUD_S = 120.0  # the most the burst's held request waits for the cloud to be ready
 MINILM_SENTENCES = (
     "A man is playing a guitar on stage.",
     "The new movie is awesome, I loved every minute of it.",
@@ -76,6 +77,9 @@ class Outcome:
     served_by: str
     variant: str
     error: str = ""
+    # The latest it can have been dispatched to the worker that answered (seconds since the
+    # burst's time zero): received minus the coordinator's worker_s. None: not dispatched.
+    dispatched_by_s: float | None = None
 
     @property
     def met_deadline(self) -> bool:
@@ -116,20 +120,27 @@ async def _burst(
     outcomes: list[Outcome],
     t0: float,
     outputs: dict[int, list[Any]],
+    cloud_ready: threading.Event | None = None,
 ) -> None:
     from cicada import AsyncClient, CallError
 
     rng = random.Random(seed)
     priorities = rng.choices(list(MIX), weights=[m[0] for m in MIX.values()], k=count)
+    # The burst's last request that may use the cloud waits for it to be ready (a bounded
+    # wait): however long the cold start takes, both sides answer some of the burst.
+    held = max((i for i, p in enumerate(priorities) if p >= 1), default=None)
 
     async def one(i: int, priority: int, at: float, client: Any) -> None:
         await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
+        if i == held and cloud_ready is not None:
+            await asyncio.to_thread(cloud_ready.wait, HOLD_FOR_CLOUD_S)
         deadline = MIX[priority][1]
         sent = time.monotonic()
         try:
             result = await client.invoke(
                 "demo", priority=priority, deadline=deadline, **request_for(i)
             )
+            received = time.monotonic()
             outputs[i] = result.outputs
             outcome = Outcome(
                 i,
@@ -140,6 +151,7 @@ async def _burst(
                 "OK",
                 result.served_by.get("role", "?"),
                 result.served_by.get("variant", ""),
+                dispatched_by_s=received - result.timings.get("worker_s", 0.0) - t0,
             )
         except CallError as exc:
             status = getattr(exc, "status", None)
@@ -189,9 +201,10 @@ def _serve_burst(
     console: Any,
     as_json: bool,
     label: Callable[[int], str] | None = None,
-) -> tuple[list[Outcome], dict[int, list[Any]], float | None]:
+) -> tuple[list[Outcome], dict[int, list[Any]], float | None, float]:
     """Send the burst while showing the cloud's residency and the latest answers live.
-    Returns the outcomes, each OK request's outputs by id, and when the cloud was ready."""
+    Returns the outcomes, each OK request's outputs by id, when the cloud was seen ready, and
+    the last time it was seen not ready (it became ready after that: 0.0 is its launch)."""
     from rich.console import Group
     from rich.live import Live
     from rich.progress import BarColumn, Progress, TextColumn
@@ -202,9 +215,11 @@ def _serve_burst(
     outcomes: list[Outcome] = []
     outputs: dict[int, list[Any]] = {}
     cloud_ready_at: list[float] = []
+    cloud_cold_until = 0.0
+    ready = threading.Event()
     burst = threading.Thread(
         target=lambda: asyncio.run(
-            _burst(stack.address, request_for, count, rate, 0, outcomes, t0, outputs)
+            _burst(stack.address, request_for, count, rate, 0, outcomes, t0, outputs, ready)
         ),
         daemon=True,
     )
@@ -231,6 +246,7 @@ def _serve_burst(
 
     with Live(view(), console=console, refresh_per_second=8, transient=as_json) as live:
         while burst.is_alive():
+            asked = time.monotonic() - t0
             try:
                 snapshot = fetch_status(stack.metrics_url, timeout=1.0)
             except CicadaError:
@@ -250,11 +266,14 @@ def _serve_burst(
                     )
                     if state == "ready" and not cloud_ready_at:
                         cloud_ready_at.append(time.monotonic() - t0)
+                        ready.set()
+                if not ready.is_set():
+                    cloud_cold_until = asked  # not ready when asked: it became ready later
             live.update(view())
             time.sleep(0.12)
         burst.join()
         live.update(view())
-    return outcomes, outputs, cloud_ready_at[0] if cloud_ready_at else None
+    return outcomes, outputs, cloud_ready_at[0] if cloud_ready_at else None, cloud_cold_until
 
 
 def _short(text: str, width: int) -> str:
@@ -305,17 +324,18 @@ def run_live_demo(
         request_for, label = _requests(model, work, sentences)
         try:
             t0 = _start_roles(stack, package, edge_dir)
-            outcomes, outputs, ready_at = _serve_burst(
+            outcomes, outputs, ready_at, cold_until = _serve_burst(
                 stack, t0, request_for, count, rate, console, as_json, label
             )
         finally:
             stack.stop()
     if model != "minilm":
-        _report(console, outcomes, ready_at, as_json, model)
+        _report(console, outcomes, ready_at, as_json, model, cold_until)
         return
     with console.status("embedding every sentence on both sides, for the comparison"):
         edge_ref, cloud_ref = _references(package, edge_dir, sentences)
-    _report_minilm(console, outcomes, outputs, ready_at, as_json, sentences, edge_ref, cloud_ref)
+    _report_minilm(console, outcomes, outputs, ready_at, as_json, sentences, edge_ref, cloud_ref,
+                   cold_until)  # fmt: skip
 
 
 def _requests(
@@ -371,6 +391,7 @@ def _report_minilm(
     sentences: Sequence[str],
     edge_ref: Any,
     cloud_ref: Any,
+    cold_until: float = 0.0,
 ) -> None:
     import numpy as np
     from rich.table import Table
@@ -413,6 +434,7 @@ def _report_minilm(
         doc = {
             "model": "minilm",
             "cloud_ready_at_s": ready_at,
+            "cloud_cold_until_s": cold_until,
             "sentences": [
                 {"text": t, "cosine_edge_cloud": float(c)}
                 for t, c in zip(sentences, cosine, strict=True)
@@ -454,7 +476,12 @@ def _report_minilm(
 
 
 def _report(
-    console: Any, outcomes: list[Outcome], ready_at: float | None, as_json: bool, model: str
+    console: Any,
+    outcomes: list[Outcome],
+    ready_at: float | None,
+    as_json: bool,
+    model: str,
+    cold_until: float = 0.0,
 ) -> None:
     from rich.table import Table
 
@@ -464,6 +491,7 @@ def _report(
                 {
                     "model": model,
                     "cloud_ready_at_s": ready_at,
+                    "cloud_cold_until_s": cold_until,
                     "requests": [
                         {**asdict(o), "met_deadline": o.met_deadline}
                         for o in sorted(outcomes, key=lambda o: o.id)

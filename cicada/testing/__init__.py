@@ -25,6 +25,7 @@ _LAZY = {
     "ROOT": "stack",
     "Stack": "stack",
     "StackError": "stack",
+    "curve_handshake": "stack",
     "dump_json": "stack",
     "free_port": "stack",
     "make_assets": "stack",

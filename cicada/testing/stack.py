@@ -137,10 +137,9 @@ class Stack:
         return fetch_status(self.metrics_url, timeout=timeout)
 
     def workers(self, role: str | None = None, state: str | None = None) -> int:
-        try:
-            snapshot = self.status()
-        except Exception:
-            return 0
+        """How many workers of `role` (in `state`) the coordinator reports now. Raises when its
+        metrics cannot be read: an unreachable coordinator is not "no workers"."""
+        snapshot = self.status()
         return sum(
             w["count"] for w in snapshot["workers"]
             if (role is None or w["role"] == role) and (state is None or w["state"] == state)
@@ -215,6 +214,47 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def curve_handshake(address: str, curve: Any | None, timeout: float = 10.0) -> str:
+    """How a CURVE coordinator at `address` receives a peer with `curve`'s keys (a
+    `cicada.client.CurveConfig`; None: a plain peer), as libzmq reports it on the peer's side:
+    "accepted" (handshake done), "refused" (the coordinator's allow-list said no), "failed"
+    (another handshake failure), or "silent" (no outcome within `timeout`: a bounded wait).
+    Tells a refusal from a reply that is merely slow."""
+    import zmq
+    from zmq.utils.monitor import recv_monitor_message
+
+    outcomes: dict[int, str] = {
+        zmq.EVENT_HANDSHAKE_SUCCEEDED: "accepted",
+        zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
+        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed",
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed",
+    }
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        sock.curve_serverkey = _key(curve.server_public_key)
+        sock.curve_publickey = _key(curve.public_key)
+        sock.curve_secretkey = _key(curve.secret_key)
+    monitor = sock.get_monitor_socket(sum(outcomes))  # distinct bits: the sum is the mask
+    try:
+        sock.connect(address)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if monitor.poll(int(left * 1000) + 1):
+                seen = int(recv_monitor_message(monitor)["event"])
+                if seen in outcomes:
+                    return outcomes[seen]
+        return "silent"
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+
+def _key(key: bytes | str) -> bytes:
+    return key.encode() if isinstance(key, str) else key
 
 
 def dump_json(path: Path, data: Any) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.lifecycle import TARGET_POOL_SAVING_S
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,4 +50,13 @@ def test_quick_lifecycle_benchmark(tmp_path: Path) -> None:
         assert row["requests"] > 0 and row["exactly_once"], row
         assert row["cold_starts"] >= 1, row
         assert row["worker_seconds"] > 0, row
-    assert results["targets"] and all(t["verdict"] for t in results["targets"])
+    # The target is a timing claim for gpt2-medium, not asserted here (the tiny model's saving
+    # sits near the 1 s line). What must hold: it was measured, the pool did save time (it
+    # forks with torch imported; a cold process imports it), and the verdict is the one the
+    # measurement gives: a "FAIL" or "n/a" that does not follow from the numbers fails here.
+    assert results["targets"]
+    for t in results["targets"]:
+        saving = t["saving_s"]
+        assert saving is not None and saving > 0, t
+        expected = "PASS" if saving >= TARGET_POOL_SAVING_S else "FAIL"
+        assert t["verdict"] == f"{expected} (not the target model)", t

@@ -31,7 +31,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from cicada.client import Client, CurveConfig
-from cicada.testing import ROOT, Stack, free_port
+from cicada.testing import ROOT, Stack, curve_handshake, free_port
 from tests.deploy.inventory import (
     DEPLOY,
     PROPOSED_OPTIONS,
@@ -318,15 +318,26 @@ def test_a_peer_missing_from_the_allow_list_is_refused(
     server, _ = zmq.auth.load_certificate(str(keys / "coordinator.key"))
     public, secret = zmq.curve_keypair()
     stranger = CurveConfig(server_public_key=server, public_key=public, secret_key=secret)
-    from cicada.errors import Timeout
+    from cicada.errors import Timeout, Unavailable
 
     x = np.load(tiny_package["input"])
+    # The control: within the same 2 s an allowed client is answered (UNAVAILABLE: no worker
+    # yet, said by the coordinator), so the stranger's timeout is not a slow coordinator.
+    with (
+        Client(stack.address, timeout=2, curve=client_keys(keys)) as allowed,
+        pytest.raises(Unavailable) as answered,
+    ):
+        allowed.invoke(MODEL, x, priority=0)
+    assert answered.value.request_id
+    assert curve_handshake(stack.address, client_keys(keys)) == "accepted"
     with (
         Client(stack.address, timeout=2, curve=stranger) as client,
         pytest.raises(Timeout) as caught,
     ):
         client.invoke(MODEL, x, priority=0)
     assert caught.value.side == "client", "the handshake fails: the coordinator never answers"
+    # ... because the allow-list refused the key (libzmq's handshake outcome, peer side).
+    assert curve_handshake(stack.address, stranger) == "refused"
 
 
 def test_placeholder_secrets_stop_the_coordinator(stack: Stack, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from cicada.common.errors import CicadaError
 from cicada.common.protocol import Request, encode
 from cicada.common.sockets import CurveKeys
 from cicada.errors import Timeout, TransportError
-from cicada.testing import ROOT, Stack, make_assets
+from cicada.testing import ROOT, Stack, curve_handshake, make_assets
 
 pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq built without CURVE")
 
@@ -180,6 +180,18 @@ def test_others_get_no_reply(secure: Secure, who: str) -> None:
         config = curve(secure.keys, "intruder-client")
     else:
         config = curve(secure.keys, "client1", server="edge1")
+    # The control: the same wait is long enough for an allowed client's answer, so a timeout
+    # below is not a slow coordinator.
+    with Client(s.address, timeout=REFUSED_WAIT_S, curve=curve(secure.keys, "client1")) as ok:
+        assert ok.invoke(MODEL, secure.x).served_by["worker"] == "edge1"
+    assert curve_handshake(s.address, curve(secure.keys, "client1")) == "accepted"
+    # The refusal itself, as libzmq reports it on the peer's side: the allow-list refuses a
+    # key it lacks; a peer with the wrong server key or none at all never completes one.
+    handshake = curve_handshake(s.address, config, timeout=REFUSED_WAIT_S)
+    if who.startswith("key not"):
+        assert handshake == "refused"
+    else:
+        assert handshake in ("failed", "silent"), handshake
     before = requests_answered(s)
     with Client(s.address, timeout=REFUSED_WAIT_S, curve=config) as client:
         # Timeout, normally. In ~3% of runs the refused handshake has already dropped the

@@ -37,6 +37,7 @@ import psutil
 import pytest
 import zmq
 
+from benchmarks.lifecycle import log_times
 from cicada.common.launch import LaunchError, WorkerSpec
 from cicada.common.protocol import (
     Dispatch,
@@ -53,7 +54,7 @@ from cicada.common.protocol import (
 from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
 from cicada.edge.coordinator.config import ConfigError, ModelConfig, load_config
 from cicada.edge.coordinator.lifecycle import Lifecycle
-from cicada.testing import process_cmdline, process_running
+from cicada.testing import free_port, process_cmdline, process_running
 
 MODEL = "m"
 CLIENT = b"client"
@@ -1104,15 +1105,15 @@ def test_a_killed_worker_is_relaunched_and_every_request_ends_once(
         assert first.status is Status.OK, first.error
         (victim,) = coord.descendants()
 
-        killed_at = 0.0
+        killed_at = 0.0  # wall clock (time.time), to compare with a process's create_time
         start = time.monotonic()
         relaunched_ok = False
         while time.monotonic() - start < 60 and not relaunched_ok:
             client.send(x, priority=2, deadline_s=20.0)
             client.pump(0.1)
             if not killed_at and len(client.sent) >= 5:
+                killed_at = time.time()
                 os.kill(victim.pid, signal.SIGKILL)  # with requests in flight
-                killed_at = time.monotonic()
             relaunched_ok = any(r[0].status is Status.OK and
                                 r[0].served_by.get("worker") == "gpt2-cloud-2"
                                 for r in client.replies.values())  # fmt: skip
@@ -1135,3 +1136,72 @@ def test_a_killed_worker_is_relaunched_and_every_request_ends_once(
     assert "exited unasked (crash 1)" in log
     live_workers = coord.descendants()
     assert len(live_workers) == 1 and live_workers[0].pid != victim.pid
+    assert killed_at, "the worker was never killed"
+    # The crash was seen after the kill, and the relaunch waited the backoff (0.5 s) after it:
+    # the coordinator's log lines, stamped to the millisecond (hence 2 ms of slack).
+    (crashed,) = log_times(log, "exited unasked (crash 1)")
+    launched = [t for t in log_times(log, "launched gpt2-cloud-2 ") if t >= crashed]
+    assert crashed >= killed_at - 0.002, (crashed - killed_at, log)
+    assert launched and launched[0] - crashed >= 0.5 - 0.002, (launched, crashed, log)
+
+
+def test_the_pool_reports_a_crashed_fork_as_dead_with_its_signal(
+    tmp_path: Path, tiny_package: dict[str, Path]
+) -> None:
+    """A forked worker killed by a signal: the pool reaps it and says so (alive false, the
+    exit code of the signal); the handle agrees; a pid the pool never forked is refused."""
+    from cicada.common.launch import PoolLauncher, pool_call
+
+    sock = str(tmp_path / "pool.sock")
+    launcher = PoolLauncher(sock, log_dir=str(tmp_path / "logs")).start(timeout=60)
+    try:
+        # A coordinator address nobody listens on: the worker lives on, retrying, until killed.
+        spec = WorkerSpec(model="gpt2", package=str(tiny_package["package"]),
+                          coordinator=f"tcp://127.0.0.1:{free_port()}", name="doomed",
+                          log_dir=str(tmp_path / "logs"))  # fmt: skip
+        handle = launcher.launch(spec)
+        status = pool_call(sock, {"op": "status", "pid": handle.pid})
+        assert status["alive"] is True and status["exit_code"] is None, status
+        assert handle.alive()
+        os.kill(handle.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30  # a bound on the pool reaping it, not a timing claim
+        while (status := pool_call(sock, {"op": "status", "pid": handle.pid}))["alive"]:
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert status["exit_code"] == -signal.SIGKILL, status
+        assert not handle.alive()
+        with pytest.raises(LaunchError, match="no worker with pid"):
+            pool_call(sock, {"op": "status", "pid": os.getpid()})
+    finally:
+        launcher.close()
+
+
+def test_a_worker_that_never_exits_on_sigterm_is_killed_on_close(
+    tmp_path: Path, tiny_package: dict[str, Path]
+) -> None:
+    """Stopping escalates: a launched worker that ignores SIGTERM (stopped with SIGSTOP, so
+    the signal stays pending) outlives `terminate`, and the launcher's close SIGKILLs it."""
+    from cicada.common.launch import ProcessLauncher
+
+    launcher = ProcessLauncher()
+    spec = WorkerSpec(model="gpt2", package=str(tiny_package["package"]),
+                      coordinator=f"tcp://127.0.0.1:{free_port()}", name="stubborn",
+                      log_dir=str(tmp_path / "logs"))  # fmt: skip
+    handle = launcher.launch(spec)
+    log = tmp_path / "logs" / "stubborn.log"
+    try:
+        # Once it logs, it has its SIGTERM handler (drain); a process still starting would be
+        # killed by a pending SIGTERM's default action even while stopped.
+        deadline = time.monotonic() + 60
+        while not (log.exists() and log.stat().st_size):
+            assert handle.alive() and time.monotonic() < deadline, "the worker never started"
+            time.sleep(0.05)
+        os.killpg(handle.process.pid, signal.SIGSTOP)
+        handle.terminate()
+        with pytest.raises(subprocess.TimeoutExpired):
+            handle.process.wait(1.0)  # a stop that never comes
+        assert handle.alive()
+    finally:
+        launcher.close()
+    assert handle.process.poll() == -signal.SIGKILL
+    assert launcher.handles == []

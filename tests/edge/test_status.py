@@ -44,3 +44,14 @@ def test_status_says_what_to_do_when_nothing_listens(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode != 0 and "is the coordinator running" in out.stderr
+
+
+def test_worker_counts_of_an_unreachable_coordinator_are_an_error(stack: Stack) -> None:
+    """"No workers" must mean the coordinator said so: with nobody on the metrics port, the
+    count raises rather than reading 0 (every "no workers left" check would pass on it)."""
+    import pytest
+
+    from cicada.common.errors import CicadaError
+
+    with pytest.raises(CicadaError, match="cannot read"):
+        stack.workers("cloud")

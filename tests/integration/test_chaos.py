@@ -31,20 +31,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-import zmq
 
 from cicada.client import AsyncClient, Client, InvokeResult
 from cicada.common.protocol import (
-    Disconnect,
     Dispatch,
     Heartbeat,
     Ready,
     Result,
-    Role,
     Status,
-    WorkerState,
-    decode,
-    encode,
 )
 from cicada.errors import BadRequest, ClientError, Failed, Rejected, Timeout, Unavailable
 from cicada.testing import (
@@ -62,6 +56,8 @@ HEARTBEAT = 0.2  # cicada.testing.Stack's default: a silent peer is dead after 4
 EXPLICIT = (Timeout, Rejected, Unavailable, BadRequest, Failed)
 # A GPT-2 big enough that the cloud worker stays cold/loading for seconds on this machine
 # (torch import, then ~200 MB of weights), and still packs in about two seconds.
+# A prompt of token ids (< 97, the tiny GPT-2's vocabulary) for streamed generations.
+PROMPT = np.asarray([[3, 14, 15, 92, 6, 53]], dtype=np.int64)
 BIG_GPT2 = dict(n_layer=8, n_head=8, n_embd=512, vocab_size=50257, block_size=64)
 
 
@@ -512,64 +508,69 @@ def test_sigterm_edge_agent_under_load_drains(
     wait_answered(s, traffic.sent)
 
 
-class DrainingWorker(threading.Thread):
-    """A stand-in edge agent (a DEALER in this process) caught in the window between SIGTERM
-    and its next heartbeat: registered `ready`, it answers every DISPATCH exactly as
-    common/worker.py does once draining (RESULT UNAVAILABLE "worker is draining"), and says
-    `draining` from its next heartbeat on, as the real runtime does."""
+def edge_generation(address: str, n: int) -> tuple[threading.Thread, list[Any]]:
+    """Stream a generation of `n` tokens in a thread, latency-critical without proactive
+    handoff (so it stays on the edge agent while there is one); return once its first piece
+    came from the edge: the thread, and the pieces as they arrive."""
+    pieces: list[Any] = []
+    first_piece = threading.Event()
 
-    def __init__(self, address: str) -> None:
-        super().__init__(name="draining-edge", daemon=True)
-        self.address = address
-        self.refused: list[str] = []
-        self.stop = threading.Event()
+    def generation() -> None:
+        with Client(address, timeout=60) as client:
+            stream = client.stream(MODEL, PROMPT, max_new_tokens=n, priority=0,
+                                   options={"handoff": False})  # fmt: skip
+            for piece in stream:
+                pieces.append(piece)
+                first_piece.set()
 
-    def _ready(self) -> Ready:
-        return Ready(role=Role.EDGE, worker="draining-edge", models=[MODEL], capacity=2)
-
-    def run(self) -> None:
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.address)
-        try:
-            sock.send_multipart(encode(self._ready()))
-            next_beat = time.monotonic() + HEARTBEAT
-            while not self.stop.is_set():
-                if sock.poll(int(HEARTBEAT * 500)):
-                    m = decode(sock.recv_multipart())
-                    if isinstance(m, Dispatch):
-                        self.refused.append(m.id)
-                        refusal = Result(m.id, Status.UNAVAILABLE, error="worker is draining")
-                        sock.send_multipart(encode(refusal))
-                    elif isinstance(m, Disconnect):
-                        sock.send_multipart(encode(self._ready()))
-                if time.monotonic() >= next_beat:
-                    state = WorkerState.DRAINING if self.refused else WorkerState.READY
-                    sock.send_multipart(encode(Heartbeat(state=state)))
-                    next_beat = time.monotonic() + HEARTBEAT
-        finally:
-            sock.close(linger=0)
+    streamer = threading.Thread(target=generation, daemon=True)
+    streamer.start()
+    assert first_piece.wait(30), "the generation never started"
+    assert pieces[0].role == "edge"
+    return streamer, pieces
 
 
-def test_dispatch_refused_by_a_draining_worker_goes_elsewhere(
+def test_sigterm_edge_agent_mid_request_finishes_it_and_new_work_goes_elsewhere(
     stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:
+    """A real `cicada edge` SIGTERMed while it runs a request: it takes nothing new (a
+    dispatch that reaches it while it drains is answered UNAVAILABLE and goes elsewhere),
+    finishes what it runs, says DISCONNECT and exits 0."""
     s = stack
     s.coordinator()
     s.cloud(MODEL, assets["package"])
     s.wait_workers("cloud", 1, state="ready", timeout=30)
-    edge = DrainingWorker(s.address)
-    edge.start()
-    try:
-        s.wait_workers("edge", 1)
-        # Latency-critical: the edge looks soonest, so the draining agent is tried first.
-        outcome = outcome_of(s.address, x, priority=0, deadline=3.0)
-    finally:
-        edge.stop.set()
-        edge.join(5)
-    assert edge.refused, "the request never reached the draining agent"
-    assert isinstance(outcome, InvokeResult), f"a ready cloud was there: {outcome!r}"
-    assert outcome.served_by["role"] == "cloud"
+    # 100 ms a token: the 55-token generation below runs 5.5 s at least on the agent (the tiny
+    # GPT-2's context is 64 tokens).
+    s.edge(MODEL, assets["edge"], "edge", "--token-interval", "0.1")
+    s.wait_workers("edge", 1)
+    n = 55
+    streamer, pieces = edge_generation(s.address, n)
+    edge = s.procs["edge"]
+    os.killpg(edge.pid, signal.SIGTERM)  # mid-request
+    # Sent at once: the agent may not have handled the signal yet (it serves them), or be
+    # draining (it refuses them, and they go to the cloud): served either way.
+    racing = [outcome_of(s.address, x, priority=0, deadline=3.0) for _ in range(3)]
+    s.wait_for(
+        lambda st: {w["state"] for w in st["workers"] if w["role"] == "edge"} <= {"draining"},
+        what="the edge agent draining (or gone)",
+        timeout=30,
+    )
+    # Latency-critical work would go to the edge (the soonest side) were it not draining.
+    during = [outcome_of(s.address, x, priority=0, deadline=3.0) for _ in range(5)]
+    streamer.join(60)
+    assert not streamer.is_alive(), "the generation never ended"
+    assert edge.wait(30) == 0, s.log("edge")
+    for outcome in racing:
+        assert isinstance(outcome, InvokeResult), f"a ready cloud was there: {outcome!r}"
+    for outcome in during:
+        assert isinstance(outcome, InvokeResult), f"a ready cloud was there: {outcome!r}"
+        assert outcome.served_by["role"] == "cloud", outcome.served_by
+    # What it ran when told to stop, it finished: every token from the edge, none lost.
+    assert [p.seq for p in pieces] == list(range(n))
+    assert {p.role for p in pieces} == {"edge"}, [p.role for p in pieces]
+    assert "worker edge (edge) removed: draining" in coordinator_log(s), s.log("coordinator")
+    wait_answered(s, 1 + len(racing) + len(during))
 
 
 # -- 3b. a frozen worker: presumed dead, then back with old work in its hands ---------------------
@@ -583,15 +584,20 @@ def test_frozen_edge_agent_is_replaced_and_its_late_results_discarded(
     must be discarded, never a second reply."""
     s = stack
     s.coordinator()
-    s.edge(MODEL, assets["edge"])
+    s.edge(MODEL, assets["edge"], "edge", "--token-interval", "0.1")
     s.cloud(MODEL, assets["package"])
     s.wait_workers("edge", 1)
     s.wait_workers("cloud", 1, state="ready", timeout=30)
 
     edge = s.procs["edge"]
     plan = cycle([0, 0, 1, 2], deadline=3.0)
+    # Work certainly in the frozen agent's hands: a generation it paces at 100 ms a token (so
+    # its 50 tokens take 5 s there, and it still has most to make when it thaws),
+    # latency-critical without proactive handoff, so it stays on the edge until the edge is
+    # presumed dead and then finishes on the cloud.
+    n = 50
     with Traffic(s.address, x, plan, threads=4) as traffic:
-        time.sleep(0.5)
+        streamer, pieces = edge_generation(s.address, n)
         os.killpg(edge.pid, signal.SIGSTOP)
         try:
             wait_no_workers(s, "edge")  # missed heartbeats: dropped, its work re-routed
@@ -600,12 +606,29 @@ def test_frozen_edge_agent_is_replaced_and_its_late_results_discarded(
             os.killpg(edge.pid, signal.SIGCONT)
         s.wait_workers("edge", 1, timeout=30)  # it notices the silence and registers again
         back_at = time.monotonic()
-        time.sleep(1.0)
+        # Served by the edge again (once the orphaned generation no longer fills it): a
+        # bounded wait for that, not a fixed sleep.
+        deadline = time.monotonic() + 30
+        while not any(o.role == "edge" and o.sent > back_at for o in list(traffic.outcomes)):
+            assert time.monotonic() < deadline, traffic.summary()
+            time.sleep(0.1)
+    streamer.join(60)
+    assert not streamer.is_alive(), "the generation never ended"
     print(traffic.summary())
     check_outcomes(traffic)
     assert any(o.role == "edge" and o.sent > back_at for o in traffic.outcomes), traffic.summary()
-    wait_answered(s, traffic.sent)
-    print("late results discarded:", s.status()["late_results"])
+    # The generation: every position once, edge then cloud (it outlived the frozen agent).
+    roles = [p.role for p in pieces]
+    k = roles.count("edge")
+    assert [p.seq for p in pieces] == list(range(n)), roles
+    assert roles == ["edge"] * k + ["cloud"] * (n - k) and 1 <= k < n, roles
+    wait_answered(s, traffic.sent + 1)
+    # Back from SIGSTOP, the agent went on with the generation it held: what it sent for it
+    # (and for any request of the traffic it held) reached the coordinator and was dropped,
+    # counted, never relayed (no position twice above, no id twice in check_outcomes).
+    late = s.status()["late_results"]
+    print("late results discarded:", late)
+    assert late >= 1, s.log("coordinator")
 
 
 # -- 4. deadlines nobody can meet ------------------------------------------------------------------
@@ -687,6 +710,20 @@ def cloud_process(
             proc.wait(30)
 
 
+def assert_not_run(result: Result) -> None:
+    """A RESULT for work the worker never ran: no outputs, none of what a forward reports (a
+    run one has outputs, see assert_run), and the reason is that it never started. (The
+    runtime's compute_s is the handler's time, a wait for the weights included: no evidence.)"""
+    assert result.outputs == [], result
+    assert not {"during_load", "tokens"} & set(result.timings), result
+    assert result.error.startswith("deadline passed before"), result
+
+
+def assert_run(result: Result) -> None:
+    assert result.status is Status.OK, result
+    assert result.outputs and result.timings.get("compute_s", -1.0) >= 0, result
+
+
 def test_cloud_worker_returns_timeout_for_expired_dispatch_when_ready(
     stand_in: StandInCoordinator, cloud_process: subprocess.Popen[bytes], x: np.ndarray
 ) -> None:
@@ -697,9 +734,12 @@ def test_cloud_worker_returns_timeout_for_expired_dispatch_when_ready(
     c.send(Dispatch(id="spent", model=MODEL, inputs=[x], timeout_ms=0))
     result = c.expect(Result, until)
     assert (result.id, result.status) == ("spent", Status.TIMEOUT)
+    assert_not_run(result)
+    assert result.timings == {}, result  # refused before the handler was even called
     c.send(Dispatch(id="fine", model=MODEL, inputs=[x], timeout_ms=10_000))
     result = c.expect(Result, until)
     assert (result.id, result.status) == ("fine", Status.OK)
+    assert_run(result)  # the control: what a run dispatch does carry
 
 
 def test_cold_cloud_worker_never_runs_a_dispatch_that_expired_while_it_loaded(
@@ -714,3 +754,7 @@ def test_cold_cloud_worker_never_runs_a_dispatch_that_expired_while_it_loaded(
     result = c.expect(Result, until)
     assert result.id == "expires-while-loading"
     assert result.status is Status.TIMEOUT, f"expired work was run: {result.status}"
+    assert_not_run(result)
+    c.expect(Heartbeat, until, where=lambda m: m.state is not None and m.state.value == "ready")
+    c.send(Dispatch(id="fine", model=MODEL, inputs=[x], timeout_ms=10_000))
+    assert_run(c.expect(Result, until, where=lambda m: m.id == "fine"))

