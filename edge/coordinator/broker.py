@@ -462,8 +462,8 @@ class Coordinator:
             dropped = self.scheduler.drop_client(client)
             for p in dropped:
                 self.relay.ended(p.key)
-                if p.worker is not None:
-                    self._send(p.worker, Cancel(id=p.key, reason="the client is gone"))
+                if p.worker is not None and p.dispatch_id is not None:
+                    self._send(p.worker, Cancel(id=p.dispatch_id, reason="the client is gone"))
                 self.metrics.dropped("client_gone")
             if dropped:
                 log.info(
