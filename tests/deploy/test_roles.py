@@ -96,8 +96,9 @@ def test_the_guard_refuses_what_an_image_lacks(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert done.returncode != 0 and "not in this image" in done.stderr
-    # The first module the coordinator needs and the image lacks stops it (numpy or zmq).
-    assert {"numpy", "zmq"} & set(blocked.read_text().split())
+    # The first module the coordinator needs and the image lacks stops it (numpy, zmq or
+    # msgpack: each is in deploy/docker/coordinator-requirements.txt).
+    assert {"numpy", "zmq", "msgpack"} & set(blocked.read_text().split())
 
 
 # -- materializing the manifests --------------------------------------------------------------
@@ -318,14 +319,15 @@ def test_a_peer_missing_from_the_allow_list_is_refused(
     server, _ = zmq.auth.load_certificate(str(keys / "coordinator.key"))
     public, secret = zmq.curve_keypair()
     stranger = CurveConfig(server_public_key=server, public_key=public, secret_key=secret)
-    from cicada.errors import Timeout, Unavailable
+    from cicada.errors import BadRequest, Timeout
 
     x = np.load(tiny_package["input"])
-    # The control: within the same 2 s an allowed client is answered (UNAVAILABLE: no worker
-    # yet, said by the coordinator), so the stranger's timeout is not a slow coordinator.
+    # The control: within the same 2 s an allowed client is answered (BAD_REQUEST: no worker
+    # has registered the model, said by the coordinator), so the stranger's timeout is not a
+    # slow coordinator.
     with (
         Client(stack.address, timeout=2, curve=client_keys(keys)) as allowed,
-        pytest.raises(Unavailable) as answered,
+        pytest.raises(BadRequest, match="unknown model") as answered,
     ):
         allowed.invoke(MODEL, x, priority=0)
     assert answered.value.request_id
