@@ -375,14 +375,12 @@ class Scheduler:
     def drop_client(self, client: bytes) -> list[Pending]:
         """Forget everything `client` has pending (it is gone): out of the queues, and the
         running ones returned, for the caller to CANCEL at their workers."""
-        book = self.clients.pop(client, None)
+        book = self.clients.get(client)
         if book is None:
             return []
         dropped = list(book.pending.values())
         for p in dropped:
-            self.pending.pop(p.key, None)
-            self._by_client.pop((p.client, p.request.id), None)
-            self.held_bytes -= self._sizes.pop(p.key, 0)
+            self.forget(p.key)  # (the client's book goes with its last request)
         for queues in self.queues.values():
             for queue in queues.values():
                 queue.drop(client)
