@@ -6,8 +6,9 @@ worker registers with the coordinator while still cold (pyzmq imports in ~20 ms;
 stage. A request that arrives while loading starts at once on the resident stages and waits
 only where its next stage is not resident; after that the model runs at full speed.
 
-SIGTERM drains: nothing new is accepted, what runs finishes, DISCONNECT, exit 0 (also while
-loading: the drain starts once the model is built). A request the model fails on ends in a
+SIGTERM drains: nothing new is accepted, what runs finishes, DISCONNECT, exit 0. While loading
+(before the model is built, so nothing has run) it abandons the build: queued work is answered
+UNAVAILABLE, DISCONNECT, exit 0 (6 if the build is stuck in native code for 10 s). A request the model fails on ends in a
 RESULT (BAD_REQUEST or FAILED) and the worker serves on; should the serving loop itself die, the
 worker stops taking work, answers what it holds, says DISCONNECT and exits non-zero (4), so
 that it is replaced rather than left registered and unable to serve.
@@ -54,6 +55,20 @@ ASSUMED_START_S = 1.5
 ASSUMED_READ_BPS = 1.0e9
 EXIT_LOAD_FAILED = 3
 EXIT_SERVING_FAILED = 4  # the serving loop died: the lifecycle replaces the worker
+EXIT_STUCK_LOAD = 6  # SIGTERM while loading, and the build never returned to Python
+STOP_WHILE_LOADING_GRACE_S = 10.0
+
+
+class _StopWhileLoading(BaseException):
+    """Raised by the signal handler into a build that SIGTERM abandons (not an Exception:
+    no handler on the way may swallow it)."""
+
+
+def _exit_stuck_load() -> None:
+    log.error("SIGTERM while loading: the build did not return in %.0f s; exiting",
+              STOP_WHILE_LOADING_GRACE_S)  # fmt: skip
+    logging.shutdown()
+    os._exit(EXIT_STUCK_LOAD)
 
 
 @dataclass
@@ -102,6 +117,7 @@ class CloudWorker:
         )  # fmt: skip
         self.tokenizer = load_tokenizer(config.package)  # read on the first text request
         self.built = threading.Event()
+        self._load_interruptible = False  # SIGTERM may abandon the build (see _on_stop_signal)
         self.failed: CicadaError | None = None
         self._last: ResidencyEvent | None = None
         self._limits: InputLimits | None = None
@@ -312,8 +328,8 @@ class CloudWorker:
         if the coordinator refused the registration."""
         stop = threading.Event()
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            signal.signal(signal.SIGTERM, lambda *_: self._on_stop_signal(stop))
+            signal.signal(signal.SIGINT, lambda *_: self._on_stop_signal(stop))
         try:
             return self._serve(stop)
         except BaseException as exc:  # never stay registered (and `ready`) unable to serve
@@ -323,21 +339,32 @@ class CloudWorker:
                 CicadaError(f"the worker's serving loop died ({type(exc).__name__}: {exc})"), code
             )
 
+    def _on_stop_signal(self, stop: threading.Event) -> None:
+        """SIGTERM/SIGINT. Once the model is built: drain (the serving loop sees `stop`).
+        Before: no request has run yet, so the build is abandoned at once — a build that
+        stalls (a hung file system, a factory that never returns) must not make the worker
+        deaf to SIGTERM. A build stuck in native code that never returns to Python is ended
+        by a watchdog after STOP_WHILE_LOADING_GRACE_S."""
+        stop.set()
+        if self._load_interruptible and not self.built.is_set():
+            self._load_interruptible = False
+            watchdog = threading.Timer(STOP_WHILE_LOADING_GRACE_S, _exit_stuck_load)
+            watchdog.daemon = True  # a clean exit before it fires must not wait for it
+            watchdog.start()
+            raise _StopWhileLoading
+
     def _serve(self, stop: threading.Event) -> int:
         self.runtime.start()  # registers while cold
-        if self.config.health_port is not None:
-            self._serve_health(self.config.health_host, self.config.health_port)
-        import torch
-
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
         try:
-            # The rest of the load (read, verify, apply) finishes on the reader thread while
-            # this thread serves: a request that arrives now starts on the resident stages.
-            self.cold.build()
-            self.built.set()
-            self.runtime.notify()  # READY may be due now (if every stage arrived first)
+            self._load_interruptible = True
+            if stop.is_set():  # a signal before the flag was up
+                raise _StopWhileLoading
+            self._build()
+        except _StopWhileLoading:
+            log.warning("stopped while loading: the model was not built")
+            return self._give_up(CicadaError("stopped while loading"), 0)
         except CicadaError as exc:
+            self._load_interruptible = False
             return self._give_up(exc, EXIT_LOAD_FAILED)
         while not stop.is_set() and not self.runtime.stopped.is_set():
             try:
@@ -359,6 +386,21 @@ class CloudWorker:
             self._serve_pending()
         self._serve_pending()
         return 0
+
+    def _build(self) -> None:
+        """Import torch and build the model; on return the worker can serve."""
+        if self.config.health_port is not None:
+            self._serve_health(self.config.health_host, self.config.health_port)
+        import torch
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        # The rest of the load (read, verify, apply) finishes on the reader thread while
+        # this thread serves: a request that arrives now starts on the resident stages.
+        self.cold.build()
+        self._load_interruptible = False
+        self.built.set()
+        self.runtime.notify()  # READY may be due now (if every stage arrived first)
 
     def _serve_health(self, host: str, port: int) -> None:
         """/ready is 200 only once every stage is resident (a readiness probe that reflects
@@ -413,7 +455,7 @@ class CloudWorker:
     def _give_up(self, exc: CicadaError, code: int) -> int:
         """Stop for good: answer what is queued (UNAVAILABLE: the coordinator gives it
         another chance), DISCONNECT, and return the exit code."""
-        log.error("giving up: %s", exc)
+        (log.error if code else log.info)("giving up: %s", exc)
         self._fail(exc)
         self.built.set()
         self.runtime.drain()

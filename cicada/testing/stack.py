@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -50,8 +51,32 @@ def process_cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback TCP port that is free now, chosen below the kernel's ephemeral range.
+
+    The kernel hands ephemeral ports to every outgoing connection (ZeroMQ connects, HTTP
+    polls), so a port picked with bind(0) and bound by a process a moment later can be taken
+    in between by some connection's local end. Random ports below that range are never given
+    out implicitly; only another explicit pick can collide, which the bind check and the
+    coordinator's start-up retry (Stack.coordinator) cover."""
+    low = _ephemeral_range()[0]
+    for _ in range(200):
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every pick taken: let the kernel choose
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -113,13 +138,24 @@ class Stack:
         return proc
 
     def coordinator(self, *extra: str) -> subprocess.Popen[bytes]:
-        proc = self.start(
-            "coordinator", "coordinator", "--bind", self.address,
-            "--metrics", f"127.0.0.1:{self.metrics_port}", "--heartbeat", str(self.heartbeat),
-            *extra,
-        )  # fmt: skip
-        self.wait_for(lambda s: True, what="coordinator metrics endpoint")
-        return proc
+        """Start the coordinator and wait for its metrics endpoint. A port taken between the
+        pick and the bind (another test's pick) is retried on fresh ports, a bounded number of
+        times; any other start-up failure raises."""
+        for attempt in range(3):
+            proc = self.start(
+                "coordinator", "coordinator", "--bind", self.address,
+                "--metrics", f"127.0.0.1:{self.metrics_port}", "--heartbeat",
+                str(self.heartbeat), *extra,
+            )  # fmt: skip
+            try:
+                self.wait_for(lambda s: True, what="coordinator metrics endpoint")
+                return proc
+            except StackError:
+                if attempt == 2 or "in use" not in self.log("coordinator").lower():
+                    raise
+                del self.procs["coordinator"]
+                self.port, self.metrics_port = free_port(), free_port()
+        raise AssertionError("unreachable")
 
     def edge(self, model: str, edge_dir: Path, name: str = "edge", *extra: str) -> Any:
         return self.start(name, "edge", "--model", model, "--onnx", str(edge_dir),

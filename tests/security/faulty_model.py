@@ -8,12 +8,15 @@ any other input it answers exactly what the plain GPT-2 answers.
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
 import torch
 
 from cicada.cloud.models.gpt2 import GPT, GPTConfig
 
+STALL_ENV = "CICADA_TEST_STALL_BUILD"  # set in a worker's environment: its build never returns
 RAISE = 95  # first token: an AssertionError inside the model (the request ends FAILED)
 EXIT = 96  # first token: SystemExit, which no request handler may swallow (the loop dies)
 
@@ -29,6 +32,8 @@ class FaultyGPT(GPT):
 
 
 def build(**config: Any) -> FaultyGPT:
+    if os.environ.get(STALL_ENV):  # a load that stalls: only a signal can end it
+        threading.Event().wait()
     cfg = GPTConfig(**config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)

@@ -327,6 +327,31 @@ def test_a_duplicate_outstanding_id_is_refused(stack: Stack, peers: Peers) -> No
     peers.served_after("dup")
 
 
+def test_a_worker_that_registers_again_with_a_result_in_flight_counts_once(
+    stack: Stack, peers: Peers
+) -> None:
+    """The rogue registers again while it holds a dispatch, then sends the RESULT of that
+    abandoned attempt (as an honest worker's RESULT can cross its own READY on the wire): the
+    request is re-dispatched under a new attempt id, the old attempt's RESULT is dropped and
+    counted, and the client gets exactly one REPLY, the new attempt's."""
+    before = stack.status()["superseded"]
+    peers.request("crossed")
+    first = peers.dispatch()
+    peers.rogue_send(Ready(role=Role.EDGE, worker="rogue", models=["m"], capacity=1))
+    second = peers.dispatch()
+    assert second.id != first.id
+    assert second.id.rsplit(".", 1)[0] == first.id.rsplit(".", 1)[0]  # same epoch and key
+    peers.rogue_send(Result(id=first.id, status=Status.OK, outputs=[np.full(2, 9, np.float32)]))
+    peers.rogue_send(Result(id=second.id, status=Status.OK, outputs=[np.ones(2, np.float32)]))
+    reply = peers.reply("crossed")
+    assert reply.status is Status.OK and reply.outputs[0].tolist() == [1.0, 1.0]
+    # The slot is free and nothing else for "crossed" arrives after the next request's reply.
+    peers.served_after("after-crossed")
+    assert not [m for m in peers.inbox[peers.client] if getattr(m, "id", None) == "crossed"]
+    status = stack.status()
+    assert status["superseded"] == before + 1 and status["violations"] == 0
+
+
 # -- a slow reader -------------------------------------------------------------------------------
 
 

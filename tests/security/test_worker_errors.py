@@ -231,3 +231,19 @@ def test_sigterm_stops_a_cloud_worker_while_it_loads(stack: Stack, assets: dict[
     s.wait_workers("cloud", 1)  # registered: cold, loading or (on a fast machine) ready
     s.kill("cloud", signal.SIGTERM)
     assert s.procs["cloud"].returncode == 0, s.log("cloud")
+
+
+def test_sigterm_stops_a_cloud_worker_whose_load_stalled(
+    stack: Stack, assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that never returns (the faulty model, told so by its environment): the worker
+    registers, never becomes ready, and SIGTERM still ends it, without a kill."""
+    s = stack
+    s.coordinator()
+    monkeypatch.setenv(faulty_model.STALL_ENV, "1")
+    s.cloud(MODEL, assets["faulty"], "cloud", "--trust-package-code")
+    s.wait_workers("cloud", 1)
+    assert s.workers("cloud", "ready") == 0
+    s.kill("cloud", signal.SIGTERM)  # waits for the exit (bounded), never escalates
+    assert s.procs["cloud"].returncode == 0, s.log("cloud")
+    s.wait_for(lambda st: s.workers("cloud") == 0, what="the stopped worker gone", timeout=30)
