@@ -42,6 +42,7 @@
     keep_warm = "lazy"                 # fixed | lazy (see edge/coordinator/lifecycle.py)
     lazy_threshold = 1                 # lazy: change the warm count only by this much or more
     start_timeout_s = 120.0            # a worker that has not registered by then is killed
+    stop_timeout_s = 60.0              # a draining worker that has not exited by then is killed
     expected_start_s = 3.0             # cold-start estimate until one is measured
     trust_package_code = false         # true: run the package's factory even if it is not
                                        # one of Cicada's own (docs/PACKAGE.md, threat model)
@@ -116,6 +117,8 @@ class ModelConfig(BaseModel):
     keep_warm: Literal["fixed", "lazy"] = "fixed"
     lazy_threshold: int = Field(default=1, ge=1)
     start_timeout_s: float = Field(default=120.0, gt=0)
+    # A worker asked to drain (scale down) that has not exited by then is killed.
+    stop_timeout_s: float = Field(default=60.0, gt=0)
     expected_start_s: float = Field(default=3.0, gt=0)
     relaunch_backoff_s: float = Field(default=1.0, gt=0)
     relaunch_backoff_max_s: float = Field(default=30.0, gt=0)

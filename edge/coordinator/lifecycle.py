@@ -50,6 +50,7 @@ class Managed:
     launched_at: float
     registered_at: float | None = None
     stopping: bool = False
+    stop_asked_at: float | None = None  # when scale-down asked it to drain
     last_busy: float = 0.0
 
 
@@ -167,6 +168,17 @@ class Lifecycle:
                     )
                     m.handle.kill()
                     m.stopping = False  # counts as a crash below, next tick
+                elif (
+                    m.stop_asked_at is not None
+                    and now - m.stop_asked_at > lc.config.stop_timeout_s
+                ):
+                    log.warning(
+                        "%s did not stop within %.0f s of being asked to drain: killing it",
+                        name,
+                        lc.config.stop_timeout_s,
+                    )
+                    m.handle.kill()
+                    m.stop_asked_at = None  # killed once; its exit counts as a stop
                 continue
             del lc.workers[name]
             coord.forget_worker_named(name, now, reason="process exited")
@@ -227,6 +239,7 @@ class Lifecycle:
             for m in idle[: len(live) - want]:
                 log.info("%s idle for %.1f s: draining (scale down)", m.name, now - m.last_busy)
                 m.stopping = True
+                m.stop_asked_at = now
                 coord.stop_dispatching_to(m.name)  # before its DISCONNECT arrives
                 m.handle.terminate()
 

@@ -64,6 +64,7 @@ MODEL = "gpt2"
 NAMESPACE = "cicada"
 HEARTBEAT = 0.2
 LOOPBACK = "127.0.0.1"
+WAIT = 300.0  # a bound on each wait on a busy machine (Ray starts slowly there), never a claim
 OBJECT_STORE = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
 EXPLICIT = (Timeout, Rejected, Unavailable, BadRequest, Failed)  # the SDK's explicit outcomes
 
@@ -305,7 +306,7 @@ def test_coordinator_refuses_an_unreachable_ray_cluster(
     done = subprocess.run(
         [sys.executable, "-m", "cicada", "coordinator", "--config", str(config),
          "--bind", stack.address, "--metrics", "off"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, capture_output=True, text=True, timeout=WAIT,
     )  # fmt: skip
     assert done.returncode == 1, done.stderr
     assert "cannot reach the Ray cluster" in done.stderr, done.stderr
@@ -425,8 +426,8 @@ def test_actor_worker_serves_through_the_sdk_and_drains(
     try:
         handle = launcher.launch(spec(stack, assets, "gpt2-ray-a"))
         assert handle.alive()
-        stack.wait_workers("cloud", 1, state="ready", timeout=90)  # not loading
-        with Client(stack.address, timeout=60) as client:
+        stack.wait_workers("cloud", 1, state="ready", timeout=WAIT)  # not loading
+        with Client(stack.address, timeout=WAIT) as client:
             result = client.invoke(MODEL, x)
         assert result.served_by["role"] == "cloud", result.served_by
         assert result.served_by["worker"] == "gpt2-ray-a"
@@ -435,12 +436,12 @@ def test_actor_worker_serves_through_the_sdk_and_drains(
         assert info["registered"] and info["built"] and info["pid"] != os.getpid()
 
         handle.terminate()  # drain: finish, DISCONNECT, run() returns 0
-        wait_until(lambda: not handle.alive(), "the worker to drain and stop", timeout=30)
+        wait_until(lambda: not handle.alive(), "the worker to drain and stop", timeout=WAIT)
         assert handle.exit_code == 0 and handle.error is None, (handle.error, logs(stack))
         stack.wait_for(
             lambda s: stack.workers("cloud") == 0, what="the worker gone from the metrics"
         )
-        wait_until(lambda: not actor_exists("gpt2-ray-a"), "the actor gone from Ray", 30)
+        wait_until(lambda: not actor_exists("gpt2-ray-a"), "the actor gone from Ray", WAIT)
         with Client(stack.address, timeout=10) as client, pytest.raises(Unavailable):
             client.invoke(MODEL, x)  # nobody serves the model any more, and nobody launches
     finally:
@@ -476,10 +477,10 @@ def test_actor_is_placed_by_resource_and_by_label(
         cloud = by_resource.launch(spec(stack, assets, "gpt2-on-cloud"))
         edge = by_label.launch(spec(stack, assets, "gpt2-on-edge"))
         stranded = nowhere.launch(spec(stack, assets, "gpt2-nowhere"))
-        assert cloud.info(timeout=60)["node_id"] == cluster.cloud_id
-        assert edge.info(timeout=60)["node_id"] == cluster.head_id
-        stack.wait_workers("cloud", 2, state="ready", timeout=90)
-        with Client(stack.address, timeout=60) as client:
+        assert cloud.info(timeout=WAIT)["node_id"] == cluster.cloud_id
+        assert edge.info(timeout=WAIT)["node_id"] == cluster.head_id
+        stack.wait_workers("cloud", 2, state="ready", timeout=WAIT)
+        with Client(stack.address, timeout=WAIT) as client:
             served = {client.invoke(MODEL, x).served_by["worker"] for _ in range(6)}
         assert served <= {"gpt2-on-cloud", "gpt2-on-edge"} and served, served
         # No node has the resource: the actor waits to be placed (alive, never registers)
@@ -488,7 +489,7 @@ def test_actor_is_placed_by_resource_and_by_label(
         with pytest.raises(ray.exceptions.GetTimeoutError):
             stranded.info(timeout=1.0)
         stranded.kill()
-        wait_until(lambda: not stranded.alive(), "the unplaceable actor to be killed", 30)
+        wait_until(lambda: not stranded.alive(), "the unplaceable actor to be killed", WAIT)
         assert stranded.exit_code is None and stranded.error
     finally:
         for launcher in (by_resource, by_label, nowhere):
@@ -509,15 +510,15 @@ def test_scale_from_zero_and_back(
     config = coordinator_config(stack, assets["package"], cluster.address, keep_alive_s=1.0)
     stack.coordinator("--config", str(config))
     assert stack.workers("cloud") == 0 and not named_actors()  # nothing runs before demand
-    with Client(stack.address, timeout=90) as client:
+    with Client(stack.address, timeout=WAIT) as client:
         first = client.invoke(MODEL, x)
         assert first.served_by["role"] == "cloud", first.served_by
         name = first.served_by["worker"]
-        where = ray.get(ray.get_actor(name, namespace=NAMESPACE).ping.remote(), timeout=30)
+        where = ray.get(ray.get_actor(name, namespace=NAMESPACE).ping.remote(), timeout=WAIT)
         assert where["node_id"] == cluster.cloud_id
 
-        stack.wait_for(lambda s: stack.workers("cloud") == 0, what="scale to zero", timeout=30)
-        wait_until(lambda: not actor_exists(name), f"actor {name} gone from Ray", 30)
+        stack.wait_for(lambda s: stack.workers("cloud") == 0, what="scale to zero", timeout=WAIT)
+        wait_until(lambda: not actor_exists(name), f"actor {name} gone from Ray", WAIT)
         wait_until(
             lambda: ray.available_resources().get("cloud") == 1.0, "the cloud resource freed", 30
         )
@@ -527,7 +528,7 @@ def test_scale_from_zero_and_back(
         assert second.served_by["worker"] != name, "a new worker was launched from zero"
         np.testing.assert_allclose(second.output, first.output, rtol=1e-5, atol=1e-5)
     stack.kill("coordinator", signal.SIGTERM)  # closes the lifecycle: drain, then kill
-    wait_until(lambda: not named_actors(), "no actor left behind the coordinator", 30)
+    wait_until(lambda: not named_actors(), "no actor left behind the coordinator", WAIT)
     assert "idle for" in stack.log("coordinator"), logs(stack)
 
 
@@ -643,12 +644,14 @@ def test_worker_killed_under_load_is_relaunched(
     config = coordinator_config(stack, assets["slow"], cluster.address)
     stack.coordinator("--config", str(config))
     stack.edge(MODEL, assets["edge"])
-    stack.wait_workers("edge", 1, timeout=60)
+    stack.wait_workers("edge", 1, timeout=WAIT)
     with Traffic(stack.address, x) as traffic:
         wait_until(lambda: traffic.served("cloud") >= 5, "the first cloud worker serving", 120)
         (victim,) = traffic.cloud_workers()
         assert (
-            ray.get(ray.get_actor(victim, namespace=NAMESPACE).ping.remote(), timeout=30)["node_id"]
+            ray.get(ray.get_actor(victim, namespace=NAMESPACE).ping.remote(), timeout=WAIT)[
+                "node_id"
+            ]
             == cluster.cloud_id
         )
         killed_at = time.monotonic()
@@ -656,7 +659,7 @@ def test_worker_killed_under_load_is_relaunched(
         wait_until(
             lambda: len(traffic.cloud_workers()) >= 2, "a relaunched worker serving", timeout=120
         )
-        wait_until(lambda: traffic.served("edge", after=killed_at) >= 1, "edge answers", 30)
+        wait_until(lambda: traffic.served("edge", after=killed_at) >= 1, "edge answers", WAIT)
     summary = traffic.summary()
     outcomes = traffic.outcomes
 
@@ -681,14 +684,14 @@ def test_worker_killed_under_load_is_relaunched(
     stack.wait_for(
         lambda s: sum(r["count"] for r in s["requests"]) >= traffic.sent,
         what="the coordinator to have answered every request",
-        timeout=30,
+        timeout=WAIT,
     )
     assert sum(r["count"] for r in stack.status()["requests"]) == traffic.sent, summary
     log = stack.log("coordinator")
     assert "exited unasked" in log, logs(stack)
     assert victim not in named_actors()
     stack.kill("coordinator", signal.SIGTERM)
-    wait_until(lambda: not named_actors(), "no actor left behind the coordinator", 30)
+    wait_until(lambda: not named_actors(), "no actor left behind the coordinator", WAIT)
 
 
 # -- Ray Serve: the deployment behind cicada.cloud.ray_serve:app ---------------------------------
@@ -733,11 +736,11 @@ def test_serve_deployment_scales_from_zero_and_back(
         with urllib.request.urlopen(f"http://{LOOPBACK}:{port}/cicada-cloud", timeout=120) as r:
             woken = json.loads(r.read())
         assert woken["registered"] and woken["node_id"] == cluster.cloud_id, woken
-        with Client(stack.address, timeout=60) as client:
+        with Client(stack.address, timeout=WAIT) as client:
             result = client.invoke(MODEL, x)
         assert result.served_by == {**result.served_by, "role": "cloud", "worker": woken["worker"]}
         stack.wait_for(
-            lambda s: stack.workers("cloud") == 0, what="Serve to scale to zero", timeout=90
+            lambda s: stack.workers("cloud") == 0, what="Serve to scale to zero", timeout=WAIT
         )
     finally:
         with contextlib.suppress(Exception):

@@ -299,6 +299,22 @@ def test_idle_past_keep_alive_is_terminated_and_then_forgotten() -> None:
     assert len(w.launcher.handles) == 1
 
 
+def test_a_worker_that_does_not_drain_within_stop_timeout_is_killed() -> None:
+    w = World(keep_alive_s=1.0, stop_timeout_s=5.0)
+    handle, _ = w.serve_first_request()
+    w.tick(1.1)
+    assert handle.calls == ["terminate"]
+    w.tick(4.9)
+    assert handle.calls == ["terminate"]  # still within stop_timeout_s: let it drain
+    w.tick(0.2)
+    assert handle.calls == ["terminate", "kill"]
+    w.tick(10.0)
+    assert handle.calls == ["terminate", "kill"]  # killed once
+    handle.exit()
+    w.tick()
+    assert w.model.stops == 1 and w.model.crashes == 0  # asked to stop: not a crash
+
+
 def test_a_busy_worker_is_not_stopped_past_keep_alive() -> None:
     w = World(keep_alive_s=2.0)
     handle, identity = w.serve_first_request()
