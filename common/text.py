@@ -15,6 +15,7 @@ it, and it never imports torch (the edge agent must not).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cicada.common.errors import TextError
+from cicada.common.package import open_package_file
 
 TOKENIZER_NAME = "tokenizer.json"
 TEXT_OPTION = "text"  # REQUEST/DISPATCH options key: a list of str
@@ -44,14 +46,46 @@ def configured_json(source: Path, max_length: int, pad_id: int = 0) -> str:
     """`source` (a tokenizer.json) with truncation to `max_length` and padding to the longest
     sequence of a batch with `pad_id`, as JSON text: what a package or edge directory holds, so
     that the file alone decides how text becomes ids."""
-    tokenizers = _import_tokenizers()
-    tok = tokenizers.Tokenizer.from_file(str(source))
+    tok = _parse(_import_tokenizers(), Path(source))
     pad_token = tok.id_to_token(pad_id)
     if pad_token is None:
         raise TextError(f"{source}: pad id {pad_id} is not in the vocabulary")
     tok.enable_truncation(max_length)
     tok.enable_padding(pad_id=pad_id, pad_token=pad_token)  # length None: the batch's longest
     return str(tok.to_str())
+
+
+MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # BERT's is 0.7 MB, Llama 3's 9 MB
+
+
+def read_tokenizer_json(path: Path) -> str:
+    """The text of a model directory's tokenizer.json, opened as a package file is: confined
+    to its directory (no link out), a regular file (no FIFO to hang on), size-capped before
+    it is read."""
+    path = Path(path)
+    try:
+        fd = open_package_file(path.parent, path.name, TextError)
+    except FileNotFoundError:
+        raise TextError(f"{path}: no such file") from None
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_TOKENIZER_BYTES:
+            raise TextError(f"{path} is {size} bytes, over the {MAX_TOKENIZER_BYTES}-byte cap "
+                            "for a tokenizer.json: refused")  # fmt: skip
+        data = f.read(MAX_TOKENIZER_BYTES + 1)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TextError(f"{path} is not UTF-8 text: {exc}") from None
+
+
+def _parse(tokenizers: Any, path: Path) -> Any:
+    try:
+        return tokenizers.Tokenizer.from_str(read_tokenizer_json(path))
+    except TextError:
+        raise
+    except Exception as exc:  # tokenizers raises its own Exception type
+        raise TextError(f"{path} is not a readable tokenizer.json: {exc}") from exc
 
 
 class TextTokenizer:
@@ -68,11 +102,7 @@ class TextTokenizer:
         than on the first request."""
         with self._lock:
             if self._tokenizer is None:
-                tokenizers = _import_tokenizers()
-                try:
-                    tok = tokenizers.Tokenizer.from_file(str(self.path))
-                except Exception as exc:  # tokenizers raises its own Exception type
-                    raise TextError(f"{self.path} is not a readable tokenizer.json: {exc}") from exc
+                tok = _parse(_import_tokenizers(), self.path)
                 # Pad to the batch's longest (a file may say a fixed length): one batch needs
                 # one length, and the pad id (0 where unsaid) is what models read as no token.
                 padding = tok.padding or {}
@@ -96,8 +126,8 @@ class TextTokenizer:
 def load_tokenizer(model_dir: Path, *, eager: bool = False) -> TextTokenizer | None:
     """The tokenizer in a package or edge model directory, or None when it has none."""
     path = Path(model_dir) / TOKENIZER_NAME
-    if not path.is_file():
-        return None
+    if not path.exists() and not path.is_symlink():
+        return None  # anything else present (a link out, a FIFO) is refused when loaded
     tokenizer = TextTokenizer(path)
     return tokenizer.load() if eager else tokenizer
 

@@ -15,7 +15,14 @@ from cicada.cloud.models import minilm
 from cicada.cloud.packing import verify_package
 from cicada.cloud.pipeline import ColdStart
 from cicada.common.package import Manifest
-from cicada.common.text import TOKENIZER_NAME, TextError, TextTokenizer, inputs_for
+from cicada.common.text import (
+    MAX_TOKENIZER_BYTES,
+    TOKENIZER_NAME,
+    TextError,
+    TextTokenizer,
+    inputs_for,
+    load_tokenizer,
+)
 from cicada.demos.cold_start import ensure_package
 from cicada.demos.live import MINILM_SENTENCES, ensure_edge_model
 from cicada.edge.onnx_model import INFO_NAME, EdgeModel
@@ -146,3 +153,31 @@ def test_pack_refuses_another_config_and_says_why(tmp_path: Path) -> None:
     with pytest.raises(PackageError, match="without --config"):
         pack(minilm.FACTORY, tmp_path / "pkg", config={"num_hidden_layers": 2})
     assert not (tmp_path / "pkg").exists()
+
+
+def test_a_tokenizer_file_is_opened_as_a_package_file(
+    artifacts: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """tokenizer.json is data from the package: a link out of its directory, a FIFO and an
+    oversized file are refused with TextError (nothing outside read, nothing hangs)."""
+    package, _ = artifacts
+    outside = tmp_path / "elsewhere.json"
+    outside.write_bytes((package / TOKENIZER_NAME).read_bytes())
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / TOKENIZER_NAME).symlink_to(outside)
+    with pytest.raises(TextError, match="outside the package"):
+        load_tokenizer(linked, eager=True)
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / TOKENIZER_NAME)
+    with pytest.raises(TextError, match="not a regular file"):
+        load_tokenizer(fifo, eager=True)
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    with open(huge / TOKENIZER_NAME, "wb") as f:
+        f.truncate(MAX_TOKENIZER_BYTES + 1)  # sparse: nothing written
+    with pytest.raises(TextError, match="cap"):
+        load_tokenizer(huge, eager=True)
+    assert load_tokenizer(tmp_path) is None  # no tokenizer: a tensor model
+    assert load_tokenizer(package, eager=True) is not None
