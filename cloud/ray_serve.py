@@ -16,6 +16,8 @@ given to ``deployment.bind(...)``:
 
     CICADA_MODEL, CICADA_PACKAGE, CICADA_COORDINATOR   (required)
     CICADA_DEVICE (cpu), CICADA_THREADS, CICADA_HEARTBEAT (0.5),
+    CICADA_TRUST_PACKAGE_CODE (false: a factory outside Cicada's allow-list is refused;
+                               true/1/yes runs it, see docs/PACKAGE.md's threat model)
     CICADA_CURVE_KEY + CICADA_SERVER_KEY               (CURVE: this worker's secret key file
                                                         and the coordinator's public key file)
 
@@ -53,6 +55,19 @@ def _setting(value: Any, env: str, default: Any = None, required: bool = False) 
     return found
 
 
+def _flag(value: bool | None, env: str) -> bool:
+    """A boolean setting: `value` if given, else the environment's true/1/yes or
+    false/0/no/unset; anything else is a configuration error, not a silent False."""
+    if value is not None:
+        return value
+    found = os.environ.get(env, "").strip().lower()
+    if found in ("", "0", "false", "no"):
+        return False
+    if found in ("1", "true", "yes"):
+        return True
+    raise ValueError(f"{env}={found!r}: use true or false")
+
+
 class CloudWorkerReplica:
     """One replica: a cloud worker registered with the coordinator (see the module doc)."""
 
@@ -65,6 +80,7 @@ class CloudWorkerReplica:
         threads: int | None = None,
         heartbeat: float | None = None,
         name: str | None = None,
+        trust_package_code: bool | None = None,
     ) -> None:
         from cicada.cloud.service import CloudWorker, CloudWorkerConfig
         from cicada.common.sockets import CurveKeys
@@ -78,6 +94,7 @@ class CloudWorkerReplica:
         curve_key = os.environ.get("CICADA_CURVE_KEY")
         server_key = os.environ.get("CICADA_SERVER_KEY")
         threads_s = _setting(threads, "CICADA_THREADS")
+        trusted = _flag(trust_package_code, "CICADA_TRUST_PACKAGE_CODE")
         if name is None:
             replica = serve.get_replica_context().replica_id.unique_id
             name = f"{model}-serve-{replica}"
@@ -89,6 +106,7 @@ class CloudWorkerReplica:
                 coordinator=_setting(coordinator, "CICADA_COORDINATOR", required=True),
                 worker=name,
                 device=_setting(device, "CICADA_DEVICE", "cpu"),
+                trust_package_code=trusted,
                 threads=int(threads_s) if threads_s else None,
                 heartbeat_interval=float(
                     _setting(heartbeat, "CICADA_HEARTBEAT", HEARTBEAT_INTERVAL_S)

@@ -277,6 +277,30 @@ def coordinator_config(stack: Stack, package: Path, address: str, **model: Any) 
 # -- the launcher module itself --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [(None, False), ("", False), ("false", False), ("0", False), ("true", True), ("YES", True),
+     ("1", True), ("maybe", ValueError), ("on", ValueError)],
+)  # fmt: skip
+def test_serve_replicas_trust_package_code_only_when_told(
+    monkeypatch: pytest.MonkeyPatch, env: str | None, expected: Any
+) -> None:
+    """A Serve replica runs an outside factory only with CICADA_TRUST_PACKAGE_CODE=true (or
+    bind(trust_package_code=True)); a value it cannot read is an error, never a silent no."""
+    from cicada.cloud.ray_serve import _flag
+
+    if env is None:
+        monkeypatch.delenv("CICADA_TRUST_PACKAGE_CODE", raising=False)
+    else:
+        monkeypatch.setenv("CICADA_TRUST_PACKAGE_CODE", env)
+    if expected is ValueError:
+        with pytest.raises(ValueError, match="CICADA_TRUST_PACKAGE_CODE"):
+            _flag(None, "CICADA_TRUST_PACKAGE_CODE")
+    else:
+        assert _flag(None, "CICADA_TRUST_PACKAGE_CODE") is expected
+    assert _flag(True, "CICADA_TRUST_PACKAGE_CODE") is True  # bind() wins over the environment
+
+
 def test_launcher_module_does_not_import_torch() -> None:
     """The coordinator imports the launcher; torch may only be imported inside the actor."""
     import subprocess
