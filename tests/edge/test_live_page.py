@@ -26,10 +26,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-import zmq
 
 from cicada import Client
-from cicada.common.protocol import Heartbeat, Ready, Role, WorkerState, encode
+from cicada.common.protocol import Role, WorkerState
 from cicada.edge.coordinator.live import (
     LATENCY_POINTS,
     LATENCY_SERIES,
@@ -37,8 +36,10 @@ from cicada.edge.coordinator.live import (
     LiveStatus,
 )
 from cicada.testing import Stack
+from cicada.testing.fake_worker import ReportingWorker
 
 WAIT_S = 60.0
+BIG = "gpt2-big"
 # A worker name a peer may choose: the page must show it as text, never run it.
 HOSTILE = "<img src=x onerror=\"document.title='owned'\">&amp;<b>bold</b>"
 RECENT_KEYS = {"age_s", "model", "priority", "route", "worker", "handed_off", "status",
@@ -73,41 +74,6 @@ def headless(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess
     )  # fmt: skip
 
 
-class LoadingWorker:
-    """A worker of our own on a model nobody asks for: it stays `loading` (1 of 3 stages, 4.2 s
-    to go) under the hostile name, heartbeating from its own thread until `close()`."""
-
-    MODEL = "gpt2-big"
-
-    def __init__(self, address: str, interval: float) -> None:
-        self.ctx: zmq.Context[Any] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-        self.interval = interval
-        self.stop = threading.Event()
-        self.sock.send_multipart(encode(Ready(
-            role=Role.CLOUD, worker=HOSTILE, models=[self.MODEL], variant="big",
-            state=WorkerState.LOADING, resident_stages=1, total_stages=3, eta_s=4.2,
-        )))  # fmt: skip
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-        self.thread.start()
-
-    def _beat(self) -> None:
-        beat = encode(Heartbeat(state=WorkerState.LOADING, resident_stages=1, total_stages=3,
-                                eta_s=4.2))  # fmt: skip
-        while not self.stop.wait(self.interval):
-            while self.sock.poll(0):
-                self.sock.recv_multipart()  # the coordinator's heartbeats: not read further
-            self.sock.send_multipart(beat)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(10)
-        self.sock.close(linger=0)
-        self.ctx.term()
-
-
 @dataclass
 class Live:
     stack: Stack
@@ -125,7 +91,10 @@ def live(tmp_path_factory: pytest.TempPathFactory,
         stack.cloud("gpt2", tiny_package["package"], name="cloud-a")
         stack.wait_workers("edge", timeout=WAIT_S)
         stack.wait_workers("cloud", state="ready", timeout=WAIT_S)
-        loading = LoadingWorker(stack.address, stack.heartbeat / 2)
+        # A worker of our own on a model nobody asks for: it stays loading (1 of 3 stages, 4.2 s
+        # to go) under the hostile name.
+        loading = ReportingWorker(stack.address, HOSTILE, BIG, interval=stack.heartbeat / 2,
+                                  resident_stages=1, total_stages=3, eta_s=4.2)  # fmt: skip
         try:
             stack.wait_workers("cloud", count=2, timeout=WAIT_S)
             state = Live(stack, stack.metrics_url.rsplit("/", 1)[0])
@@ -156,7 +125,7 @@ def status_json(live: Live) -> dict[str, Any]:
 def test_status_json_shows_workers_queues_and_the_requests_made(live: Live) -> None:
     snapshot = status_json(live)
     models = {m["name"]: m for m in snapshot["models"]}
-    assert set(models) == {"gpt2", LoadingWorker.MODEL}
+    assert set(models) == {"gpt2", BIG}
     gpt2 = models["gpt2"]
     workers = {w["name"]: w for w in gpt2["workers"]}
     assert set(workers) == {"edge-a", "cloud-a"}
@@ -166,7 +135,7 @@ def test_status_json_shows_workers_queues_and_the_requests_made(live: Live) -> N
     assert workers["edge-a"]["role"] == "edge" and workers["cloud-a"]["role"] == "cloud"
     cloud = workers["cloud-a"]
     assert cloud["total_stages"] > 0 and cloud["resident_stages"] == cloud["total_stages"]
-    (loading,) = models[LoadingWorker.MODEL]["workers"]
+    (loading,) = models[BIG]["workers"]
     assert (loading["name"], loading["state"]) == (HOSTILE, "loading")
     assert (loading["resident_stages"], loading["total_stages"], loading["eta_s"]) == (1, 3, 4.2)
     assert gpt2["queues"] == {"0": 0, "1": 0, "2": 0}  # the coordinator has set each
