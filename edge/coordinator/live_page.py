@@ -180,7 +180,7 @@ function chart(series) {
   const box = svg("svg", {class: "chart", width: W, height: H, viewBox: `0 0 ${W} ${H}`,
                           "data-route": series.route});
   const pts = series.points;
-  const span = Math.max(60, ...pts.map(p => p[0]));
+  const span = Math.max(10, ...pts.map(p => p[0])) * 1.02;  // the points kept, oldest at left
   const top = Math.max(1e-4, ...pts.map(p => p[1])) * 1.1;
   const x = age => L + (W - L - 6) * (1 - age / span);
   const y = s => (H - B) - (H - B - 6) * (s / top);

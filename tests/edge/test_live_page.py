@@ -348,8 +348,8 @@ def test_estimates_json_cannot_carry_are_shown_as_unknown() -> None:
 
 def screenshot(out: Path) -> None:
     """A stack whose cloud worker cold-starts a 12-layer GPT-2 while the edge answers a steady
-    stream of requests of every priority; the page is shot while the cloud loads (or once it
-    is ready, if it was too quick to catch)."""
+    stream of requests of every priority; the page is shot once the cloud worker has registered
+    and is still cold or loading (or ready, if it was too quick to catch)."""
     import tempfile
 
     from cicada.testing import make_assets, tiny_gpt2_config
@@ -383,11 +383,8 @@ def screenshot(out: Path) -> None:
             with urllib.request.urlopen(base + "/status.json", timeout=10) as r:
                 workers = json.loads(r.read())["models"][0]["workers"]
             clouds = [w for w in workers if w["role"] == "cloud"]
-            if clouds and 0 < clouds[0]["resident_stages"] < clouds[0]["total_stages"]:
-                break
-            if clouds and clouds[0]["state"] == "ready":
-                time.sleep(4)
-                break
+            if clouds and clouds[0]["state"] != "ready":
+                break  # registered, still cold or loading
             time.sleep(0.05)
         headless(base + "/", work / "profile", f"--screenshot={out.resolve()}",
                  "--window-size=1280,900")  # fmt: skip
