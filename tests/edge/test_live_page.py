@@ -151,7 +151,9 @@ def test_status_json_shows_workers_queues_and_the_requests_made(live: Live) -> N
     for route, series in routes.items():
         answered = [r for r in recent if r["route"] == route]
         assert series["count"] == len(answered) == len(series["points"])
-        assert sorted(p[1] for p in series["points"]) == sorted(r["latency_s"] for r in answered)
+        assert sorted(p[1] for p in series["points"]) == sorted(
+            round(r["latency_s"], 6) for r in answered
+        )
         assert series["p50_s"] <= series["p99_s"]
     assert set(routes) == {r["route"] for r in recent}
     assert snapshot["limits"]["recent"] == RECENT_REQUESTS
