@@ -60,12 +60,18 @@ def chromium() -> str | None:
     return None
 
 
+needs_chromium = pytest.mark.skipif(
+    chromium() is None,
+    reason="no chromium binary (apt-get install chromium, or set CICADA_CHROMIUM)",
+)
+
+
 def headless(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Chromium, headless, on `url`: the page's script runs (its timers on virtual time, so its
     refresh loop neither waits nor hangs the browser) before `args` act (--dump-dom ...)."""
     binary = chromium()
     if binary is None:
-        pytest.skip("no chromium binary (apt-get install chromium, or set CICADA_CHROMIUM)")
+        raise RuntimeError("no chromium binary (apt-get install chromium, or set CICADA_CHROMIUM)")
     return subprocess.run(
         [binary, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run",
          "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--hide-scrollbars",
@@ -242,6 +248,7 @@ class Elements(HTMLParser):
         raise AssertionError(f"no .{cls} in {row[1]!r}")
 
 
+@needs_chromium
 def test_the_page_in_headless_chromium_shows_the_stack(live: Live, tmp_path: Path) -> None:
     dom = headless(live.base + "/", tmp_path / "profile", "--dump-dom").stdout
     page = Elements(dom)
@@ -274,6 +281,7 @@ def test_the_page_in_headless_chromium_shows_the_stack(live: Live, tmp_path: Pat
     assert len(circles) == len(live.served)
 
 
+@needs_chromium
 def test_a_screenshot_is_a_picture_of_the_page(live: Live, tmp_path: Path) -> None:
     png = tmp_path / "page.png"
     headless(live.base + "/", tmp_path / "profile", f"--screenshot={png}",
