@@ -43,7 +43,8 @@ class LiveStatus:
             maxlen=RECENT_REQUESTS
         )
         self._latency: dict[tuple[str, str], deque[tuple[float, float]]] = {}
-        self._untracked: set[tuple[str, str]] = set()  # bounded by the metrics' label sets
+        # Pairs refused a series: counted (up to LATENCY_SERIES, so the set stays bounded).
+        self._untracked: set[tuple[str, str]] = set()
         self._workers: list[Any] = []
         self._queues: dict[tuple[str, int], int] = {}
 
@@ -73,7 +74,7 @@ class LiveStatus:
             series = self._latency.get((model, route))
             if series is None:
                 if len(self._latency) >= LATENCY_SERIES:
-                    if len(self._untracked) < LATENCY_SERIES:  # (a count, not a list to grow)
+                    if len(self._untracked) < LATENCY_SERIES:
                         self._untracked.add((model, route))
                     return
                 series = self._latency[(model, route)] = deque(maxlen=LATENCY_POINTS)
