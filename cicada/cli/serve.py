@@ -44,7 +44,8 @@ from cicada.common.errors import CicadaError, PackageError
     "metrics",
     default=DEFAULT_METRICS,
     show_default=True,
-    help="HOST:PORT for the Prometheus /metrics endpoint; 'off' to disable.",
+    help="HOST:PORT for the Prometheus /metrics endpoint, the live page at / and its JSON at "
+    "/status.json (docs/STATUS.md); 'off' to disable.",
 )
 @click.option(
     "--heartbeat",
@@ -115,7 +116,11 @@ def coordinator(
     """Run the coordinator: route requests between clients, edge agents and cloud workers.
 
     With --config it also runs the serverless lifecycle: the first request for a configured
-    model launches a cloud worker, idle workers drain and stop after their keep-alive."""
+    model launches a cloud worker, idle workers drain and stop after their keep-alive.
+
+    Watch it at http://METRICS/ (the live page: workers with residency and ETA, queues by
+    priority, the last requests with who served them, latency over time), with `cicada
+    status`, or by scraping http://METRICS/metrics."""
     setup_logging(log_level)
     from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig, WorkerKeys
 
@@ -199,7 +204,11 @@ def coordinator(
     signal.signal(signal.SIGTERM, lambda *_: node.stop())
     click.echo(
         f"coordinator on {endpoint}"
-        + (f", metrics on http://{metrics}/metrics" if metrics_bind else ""),
+        + (
+            f", metrics on http://{metrics}/metrics, live page on http://{metrics}/"
+            if metrics_bind
+            else ""
+        ),
         err=True,
     )
     with contextlib.suppress(KeyboardInterrupt):

@@ -800,7 +800,10 @@ class Coordinator:
             self.registry.release(p.worker, p.dispatch_id or "")
         reply.timings["total_s"] = now - p.arrived
         route = reply.served_by.get("role") or "none"
-        self.metrics.observe(p.request.model, str(route), reply.status.value, now - p.arrived)
+        self.metrics.observe(
+            p.request.model, str(route), reply.status.value, now - p.arrived,
+            priority=p.request.priority, served_by=reply.served_by,
+        )  # fmt: skip
         self._reply(p.client, reply, p.request.model, count=False)
 
     def _reply(self, client: bytes, reply: Reply, model: str, count: bool = True) -> None:

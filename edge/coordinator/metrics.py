@@ -1,6 +1,7 @@
 """Coordinator metrics on a Prometheus endpoint (prometheus_client: the exposition format and
 histograms we would otherwise write by hand), served by common/httpd.py: idle connections are
-closed after a timeout and held in bounded number, not a thread each."""
+closed after a timeout and held in bounded number, not a thread each. The same port serves the
+live page and its JSON (live_page.py), fed from here (`live`: live.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from cicada.common.httpd import serve_wsgi
+from cicada.edge.coordinator.live import LiveStatus
+from cicada.edge.coordinator.live_page import live_app
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
@@ -19,6 +22,7 @@ class CoordinatorMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.live = LiveStatus()  # the last requests, latency over time, workers and queues
         r = self.registry
         self.requests = Counter(
             "cicada_requests",
@@ -129,7 +133,17 @@ class CoordinatorMetrics:
         self._latency: dict[tuple[str, str], Any] = {}
         self._depth: dict[tuple[str, int], list[Any]] = {}  # -> [gauge child, last value]
 
-    def observe(self, model: str, route: str, status: str, seconds: float) -> None:
+    def observe(
+        self,
+        model: str,
+        route: str,
+        status: str,
+        seconds: float,
+        priority: int | None = None,
+        served_by: dict[str, Any] | None = None,
+    ) -> None:
+        """A request got its REPLY (`served_by`: the reply's, for the live page's worker)."""
+        self.live.request_ended(model, route, status, seconds, priority, served_by)
         key = (model, route, status)
         counter = self._requests.get(key)
         if counter is None:
@@ -157,11 +171,13 @@ class CoordinatorMetrics:
         if entry[1] != depth:  # unchanged is the common case: skip the gauge's lock
             entry[0].set(depth)
             entry[1] = depth
+            self.live.set_queue_depth(model, priority, depth)
 
     def set_workers(self, workers: Iterable[Any]) -> None:
         """Recount the registered workers by model, role and state, and drop every series of
         those gone (a registration, a departure or a change of state: not per heartbeat)."""
         workers = list(workers)
+        self.live.set_workers(workers)
         counts: dict[tuple[str, str, str], int] = {}
         for w in workers:
             for model in w.models:
@@ -189,5 +205,7 @@ class CoordinatorMetrics:
         self.eta.labels(*name).set(w.eta_s if w.eta_s is not None else -1)
 
     def serve(self, host: str, port: int) -> Any:
-        """Serve /metrics on HOST:PORT until the returned server's shutdown()."""
-        return serve_wsgi(host, port, make_wsgi_app(self.registry), "cicada-metrics")
+        """Serve /metrics, the live page (/) and /status.json on HOST:PORT until the returned
+        server's shutdown()."""
+        app = live_app(self.live, make_wsgi_app(self.registry))
+        return serve_wsgi(host, port, app, "cicada-metrics")

@@ -1,13 +1,20 @@
-"""`cicada status`: read a coordinator's /metrics and show it. Torch-free."""
+"""`cicada status`: read a coordinator's /metrics and /status.json and show them. Torch-free.
+
+`/metrics` gives the outcome counts since the coordinator started; `/status.json` (the live
+page's document, docs/STATUS.md) each worker's residency and ETA, the queues by priority and the
+latency of the last answered requests per model and route."""
 
 from __future__ import annotations
 
+import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cicada.common.defaults import PRIORITIES
 from cicada.common.errors import CicadaError
 
 
@@ -71,25 +78,154 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     return snapshot
 
 
-def render_status(snapshot: dict[str, Any]) -> None:
-    from rich.console import Console
+MAX_STATUS_BYTES = 8 * 1024 * 1024  # a status document is tens of KiB; more is not one
+
+
+def live_url(metrics_url: str) -> str:
+    """/status.json beside the given /metrics URL (same scheme, host and port)."""
+    parts = urllib.parse.urlsplit(metrics_url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/status.json", "", ""))
+
+
+def fetch_live(metrics_url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The coordinator's /status.json, checked to be one (CicadaError, saying why, if not)."""
+    url = live_url(metrics_url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = response.read(MAX_STATUS_BYTES + 1)
+    except (urllib.error.URLError, OSError) as exc:
+        raise CicadaError(f"cannot read {url}: {exc}") from None
+    try:
+        document = json.loads(body) if len(body) <= MAX_STATUS_BYTES else None
+    except (ValueError, RecursionError):  # (nesting deeper than the parser's stack)
+        document = None
+    if not _is_status(document):
+        raise CicadaError(f"{url} is not a Cicada status document (an older coordinator?)")
+    assert isinstance(document, dict)
+    return document
+
+
+def _is_status(document: Any) -> bool:
+    """The shape render_live reads (docs/STATUS.md): anything else is not shown."""
+    if not isinstance(document, dict) or not isinstance(document.get("models"), list):
+        return False
+    for model in document["models"]:
+        if not (
+            isinstance(model, dict)
+            and isinstance(model.get("name"), str)
+            and isinstance(model.get("workers"), list)
+            and isinstance(model.get("queues"), dict)
+            and isinstance(model.get("latency"), list)
+            and all(_is_worker(w) for w in model["workers"])
+            and all(isinstance(v, int) for v in model["queues"].values())
+            and all(_is_series(s) for s in model["latency"])
+        ):
+            return False
+    return True
+
+
+def _is_worker(w: Any) -> bool:
+    return (
+        isinstance(w, dict)
+        and all(isinstance(w.get(k), str) for k in ("name", "role", "state"))
+        and all(isinstance(w.get(k), int) for k in ("resident_stages", "total_stages"))
+        and all(isinstance(w.get(k), int) for k in ("busy", "capacity"))
+        and _number_or_none(w.get("eta_s"))
+    )
+
+
+def _is_series(s: Any) -> bool:
+    return (
+        isinstance(s, dict)
+        and isinstance(s.get("route"), str)
+        and isinstance(s.get("count"), int)
+        and _number_or_none(s.get("p50_s"))
+        and _number_or_none(s.get("p99_s"))
+    )
+
+
+def _number_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _cells(*values: Any) -> list[Any]:
+    """Table cells as plain text: names come from peers, and rich would read `[...]` in them
+    as markup (Text also strips terminal control codes)."""
+    from rich.text import Text
+
+    return [Text(str(v)) for v in values]
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value * 1000:.1f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def _residency(w: dict[str, Any], width: int = 10) -> str:
+    """`3/5 ██████░░░░`: stages resident of total; an edge agent has none to count."""
+    total, resident = w["total_stages"], w["resident_stages"]
+    if total <= 0:
+        return "loaded" if w["state"] == "ready" else "–"
+    filled = round(width * max(0, min(resident, total)) / total)
+    return f"{resident}/{total} " + "█" * filled + "░" * (width - filled)
+
+
+def _counts(title: str, labels: tuple[str, ...], samples: list[dict[str, Any]]) -> Any:
+    """A table of counted /metrics samples: their labels, then the count."""
     from rich.table import Table
 
+    table = Table(title=title)
+    for col in (*labels, "count"):
+        table.add_column(col)
+    for sample in samples:
+        table.add_row(*_cells(*(sample[k] for k in labels), sample["count"]))
+    return table
+
+
+def render_status(snapshot: dict[str, Any], live: dict[str, Any] | None = None) -> None:
+    """The table view: from `live` (/status.json) each worker's residency and ETA, the queues
+    by priority and the latency percentiles; from `snapshot` (/metrics) the outcome counts.
+    Without `live`, the worker counts /metrics gives."""
+    from rich.console import Console
+
     console = Console()
-    workers = Table(title="workers")
-    for col in ("model", "role", "state", "count"):
-        workers.add_column(col)
-    for w in snapshot["workers"]:
-        workers.add_row(w["model"], w["role"], w["state"], str(w["count"]))
-    console.print(workers)
-    requests = Table(title="requests answered")
-    for col in ("model", "route", "status", "count"):
-        requests.add_column(col)
-    for r in snapshot["requests"]:
-        requests.add_row(r["model"], r["route"], r["status"], str(r["count"]))
-    console.print(requests)
+    if live is None:
+        console.print(_counts("workers", ("model", "role", "state"), snapshot["workers"]))
+    else:
+        render_live(console, live)
+    console.print(_counts("requests answered", ("model", "route", "status"), snapshot["requests"]))
     queued = [q for q in snapshot["queues"] if q["depth"]]
     console.print(
         f"queued now: {sum(q['depth'] for q in queued)}; malformed dropped: "
         f"{snapshot['malformed']}; late results discarded: {snapshot['late_results']}"
     )
+
+
+def render_live(console: Any, live: dict[str, Any]) -> None:
+    """Workers (residency, ETA, busy slots), queues by priority, latency by model and route."""
+    from rich.table import Table
+
+    workers = Table(title="workers")
+    for col in ("model", "worker", "role", "state", "residency", "ETA", "busy"):
+        workers.add_column(col, no_wrap=col in ("residency", "ETA", "busy"))
+    queues = Table(title="queued, by priority")
+    for col in ("model", "0 critical", "1 normal", "2 quality"):
+        queues.add_column(col, justify="left" if col == "model" else "right")
+    latency = Table(title="latency of the last answered requests")
+    for col in ("model", "route", "requests", "p50", "p99"):
+        latency.add_column(col, justify="left" if col in ("model", "route") else "right")
+    for model in live["models"]:
+        name = model["name"]
+        for w in model["workers"]:
+            eta = "–" if w["state"] == "ready" else _seconds(w["eta_s"])
+            workers.add_row(*_cells(name, w["name"], w["role"], w["state"], _residency(w), eta,
+                                    f"{w['busy']}/{w['capacity']}"))  # fmt: skip
+        queues.add_row(*_cells(name, *(model["queues"].get(str(p), 0) for p in PRIORITIES)))
+        for s in model["latency"]:
+            latency.add_row(*_cells(name, s["route"], s["count"], _seconds(s["p50_s"]),
+                                    _seconds(s["p99_s"])))  # fmt: skip
+    console.print(workers)
+    console.print(queues)
+    if latency.row_count:
+        console.print(latency)
