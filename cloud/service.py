@@ -8,10 +8,11 @@ only where its next stage is not resident; after that the model runs at full spe
 
 SIGTERM drains: nothing new is accepted, what runs finishes, DISCONNECT, exit 0. While loading
 (before the model is built, so nothing has run) it abandons the build: queued work is answered
-UNAVAILABLE, DISCONNECT, exit 0 (6 if the build is stuck in native code for 10 s). A request the model fails on ends in a
-RESULT (BAD_REQUEST or FAILED) and the worker serves on; should the serving loop itself die, the
-worker stops taking work, answers what it holds, says DISCONNECT and exits non-zero (4), so
-that it is replaced rather than left registered and unable to serve.
+UNAVAILABLE, DISCONNECT, exit 0 (6 if the build is stuck in native code for 10 s). A request
+the model fails on ends in a RESULT (BAD_REQUEST or FAILED) and the worker serves on; should
+the serving loop itself die, the worker stops taking work, answers what it holds, says
+DISCONNECT and exits non-zero (4), so that it is replaced rather than left registered and
+unable to serve.
 """
 
 from __future__ import annotations

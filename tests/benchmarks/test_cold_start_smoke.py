@@ -30,6 +30,7 @@ def _installed_peers() -> list[str]:
     return [s for s, module in PEERS.items() if importlib.util.find_spec(module) is not None]
 
 
+@pytest.mark.slow  # a whole quick benchmark run (~35 s)
 def test_quick_benchmark_writes_results_and_gantt(tmp_path: Path) -> None:
     out = tmp_path / "results"
     env = dict(os.environ, CICADA_CACHE=str(tmp_path / "cache"))

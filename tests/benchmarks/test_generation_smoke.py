@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # a whole quick benchmark run (~35 s)
 def test_quick_generation_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "generation"
     proc = subprocess.run(

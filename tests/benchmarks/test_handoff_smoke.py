@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES = ("cloud-only", "edge-only", "cooperative")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -25,6 +27,7 @@ def _exactly_once(counts: dict[str, int]) -> None:
     assert counts["lost"] == 0 and counts["duplicates"] == 0, counts
 
 
+@pytest.mark.slow  # a whole quick benchmark run (~35 s)
 def test_quick_handoff_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "handoff"
     proc = subprocess.run(

@@ -440,6 +440,7 @@ def test_implicit_local_cluster_listens_on_loopback_only(ray_home: Path) -> None
 # -- (a) local ray.init ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # Ray launches a real worker: optional, `pytest -m slow`
 def test_actor_worker_serves_through_the_sdk_and_drains(
     local_ray: None, stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:
@@ -488,6 +489,7 @@ def test_every_ray_port_is_on_loopback(cluster: TwoNodes) -> None:
     assert not outside, f"Ray listens beyond loopback: {outside}"
 
 
+@pytest.mark.slow  # Ray launches a real worker: optional, `pytest -m slow`
 def test_actor_is_placed_by_resource_and_by_label(
     cluster: TwoNodes, stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:
@@ -525,6 +527,7 @@ def test_actor_is_placed_by_resource_and_by_label(
 # -- (c) scale from zero and back ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # Ray launches a real worker: optional, `pytest -m slow`
 def test_scale_from_zero_and_back(
     cluster: TwoNodes, stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:
@@ -659,6 +662,7 @@ class Traffic:
         return f"sent {self.sent}, outcomes {len(self.outcomes)}: {dict(kinds)}"
 
 
+@pytest.mark.slow  # Ray launches a real worker: optional, `pytest -m slow`
 def test_worker_killed_under_load_is_relaunched(
     cluster: TwoNodes, stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:
@@ -721,6 +725,7 @@ def test_worker_killed_under_load_is_relaunched(
 # -- Ray Serve: the deployment behind cicada.cloud.ray_serve:app ---------------------------------
 
 
+@pytest.mark.slow  # Ray launches a real worker: optional, `pytest -m slow`
 def test_serve_deployment_scales_from_zero_and_back(
     cluster: TwoNodes, stack: Stack, assets: dict[str, Path], x: np.ndarray
 ) -> None:

@@ -1027,6 +1027,7 @@ def test_first_request_launches_a_worker_and_idle_scales_to_zero(
         client.close()
 
 
+@pytest.mark.slow  # ten launches (~35 s); one cycle runs by default
 def test_scale_to_zero_and_back_ten_times_leaks_nothing(
     live: Callable[..., LiveCoordinator], x: np.ndarray
 ) -> None:
