@@ -6,6 +6,7 @@ import json
 
 import click
 
+from cicada.cli._common import metrics_url_callback
 from cicada.common.defaults import (
     DEFAULT_METRICS,
 )
@@ -16,9 +17,11 @@ from cicada.common.errors import CicadaError
 @click.option(
     "--metrics",
     "url",
-    default=f"http://{DEFAULT_METRICS}/metrics",
+    default=DEFAULT_METRICS,
     show_default=True,
-    help="The coordinator's metrics endpoint.",
+    callback=metrics_url_callback,
+    help="The coordinator's metrics endpoint: HOST:PORT, as given to `cicada coordinator "
+    "--metrics` (a URL http://HOST:PORT/metrics means the same).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the parsed metrics as JSON.")
 def status(url: str, as_json: bool) -> None:

@@ -906,10 +906,17 @@ class Coordinator:
     def expire_requests(self, now: float) -> None:
         """Answer TIMEOUT for everything whose deadline passed, queued or running."""
         for p in self.scheduler.expired(now):
-            where = "while queued" if p.worker is None else "while running"
-            self._finish(
-                p, Refusal(Status.TIMEOUT, f"deadline passed {where}").reply(p.request.id), now
-            )
+            worker = None if p.worker is None else self.registry.get(p.worker)
+            if worker is None:
+                where = "while queued" if p.worker is None else "while running"
+                reply = Refusal(Status.TIMEOUT, f"deadline passed {where}").reply(p.request.id)
+            else:  # say where it ran: the client tells a hung worker from a full queue
+                role = worker.role.value
+                reply = Refusal(
+                    Status.TIMEOUT, f"deadline passed while running on {role} worker {worker.name}"
+                ).reply(p.request.id)
+                reply.served_by = {"role": role, "worker": worker.name, "variant": worker.variant}
+            self._finish(p, reply, now)
 
     # -- workers -----------------------------------------------------------------------------
 
