@@ -24,9 +24,10 @@ from cicada.common.errors import CicadaError
 @click.option(
     "--model",
     "factory",
-    metavar="PKG.MODULE:FACTORY",
-    help="Instead of --package: the cloud model's factory, e.g. cicada.cloud.models.gpt2:build "
-    "(the edge variant keeps its seeded initialisation).",
+    metavar="NAME|PKG.MODULE:FACTORY",
+    help="Instead of --package: a reference model by name (as `cicada pack --model`, e.g. "
+    "gpt2-tiny) or the cloud model's factory, e.g. cicada.cloud.models.gpt2:build (the edge "
+    "variant keeps its seeded initialisation).",
 )
 @click.option(
     "--config",
@@ -89,8 +90,13 @@ def export_edge_cmd(
     if config_path is not None and factory is None:
         raise click.UsageError("--config goes with --model (a package carries its config)")
     config: dict[str, Any] | None = None
+    if factory is not None:
+        from cicada.cli.pack import named_model
+
+        factory, named = named_model(factory)
+        config = named or None
     if config_path is not None:
-        config = read_config(config_path)
+        config = {**(config or {}), **read_config(config_path)}
     shrink: dict[str, Any] = {}
     for item in shrink_items:
         key, sep, raw = item.partition("=")
