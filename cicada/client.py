@@ -20,6 +20,13 @@ deadline plus a small grace, so a coordinator that dies mid-call ends the call w
 `Timeout(side="client")`, never a hang. A reply that arrives after its call gave up is
 recognised by its id and discarded.
 
+Nobody there is said in seconds, not after the call's timeout: before it sends, a call waits
+at most `connect_timeout` (2 s) for the ZeroMQ handshake with the coordinator and raises
+`NoCoordinator` (nothing answers at the address) or `KeyRefused` (the CURVE handshake failed)
+instead (cicada/liveness.py; docs/PROTOCOL.md section 7). A `TIMEOUT` for a request that ran
+on a worker is `WorkerHung`, naming the worker. The address may be given as HOST:PORT
+(taken as tcp://HOST:PORT).
+
 Both clients share `BaseClient` (the address, timeouts, and building the request) and
 `InvokeOptions` (a call's keywords, validated in one place).
 
