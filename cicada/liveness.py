@@ -116,6 +116,11 @@ class ConnectionWatch:
         found = self.problem()
         if found is not None:
             return found
+        if self.tcp_seen and self.curve:  # a CURVE server drops a HELLO it cannot decrypt
+            return KeyRefused(
+                f"the CURVE handshake with {self.address} never completed: the server key "
+                "given (--server-key) is probably not that coordinator's public key"
+            )
         if self.refused and not self.tcp_seen:
             why = "connection refused: nothing listens there"
         elif self.tcp_seen:
