@@ -135,6 +135,17 @@ def test_a_pool_socket_in_a_missing_folder_is_one_line(tmp_path: Path) -> None:
     one_line_error(done, "--socket", "does not exist")
 
 
+def test_a_pool_socket_where_a_pool_listens_is_not_stolen(tmp_path: Path) -> None:
+    path = tmp_path / "pool.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:  # as a running pool
+        live.bind(str(path))
+        live.listen()
+        done = cicada("pool", "--socket", str(path))
+        assert done.returncode == 1
+        one_line_error(done, "--socket", "a pool already listens there")
+        assert path.exists()  # not unlinked and rebound under the live one
+
+
 # -- nobody there, the key refused, a worker hung -------------------------------------------------
 
 
