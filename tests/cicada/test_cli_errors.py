@@ -9,6 +9,7 @@ and its stderr. A CURVE coordinator is started only by the test that needs one.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cicada import Client
+from cicada import AsyncClient, Client
 from cicada.client import CurveConfig
 from cicada.errors import BadRequest, KeyRefused, NoCoordinator, Timeout, WorkerHung
 from cicada.testing import Stack, free_port
@@ -158,6 +159,13 @@ def test_no_coordinator_is_said_in_seconds_not_after_the_timeout(x: str) -> None
     with Client(nobody, timeout=600) as client, pytest.raises(NoCoordinator) as caught:
         client.invoke("gpt2", np.load(x))
     assert not isinstance(caught.value, Timeout) and caught.value.request_id
+
+    async def call() -> None:
+        async with AsyncClient(nobody, timeout=600) as client:
+            await client.invoke("gpt2", np.load(x))
+
+    with pytest.raises(NoCoordinator, match="connection refused"):
+        asyncio.run(call())
 
 
 def test_a_key_the_coordinator_does_not_list_is_refused(
