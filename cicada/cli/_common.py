@@ -49,7 +49,7 @@ class PortTaken(OptionError):
     exit_code = 1
 
 
-def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def endpoint_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Click callback: a ZeroMQ endpoint as typed, normalised (HOST:PORT -> tcp://HOST:PORT)."""
     if value is None:
         return None
@@ -61,9 +61,6 @@ def _endpoint(ctx: click.Context, param: click.Parameter, value: str | None) -> 
 
 def _flag(param: click.Parameter) -> str:
     return (getattr(param, "opts", None) or [f"--{param.name}"])[0]
-
-
-endpoint_callback = _endpoint
 
 
 def listener_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -101,7 +98,7 @@ def coordinator_option(f: Any) -> Any:
         "--address",
         "address_alias",
         hidden=True,
-        callback=_endpoint,
+        callback=endpoint_callback,
     )(merged)
     return click.option(
         "--coordinator",
@@ -110,7 +107,7 @@ def coordinator_option(f: Any) -> Any:
         show_default=True,
         envvar=["CICADA_COORDINATOR", "CICADA_ADDRESS"],
         show_envvar=True,
-        callback=_endpoint,
+        callback=endpoint_callback,
         help=ADDRESS_HELP,
     )(merged)
 
