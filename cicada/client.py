@@ -20,6 +20,13 @@ deadline plus a small grace, so a coordinator that dies mid-call ends the call w
 `Timeout(side="client")`, never a hang. A reply that arrives after its call gave up is
 recognised by its id and discarded.
 
+Nobody there is said in seconds, not after the call's timeout: before it sends, a call waits
+at most `connect_timeout` (2 s) for the ZeroMQ handshake with the coordinator and raises
+`NoCoordinator` (nothing answers at the address) or `KeyRefused` (the CURVE handshake failed)
+instead (cicada/liveness.py; docs/PROTOCOL.md section 7). A `TIMEOUT` for a request that ran
+on a worker is `WorkerHung`, naming the worker. The address may be given as HOST:PORT
+(taken as tcp://HOST:PORT).
+
 Both clients share `BaseClient` (the address, timeouts, and building the request) and
 `InvokeOptions` (a call's keywords, validated in one place).
 
@@ -53,6 +60,7 @@ from cicada.common.defaults import (
     NORMAL,
     PRIORITIES,
 )
+from cicada.common.endpoints import zmq_endpoint
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
     Cancel,
@@ -67,10 +75,21 @@ from cicada.common.protocol import (
 )
 from cicada.common.sockets import HWM
 from cicada.common.sockets import configure as configure_socket
-from cicada.errors import BadRequest, Timeout, TransportError, raise_for_reply
+from cicada.errors import (
+    BadRequest,
+    CallError,
+    EndpointError,
+    Timeout,
+    TransportError,
+    raise_for_reply,
+)
+from cicada.liveness import ConnectionWatch
 
 log = logging.getLogger(__name__)
 
+# How long a call waits for the coordinator's handshake before it says nobody answers (the
+# call's own timeout, if shorter): seconds, not the call's whole timeout.
+CONNECT_TIMEOUT_S = 2.0
 # Waiting past a deadline by this much lets the coordinator's own TIMEOUT reply arrive (it
 # says more than silence does) before the client gives up by itself.
 DEADLINE_GRACE_S = 0.5
@@ -200,6 +219,23 @@ def _connect(socket: zmq.Socket[Any], address: str) -> None:
         ) from None
 
 
+def _watched(
+    socket: zmq.Socket[Any], address: str, curve: CurveConfig | None, limits: Limits
+) -> ConnectionWatch:
+    """Configure `socket`, watch its connection (from before it starts) and connect it."""
+    watch: ConnectionWatch | None = None
+    try:
+        _configure(socket, curve, limits)
+        watch = ConnectionWatch(socket, address, curve is not None)
+        _connect(socket, address)
+    except Exception:
+        if watch is not None:
+            watch.close()
+        socket.close(linger=0)
+        raise
+    return watch
+
+
 class ZmqTransport:
     """One DEALER socket connected to the coordinator (sync)."""
 
@@ -207,12 +243,11 @@ class ZmqTransport:
         self, address: str, *, curve: CurveConfig | None = None, limits: Limits = DEFAULT_LIMITS
     ) -> None:
         self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        try:
-            _configure(self._socket, curve, limits)
-            _connect(self._socket, address)
-        except Exception:
-            self._socket.close(linger=0)
-            raise
+        self.watch = _watched(self._socket, address, curve, limits)
+
+    def wait_connected(self, timeout: float) -> None:
+        """Raise `NoCoordinator` / `KeyRefused` unless a coordinator answers (liveness.py)."""
+        self.watch.wait_connected(timeout)
 
     def send(self, frames: Sequence[Frame]) -> None:
         try:
@@ -230,6 +265,7 @@ class ZmqTransport:
         return [frame.buffer for frame in self._socket.recv_multipart(copy=False)]
 
     def close(self) -> None:
+        self.watch.close()
         self._socket.close(linger=0)
 
 
@@ -240,12 +276,11 @@ class AsyncZmqTransport:
         self, address: str, *, curve: CurveConfig | None = None, limits: Limits = DEFAULT_LIMITS
     ) -> None:
         self._socket: zmq.asyncio.Socket = zmq.asyncio.Context.instance().socket(zmq.DEALER)
-        try:
-            _configure(self._socket, curve, limits)
-            _connect(self._socket, address)
-        except Exception:
-            self._socket.close(linger=0)
-            raise
+        self.watch = _watched(self._socket, address, curve, limits)
+
+    async def wait_connected(self, timeout: float) -> None:
+        """As `ZmqTransport.wait_connected`, awaitable."""
+        await self.watch.wait_connected_async(timeout)
 
     async def send(self, frames: Sequence[Frame]) -> None:
         await self._socket.send_multipart(frames, copy=False)
@@ -254,6 +289,7 @@ class AsyncZmqTransport:
         return [frame.buffer for frame in await self._socket.recv_multipart(copy=False)]
 
     def close(self) -> None:
+        self.watch.close()
         self._socket.close(linger=0)
 
 
@@ -329,11 +365,19 @@ class BaseClient:
     """What `Client` and `AsyncClient` share: the address, the default timeout, the limits,
     and turning a call into an encoded request (`_prepare`)."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, connect_timeout: float) -> None:
         if not timeout > 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        self.address = address
+        if not connect_timeout > 0:
+            raise ValueError(
+                f"connect_timeout must be a positive number of seconds, got {connect_timeout!r}"
+            )
+        try:
+            self.address = zmq_endpoint(address)  # HOST:PORT means tcp://HOST:PORT
+        except EndpointError as exc:
+            raise ValueError(f"{exc}; give the coordinator's endpoint") from None
         self.timeout = timeout
+        self.connect_timeout = connect_timeout
         self._limits = DEFAULT_LIMITS
         self._closed = False
 
@@ -382,7 +426,16 @@ class BaseClient:
             )
         return _Call(request_id, frames, wait_s)
 
-    def _client_timeout(self, call: _Call) -> Timeout:
+    def _connect_wait(self, call: _Call) -> float:
+        return min(self.connect_timeout, call.wait_s)
+
+    def _client_timeout(self, call: _Call, watch: ConnectionWatch | None = None) -> CallError:
+        if watch is not None:  # the coordinator went away during the call?
+            watch.drain()
+            if not watch.connected:
+                gone = watch.give_up()
+                gone.request_id = call.request_id
+                return gone
         return Timeout(
             f"no reply to request {call.request_id} within {call.wait_s:g} s (client-side "
             f"timeout): is the coordinator at {self.address} running? If it is busy, allow a "
@@ -530,11 +583,13 @@ class Client(BaseClient):
         timeout: float = DEFAULT_TIMEOUT_S,
         curve: CurveConfig | None = None,
         transport: Transport | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
     ) -> None:
-        super().__init__(address, timeout)
-        self._transport: Transport = (
-            transport if transport is not None else ZmqTransport(address, curve=curve)
-        )
+        super().__init__(address, timeout, connect_timeout)
+        self._zmq: ZmqTransport | None = None
+        if transport is None:
+            transport = self._zmq = ZmqTransport(self.address, curve=curve)
+        self._transport: Transport = transport
         self._busy = threading.Lock()
 
     def invoke(
@@ -586,7 +641,10 @@ class Client(BaseClient):
     def _round_trip(self, call: _Call) -> Generator[Piece | InvokeResult]:
         start = time.perf_counter()
         give_up = time.monotonic() + call.wait_s
+        watch = None if self._zmq is None else self._zmq.watch
         try:
+            if self._zmq is not None:  # nobody there, or the key refused: say so now
+                self._zmq.wait_connected(self._connect_wait(call))
             self._transport.send(call.frames)
         except TransportError as exc:
             exc.request_id = exc.request_id or call.request_id
@@ -618,7 +676,7 @@ class Client(BaseClient):
                 yield _result(reply, time.perf_counter() - start)
                 return
             answered = True  # the deadline sent with the request ends it at the coordinator
-            raise self._client_timeout(call)
+            raise self._client_timeout(call, watch)
         finally:
             if not answered:  # left early (close, break, an exception in the caller's loop)
                 self._send_cancel(call)
@@ -665,11 +723,13 @@ class AsyncClient(BaseClient):
         timeout: float = DEFAULT_TIMEOUT_S,
         curve: CurveConfig | None = None,
         transport: AsyncTransport | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
     ) -> None:
-        super().__init__(address, timeout)
-        self._transport: AsyncTransport = (
-            transport if transport is not None else AsyncZmqTransport(address, curve=curve)
-        )
+        super().__init__(address, timeout, connect_timeout)
+        self._zmq: AsyncZmqTransport | None = None
+        if transport is None:
+            transport = self._zmq = AsyncZmqTransport(self.address, curve=curve)
+        self._transport: AsyncTransport = transport
         # Each call's incoming messages (PARTIALs, then its REPLY)
         # (or the exception that ends it), by request id.
         self._pending: dict[str, asyncio.Queue[Reply | Partial | BaseException]] = {}
@@ -716,7 +776,14 @@ class AsyncClient(BaseClient):
         start = time.perf_counter()
         give_up = time.monotonic() + call.wait_s
         sent = answered = False
+        watch = None if self._zmq is None else self._zmq.watch
         try:
+            if self._zmq is not None:  # nobody there, or the key refused: say so now
+                try:
+                    await self._zmq.wait_connected(self._connect_wait(call))
+                except TransportError as exc:
+                    exc.request_id = call.request_id
+                    raise
             await asyncio.wait_for(self._transport.send(call.frames), call.wait_s)
             sent = True
             while True:
@@ -724,7 +791,7 @@ class AsyncClient(BaseClient):
                     message = await asyncio.wait_for(inbox.get(), give_up - time.monotonic())
                 except TimeoutError:
                     answered = True  # the deadline sent with the request ends it there
-                    raise self._client_timeout(call) from None
+                    raise self._client_timeout(call, watch) from None
                 if isinstance(message, BaseException):
                     answered = True
                     raise message

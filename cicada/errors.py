@@ -4,7 +4,9 @@
     ├── CallError                a call ended without outputs: `request_id`, `status`, `served_by`
     │   ├── ClientError          the coordinator or a worker said why (the status)
     │   │   ├── Timeout          TIMEOUT from the coordinator, or no reply within the client's
-    │   │   │                    own timeout; `side` says which ("coordinator" or "client")
+    │   │   │   │                own timeout; `side` says which ("coordinator" or "client")
+    │   │   │   └── WorkerHung   TIMEOUT while the request ran on a worker (`served_by` names
+    │   │   │                    it): the worker is hung or overloaded
     │   │   ├── Rejected         REJECTED: the priority's queue is full, or the caller is not
     │   │   │                    allowed; back off (`retry_after` seconds, when it is said)
     │   │   ├── Unavailable      UNAVAILABLE: nobody can serve the model now; `retry_after` s
@@ -13,8 +15,13 @@
     │   │   │                    cannot travel)
     │   │   └── Failed           FAILED: the model raised while running
     │   └── TransportError       the connection let the call down: a malformed reply, a send
-    │                            queue that is full (wraps a `ProtocolError` as __cause__)
+    │       │                    queue that is full (wraps a `ProtocolError` as __cause__)
+    │       ├── NoCoordinator    no coordinator answers at the endpoint (nothing listens, or
+    │       │                    something that is not a coordinator); found out in seconds
+    │       └── KeyRefused       the coordinator refused this client's CURVE key (or wants
+    │                            keys the client has not got): the handshake failed
     ├── ProtocolError            a frame or message does not follow docs/PROTOCOL.md
+    ├── EndpointError            an endpoint that cannot be one (also a ValueError)
     ├── GenerationError          generation options or prompt unusable (also a ValueError;
     │                            a worker answers it BAD_REQUEST)
     ├── InputError               inputs the model does not take: dtype, rank, context length
@@ -51,6 +58,7 @@ from cicada.common.errors import (
     ConfigError,
     EdgeExportError,
     EdgeModelError,
+    EndpointError,
     GenerationError,
     InputError,
     LaunchError,
@@ -77,12 +85,15 @@ __all__ = [
     "ConfigError",
     "EdgeExportError",
     "EdgeModelError",
+    "EndpointError",
     "Failed",
     "GenerationError",
     "InputError",
+    "KeyRefused",
     "LaunchError",
     "LoadStalledError",
     "MissingExtraError",
+    "NoCoordinator",
     "PackageError",
     "PackageFormatError",
     "PackageIntegrityError",
@@ -97,6 +108,7 @@ __all__ = [
     "Unavailable",
     "UnknownModelError",
     "UntrustedCodeError",
+    "WorkerHung",
     "raise_for_reply",
 ]
 
@@ -137,6 +149,11 @@ class Timeout(ClientError):
     ) -> None:
         super().__init__(message, request_id=request_id, status=Status.TIMEOUT, served_by=served_by)
         self.side: TimeoutSide = side
+
+
+class WorkerHung(Timeout):
+    """The deadline passed while a worker ran the request (`served_by` names it): the worker
+    is hung or overloaded. Look at its log and `cicada status`; retry with a larger deadline."""
 
 
 class Rejected(ClientError):
@@ -186,6 +203,17 @@ class TransportError(CallError):
     """The socket let the call down: a malformed reply, or a message that could not be queued."""
 
 
+class NoCoordinator(TransportError):
+    """Nobody answers at the endpoint: nothing listens there, or what listens is not a
+    coordinator. Raised within the client's `connect_timeout`, before the request is sent."""
+
+
+class KeyRefused(TransportError):
+    """The coordinator did not accept this client's CURVE handshake: its key is not on the
+    coordinator's allow-list, the server key is not the coordinator's, or the coordinator
+    wants keys and the client has none."""
+
+
 _ADVICE: dict[Status, str] = {
     Status.TIMEOUT: "the deadline passed before a result; retry with a larger deadline",
     Status.BAD_REQUEST: "fix the request (model name, input count, dtypes and shapes)",
@@ -227,6 +255,14 @@ def raise_for_reply(reply: Reply) -> None:
         )
     message = f"{head}{detail}; {_ADVICE.get(reply.status, 'the call did not succeed')}"
     if reply.status is Status.TIMEOUT:
+        if served_by:  # it was running there: the worker did not finish in time
+            raise WorkerHung(
+                f"{head}{detail}; the worker may be hung or overloaded: see its log and "
+                "`cicada status`, or retry with a larger deadline",
+                side="coordinator",
+                request_id=reply.id,
+                served_by=served_by,
+            )
         raise Timeout(message, side="coordinator", request_id=reply.id, served_by=served_by)
     cls = _BY_STATUS.get(reply.status, ClientError)  # a status newer than this client: generic
     raise cls(message, request_id=reply.id, status=reply.status, served_by=served_by)

@@ -28,7 +28,9 @@ decoder with a cached step (`model.step(ids, past)`, the reference GPT-2) decode
 decoder.int8.onnx): the graph the edge agent generates with, keys and values kept between
 tokens (prefill plus one cached step checked against torch). The export
 checks itself before it writes anything: ONNX Runtime and torch run the same variant on the
-example input and must agree within the tolerances stated in edge_model.json.
+example input and must agree within the tolerances stated in edge_model.json. With `int8`
+the fp32 graphs are the int8 ones' reference in those checks and are then left out (the
+agent serves int8), unless `keep_fp32`: a GPT-2-medium edge model is then ~180 MB, not ~1.7 GB.
 
 Exporter: `torch.onnx.export(..., dynamo=False)`, the TorchScript-tracing exporter. In torch
 2.13 the default (dynamo) exporter needs the onnxscript package, which Cicada does not depend
@@ -577,13 +579,16 @@ def export_edge(
     seq_len: int | None = None,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
+    keep_fp32: bool = False,
 ) -> EdgeModelInfo:
     """Export the edge variant of a packaged model (or of `factory` + `config`) to `out`.
 
-    Writes model.onnx (and model.int8.onnx with `int8`) and edge_model.json, after checking
-    that ONNX Runtime reproduces torch on the example input within the stated tolerances;
-    raises EdgeExportError otherwise and leaves `out` untouched. A package's factory must be
-    on the allow-list unless the package's code is trusted (common/factory.py).
+    Writes model.onnx (model.int8.onnx instead with `int8`) and edge_model.json, after
+    checking that ONNX Runtime reproduces torch on the example input within the stated
+    tolerances; raises EdgeExportError otherwise and leaves `out` untouched. With `int8` the
+    fp32 graphs (the int8 ones' reference in the checks) are not kept unless `keep_fp32`: the
+    agent serves the int8 ones. A package's factory must be on the allow-list unless the
+    package's code is trusted (common/factory.py).
     """
     out = Path(out).resolve()
     source_factory, source_config = _source(package_dir, factory, config)
@@ -592,7 +597,8 @@ def export_edge(
         factory is not None or common_factory.package_code_trusted()
     ):
         return _export(package_dir, out, source_factory, source_config, shrink=shrink,
-                       int8=int8, seq_len=seq_len, opset=opset, force=force)  # fmt: skip
+                       int8=int8, seq_len=seq_len, opset=opset, force=force,
+                       keep_fp32=keep_fp32 or not int8)  # fmt: skip
 
 
 def _export(
@@ -606,6 +612,7 @@ def _export(
     seq_len: int | None,
     opset: int,
     force: bool,
+    keep_fp32: bool,
 ) -> EdgeModelInfo:
     import numpy as np
 
@@ -665,11 +672,16 @@ def _export(
             shutil.copyfile(tokenizer, tmp / TOKENIZER_NAME)
             files["tokenizer"] = {"path": TOKENIZER_NAME, "bytes": tokenizer.stat().st_size}
         input_spec, output_spec = _signature(fp32_path)
+        if not keep_fp32:  # only the int8 graphs are served: the fp32 ones were the reference
+            for key in ("fp32", "decoder_fp32"):
+                entry = files.pop(key, None)
+                if entry is not None:
+                    (tmp / entry["path"]).unlink()
         info = EdgeModelInfo(
             source_factory=source_factory,
             source_config=_jsonable(source_config),
             edge_config=edge_config,
-            variant=files["int8" if int8 else "fp32"]["variant"],
+            variant=files["int8"]["variant"] if int8 else files["fp32"]["variant"],
             input=input_spec.to_json(),
             output=output_spec.to_json(),
             int8=int8,

@@ -61,6 +61,12 @@ class ProtocolError(CicadaError):
     """A frame or message does not follow docs/PROTOCOL.md."""
 
 
+class EndpointError(CicadaError, ValueError):
+    """An endpoint or HOST:PORT that cannot be one (common/endpoints.py says what can).
+
+    Also a ValueError: a bad argument, found before any socket is made."""
+
+
 class GenerationError(CicadaError, ValueError):
     """The request's generation options or prompt are unusable (answered BAD_REQUEST).
 

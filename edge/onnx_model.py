@@ -92,10 +92,12 @@ class EdgeModel:
             info = read_info(path.parent / INFO_NAME)
             onnx_path = path
         if not onnx_path.is_file():
-            raise EdgeModelError(
-                f"{onnx_path} is missing"
-                + (": export with --int8 to get one" if onnx_path.name == INT8_NAME else "")
-            )
+            hint = ""
+            if onnx_path.name == INT8_NAME:
+                hint = ": export with --int8 to get one"
+            elif info.get("int8"):
+                hint = ": the export is int8 only (export-edge --keep-fp32 keeps fp32)"
+            raise EdgeModelError(f"{onnx_path} is missing{hint}")
         if intra_op_num_threads < 1:
             raise EdgeModelError(f"intra_op_num_threads must be >= 1, got {intra_op_num_threads}")
         options = ort.SessionOptions()

@@ -25,10 +25,16 @@ def main() -> None:
 
     \b
     Typical flow:
-      cicada pack --model cicada.cloud.models.gpt2:build --out pkg/gpt2   # make a model package
-      cicada pack --verify pkg/gpt2                                # check it end to end
-      cicada run pkg/gpt2 --input x.npy --out y.npy                # one timed cold start
-      cicada demo                                                  # see it all at once
+      cicada pack --model gpt2-tiny --out pkg/gpt2      # a small model package (see pack -h)
+      cicada pack --verify pkg/gpt2                     # check it end to end
+      cicada run pkg/gpt2 --input x.npy --out y.npy     # one timed cold start
+      cicada demo                                       # see it all at once
+
+    \b
+    Endpoints: tcp://HOST:PORT (HOST:PORT means the same) or ipc://PATH, given to
+    --bind (coordinator) and --coordinator (every command that connects); HTTP
+    listeners (--metrics) as HOST:PORT. A value that cannot be used, or a port that
+    is taken, is one line on stderr and a non-zero exit status.
     """
 
 

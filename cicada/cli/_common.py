@@ -1,4 +1,5 @@
-"""What the command modules share: failing with exit status 2, logging, CURVE options.
+"""What the command modules share: failing with exit status 2, logging, endpoint and CURVE
+options (one name per meaning in every command).
 
 Plain click and the standard library only: importing it costs nothing (the CLI's modules
 import their roles lazily, inside each command).
@@ -6,20 +7,139 @@ import their roles lazily, inside each command).
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-ADDRESS_HELP = "Coordinator endpoint to connect to."
+from cicada.common.defaults import DEFAULT_ADDRESS
+from cicada.common.endpoints import ENDPOINT_RULE, http_listener, http_url, zmq_endpoint
+from cicada.common.errors import EndpointError
+
+ADDRESS_HELP = f"The coordinator's endpoint: {ENDPOINT_RULE}."
 
 
 def fail(exc: Exception) -> None:
     click.echo(f"error: {exc}", err=True)
     sys.exit(2)
+
+
+class OptionError(click.ClickException):
+    """An option's value cannot be used: one line naming the option and the value, never a
+    traceback. Exit status 2 for a value that is wrong as typed, 1 for one that is taken."""
+
+    exit_code = 2
+
+    def __init__(self, option: str, why: str) -> None:
+        super().__init__(f"{option}: {why}")
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+class PortTaken(OptionError):
+    """An option's address or port is in use, or cannot be listened on (exit status 1)."""
+
+    exit_code = 1
+
+
+def endpoint_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: a ZeroMQ endpoint as typed, normalised (HOST:PORT -> tcp://HOST:PORT)."""
+    if value is None:
+        return None
+    try:
+        return zmq_endpoint(value)
+    except EndpointError as exc:
+        raise OptionError(_flag(param), str(exc)) from None
+
+
+def _flag(param: click.Parameter) -> str:
+    return (getattr(param, "opts", None) or [f"--{param.name}"])[0]
+
+
+def listener_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Click callback: an HTTP listener as HOST:PORT (a URL is accepted); 'off' passes."""
+    if value is None or value == "off":
+        return value
+    try:
+        host, port = http_listener(value)
+    except EndpointError as exc:
+        raise OptionError(_flag(param), str(exc)) from None
+    return f"{host}:{port}"
+
+
+def metrics_url_callback(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """Click callback: a coordinator's metrics as HOST:PORT (as `cicada coordinator
+    --metrics` takes it) or a URL; returns the URL of its /metrics."""
+    try:
+        return http_url(value)
+    except EndpointError as exc:
+        raise OptionError(_flag(param), str(exc)) from None
+
+
+def coordinator_option(f: Any) -> Any:
+    """`--coordinator ENDPOINT` (parameter `address`), normalised; the environment's
+    CICADA_COORDINATOR is its default. `--address`, its older name, still works, hidden."""
+
+    @functools.wraps(f)
+    def merged(*args: Any, address_alias: str | None = None, **kwargs: Any) -> Any:
+        if address_alias is not None:
+            click.echo("note: --address is deprecated; use --coordinator", err=True)
+            kwargs["address"] = address_alias
+        return f(*args, **kwargs)
+
+    merged = click.option(
+        "--address",
+        "address_alias",
+        hidden=True,
+        callback=endpoint_callback,
+    )(merged)
+    return click.option(
+        "--coordinator",
+        "address",
+        default=DEFAULT_ADDRESS,
+        show_default=True,
+        envvar=["CICADA_COORDINATOR", "CICADA_ADDRESS"],
+        show_envvar=True,
+        callback=endpoint_callback,
+        help=ADDRESS_HELP,
+    )(merged)
+
+
+def check_port_free(option: str, host: str, port: int) -> None:
+    """Fail with one line if HOST:PORT cannot be listened on now (taken, or no such address),
+    before a server thread finds out with a traceback."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OptionError(option, f"{host}:{port}: cannot resolve {host!r}: {exc}") from None
+    family, kind, proto, _, where = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP servers do
+        try:
+            probe.bind(where)
+        except OSError as exc:
+            raise PortTaken(option, f"{host}:{port}: {bind_problem(port, exc)}") from None
+
+
+def bind_problem(port: int | str, exc: BaseException) -> str:
+    """What a failed bind means, in words, with the next step."""
+    code = getattr(exc, "errno", None)
+    if code == errno.EADDRINUSE:
+        return f"port {port} is already in use (another coordinator?); choose a free port"
+    if code == errno.EADDRNOTAVAIL:
+        return "no such address on this machine; bind one of its addresses, or 0.0.0.0"
+    if code == errno.EACCES:
+        return f"not allowed to listen on port {port}; use a port above 1023"
+    return f"cannot listen there: {exc}"
 
 
 TRUST_HELP = (
@@ -58,9 +178,13 @@ def curve_keys(key: Path | None, server_key: Path | None) -> Any:
         return None
     if key is None or server_key is None:
         raise click.UsageError("CURVE needs both --curve-key and --server-key")
+    from cicada.common.errors import CicadaError
     from cicada.common.sockets import CurveKeys
 
-    return CurveKeys.load(key, server_key)
+    try:
+        return CurveKeys.load(key, server_key)
+    except CicadaError as exc:  # not a key file, or a public key where the secret belongs
+        raise OptionError("--curve-key", str(exc)) from None
 
 
 def curve_options(f: Any) -> Any:

@@ -24,9 +24,10 @@ from cicada.common.errors import CicadaError
 @click.option(
     "--model",
     "factory",
-    metavar="PKG.MODULE:FACTORY",
-    help="Instead of --package: the cloud model's factory, e.g. cicada.cloud.models.gpt2:build "
-    "(the edge variant keeps its seeded initialisation).",
+    metavar="NAME|PKG.MODULE:FACTORY",
+    help="Instead of --package: a reference model by name (as `cicada pack --model`, e.g. "
+    "gpt2-tiny) or the cloud model's factory, e.g. cicada.cloud.models.gpt2:build (the edge "
+    "variant keeps its seeded initialisation).",
 )
 @click.option(
     "--config",
@@ -38,9 +39,19 @@ from cicada.common.errors import CicadaError
     "--out",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Directory to write model.onnx, model.int8.onnx (--int8) and edge_model.json.",
+    help="Directory to write model.onnx (model.int8.onnx with --int8) and edge_model.json.",
 )
-@click.option("--int8", is_flag=True, help="Also write an int8 dynamic-quantized model.")
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Write an int8 dynamic-quantized model: the one the agent serves. The fp32 graphs "
+    "it is checked against are then left out unless --keep-fp32.",
+)
+@click.option(
+    "--keep-fp32",
+    is_flag=True,
+    help="With --int8: keep the fp32 graphs too (for `cicada edge --fp32`).",
+)
 @click.option(
     "--shrink",
     "shrink_items",
@@ -64,6 +75,7 @@ def export_edge_cmd(
     config_path: Path | None,
     out: Path,
     int8: bool,
+    keep_fp32: bool,
     shrink_items: tuple[str, ...],
     seq_len: int | None,
     opset: int,
@@ -84,13 +96,20 @@ def export_edge_cmd(
       cicada export-edge --model cicada.cloud.models.resnet:build --out edge-models/resnet \\
           --shrink width=32
     """
+    if keep_fp32 and not int8:
+        raise click.UsageError("--keep-fp32 goes with --int8 (without it fp32 is all there is)")
     if (package_dir is None) == (factory is None):
         raise click.UsageError("pass either --package DIR or --model FACTORY")
     if config_path is not None and factory is None:
         raise click.UsageError("--config goes with --model (a package carries its config)")
     config: dict[str, Any] | None = None
+    if factory is not None:
+        from cicada.cli.pack import named_model
+
+        factory, named = named_model(factory)
+        config = named or None
     if config_path is not None:
-        config = read_config(config_path)
+        config = {**(config or {}), **read_config(config_path)}
     shrink: dict[str, Any] = {}
     for item in shrink_items:
         key, sep, raw = item.partition("=")
@@ -107,19 +126,22 @@ def export_edge_cmd(
     try:
         info = export_edge(
             package_dir, out, factory=factory, config=config, shrink=shrink or None,
-            int8=int8, seq_len=seq_len, opset=opset, force=force,
+            int8=int8, seq_len=seq_len, opset=opset, force=force, keep_fp32=keep_fp32,
         )  # fmt: skip
     except CicadaError as exc:
         fail(exc)
         return
+    report_export(info, out, package_dir)
+
+
+def report_export(info: Any, out: Path, package_dir: Path | None) -> None:
+    """What was checked, then every file written with its size, then the total."""
     tol, measured = info.tolerance, info.measured
-    fp32 = info.files["fp32"]
     click.echo(
-        f"wrote {out / fp32['path']}: fp32, {fp32['bytes'] / 1e6:.2f} MB, max |diff| vs torch "
-        f"{measured['fp32_max_abs']:.2g} (tolerance {tol['max_abs']:g})"
+        f"checked: fp32 max |diff| vs torch {measured['fp32_max_abs']:.2g} (tolerance "
+        f"{tol['max_abs']:g})"
     )
     if "int8" in info.files:
-        q = info.files["int8"]
         check = (
             f"cosine vs torch {measured['int8_min_cosine']:.4f} (at least "
             f"{tol['int8_min_cosine']:g})"
@@ -127,14 +149,10 @@ def export_edge_cmd(
             else f"max |diff| vs torch {measured['int8_max_abs']:.2g} (tolerance "
             f"{tol['int8_max_abs']:.2g}), argmax agreement {measured['int8_argmax_agreement']:.1%}"
         )
-        click.echo(
-            f"wrote {out / q['path']}: int8, {q['bytes'] / 1e6:.2f} MB "
-            f"({q['bytes'] / fp32['bytes']:.0%} of fp32), {check}"
-        )
+        click.echo(f"checked: int8 {check}")
     sig_in, sig_out = info.input, info.output
     click.echo(
-        f"wrote {out / 'edge_model.json'}: variant {info.variant}, "
-        f"{sig_in['name']} {sig_in['dtype']}{sig_in['shape']} -> "
+        f"variant {info.variant}: {sig_in['name']} {sig_in['dtype']}{sig_in['shape']} -> "
         f"{sig_out['name']} {sig_out['dtype']}{sig_out['shape']} (-1: dynamic); "
         + (
             f"{info.copied_tensors} tensors copied from {package_dir}"
@@ -142,3 +160,14 @@ def export_edge_cmd(
             else "seeded weights (no package)"
         )
     )
+    total = 0
+    for path in sorted(p for p in out.iterdir() if p.is_file()):
+        size = path.stat().st_size
+        total += size
+        click.echo(f"wrote {path} ({_size(size)})")
+    kept = "" if "fp32" in info.files or not info.int8 else "; fp32 graphs not kept (--keep-fp32)"
+    click.echo(f"{out}: {_size(total)} in all{kept}")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 10**5 else f"{n / 1e3:.1f} kB"

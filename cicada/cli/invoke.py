@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
+from cicada.cli._common import coordinator_option, curve_options
 from cicada.common.defaults import (
-    DEFAULT_ADDRESS,
     DEFAULT_TIMEOUT_S,
     MAX_NEW_TOKENS,
     NORMAL,
@@ -60,14 +61,8 @@ from cicada.common.defaults import (
     show_default=True,
     help="Seconds to wait for the reply at most.",
 )
-@click.option(
-    "--address",
-    default=DEFAULT_ADDRESS,
-    show_default=True,
-    envvar="CICADA_ADDRESS",
-    show_envvar=True,
-    help="The coordinator's endpoint.",
-)
+@coordinator_option
+@curve_options
 @click.option(
     "--out",
     "out_path",
@@ -84,13 +79,17 @@ def invoke(
     deadline: float | None,
     timeout: float,
     address: str,
+    curve_key: Path | None,
+    server_key: Path | None,
     out_path: Path | None,
     as_json: bool,
 ) -> None:
     """Call MODEL once through the coordinator; print who served it and the timings.
 
     Exit status: 0 OK, 1 the call failed (TIMEOUT, REJECTED, UNAVAILABLE, BAD_REQUEST,
-    FAILED, or a connection problem; the message says which), 2 usage error.
+    FAILED; no coordinator answering at the endpoint, which is found out in a few seconds,
+    not after --timeout; the CURVE key refused; the message says which and what to do),
+    2 usage error.
     """
     import numpy as np
 
@@ -109,7 +108,7 @@ def invoke(
     if not inputs and not texts:
         raise click.UsageError("give the model's inputs with --input FILE.npy, or --text")
     try:
-        client = Client(address, timeout=timeout)
+        client = Client(address, timeout=timeout, curve=_curve(curve_key, server_key))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     try:
@@ -164,8 +163,34 @@ def invoke(
         f"{result.status.value}: served by {who.get('role', '?')} worker {who.get('worker', '?')}"
         f" (variant {who.get('variant') or '?'}), request {result.request_id}"
     )
-    click.echo("timings: " + ", ".join(f"{name.removesuffix('_s')} {value:.4f} s"
-                                       for name, value in result.timings.items()))  # fmt: skip
+    click.echo("timings: " + format_timings(result.timings))
     for i, (array, saved) in enumerate(zip(result.outputs, written, strict=True)):
         where = "" if saved is None else f" -> {saved}"
         click.echo(f"output {i}: {array.dtype.name} {list(array.shape)}{where}")
+
+
+def format_timings(timings: dict[str, float]) -> str:
+    """The reply's timings in words: durations (names ending _s) in seconds, token counts as
+    counts, flags as yes/no (docs/PROTOCOL.md section 4: a worker's own are prefixed worker_)."""
+    shown = []
+    for name, value in timings.items():
+        if name.endswith("_s"):
+            shown.append(f"{name.removesuffix('_s')} {value:.4f} s")
+        elif name.endswith("tokens"):
+            shown.append(f"{name} {int(value)}")
+        elif name.endswith("during_load"):
+            shown.append(f"{name} {'yes' if value else 'no'}")
+        else:
+            shown.append(f"{name} {value:g}")
+    return ", ".join(shown)
+
+
+def _curve(key: Path | None, server_key: Path | None) -> Any:
+    """The SDK's CurveConfig from `cicada keys` files (--curve-key, --server-key), or None."""
+    from cicada.cli._common import curve_keys
+    from cicada.client import CurveConfig
+
+    keys = curve_keys(key, server_key)
+    if keys is None:
+        return None
+    return CurveConfig(keys.server_public, keys.public, keys.secret)

@@ -8,15 +8,17 @@ from typing import Any
 import click
 
 from cicada.cli._common import fail, read_config, trust_option
+from cicada.cloud.models import reference
 from cicada.common.errors import CicadaError, PackageMismatchError
 
 
-@click.command()
+@click.command(epilog=reference.help_text())
 @click.option(
     "--model",
     "factory",
-    metavar="PKG.MODULE:FACTORY",
-    help="Callable returning an nn.Module, e.g. cicada.cloud.models.gpt2:build.",
+    metavar="NAME|PKG.MODULE:FACTORY",
+    help="A reference model by name (gpt2-tiny, gpt2-medium, ... listed below), or a "
+    "callable returning an nn.Module, e.g. cicada.cloud.models.gpt2:build.",
 )
 @click.option(
     "--transformers",
@@ -99,6 +101,7 @@ def pack(
 
     \b
     The model comes from one of:
+      --model NAME [--config overrides.json] [--weights W]    (e.g. --model gpt2-tiny)
       --model PKG.MODULE:FACTORY [--config kwargs.json] [--weights W]
       --transformers DIR [--transformers-class CLASS]
       --transformers-class CLASS --config config.json [--weights W]
@@ -140,8 +143,10 @@ def pack(
                 "--torchvision (or --verify DIR)"
             )
         config: dict[str, Any] = {}
+        if factory is not None:
+            factory, config = named_model(factory)
         if config_path is not None:
-            config = read_config(config_path)
+            config = {**config, **read_config(config_path)}
         from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
 
         from cicada.cloud.packing import pack as pack_model
@@ -184,6 +189,22 @@ def pack(
             click.echo(f"note: {manifest.staging_note}", err=True)
     except CicadaError as exc:
         fail(exc)
+
+
+def named_model(value: str) -> tuple[str, dict[str, Any]]:
+    """(factory, config) for --model: a reference model's short name, or PKG.MODULE:FACTORY
+    as given (with no config); anything else is a usage error naming the close match."""
+    found = reference.resolve(value)
+    if found is not None:
+        return found.factory, dict(found.config)
+    if ":" in value:
+        return value, {}
+    close = reference.close_match(value)
+    hint = f"did you mean {close!r}? " if close else ""
+    raise click.UsageError(
+        f"--model {value!r} is neither a reference model nor PKG.MODULE:FACTORY; {hint}"
+        f"reference models: {', '.join(reference.REFERENCE_MODELS)}"
+    )
 
 
 def manifest_sealed(package_dir: Path) -> bool:

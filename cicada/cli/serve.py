@@ -14,10 +14,16 @@ from typing import Any
 import click
 
 from cicada.cli._common import (
-    ADDRESS_HELP,
+    OptionError,
+    PortTaken,
+    bind_problem,
+    check_port_free,
+    coordinator_option,
     curve_keys,
     curve_options,
+    endpoint_callback,
     fail,
+    listener_callback,
     setup_logging,
     trust_option,
 )
@@ -36,16 +42,19 @@ from cicada.common.errors import CicadaError, PackageError
     "--bind",
     default=DEFAULT_ADDRESS,
     show_default=True,
-    help="ROUTER endpoint. Without CURVE keys only loopback (or ipc://) is accepted, "
-    "unless --insecure.",
+    callback=endpoint_callback,
+    help="ROUTER endpoint: tcp://HOST:PORT (HOST:PORT means the same), ipc://PATH. Without "
+    "CURVE keys only loopback (or ipc://) is accepted, unless --insecure.",
 )
 @click.option(
     "--metrics",
     "metrics",
     default=DEFAULT_METRICS,
     show_default=True,
+    callback=listener_callback,
     help="HOST:PORT for the Prometheus /metrics endpoint, the live page at / and its JSON at "
-    "/status.json (docs/STATUS.md); 'off' to disable.",
+    "/status.json (docs/STATUS.md); a URL http://HOST:PORT/metrics means the same; 'off' to "
+    "disable.",
 )
 @click.option(
     "--heartbeat",
@@ -116,11 +125,16 @@ def coordinator(
     """Run the coordinator: route requests between clients, edge agents and cloud workers.
 
     With --config it also runs the serverless lifecycle: the first request for a configured
-    model launches a cloud worker, idle workers drain and stop after their keep-alive.
+    model, whatever its priority, launches a cloud worker (a latency-critical request is
+    still answered by the edge; the worker serves what comes next); idle workers drain and
+    stop after their keep-alive.
 
     Watch it at http://METRICS/ (the live page: workers with residency and ETA, queues by
     priority, the last requests with who served them, latency over time), with `cicada
-    status`, or by scraping http://METRICS/metrics."""
+    status`, or by scraping http://METRICS/metrics.
+
+    An endpoint that cannot be used, or a port already taken (--bind, --metrics), is one
+    line on stderr and exit status 2 (as typed) or 1 (taken)."""
     setup_logging(log_level)
     from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig, WorkerKeys
 
@@ -154,7 +168,8 @@ def coordinator(
     metrics_bind = None
     if metrics != "off":
         host, _, port = metrics.rpartition(":")
-        metrics_bind = (host or "127.0.0.1", int(port))
+        metrics_bind = (host, int(port))
+        check_port_free("--metrics", host, int(port))
     if curve_secret is None and (allow_dir is not None or bound):
         raise click.UsageError("--allow and --worker-keys need --curve-secret (CURVE)")
     launched = None
@@ -189,10 +204,19 @@ def coordinator(
         **fair,
     )
     node = Coordinator(config)
+    import zmq
+
     try:
         endpoint = node.bind()
     except CicadaError as exc:
         raise click.ClickException(str(exc)) from None
+    except zmq.ZMQError as exc:
+        node.close()
+        port = bind.rpartition(":")[2]
+        raise PortTaken("--bind", f"{bind}: {bind_problem(port, exc)}") from None
+    except OSError as exc:  # the metrics port, taken since it was checked
+        node.close()
+        raise PortTaken("--metrics", f"{metrics}: {bind_problem(metrics, exc)}") from None
     if file is not None and file.models:
         try:
             node.lifecycle = _lifecycle(file, endpoint, heartbeat, launched)
@@ -340,6 +364,7 @@ def pool(
     code of every configured model's package); the pool and its workers then die with the
     coordinator, even when it is killed. A forked worker trusts its package's code only if
     its launch request says so (the model's `trust_package_code`)."""
+    _check_pool_socket(socket_path)
     from cicada.common.launch import die_with_launcher
 
     parent = die_with_launcher()
@@ -359,6 +384,25 @@ def pool(
     )
 
 
+def _check_pool_socket(path: Path) -> None:
+    """One line, not a traceback, for a --socket the pool cannot listen on: its folder is
+    missing, or a live pool already answers there (which a new pool would silently steal)."""
+    import socket
+
+    if not path.parent.is_dir():
+        raise OptionError("--socket", f"{path}: folder {path.parent} does not exist")
+    if len(str(path).encode()) > 100:  # sun_path holds 104-108 bytes, the NUL included
+        raise OptionError("--socket", f"{path}: too long for a Unix socket path (100 bytes)")
+    if not path.exists():
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return  # a stale socket file: the pool replaces it
+    raise PortTaken("--socket", f"{path}: a pool already listens there; stop it first")
+
+
 @click.command()
 @click.option("--model", "model_name", required=True, help="Model name clients invoke.")
 @click.option(
@@ -368,9 +412,7 @@ def pool(
     type=click.Path(exists=True, path_type=Path),
     help="Edge model directory from `cicada export-edge` (or a .onnx file).",
 )
-@click.option(
-    "--coordinator", "address", default=DEFAULT_ADDRESS, show_default=True, help=ADDRESS_HELP
-)
+@coordinator_option
 @click.option(
     "--capacity",
     type=int,
@@ -449,16 +491,14 @@ def edge(
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Model package from `cicada pack`.",
 )
-@click.option(
-    "--coordinator", "address", default=DEFAULT_ADDRESS, show_default=True, help=ADDRESS_HELP
-)
+@coordinator_option
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads.")
 @click.option("--name", default="", help="Worker name in replies and metrics.")
 @click.option("--heartbeat", type=float, default=HEARTBEAT_INTERVAL_S, show_default=True)
 @click.option(
     "--health-port",
-    type=int,
+    type=click.IntRange(0, 65535),
     default=None,
     help="Serve GET /ready (200 once every stage is resident) and /healthz on this "
     "port, for orchestrators' probes (Knative, Kubernetes).",
@@ -496,6 +536,8 @@ def cloud(
     die_with_launcher()  # launched by a coordinator: die with it
     setup_logging(log_level)
     keys = curve_keys(curve_key, server_key)
+    if health_port is not None:
+        check_port_free("--health-port", health_host, health_port)
     from cicada.cloud.service import CloudWorker, CloudWorkerConfig
 
     try:

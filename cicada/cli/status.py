@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from cicada.cli._common import metrics_url_callback
 from cicada.common.defaults import (
     DEFAULT_METRICS,
 )
@@ -18,9 +19,12 @@ from cicada.common.errors import CicadaError
 @click.option(
     "--metrics",
     "url",
-    default=f"http://{DEFAULT_METRICS}/metrics",
+    default=DEFAULT_METRICS,
     show_default=True,
-    help="The coordinator's metrics endpoint (its /status.json is read from the same port).",
+    callback=metrics_url_callback,
+    help="The coordinator's metrics endpoint: HOST:PORT, as given to `cicada coordinator "
+    "--metrics` (a URL http://HOST:PORT/metrics means the same); its /status.json is read "
+    "from the same port.",
 )
 @click.option(
     "--json",

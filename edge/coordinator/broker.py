@@ -16,6 +16,7 @@ Methods are named for intent, after the Majordomo broker: `dispatch` routes queu
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import secrets
@@ -488,7 +489,9 @@ class Coordinator:
         known = self.registry.models_seen.union(configured)
         served = ", ".join(repr(m[:64]) for m in sorted(known)[:_MODELS_NAMED]) or "none"
         more = f" and {len(known) - _MODELS_NAMED} more" if len(known) > _MODELS_NAMED else ""
-        return f"unknown model {model[:64]!r}; this coordinator serves: {served}{more}"
+        close = difflib.get_close_matches(model[:256], sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0][:64]!r}?" if close else ""
+        return f"unknown model {model[:64]!r}; this coordinator serves: {served}{more}{hint}"
 
     def cloud_demand(self, model: str) -> int:
         """Requests for `model` that want the large model (see Scheduler.cloud_demand)."""
@@ -909,10 +912,17 @@ class Coordinator:
     def expire_requests(self, now: float) -> None:
         """Answer TIMEOUT for everything whose deadline passed, queued or running."""
         for p in self.scheduler.expired(now):
-            where = "while queued" if p.worker is None else "while running"
-            self._finish(
-                p, Refusal(Status.TIMEOUT, f"deadline passed {where}").reply(p.request.id), now
-            )
+            worker = None if p.worker is None else self.registry.get(p.worker)
+            if worker is None:
+                where = "while queued" if p.worker is None else "while running"
+                reply = Refusal(Status.TIMEOUT, f"deadline passed {where}").reply(p.request.id)
+            else:  # say where it ran: the client tells a hung worker from a full queue
+                role = worker.role.value
+                reply = Refusal(
+                    Status.TIMEOUT, f"deadline passed while running on {role} worker {worker.name}"
+                ).reply(p.request.id)
+                reply.served_by = {"role": role, "worker": worker.name, "variant": worker.variant}
+            self._finish(p, reply, now)
 
     # -- workers -----------------------------------------------------------------------------
 

@@ -1,51 +1,58 @@
 """The coordinator's configuration file (TOML), validated with pydantic for clear errors.
 
+Every field, shown at its default (a line starting `#` is an example for a field whose
+default is none or empty). docs/config.md is the reference, generated from these models
+(`python3 -m cicada.edge.coordinator.config_docs`); tests/edge/test_config_docs.py checks that
+both stay in step with them.
+
     [coordinator]
-    bind = "tcp://127.0.0.1:5555"
-    metrics = "127.0.0.1:9464"        # or "off"
+    bind = "tcp://127.0.0.1:5555"      # or HOST:PORT (the same), ipc://PATH
+    metrics = "127.0.0.1:9464"         # or "off"
     heartbeat = 0.5
-    launcher = "process"               # process | pool | ray
-    log_dir = "/var/log/cicada"        # worker logs (optional)
-    ray_address = "10.0.0.5:6379"      # launcher = "ray": the cluster to join (default: local)
-    ray_num_gpus = 1                   # per worker actor
-    ray_resources = { cloud = 1 }      # custom resources per worker actor
-    ray_label_selector = { "cicada-tier" = "cloud" }   # node labels (Ray 2.49+)
     queue_limit = 1024                 # requests queued per model and priority
+    launcher = "process"               # process | pool | ray
+    # pool_socket = "/run/cicada/pool.sock"   # launcher = "pool" (default: a temporary one)
+    # log_dir = "/var/log/cicada"      # worker logs (default: none)
+    # ray_address = "10.0.0.5:6379"    # launcher = "ray": the cluster to join (default: local)
+    ray_num_gpus = 0                   # per worker actor
+    # ray_resources = { cloud = 1 }    # custom resources per worker actor
+    # ray_label_selector = { "cicada-tier" = "cloud" }   # node labels (Ray 2.49+)
     # Fair and bounded (docs/PROTOCOL.md section 13): nobody takes the coordinator down alone.
-    client_queue_limit = 512           # of each such queue, per client (default queue_limit/2)
+    # client_queue_limit = 512         # of each queue, per client (default: queue_limit / 2)
     max_queued_bytes = "1GiB"          # request tensor bytes held (queued or running), in all
     max_client_queued_bytes = "256MiB" # ... and for one client; beyond either: REJECTED
     default_deadline_s = 60.0          # the deadline of a request without timeout_ms; 0: none
     allow_critical = true              # any client may use priority 0; false: only ...
-    critical_clients = ["<Z85 public key>", ...]   # ... these CURVE keys (BAD_REQUEST else)
+    # critical_clients = ["<Z85 public key>"]   # ... these CURVE keys (BAD_REQUEST else)
     insecure = false                   # true: allow a non-loopback bind without CURVE
 
     # CURVE (docs/PROTOCOL.md section 10): every key is bound to what it may do.
-    curve_secret = "keys/coordinator.key_secret"
-    clients = "keys/clients"           # client public keys (*.key): REQUEST and CANCEL only
-    worker_key = "keys/cloud.key_secret"   # the key pair launched cloud workers use (bound
-                                           # to cloud for the models below)
-    server_key = "keys/coordinator.key"    # given to launched workers (default: beside
-                                           # curve_secret)
+    # curve_secret = "keys/coordinator.key_secret"
+    # clients = "keys/clients"         # client public keys (*.key): REQUEST and CANCEL only
+    # worker_key = "keys/cloud.key_secret"   # the key pair launched cloud workers use
+    # server_key = "keys/coordinator.key"    # given to them (default: beside curve_secret)
 
-    [[coordinator.workers]]            # worker public keys, bound to a role and models
-    role = "edge"
-    models = ["gpt2"]
-    keys = "keys/edge"                 # a directory of *.key files, or one key file
+    # [[coordinator.workers]]          # worker public keys, bound to a role and models
+    # role = "edge"
+    # models = ["gpt2"]
+    # keys = "keys/edge"               # a directory of *.key files, or one key file
 
     [models.gpt2]                      # the name clients invoke
-    package = "/models/gpt2-medium"    # from `cicada pack`
+    package = "/models/gpt2-medium"    # required: from `cicada pack`
     device = "cpu"
+    # threads = 2                      # torch intra-op threads (default: torch's own)
+    trust_package_code = false         # true: run the package's factory even if it is not
+                                       # one of Cicada's own (docs/PACKAGE.md, threat model)
     min_workers = 0                    # 0: scale to zero when idle
-    max_workers = 2
-    keep_alive_s = 30.0                # idle time before a worker drains and stops
-    keep_warm = "lazy"                 # fixed | lazy (see edge/coordinator/lifecycle.py)
+    max_workers = 1
+    keep_alive_s = 30.0                # idle time after the last request before it stops
+    keep_warm = "fixed"                # fixed | lazy (see edge/coordinator/lifecycle.py)
     lazy_threshold = 1                 # lazy: change the warm count only by this much or more
     start_timeout_s = 120.0            # a worker that has not registered by then is killed
     stop_timeout_s = 60.0              # a draining worker that has not exited by then is killed
     expected_start_s = 3.0             # cold-start estimate until one is measured
-    trust_package_code = false         # true: run the package's factory even if it is not
-                                       # one of Cicada's own (docs/PACKAGE.md, threat model)
+    relaunch_backoff_s = 1.0           # after a crash; doubles each time ...
+    relaunch_backoff_max_s = 30.0      # ... up to this
 
 Relative paths are taken relative to the file. Byte sizes are integers (bytes) or strings
 with a unit: "512KiB", "256MiB", "1GiB" (also KB, MB, GB: powers of 1000).
@@ -82,6 +89,7 @@ from cicada.common.defaults import (
     MAX_QUEUED_BYTES,
     QUEUE_LIMIT,
 )
+from cicada.common.endpoints import http_listener, zmq_endpoint
 from cicada.common.errors import ConfigError
 from cicada.common.protocol import MAX_MODELS_PER_WORKER
 
@@ -103,25 +111,60 @@ def parse_bytes(value: Any) -> Any:
 Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=1)]
 
 
+def _doc(text: str) -> Any:
+    return Field(description=text)
+
+
 class ModelConfig(BaseModel):
+    """`[models.NAME]`: a cloud model the coordinator launches on demand (NAME is what
+    clients invoke)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    package: Path
-    device: str = "cpu"
-    threads: int | None = Field(default=None, ge=1)
-    # Run the package's factory even if it is not one of Cicada's own (docs/PACKAGE.md).
-    trust_package_code: bool = False
-    min_workers: int = Field(default=0, ge=0)
-    max_workers: int = Field(default=1, ge=1)
-    keep_alive_s: float = Field(default=30.0, gt=0)
-    keep_warm: Literal["fixed", "lazy"] = "fixed"
-    lazy_threshold: int = Field(default=1, ge=1)
-    start_timeout_s: float = Field(default=120.0, gt=0)
-    # A worker asked to drain (scale down) that has not exited by then is killed.
-    stop_timeout_s: float = Field(default=60.0, gt=0)
-    expected_start_s: float = Field(default=3.0, gt=0)
-    relaunch_backoff_s: float = Field(default=1.0, gt=0)
-    relaunch_backoff_max_s: float = Field(default=30.0, gt=0)
+    package: Path = Field(description="The model package (`cicada pack`); required.")
+    device: str = Field(default="cpu", description="Where workers run it: cpu, cuda or cuda:N.")
+    threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads per worker (none: torch's own)."
+    )
+    trust_package_code: bool = Field(
+        default=False,
+        description="Run the package's factory even if it is not one of Cicada's own "
+        "(docs/PACKAGE.md, threat model).",
+    )
+    min_workers: int = Field(
+        default=0, ge=0, description="Workers kept up without demand; 0 scales to zero."
+    )
+    max_workers: int = Field(default=1, ge=1, description="Workers launched at most.")
+    keep_alive_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a worker stays up after its last request (of any priority) "
+        "before it drains and stops.",
+    )
+    keep_warm: Literal["fixed", "lazy"] = Field(
+        default="fixed",
+        description="fixed: keep-alive alone decides; lazy: also keep the demand's warm "
+        "target (request rate x compute time) up (edge/coordinator/lifecycle.py).",
+    )
+    lazy_threshold: int = Field(
+        default=1, ge=1, description="lazy: move the warm target only by this much or more."
+    )
+    start_timeout_s: float = Field(
+        default=120.0, gt=0, description="A worker not registered by then is killed."
+    )
+    stop_timeout_s: float = Field(
+        default=60.0, gt=0, description="A worker asked to drain that has not exited by then "
+        "is killed.",
+    )
+    expected_start_s: float = Field(
+        default=3.0, gt=0, description="The cold-start estimate until one is measured."
+    )
+    relaunch_backoff_s: float = Field(
+        default=1.0, gt=0, description="Wait before relaunching a crashed worker; doubles."
+    )
+    relaunch_backoff_max_s: float = Field(
+        default=30.0, gt=0, description="... up to this many seconds."
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> ModelConfig:
@@ -131,42 +174,115 @@ class ModelConfig(BaseModel):
 
 
 class WorkerKeysConfig(BaseModel):
-    """Public keys that may register as `role` for `models` (and nothing else)."""
+    """`[[coordinator.workers]]`: public keys that may register as `role` for `models` (and
+    nothing else)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["edge", "cloud"]
-    models: list[str] = Field(min_length=1, max_length=MAX_MODELS_PER_WORKER)
-    keys: Path
+    role: Literal["edge", "cloud"] = Field(description="edge or cloud; required.")
+    models: list[str] = Field(
+        min_length=1,
+        max_length=MAX_MODELS_PER_WORKER,
+        description="The models these keys may register for; required.",
+    )
+    keys: Path = Field(description="A directory of *.key files, or one key file; required.")
 
 
 class CoordinatorSection(BaseModel):
+    """`[coordinator]`: where it listens, its bounds, its launcher, its keys."""
+
     model_config = ConfigDict(extra="forbid")
 
-    bind: str = DEFAULT_ADDRESS
-    metrics: str = DEFAULT_METRICS
-    heartbeat: float = Field(default=HEARTBEAT_INTERVAL_S, gt=0)
-    queue_limit: int = Field(default=QUEUE_LIMIT, ge=1)
-    launcher: Literal["process", "pool", "ray"] = "process"
-    pool_socket: Path | None = None
-    log_dir: Path | None = None
-    ray_address: str | None = None
-    ray_num_gpus: float = Field(default=0, ge=0)
-    ray_resources: dict[str, float] = Field(default_factory=dict)
-    ray_label_selector: dict[str, str] = Field(default_factory=dict)
-    curve_secret: Path | None = None
-    # Client public keys ("allow" is the older name of the same directory).
-    clients: Path | None = Field(default=None, validation_alias=AliasChoices("clients", "allow"))
-    workers: list[WorkerKeysConfig] = Field(default_factory=list)
-    worker_key: Path | None = None
-    server_key: Path | None = None
-    insecure: bool = False
-    client_queue_limit: int | None = Field(default=None, ge=1)
-    max_queued_bytes: Bytes = MAX_QUEUED_BYTES
-    max_client_queued_bytes: Bytes = MAX_CLIENT_QUEUED_BYTES
-    default_deadline_s: float = Field(default=DEFAULT_DEADLINE_S, ge=0)
-    allow_critical: bool = True
-    critical_clients: list[str] = Field(default_factory=list)
+    bind: str = Field(
+        default=DEFAULT_ADDRESS,
+        description="ROUTER endpoint: tcp://HOST:PORT (HOST:PORT means the same), ipc://PATH.",
+    )
+    metrics: str = Field(
+        default=DEFAULT_METRICS,
+        description='Prometheus /metrics listener, HOST:PORT (or an http:// URL); "off".',
+    )
+    heartbeat: float = Field(
+        default=HEARTBEAT_INTERVAL_S, gt=0, description="Heartbeat interval, seconds."
+    )
+    queue_limit: int = Field(
+        default=QUEUE_LIMIT, ge=1, description="Requests queued per model and priority."
+    )
+    launcher: Literal["process", "pool", "ray"] = Field(
+        default="process", description="How cloud workers start: process, pool or ray."
+    )
+    pool_socket: Path | None = Field(
+        default=None, description="launcher = pool: its Unix socket (none: a temporary one)."
+    )
+    log_dir: Path | None = Field(
+        default=None, description="Folder for launched workers' logs (none: no logs)."
+    )
+    ray_address: str | None = Field(
+        default=None, description='launcher = ray: the cluster to join, e.g. "10.0.0.5:6379".'
+    )
+    ray_num_gpus: float = Field(default=0, ge=0, description="launcher = ray: GPUs per worker.")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict, description="launcher = ray: custom resources per worker."
+    )
+    ray_label_selector: dict[str, str] = Field(
+        default_factory=dict, description="launcher = ray: node labels to place on (Ray 2.49+)."
+    )
+    curve_secret: Path | None = Field(
+        default=None, description="The coordinator's secret key file: turns CURVE on."
+    )
+    clients: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("clients", "allow"),
+        description="Client public keys (*.key): REQUEST and CANCEL only. Older name: allow.",
+    )
+    workers: list[WorkerKeysConfig] = Field(
+        default_factory=list, description="Worker keys, bound to a role and models (below)."
+    )
+    worker_key: Path | None = Field(
+        default=None,
+        description="The key pair launched cloud workers use (bound to cloud for the "
+        "configured models); needed with CURVE and [models].",
+    )
+    server_key: Path | None = Field(
+        default=None,
+        description="The coordinator's public key given to launched workers (none: the .key "
+        "beside curve_secret).",
+    )
+    insecure: bool = Field(default=False, description="Allow a non-loopback bind without CURVE.")
+    client_queue_limit: int | None = Field(
+        default=None, ge=1, description="Of each queue, per client (none: queue_limit / 2)."
+    )
+    max_queued_bytes: Bytes = Field(
+        default=MAX_QUEUED_BYTES,
+        description='Request tensor bytes held, in all (an integer, or "1GiB", "256MiB").',
+    )
+    max_client_queued_bytes: Bytes = Field(
+        default=MAX_CLIENT_QUEUED_BYTES, description="... and for one client."
+    )
+    default_deadline_s: float = Field(
+        default=DEFAULT_DEADLINE_S,
+        ge=0,
+        description="The deadline of a request without one; 0: none (not recommended).",
+    )
+    allow_critical: bool = Field(
+        default=True, description="Any client may send priority 0; false: only critical_clients."
+    )
+    critical_clients: list[str] = Field(
+        default_factory=list,
+        description="CURVE public keys (Z85) allowed priority 0 when allow_critical = false.",
+    )
+
+    @field_validator("bind")
+    @classmethod
+    def _endpoint(cls, value: str) -> str:
+        return zmq_endpoint(value)  # an EndpointError is a ValueError: named as the field's
+
+    @field_validator("metrics")
+    @classmethod
+    def _listener(cls, value: str) -> str:
+        if value == "off":
+            return value
+        host, port = http_listener(value)
+        return f"{host}:{port}"
 
     @field_validator("critical_clients")
     @classmethod
@@ -181,6 +297,8 @@ class CoordinatorSection(BaseModel):
 
 
 class CicadaConfig(BaseModel):
+    """A whole cicada.toml."""
+
     model_config = ConfigDict(extra="forbid")
 
     coordinator: CoordinatorSection = Field(default_factory=CoordinatorSection)

@@ -1,8 +1,12 @@
 """Serverless lifecycle of cloud workers, driven by the coordinator.
 
 * **Start from zero**: the first request for a model with no cloud worker launches one
-  (through a `cicada.common.launch.Launcher`); meanwhile the policy sees a cloud side that is
-  "launching" with an ETA (the measured cold start, or `expected_start_s` until measured).
+  (through a `cicada.common.launch.Launcher`), whatever its priority: a latency-critical
+  request is still answered by the edge (it never waits for a cold cloud), but it says the
+  model is in use, and the worker is then up for what follows. Meanwhile the policy sees a
+  cloud side that is "launching" with an ETA (the measured cold start, or
+  `expected_start_s` until measured). A request of any priority keeps one worker wanted for
+  `keep_alive_s` after it.
 * **Keep-alive / scale to zero**: a worker idle for `keep_alive_s` is asked to drain and stop,
   down to `min_workers`.
 * **Keep-warm** decides how many workers stay up:
@@ -67,6 +71,7 @@ class ModelLifecycle:
     start_samples: list[float] = field(default_factory=list)
     launches: int = 0
     stops: int = 0
+    last_request_at: float | None = None  # any priority: the model is in use
 
     def expected_start_s(self) -> float:
         if self.start_samples:
@@ -105,6 +110,7 @@ class Lifecycle:
         lc = self.models.get(model)
         if lc is not None:
             lc.observe_request(now)
+            lc.last_request_at = now
 
     def launching(self, model: str, now: float) -> tuple[int, float]:
         """(workers launched but not registered yet, the soonest ETA among them)."""
@@ -217,7 +223,10 @@ class Lifecycle:
             keep = lc.warm_target
         else:
             keep = 0
-        want = max(cfg.min_workers, keep, 1 if demand else 0)
+        # Queued or running cloud-bound work wants a worker; so does any recent request,
+        # latency-critical ones included (they alone never count as cloud demand).
+        recent = lc.last_request_at is not None and now - lc.last_request_at < cfg.keep_alive_s
+        want = max(cfg.min_workers, keep, 1 if demand or recent else 0)
         if demand > len(live):
             want = max(want, min(cfg.max_workers, demand))  # one per waiting request, bounded
         want = min(want, cfg.max_workers)

@@ -36,10 +36,12 @@ from cicada.errors import (
     BadRequest,
     ClientError,
     Failed,
+    KeyRefused,
     Rejected,
     Timeout,
     TransportError,
     Unavailable,
+    WorkerHung,
     raise_for_reply,
 )
 from cicada.testing import AsyncMockTransport, MockTransport
@@ -94,7 +96,7 @@ def test_a_single_array_is_one_input() -> None:
 @pytest.mark.parametrize(
     ("status", "error_type"),
     [
-        (Status.TIMEOUT, Timeout),
+        (Status.TIMEOUT, WorkerHung),  # a reply that says where it ran: the worker hung
         (Status.REJECTED, Rejected),
         (Status.UNAVAILABLE, Unavailable),
         (Status.BAD_REQUEST, BadRequest),
@@ -120,6 +122,16 @@ def test_each_status_raises_its_error(status: Status, error_type: type[ClientErr
         assert error.retry_after == 1.5
     if isinstance(error, Timeout):
         assert error.side == "coordinator"
+
+
+def test_a_timeout_that_names_no_worker_is_a_plain_timeout() -> None:
+    def queued_too_long(request: Request) -> Reply:
+        return Reply(request.id, Status.TIMEOUT, error="deadline passed while queued")
+
+    with Client(transport=MockTransport(queued_too_long)) as client, pytest.raises(Timeout) as got:
+        client.invoke("m", np.zeros(3))
+    assert type(got.value) is Timeout and got.value.side == "coordinator"
+    assert "retry with a larger deadline" in str(got.value)
 
 
 def test_unavailable_without_retry_after() -> None:
@@ -491,9 +503,14 @@ def test_curve_client_with_the_right_server_key_is_answered() -> None:
         np.testing.assert_array_equal(result.output, np.arange(4))
 
         wrong = CurveConfig(zmq.curve_keypair()[0], client_public, client_secret)
-        # The handshake never completes, so nothing is delivered: the client gives up.
-        with Client(secure.address, timeout=0.3, curve=wrong) as client, pytest.raises(Timeout):
+        # The handshake fails, so nothing is delivered: the client says so instead of waiting
+        # out its timeout, and points at the server key.
+        with (
+            Client(secure.address, timeout=60, curve=wrong) as client,
+            pytest.raises(KeyRefused, match="--server-key") as caught,
+        ):
             client.invoke("echo", np.arange(4))
+        assert caught.value.request_id is not None
         assert len(secure.requests) == 1
     finally:
         secure.close()
@@ -514,7 +531,7 @@ def test_cli_invoke_writes_the_output(coordinator: StandInCoordinator, tmp_path:
     np.save(tmp_path / "x.npy", x)
     out = tmp_path / "y.npy"
     done = _cicada(
-        "echo", "--input", str(tmp_path / "x.npy"), "--address", coordinator.address,
+        "echo", "--input", str(tmp_path / "x.npy"), "--coordinator", coordinator.address,
         "--out", str(out), "--priority", "0", "--deadline", "5", "--timeout", "20",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -526,7 +543,7 @@ def test_cli_invoke_writes_the_output(coordinator: StandInCoordinator, tmp_path:
     np.save(tmp_path / "y_in.npy", y)
     done = _cicada(
         "echo", "--input", str(tmp_path / "x.npy"), "--input", str(tmp_path / "y_in.npy"),
-        "--address", coordinator.address, "--out", str(tmp_path / "o.npy"), "--json",
+        "--coordinator", coordinator.address, "--out", str(tmp_path / "o.npy"), "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
@@ -539,7 +556,7 @@ def test_cli_invoke_exit_status_for_a_failed_call(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", np.zeros(2))
     busy = StandInCoordinator(status=Status.UNAVAILABLE)
     try:
-        done = _cicada("m", "--input", str(tmp_path / "x.npy"), "--address", busy.address,
+        done = _cicada("m", "--input", str(tmp_path / "x.npy"), "--coordinator", busy.address,
                        "--json")  # fmt: skip
     finally:
         busy.close()

@@ -34,7 +34,13 @@ from cicada.cloud.export_edge import (
 )
 from cicada.cloud.models import bert, gpt2, resnet
 from cicada.cloud.packing import pack
-from cicada.common.edge_model import INFO_NAME, INT8_NAME, ONNX_NAME
+from cicada.common.edge_model import (
+    DECODER_INT8_NAME,
+    DECODER_NAME,
+    INFO_NAME,
+    INT8_NAME,
+    ONNX_NAME,
+)
 from cicada.edge.onnx_model import EdgeModel, EdgeModelError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,7 +77,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
     for name, module in MODELS.items():
         package = root / f"pkg-{name}"
         pack(f"cicada.cloud.models.{name}:build", package, config=module.tiny_config())
-        export_edge(package, root / f"edge-{name}", int8=True)
+        export_edge(package, root / f"edge-{name}", int8=True, keep_fp32=True)  # both, compared
         result[name] = Exported(name, package, root / f"edge-{name}")
     return result
 
@@ -241,9 +247,52 @@ def test_cli_export_edge(exported: dict[str, Exported], tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    for name in (ONNX_NAME, INT8_NAME, INFO_NAME):
-        assert (out / name).is_file(), name
+    # --int8: only what the agent serves; the fp32 graph was the checks' reference
+    assert sorted(p.name for p in out.iterdir()) == [INFO_NAME, INT8_NAME]
     assert "max |diff| vs torch" in result.stdout and "bert-edge-L1-int8" in result.stdout
+    assert_says_what_it_wrote(result.stdout, out)
+    assert "fp32 graphs not kept (--keep-fp32)" in result.stdout
+    with pytest.raises(EdgeModelError, match="--keep-fp32"):
+        EdgeModel.load(out, int8=False)
+    assert EdgeModel.load(out).variant == "bert-edge-L1-int8"
+
+
+def assert_says_what_it_wrote(stdout: str, out: Path) -> None:
+    """A `wrote PATH (SIZE)` line for every file in `out`, and a total that adds them up."""
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    lines = stdout.splitlines()
+    total = 0
+    for path in files:
+        size = path.stat().st_size
+        total += size
+        shown = f"{size / 1e6:.2f} MB" if size >= 10**5 else f"{size / 1e3:.1f} kB"
+        assert f"wrote {path} ({shown})" in lines, (path, stdout)
+    assert sum(line.startswith("wrote ") for line in lines) == len(files)
+    shown = f"{total / 1e6:.2f} MB" if total >= 10**5 else f"{total / 1e3:.1f} kB"
+    assert any(line.startswith(f"{out}: {shown} in all") for line in lines), stdout
+
+
+def test_cli_export_edge_keep_fp32_keeps_the_decoders_fp32_graphs_too(
+    exported: dict[str, Exported], tmp_path: Path
+) -> None:
+    runs = {}
+    for keep in (False, True):
+        out = tmp_path / f"keep-{keep}"
+        result = subprocess.run(
+            [sys.executable, "-m", "cicada", "export-edge", "--package",
+             str(exported["gpt2"].package), "--out", str(out), "--int8",
+             *(["--keep-fp32"] if keep else [])],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert_says_what_it_wrote(result.stdout, out)
+        runs[keep] = sorted(p.name for p in out.iterdir())
+    int8_only = [DECODER_INT8_NAME, INFO_NAME, INT8_NAME]
+    assert runs[False] == int8_only
+    assert runs[True] == sorted([*int8_only, ONNX_NAME, DECODER_NAME])
+    listed = json.loads((tmp_path / "keep-False" / INFO_NAME).read_text())["files"]
+    assert sorted(listed) == ["decoder_int8", "int8"]  # the info names only what is there
+    assert EdgeModel.load(tmp_path / "keep-False").new_decoder() is not None
 
 
 def test_a_decoder_exports_a_cached_step_graph_that_decodes_as_recomputing(

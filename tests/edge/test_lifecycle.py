@@ -238,6 +238,28 @@ def test_first_demand_launches_exactly_one_worker() -> None:
     assert w.replies() == {}  # nobody was turned away: all wait for the starting worker
 
 
+def test_a_latency_critical_first_request_launches_a_worker_and_stays_on_the_edge() -> None:
+    w = World(keep_alive_s=5.0)
+    edge = b"edge-1"
+    w.coord.register_worker(edge, Ready(role=Role.EDGE, worker="edge-1", models=[MODEL],
+                                        compute_s=0.01), w.now)  # fmt: skip
+    rid = w.request(priority=0)
+    w.tick()
+    assert len(w.launcher.handles) == 1  # priority 0 launched the model's cloud worker...
+    assert [d.id for d in w.dispatches(edge)] != []  # ...and went to the edge at once
+    cloud = w.register(w.launcher.handles[0])
+    w.tick()
+    assert w.dispatches(cloud) == []
+    w.answer_all(edge)
+    assert [(r.status, r.served_by["role"]) for r in w.replies()[rid]] == [(Status.OK, "edge")]
+    later = w.request(priority=2)  # what follows finds the cloud up
+    w.tick()
+    assert len(w.dispatches(cloud)) == 1 and later not in w.replies()
+    w.answer_all(cloud)
+    w.tick(5.1)  # keep-alive after the last request of any priority: scale to zero
+    assert w.launcher.handles[0].calls == ["terminate"]
+
+
 def test_a_launching_worker_is_cloud_capacity_with_an_eta() -> None:
     w = World(expected_start_s=3.0)
     rid = w.request(priority=2, timeout_s=20.0)
@@ -1023,6 +1045,23 @@ def test_first_request_launches_a_worker_and_idle_scales_to_zero(
         assert not psutil.pid_exists(worker.pid) or not process_running(worker)
         log = coord.stack.log("coordinator")
         assert "draining (scale down)" in log and "removed: draining" in log
+    finally:
+        client.close()
+
+
+def test_a_priority_0_first_request_launches_a_real_worker(
+    live: Callable[..., LiveCoordinator], x: np.ndarray
+) -> None:
+    coord = live("process", keep_alive_s=30.0)
+    client = RawClient(coord.address)
+    try:
+        # No edge agent: nobody can answer priority 0 now (it never waits for a cold
+        # cloud), so it is UNAVAILABLE, but the model is in use: its worker is launched.
+        reply = client.wait(client.send(x, priority=0, deadline_s=5.0))
+        assert reply.status is Status.UNAVAILABLE, reply
+        coord.wait_descendants(1)
+        (worker,) = coord.descendants()
+        assert "cloud" in process_cmdline(worker)
     finally:
         client.close()
 

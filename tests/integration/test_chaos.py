@@ -40,7 +40,15 @@ from cicada.common.protocol import (
     Result,
     Status,
 )
-from cicada.errors import BadRequest, ClientError, Failed, Rejected, Timeout, Unavailable
+from cicada.errors import (
+    BadRequest,
+    ClientError,
+    Failed,
+    NoCoordinator,
+    Rejected,
+    Timeout,
+    Unavailable,
+)
 from cicada.testing import (
     ROOT,
     RecordingAsyncTransport,
@@ -52,8 +60,9 @@ from cicada.testing import (
 MODEL = "gpt2"
 HEARTBEAT = 0.2  # cicada.testing.Stack's default: a silent peer is dead after 4 × 0.2 s
 # The SDK's explicit outcomes. TransportError is deliberately not here: nothing in these
-# scenarios is malformed, so a TransportError would be a bug worth seeing.
-EXPLICIT = (Timeout, Rejected, Unavailable, BadRequest, Failed)
+# scenarios is malformed, so a TransportError would be a bug worth seeing; its NoCoordinator
+# is the SDK saying that the coordinator (killed on purpose) does not answer.
+EXPLICIT = (Timeout, Rejected, Unavailable, BadRequest, Failed, NoCoordinator)
 # A GPT-2 big enough that the cloud worker stays cold/loading for seconds on this machine
 # (torch import, then ~200 MB of weights), and still packs in about two seconds.
 # A prompt of token ids (< 97, the tiny GPT-2's vocabulary) for streamed generations.

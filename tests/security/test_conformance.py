@@ -237,9 +237,14 @@ def test_timeout(peers: Any) -> None:
     worker.register(model)
     ask(client, "late", model, timeout_ms=300)
     worker.expect(wire.DISPATCH)  # and never answers
-    assert reply_to(client, "late").body["status"] == "TIMEOUT"
+    late = reply_to(client, "late").body
+    assert late["status"] == "TIMEOUT"
+    # It ran on a worker: served_by names it, and the error says where (section 4).
+    assert late["served_by"]["role"] == "edge" and late["served_by"]["variant"] == "v1"
+    assert f"while running on edge worker {late['served_by']['worker']}" in late["error"]
     ask(client, "spent", model, timeout_ms=0)
-    assert reply_to(client, "spent").body["status"] == "TIMEOUT"
+    spent = reply_to(client, "spent").body
+    assert spent["status"] == "TIMEOUT" and not spent.get("served_by")  # it never ran
 
 
 def test_rejected_when_the_queue_is_full(peers: Any) -> None:
@@ -282,6 +287,10 @@ def test_bad_request_for_an_unknown_model_names_what_is_served(peers: Any) -> No
     assert reply.body["status"] == "BAD_REQUEST"
     assert "unknown model" in reply.body["error"] and repr(served) in reply.body["error"]
     assert reply.body.get("retry_after_ms") is None
+    assert "did you mean" not in reply.body["error"]  # nothing close to it
+    ask(client, "typo", served.replace("served", "sevred"))
+    typo = reply_to(client, "typo").body
+    assert typo["status"] == "BAD_REQUEST" and f"did you mean {served!r}?" in typo["error"]
 
 
 @pytest.mark.parametrize(
