@@ -148,6 +148,7 @@ class Live:
         self.outcomes: list[Outcome] = []
         self.outputs: dict[int, list[Any]] = {}
         self.frames: list[Frame] = [launching_frame(0.0, total_stages, total_bytes)]
+        self.current = self.frames[0]  # the latest, shown (`frames` keeps the changes)
         self.total_stages = total_stages
         self.ready = threading.Event()
         self.ready_at: float | None = None
@@ -162,7 +163,9 @@ class Live:
             last = self.frames[-1]
             if last.phase == "launching":
                 self.frames[-1] = launching_frame(asked, last.total_stages, last.total_bytes)
+                self.current = self.frames[-1]
         else:
+            self.current = frame
             # Kept when something besides the clocks changed.
             if replace(frame, t=0.0, phase_s=0.0) != replace(self.frames[-1], t=0.0, phase_s=0.0):
                 self.frames.append(frame)
@@ -178,11 +181,11 @@ def _view(live: Live, label: Callable[[int], str] | None, width: int) -> Any:
     from rich.progress_bar import ProgressBar
     from rich.table import Table
 
-    frame = live.frames[-1]
+    frame = live.current
     total = frame.total_stages or None
     bar = Table.grid(padding=(0, 1))
     bar.add_row(
-        "cloud worker",
+        f"cloud worker, launched {frame.t:.1f} s ago",
         ProgressBar(total=total, completed=frame.resident_stages, width=30),
         f"{frame.resident_stages}/{frame.total_stages} stages resident",
     )
@@ -391,8 +394,10 @@ def _mission_lines(console: Any, mission: dict[str, Any]) -> None:
             f"after ready were sent one per {PACE * forward:.2f} s, what it can carry."
         )
     cache = mission["cache"]
-    console.print(f"cache: {cache['path']} ({cache['bytes'] / 1e9:.2f} GB: packages, edge "
-                  "models, example inputs; delete it to start over)")  # fmt: skip
+    size = cache["bytes"]
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    console.print(f"cache: {cache['path']} ({shown}: packages, edge models, example inputs; "
+                  "delete it to start over)")  # fmt: skip
 
 
 def _references(package: Path, edge_dir: Path, sentences: Sequence[str]) -> tuple[Any, Any]:
@@ -501,6 +506,7 @@ def _report_minilm(
             f"{r['latency_s'] * 1000:.1f} ms",
             f"{r['cosine_edge_cloud']:.4f}",
         )
+    console.print()
     console.print(table)
     console.print(
         f"edge (int8 ONNX): {len(by_side['edge'])} answers, p50 {latency['edge_p50_ms']:.1f} ms; "
@@ -544,5 +550,6 @@ def _report(console: Any, live: Live, as_json: bool, model: str, mission: dict[s
             f"{_pct(ok, 0.99) * 1000:.1f} ms",
             f"{sum(o.met_deadline for o in group)}/{len(group)}",
         )
+    console.print()
     console.print(table)
     _mission_lines(console, mission)
