@@ -151,6 +151,7 @@ class WorkerRuntime:
         self._pool = ThreadPoolExecutor(config.capacity, thread_name_prefix="cicada-exec")
         self._thread = threading.Thread(target=self._loop, name="cicada-io", daemon=True)
         self._compute_ema: float | None = None
+        self._compute_from_warmup = False  # the estimate is the warm-up forward's time
 
     # -- public -----------------------------------------------------------------------------
 
@@ -385,11 +386,15 @@ class WorkerRuntime:
         # compute; letting it in made the coordinator think the cloud was seconds slow.
         # A generation's time is per token count, not per request: it says nothing either;
         # nor does a worker's first forward once loaded (`warmup`: first touch of the weights).
+        # The warm-up stands in until the first steady forward replaces it (not averaged in).
         timings = result.timings
         steady = not (timings.get("during_load") or timings.get("warmup") or "tokens" in timings)
         if result.status is Status.OK and steady:
-            ema = self._compute_ema
+            ema = None if self._compute_from_warmup else self._compute_ema
             self._compute_ema = compute if ema is None else 0.8 * ema + 0.2 * compute
+            self._compute_from_warmup = False
+        elif result.status is Status.OK and timings.get("warmup") and self._compute_ema is None:
+            self._compute_ema, self._compute_from_warmup = compute, True
         result.variant = result.variant or self.config.variant
         with self._lock:
             self._streams.pop(dispatch.id, None)

@@ -3,8 +3,9 @@
 Requests arrive as a Poisson process at the burst's rate, their priorities drawn from `MIX`.
 While the cloud worker is cold the edge answers them. Once it is ready, the quality-seeking
 requests go through a pacer: once the quality-seeking work sent while the cloud was cold has
-been answered (a loading cloud worker may have taken it), one per `PACE` times the cloud's
-latest forward time, as measured from its own replies (`compute_s`). A CPU cloud worker runs
+been answered (a loading cloud worker may have taken it), one at a time (the next once the
+previous is answered), at least `PACE` times the cloud's latest forward time apart, as measured
+from its own replies (`compute_s`). A CPU cloud worker runs
 one forward at a time, and on this 2-core machine that forward takes 0.2 s idle and seconds
 when the machine is busy: a burst that sent quality-seeking work faster than that would only
 show the policy (rightly) moving it to the edge. The demo says what pace it used. The last few
@@ -59,8 +60,9 @@ class Outcome:
 
 @dataclass
 class Pacer:
-    """Spaces the quality-seeking requests sent after the cloud is ready by PACE x its latest
-    forward time (a reply outside its load), after the cold start's quality work is done."""
+    """Sends the quality-seeking requests after the cloud is ready one at a time, PACE x its
+    latest forward time (a reply outside its load) apart, after the cold start's quality work
+    is done: what one CPU worker that runs one forward at a time can carry."""
 
     forward_s: float | None = None
     gaps: list[float] = field(default_factory=list)
@@ -68,6 +70,7 @@ class Pacer:
     _last: float | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _measured: asyncio.Event = field(default_factory=asyncio.Event)
+    _paced_outstanding: bool = False
 
     def measure(self, seconds: float) -> None:
         self.forward_s = seconds
@@ -77,7 +80,8 @@ class Pacer:
         """Wait for this request's turn (at most about `wait_s` for each thing it waits on)."""
         async with self._lock:
             waited = 0.0
-            while self.cold_outstanding and waited < wait_s:  # the cloud may still run them
+            # The cloud may still run those sent while it was cold, or the previous one.
+            while (self.cold_outstanding or self._paced_outstanding) and waited < wait_s:
                 await asyncio.sleep(0.05)
                 waited += 0.05
             if self._last is not None:
@@ -88,6 +92,11 @@ class Pacer:
                 self.gaps.append(gap)
                 await asyncio.sleep(max(0.0, self._last + gap - time.monotonic()))
             self._last = time.monotonic()
+            self._paced_outstanding = True
+
+    def answered(self) -> None:
+        """The request that had the last turn was answered."""
+        self._paced_outstanding = False
 
 
 def draw_priorities(count: int, seed: int) -> list[int]:
@@ -130,7 +139,8 @@ async def burst(
         deadline = MIX[priority][1]
         after_ready = cloud_ready.is_set()
         cold_quality = priority == QUALITY and not after_ready
-        if priority == QUALITY and after_ready:
+        paced = priority == QUALITY and after_ready
+        if paced:
             await pacer.turn(deadline)
         sent = time.monotonic()
         pacer.cold_outstanding += cold_quality
@@ -140,6 +150,8 @@ async def burst(
             )
         except CallError as exc:
             pacer.cold_outstanding -= cold_quality
+            if paced:
+                pacer.answered()
             status = getattr(exc, "status", None)
             outcomes.append(
                 Outcome(
@@ -158,6 +170,8 @@ async def burst(
             return
         received = time.monotonic()
         pacer.cold_outstanding -= cold_quality
+        if paced:
+            pacer.answered()
         outputs[i] = result.outputs
         role = result.served_by.get("role", "?")
         timings = result.timings
