@@ -110,14 +110,18 @@ def ensure_edge_model(name: str, package: Path, cache: Path, console: Any = None
     return out
 
 
-def cached_input(name: str, cache: Path) -> Path:
-    """The model's example input, kept beside its package: building it imports torch (seconds
-    on a busy machine), which the demo's own process otherwise never needs."""
+def cached_input(name: str, cache: Path) -> Any:
+    """The model's example input, kept in the cache: building it imports torch (seconds on a
+    busy machine), which the demo's own process otherwise never needs. A file that does not
+    load as a plain array (no pickle) is made again."""
+    import numpy as np
+
     path = cache / "inputs" / f"{name}.npy"
-    if not path.is_file():
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        example_input(name, path)
-    return path
+        return np.load(example_input(name, path), allow_pickle=False)
 
 
 def _roles(snapshot: dict[str, Any], role: str) -> dict[str, int]:
@@ -344,9 +348,7 @@ def _requests(
             return sentences[i % len(sentences)]
 
         return (lambda i: {"text": [sentence(i)]}), sentence
-    import numpy as np
-
-    inputs = np.load(cached_input(model, cache))
+    inputs = cached_input(model, cache)
     return (lambda i: {"inputs": inputs}), None
 
 

@@ -104,3 +104,22 @@ def test_demo_takes_text_only_for_a_model_that_reads_text(tmp_path: Path) -> Non
     assert done.returncode == 2
     assert "--text goes with --model minilm" in done.stderr
     assert not (tmp_path / "cache").exists()  # refused before packing anything
+
+
+def test_a_cached_input_that_does_not_load_is_made_again(tmp_path: Path) -> None:
+    """The example input kept in the cache is data: a truncated file or a pickle is not
+    loaded, it is written again from the model's example."""
+    import numpy as np
+
+    from cicada.demos.live import cached_input
+
+    path = tmp_path / "inputs" / "gpt2-tiny.npy"
+    path.parent.mkdir()
+    for junk in (b"\x93NUMPY truncated", np.lib.format.MAGIC_PREFIX + b"\x01\x00pickle"):
+        path.write_bytes(junk)
+        made = cached_input("gpt2-tiny", tmp_path)
+        assert made.dtype == np.int64 and made.ndim == 2
+        assert np.array_equal(np.load(path, allow_pickle=False), made)
+    kept = np.array([[3, 1, 4]], dtype=np.int64)  # a valid file is what the demo sends
+    np.save(path, kept)
+    assert np.array_equal(cached_input("gpt2-tiny", tmp_path), kept)
