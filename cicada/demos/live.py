@@ -110,17 +110,20 @@ def ensure_edge_model(name: str, package: Path, cache: Path, console: Any = None
     return out
 
 
-def cached_input(name: str, cache: Path) -> Any:
+def cached_input(name: str, cache: Path, console: Any = None) -> Any:
     """The model's example input, kept in the cache: building it imports torch (seconds on a
     busy machine), which the demo's own process otherwise never needs. A file that does not
     load as a plain array (no pickle) is made again."""
     import numpy as np
+    from rich.console import Console
 
     path = cache / "inputs" / f"{name}.npy"
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError):
         path.parent.mkdir(parents=True, exist_ok=True)
+    what = f"making {name}'s example input (once; cached)"
+    with step(console or Console(stderr=True), what, {}, "input_s"):
         return np.load(example_input(name, path), allow_pickle=False)
 
 
@@ -321,7 +324,7 @@ def run_live_demo(
     with tempfile.TemporaryDirectory(prefix="cicada-demo-") as tmp:
         # The roles run in the caller's directory; any of them exiting ends the demo.
         stack = Stack(Path(tmp), heartbeat=0.25, cwd=None, fail_fast=True)
-        request_for, label = _requests(model, cache, sentences)
+        request_for, label = _requests(model, cache, sentences, console)
         try:
             t0 = _start_roles(stack, package, edge_dir, console, setup)
             setup["first_request_after_s"] = time.monotonic() - began
@@ -339,7 +342,7 @@ def run_live_demo(
 
 
 def _requests(
-    model: str, cache: Path, sentences: Sequence[str]
+    model: str, cache: Path, sentences: Sequence[str], console: Any = None
 ) -> tuple[RequestFor, Callable[[int], str] | None]:
     """What request i sends: a sentence as text (minilm, in turn), or the example tensor."""
     if model == "minilm":
@@ -348,7 +351,7 @@ def _requests(
             return sentences[i % len(sentences)]
 
         return (lambda i: {"text": [sentence(i)]}), sentence
-    inputs = cached_input(model, cache)
+    inputs = cached_input(model, cache, console)
     return (lambda i: {"inputs": inputs}), None
 
 
