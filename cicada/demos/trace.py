@@ -79,11 +79,10 @@ class Pacer:
     async def turn(self, wait_s: float) -> None:
         """Wait for this request's turn (at most about `wait_s` for each thing it waits on)."""
         async with self._lock:
-            waited = 0.0
+            until = time.monotonic() + wait_s
             # The cloud may still run those sent while it was cold, or the previous one.
-            while (self.cold_outstanding or self._paced_outstanding) and waited < wait_s:
+            while (self.cold_outstanding or self._paced_outstanding) and time.monotonic() < until:
                 await asyncio.sleep(0.05)
-                waited += 0.05
             if self._last is not None:
                 if self.forward_s is None:  # the first answer tells the pace
                     with contextlib.suppress(TimeoutError):
