@@ -118,6 +118,10 @@ class ColdStart:
         self._published: list[ResidencyEvent] = []
         self._resident_bytes = 0
         self._resident_count = 0
+        # Stages read and verified (not yet applied, maybe): on CPU the reader finishes long
+        # before `import torch` does, and no stage can be applied before the model is built.
+        self.read_stages = 0
+        self.read_bytes = 0
         self._started = self.timeline.now()
         self._aliases_of: dict[str, list[str]] = {}
         for alias, target in self.manifest.aliases.items():
@@ -181,6 +185,14 @@ class ColdStart:
             if item.done:
                 return
 
+    def read_eta(self, assumed_bps: float) -> float:
+        """Seconds until every stage is read, at the rate read so far (`assumed_bps` before
+        the first stage)."""
+        rest = self.manifest.total_bytes - self.read_bytes
+        elapsed = self.timeline.now() - self._started
+        rate = self.read_bytes / elapsed if self.read_bytes and elapsed > 0 else assumed_bps
+        return rest / rate
+
     @property
     def all_resident(self) -> bool:
         return self._error is None and all(e.is_set() for e in self._resident)
@@ -222,6 +234,9 @@ class ColdStart:
         if read.error is not None:
             self._fail(read.error)
             return
+        with self._lock:
+            self.read_stages += 1
+            self.read_bytes += read.stage.nbytes
         try:
             with self._lock:
                 if self._model is None:

@@ -51,8 +51,11 @@ from cicada.common.worker import (
 log = logging.getLogger("cicada.cloud")
 T = TypeVar("T")
 
-# Before the first stage lands the worker can only guess its ETA: torch import plus the read.
-ASSUMED_START_S = 1.5
+# Before the first stage lands the worker can only guess its ETA from what is left of the
+# import (`import torch`: ~1.25 s on an idle 2-core machine, longer in proportion to the load),
+# the construction, and the read (at the rate read so far).
+ASSUMED_IMPORT_S = 1.25
+ASSUMED_CONSTRUCT_S = 0.2
 ASSUMED_READ_BPS = 1.0e9
 EXIT_LOAD_FAILED = 3
 EXIT_SERVING_FAILED = 4  # the serving loop died: the lifecycle replaces the worker
@@ -121,7 +124,11 @@ class CloudWorker:
         self._load_interruptible = False  # SIGTERM may abandon the build (see _on_stop_signal)
         self.failed: CicadaError | None = None
         self._last: ResidencyEvent | None = None
+        # protocol.PHASES: importing -> constructing -> loading -> ready, and when each began.
+        self._phase, self._phase_at = "importing", time.monotonic()
+        self._import_expected_s = ASSUMED_IMPORT_S * _load_factor()
         self._limits: InputLimits | None = None
+        self._warmed = False  # a forward has run with every stage resident
         # Held while a request is queued for the main thread and while `failed` is set, so
         # that no request is queued after the last look at the queue.
         self._accepting = threading.Lock()
@@ -153,16 +160,43 @@ class CloudWorker:
         self._fail(error)
         self.runtime.notify()
 
+    def _enter(self, phase: str) -> None:
+        self._phase, self._phase_at = phase, time.monotonic()
+        self.runtime.notify()
+
     def status(self) -> WorkerStatus:
-        total = len(self.cold.manifest.stages)
-        last = self._last
+        """State, residency and phase, as READY and HEARTBEAT report them (PROTOCOL.md 4).
+
+        Stages count as resident once applied to the built model; the bytes read and verified
+        are reported apart (`read_*`), since on CPU the reader is done before torch is
+        imported. The ETA before any stage is resident adds what is left of the import (its
+        expected length grows once overrun: it is a guess) and of the construction, or the
+        rest of the read if that takes longer."""
+        cold = self.cold
+        total = len(cold.manifest.stages)
+        last, phase = self._last, self._phase
+        in_phase = time.monotonic() - self._phase_at
         if last is not None and last.done and self.built.is_set() and self.failed is None:
-            return WorkerStatus(WorkerState.READY, total, total, 0.0, None)
-        if last is None:
-            started = self.timeline.now() - self.timeline.entered
-            guess = ASSUMED_START_S + self.cold.manifest.total_bytes / ASSUMED_READ_BPS
-            return WorkerStatus(WorkerState.COLD, 0, total, max(0.1, guess - started), None)
-        return WorkerStatus(WorkerState.LOADING, last.resident_stages, total, last.eta_s, None)
+            state, resident, eta = WorkerState.READY, total, 0.0
+            if phase != "ready":
+                self._phase, self._phase_at, in_phase = "ready", time.monotonic(), 0.0
+            phase = "ready"
+        elif phase in ("importing", "constructing"):
+            if phase == "importing":
+                rest = _left(self._import_expected_s, in_phase) + ASSUMED_CONSTRUCT_S
+            else:
+                rest = _left(ASSUMED_CONSTRUCT_S, in_phase)
+            state, resident = WorkerState.COLD, 0 if last is None else last.resident_stages
+            eta = max(rest, cold.read_eta(ASSUMED_READ_BPS))
+        else:
+            state = WorkerState.LOADING if last is not None else WorkerState.COLD
+            resident = 0 if last is None else last.resident_stages
+            eta = cold.read_eta(ASSUMED_READ_BPS) if last is None else last.eta_s
+        return WorkerStatus(
+            state, resident, total, eta, None, phase=phase, phase_s=in_phase,
+            read_stages=cold.read_stages, read_bytes=cold.read_bytes,
+            total_bytes=cold.manifest.total_bytes,
+        )  # fmt: skip
 
     def _on_residency(self, event: ResidencyEvent) -> None:
         self._last = event
@@ -263,6 +297,12 @@ class CloudWorker:
         timings = {"compute_s": time.monotonic() - start}
         if during_load:
             timings["during_load"] = 1.0
+        elif not self._warmed:
+            # The first forward on the whole model maps the weights' pages and warms the
+            # allocator: 4 s where the next took 1.7 s (GPT-2-medium, busy 2-core machine).
+            # It is no estimate of the next one (common/worker.py leaves it out).
+            self._warmed = True
+            timings["warmup"] = 1.0
         return Result(id=dispatch.id, status=Status.OK, outputs=arrays, timings=timings)
 
     def _guarded(self, dispatch: Dispatch, what: str, run: Callable[[], T]) -> T | Result:
@@ -396,12 +436,13 @@ class CloudWorker:
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        self._enter("constructing")
         # The rest of the load (read, verify, apply) finishes on the reader thread while
         # this thread serves: a request that arrives now starts on the resident stages.
         self.cold.build()
         self._load_interruptible = False
         self.built.set()
-        self.runtime.notify()  # READY may be due now (if every stage arrived first)
+        self._enter("loading")  # READY may be due now (if every stage arrived first)
 
     def _serve_health(self, host: str, port: int) -> None:
         """/ready is 200 only once every stage is resident (a readiness probe that reflects
@@ -464,3 +505,19 @@ class CloudWorker:
             self._serve_pending()
         self._serve_pending()
         return code
+
+
+def _load_factor() -> float:
+    """How much slower than idle this machine runs now: runnable processes per core (at
+    least 1), from the 1-minute load average where the system has one."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 1.0
+    return max(1.0, load / (os.cpu_count() or 1))
+
+
+def _left(expected_s: float, spent_s: float) -> float:
+    """What is left of a step expected to take `expected_s`; once it overran, a quarter of the
+    time spent so far (the estimate was wrong: grow it rather than report zero)."""
+    return max(expected_s - spent_s, 0.25 * spent_s)

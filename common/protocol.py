@@ -36,7 +36,11 @@ MAX_MODELS_PER_WORKER = 16
 MAX_NAME_LEN = 256  # worker, model and variant names (they become metric labels)
 MAX_CAPACITY = 1024
 MAX_STAGES = 1 << 20
-MAX_ESTIMATE_S = 86_400.0  # eta_s, compute_s: finite, 0 ... one day
+MAX_ESTIMATE_S = 86_400.0  # eta_s, compute_s, phase_s: finite, 0 ... one day
+MAX_BYTES = 1 << 50  # read_bytes, total_bytes: a petabyte is no model's size
+MAX_PHASE_LEN = 32  # a cloud worker's `phase`: a short word (PHASES), free for new ones
+# What a cloud worker is doing while it starts (section 4): in this order, each once.
+PHASES = ("importing", "constructing", "loading", "ready")
 
 
 class Command(enum.IntEnum):
@@ -352,6 +356,13 @@ class Ready(Message):
     total_stages: int = 0
     eta_s: float | None = None
     compute_s: float | None = None  # measured (or estimated) seconds per request
+    # Added within version 1 (section 4): what a starting cloud worker is doing, for how long,
+    # and its weights read (verified) so far, apart from the stages resident (applied).
+    phase: str | None = None
+    phase_s: float | None = None
+    read_stages: int = 0
+    read_bytes: int = 0
+    total_bytes: int = 0
 
 
 @dataclass
@@ -364,6 +375,11 @@ class Heartbeat(Message):
     total_stages: int = 0
     eta_s: float | None = None
     compute_s: float | None = None
+    phase: str | None = None  # as in Ready
+    phase_s: float | None = None
+    read_stages: int = 0
+    read_bytes: int = 0
+    total_bytes: int = 0
     # From the coordinator, in answer to a READY: the registration was accepted.
     registered: bool | None = None
 
@@ -427,7 +443,8 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "state": (str, True), "resident_stages": (int, True), "total_stages": (int, True),
     "eta_s": ((int, float), True), "compute_s": ((int, float), True), "inflight": (int, True),
     "load": ((int, float), True), "reason": (str, True), "registered": (bool, True),
-    "refused": (str, True),
+    "refused": (str, True), "phase": (str, True), "phase_s": ((int, float), True),
+    "read_stages": (int, True), "read_bytes": (int, True), "total_bytes": (int, True),
 }  # fmt: skip
 _ENUMS: dict[str, type[enum.Enum]] = {"status": Status, "role": Role, "state": WorkerState}
 # Enum member by value: a dict lookup instead of EnumType.__call__ (~1 us each).
@@ -506,7 +523,18 @@ def worker_report_problem(message: Ready | Heartbeat) -> tuple[str, str] | None:
         or _count_problem("total_stages", message.total_stages, 0, MAX_STAGES)
         or _estimate_problem("eta_s", message.eta_s)
         or _estimate_problem("compute_s", message.compute_s)
+        or _phase_problem(message.phase)
+        or _estimate_problem("phase_s", message.phase_s)
+        or _count_problem("read_stages", message.read_stages, 0, MAX_STAGES)
+        or _count_problem("read_bytes", message.read_bytes, 0, MAX_BYTES)
+        or _count_problem("total_bytes", message.total_bytes, 0, MAX_BYTES)
     )
+
+
+def _phase_problem(phase: str | None) -> tuple[str, str] | None:
+    if phase is not None and not 0 < len(phase) <= MAX_PHASE_LEN:
+        return "phase", f"phase must be 1 ... {MAX_PHASE_LEN} characters"
+    return None
 
 
 # Checks beyond the type, by field name (run on every decode).

@@ -100,6 +100,13 @@ class WorkerStatus:
     total_stages: int = 0
     eta_s: float | None = None
     compute_s: float | None = None
+    # A starting cloud worker's phase (protocol.PHASES), seconds in it so far, and its weights
+    # read and verified so far (which run ahead of the stages resident).
+    phase: str | None = None
+    phase_s: float | None = None
+    read_stages: int = 0
+    read_bytes: int = 0
+    total_bytes: int = 0
 
 
 @dataclass
@@ -144,6 +151,7 @@ class WorkerRuntime:
         self._pool = ThreadPoolExecutor(config.capacity, thread_name_prefix="cicada-exec")
         self._thread = threading.Thread(target=self._loop, name="cicada-io", daemon=True)
         self._compute_ema: float | None = None
+        self._compute_from_warmup = False  # the estimate is the warm-up forward's time
 
     # -- public -----------------------------------------------------------------------------
 
@@ -188,31 +196,32 @@ class WorkerRuntime:
         return sock
 
     def _ready(self) -> Ready:
-        s = self.status()
         return Ready(
             role=self.config.role,
             worker=self.config.worker,
             models=list(self.config.models),
             variant=self.config.variant,
             capacity=self.config.capacity,
-            state=WorkerState.DRAINING if self.draining.is_set() else s.state,
-            resident_stages=s.resident_stages,
-            total_stages=s.total_stages,
-            eta_s=_estimate(s.eta_s),
-            compute_s=_estimate(s.compute_s if self._compute_ema is None else self._compute_ema),
+            **self._report(self.status()),
         )
 
     def _heartbeat(self) -> Heartbeat:
-        s = self.status()
-        return Heartbeat(
-            state=WorkerState.DRAINING if self.draining.is_set() else s.state,
-            inflight=self._inflight,
-            load=self.load(),
-            resident_stages=s.resident_stages,
-            total_stages=s.total_stages,
-            eta_s=_estimate(s.eta_s),
-            compute_s=_estimate(s.compute_s if self._compute_ema is None else self._compute_ema),
-        )
+        return Heartbeat(inflight=self._inflight, load=self.load(), **self._report(self.status()))
+
+    def _report(self, s: WorkerStatus) -> dict[str, Any]:
+        """The fields READY and HEARTBEAT share: state, residency, estimates, phase."""
+        return {
+            "state": WorkerState.DRAINING if self.draining.is_set() else s.state,
+            "resident_stages": s.resident_stages,
+            "total_stages": s.total_stages,
+            "eta_s": _estimate(s.eta_s),
+            "compute_s": _estimate(s.compute_s if self._compute_ema is None else self._compute_ema),
+            "phase": s.phase,
+            "phase_s": _estimate(s.phase_s),
+            "read_stages": s.read_stages,
+            "read_bytes": s.read_bytes,
+            "total_bytes": s.total_bytes,
+        }
 
     @staticmethod
     def _send(sock: zmq.Socket[bytes], message: Message) -> bool:
@@ -375,11 +384,17 @@ class WorkerRuntime:
         compute = result.timings.setdefault("compute_s", elapsed)
         # A forward that waited for weights (cold start) says nothing about steady-state
         # compute; letting it in made the coordinator think the cloud was seconds slow.
-        # A generation's time is per token count, not per request: it says nothing either.
-        steady = not result.timings.get("during_load") and "tokens" not in result.timings
+        # A generation's time is per token count, not per request: it says nothing either;
+        # nor does a worker's first forward once loaded (`warmup`: first touch of the weights).
+        # The warm-up stands in until the first steady forward replaces it (not averaged in).
+        timings = result.timings
+        steady = not (timings.get("during_load") or timings.get("warmup") or "tokens" in timings)
         if result.status is Status.OK and steady:
-            ema = self._compute_ema
+            ema = None if self._compute_from_warmup else self._compute_ema
             self._compute_ema = compute if ema is None else 0.8 * ema + 0.2 * compute
+            self._compute_from_warmup = False
+        elif result.status is Status.OK and timings.get("warmup") and self._compute_ema is None:
+            self._compute_ema, self._compute_from_warmup = compute, True
         result.variant = result.variant or self.config.variant
         with self._lock:
             self._streams.pop(dispatch.id, None)

@@ -35,7 +35,9 @@ from cicada.common.errors import CicadaError
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Mean arrival rate of the burst (requests/s, Poisson) [default: 12; minilm: 4].",
+    help="Mean arrival rate of the burst (requests/s, Poisson) [default: 12; minilm: 4]. Once "
+    "the cloud is ready, quality-seeking requests go one at a time, at the pace its measured "
+    "forward allows (one CPU worker runs one forward at a time).",
 )
 @click.option(
     "--text",
@@ -49,7 +51,8 @@ from cicada.common.errors import CicadaError
     "as_json",
     is_flag=True,
     help="Print a machine-readable summary: per request id, priority, served_by, latency, "
-    "status (minilm: and the edge-cloud cosine similarity of its sentence).",
+    "status (minilm: and the edge-cloud cosine similarity of its sentence), the share after "
+    "ready, the residency reports seen, the setup times and the cache.",
 )
 def demo(
     model: str,
@@ -62,7 +65,9 @@ def demo(
     """Coordinator + edge agent + a cold cloud worker, and a burst of mixed-priority requests.
 
     Packs the model and exports its int8 edge model once (cached), then starts the three roles
-    as local processes and shows live where each request goes while the cloud cold-starts.
+    as local processes and shows live the cloud worker's start-up (phase, weights read, stages
+    resident, ETA) and where each request goes. The summary states how many of the
+    quality-seeking requests sent after the cloud was ready it served, and where the cache is.
     With --model minilm the requests are sentences, and the report shows, next to each
     latency, the cosine similarity between the edge's and the cloud's embedding."""
     from cicada.demos.live import run_live_demo

@@ -53,12 +53,12 @@ def ensure_package(name: str, cache: Path) -> Path:
             return out
     except CicadaError:
         pass
-    from rich.progress import BarColumn, DownloadColumn, Progress
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeElapsedColumn
 
     from cicada.cloud.packing import pack
 
-    with Progress("packing " + name, BarColumn(), DownloadColumn(),
-                  console=Console(stderr=True)) as bar:  # fmt: skip
+    with Progress(f"packing {name} into {out} (once; cached)", BarColumn(), DownloadColumn(),
+                  TimeElapsedColumn(), console=Console(stderr=True)) as bar:  # fmt: skip
         task = bar.add_task(name, total=None)
         pack(
             factory,

@@ -16,13 +16,14 @@ sentence next to the latencies: the quality the edge trades for speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import random
+import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +34,24 @@ from cicada.demos.cold_start import (
     ensure_package,
     example_input,
 )
+from cicada.demos.mission import (
+    Frame,
+    cache_summary,
+    critical_on_time,
+    frame_from,
+    frames_json,
+    launching_frame,
+    quality_after_ready,
+)
+from cicada.demos.trace import MIX, PACE, PRIORITY_NAMES, Outcome, Pacer, RequestFor, burst
 from cicada.testing.stack import Stack
 
-# priority -> (share of the burst, deadline in seconds)
-MIX = {0: (0.3, 1.0), 1: (0.5, 3.0), 2: (0.2, 8.0)}
-PRIORITY_NAMES = {0: "critical", 1: "normal", 2: "quality"}
 EDGE_SHRINK = {"gpt2-medium": {"n_layer": 2}, "gpt2-tiny": {"n_layer": 1}}
 # (requests, rate) when not given: the MiniLM burst lasts longer than the cloud's cold start
 # (torch and transformers imports, ~4 s here), so that both sides answer some of it.
 BURST_DEFAULTS = {"minilm": (36, 4.0)}
 DEFAULT_BURST = (60, 12.0)
-HOLD_FOR_CLOUD_S = 120.0  # the most the burst's held request waits for the cloud to be ready
+LAST_ANSWERS = 8  # rows of the live table's latest answers, below the per-priority summary
 MINILM_SENTENCES = (
     "A man is playing a guitar on stage.",
     "The new movie is awesome, I loved every minute of it.",
@@ -66,27 +74,26 @@ SIMILARITY_NOTE = (
 )
 
 
-@dataclass
-class Outcome:
-    id: int
-    priority: int
-    deadline_s: float
-    sent_at: float
-    latency_s: float
-    status: str
-    served_by: str
-    variant: str
-    error: str = ""
-    # The latest it can have been dispatched to the worker that answered (seconds since the
-    # burst's time zero): received minus the coordinator's worker_s. None: not dispatched.
-    dispatched_by_s: float | None = None
+@contextlib.contextmanager
+def step(console: Any, what: str, setup: dict[str, float], key: str) -> Iterator[None]:
+    """A spinner with the elapsed time while `what` runs (no step of the demo is a blank
+    screen), its duration kept in `setup[key]`."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    @property
-    def met_deadline(self) -> bool:
-        return self.status == "OK" and self.latency_s <= self.deadline_s
+    start = time.monotonic()
+    with Progress(SpinnerColumn(), TextColumn(what), TimeElapsedColumn(), console=console,
+                  transient=True) as bar:  # fmt: skip
+        bar.add_task(what, total=None)
+        yield
+    setup[key] = time.monotonic() - start
+    console.print(f"[green]✓[/] {what} ({setup[key]:.1f} s)")
 
 
-def ensure_edge_model(name: str, package: Path, cache: Path) -> Path:
+def ensure_edge_model(name: str, package: Path, cache: Path, console: Any = None,
+                      setup: dict[str, float] | None = None) -> Path:  # fmt: skip
+    """The int8 edge model of `name` in the cache, exported once (its time in `setup`)."""
+    from rich.console import Console
+
     from cicada.edge.onnx_model import EdgeModel, EdgeModelError
 
     out = cache / "edge" / name
@@ -95,185 +102,176 @@ def ensure_edge_model(name: str, package: Path, cache: Path) -> Path:
         return out
     except EdgeModelError:
         pass
-    from rich.console import Console
-
     from cicada.cloud.export_edge import export_edge
 
-    with Console(stderr=True).status(f"exporting the int8 edge model of {name} (once)"):
+    what = f"exporting the int8 edge model of {name} to {out} (once; cached)"
+    with step(console or Console(stderr=True), what, {} if setup is None else setup, "export_s"):
         export_edge(package, out, shrink=EDGE_SHRINK.get(name), int8=True, force=True)
     return out
+
+
+def cached_input(name: str, cache: Path, console: Any = None) -> Any:
+    """The model's example input, kept in the cache: building it imports torch (seconds on a
+    busy machine), which the demo's own process otherwise never needs. A file that does not
+    load as a plain array (no pickle) is made again."""
+    import numpy as np
+    from rich.console import Console
+
+    path = cache / "inputs" / f"{name}.npy"
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    what = f"making {name}'s example input (once; cached)"
+    with step(console or Console(stderr=True), what, {}, "input_s"):
+        return np.load(example_input(name, path), allow_pickle=False)
 
 
 def _roles(snapshot: dict[str, Any], role: str) -> dict[str, int]:
     return {w["state"]: w["count"] for w in snapshot["workers"] if w["role"] == role}
 
 
-RequestFor = Callable[[int], dict[str, Any]]  # request index -> Client.invoke keyword arguments
-
-
-async def _burst(
-    address: str,
-    request_for: RequestFor,
-    count: int,
-    rate: float,
-    seed: int,
-    outcomes: list[Outcome],
-    t0: float,
-    outputs: dict[int, list[Any]],
-    cloud_ready: threading.Event | None = None,
-) -> None:
-    from cicada import AsyncClient, CallError
-
-    rng = random.Random(seed)
-    priorities = rng.choices(list(MIX), weights=[m[0] for m in MIX.values()], k=count)
-    # The burst's last request that may use the cloud waits for it to be ready (a bounded
-    # wait): however long the cold start takes, both sides answer some of the burst.
-    held = max((i for i, p in enumerate(priorities) if p >= 1), default=None)
-
-    async def one(i: int, priority: int, at: float, client: Any) -> None:
-        await asyncio.sleep(max(0.0, at - (time.monotonic() - t0)))
-        if i == held and cloud_ready is not None:
-            await asyncio.to_thread(cloud_ready.wait, HOLD_FOR_CLOUD_S)
-        deadline = MIX[priority][1]
-        sent = time.monotonic()
-        try:
-            result = await client.invoke(
-                "demo", priority=priority, deadline=deadline, **request_for(i)
-            )
-            received = time.monotonic()
-            outputs[i] = result.outputs
-            outcome = Outcome(
-                i,
-                priority,
-                deadline,
-                sent - t0,
-                time.monotonic() - sent,
-                "OK",
-                result.served_by.get("role", "?"),
-                result.served_by.get("variant", ""),
-                dispatched_by_s=received - result.timings.get("worker_s", 0.0) - t0,
-            )
-        except CallError as exc:
-            status = getattr(exc, "status", None)
-            outcome = Outcome(
-                i,
-                priority,
-                deadline,
-                sent - t0,
-                time.monotonic() - sent,
-                getattr(status, "value", type(exc).__name__),
-                "-",
-                "",
-                str(exc)[:80],
-            )
-        outcomes.append(outcome)
-
-    at, schedule = 0.0, []
-    for _ in range(count):
-        at += rng.expovariate(rate)
-        schedule.append(at)
-    async with AsyncClient(address, timeout=30.0) as client:
-        await asyncio.gather(
-            *(
-                one(i, p, t, client)
-                for i, (p, t) in enumerate(zip(priorities, schedule, strict=True))
-            )
-        )
-
-
-def _start_roles(stack: Stack, package: Path, edge_dir: Path) -> float:
+def _start_roles(stack: Stack, package: Path, edge_dir: Path, console: Any,
+                 setup: dict[str, float]) -> float:  # fmt: skip
     """Coordinator, then the edge agent, then a cold cloud worker; returns when the cloud
     worker was launched (the burst's time zero)."""
-    stack.coordinator()
-    stack.edge("demo", edge_dir, "edge-1")
-    stack.wait_for(lambda s: _roles(s, "edge"), "the edge agent to register", poll_timeout=1.0)
+    with step(console, "starting the coordinator", setup, "coordinator_s"):
+        stack.coordinator()
+    with step(console, "starting the edge agent (ONNX Runtime, int8)", setup, "edge_s"):
+        stack.edge("demo", edge_dir, "edge-1")
+        stack.wait_for(lambda s: _roles(s, "edge"), "the edge agent to register",
+                       poll_timeout=1.0)  # fmt: skip
     t0 = time.monotonic()
     stack.cloud("demo", package, "cloud-1")
     return t0
 
 
+class Live:
+    """What the demo saw, shared between the burst's thread and the display loop."""
+
+    def __init__(self, t0: float, count: int, total_stages: int, total_bytes: int) -> None:
+        self.t0 = t0  # the cloud worker's launch
+        self.count = count
+        self.outcomes: list[Outcome] = []
+        self.outputs: dict[int, list[Any]] = {}
+        self.frames: list[Frame] = [launching_frame(0.0, total_stages, total_bytes)]
+        self.current = self.frames[0]  # the latest, shown (`frames` keeps the changes)
+        self.total_stages = total_stages
+        self.ready = threading.Event()
+        self.ready_at: float | None = None
+        self.cold_until = 0.0  # the last time the cloud was seen not ready
+        self.pacer = Pacer()
+
+    def observe(self, snapshot: dict[str, Any] | None, asked: float) -> None:
+        """One status snapshot, asked for at `asked` (seconds since the launch)."""
+        frame = None if snapshot is None else frame_from(snapshot, "cloud-1", asked,
+                                                        self.total_stages)  # fmt: skip
+        if frame is None:
+            last = self.frames[-1]
+            if last.phase == "launching":
+                self.frames[-1] = launching_frame(asked, last.total_stages, last.total_bytes)
+                self.current = self.frames[-1]
+        else:
+            self.current = frame
+            # Kept when something besides the clocks changed.
+            if replace(frame, t=0.0, phase_s=0.0) != replace(self.frames[-1], t=0.0, phase_s=0.0):
+                self.frames.append(frame)
+            if frame.state == "ready" and not self.ready.is_set():
+                self.ready_at = time.monotonic() - self.t0
+                self.ready.set()
+        if not self.ready.is_set():
+            self.cold_until = asked  # not ready when asked: it became ready later
+
+
+def _view(live: Live, label: Callable[[int], str] | None, width: int) -> Any:
+    from rich.console import Group
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    frame = live.current
+    total = frame.total_stages or None
+    bar = Table.grid(padding=(0, 1))
+    bar.add_row(
+        f"cloud worker, launched {frame.t:.1f} s ago",
+        ProgressBar(total=total, completed=frame.resident_stages, width=30),
+        f"{frame.resident_stages}/{frame.total_stages} stages resident",
+    )
+    bar.add_row("", "", frame.describe())
+    if live.pacer.forward_s is not None:
+        forward = live.pacer.forward_s
+        bar.add_row("", "", f"cloud forward ~{forward:.2f} s (measured): quality-seeking "
+                    f"requests paced one per {PACE * forward:.2f} s")  # fmt: skip
+    outcomes = list(live.outcomes)
+    per_route = Table(title=f"requests ({len(outcomes)}/{live.count} answered)")
+    for col in ("priority", "edge", "cloud", "errors", "met deadline"):
+        per_route.add_column(col, justify="right")
+    for priority in MIX:
+        group = [o for o in outcomes if o.priority == priority]
+        per_route.add_row(
+            PRIORITY_NAMES[priority],
+            str(sum(o.served_by == "edge" for o in group)),
+            str(sum(o.served_by == "cloud" for o in group)),
+            str(sum(o.status != "OK" for o in group)),
+            f"{sum(o.met_deadline for o in group)}/{len(group)}",
+        )
+    latest = Table(title=f"latest {LAST_ANSWERS} answers")
+    columns = ("#", "priority", "sent at", "served by", "latency", "status")
+    for col in columns[:2] + (("sentence",) if label else ()) + columns[2:]:
+        _add_column(latest, col, width)
+    for o in sorted(outcomes, key=lambda o: o.sent_at + o.latency_s)[-LAST_ANSWERS:]:
+        sentence = (_short(label(o.id), width),) if label else ()
+        latest.add_row(str(o.id), PRIORITY_NAMES[o.priority], *sentence, f"{o.sent_at:.2f} s",
+                       o.served_by, f"{o.latency_s * 1000:.1f} ms", o.status)  # fmt: skip
+    return Group(bar, per_route, latest)
+
+
 def _serve_burst(
     stack: Stack,
-    t0: float,
+    live: Live,
     request_for: RequestFor,
-    count: int,
     rate: float,
     console: Any,
     as_json: bool,
     label: Callable[[int], str] | None = None,
-) -> tuple[list[Outcome], dict[int, list[Any]], float | None, float]:
-    """Send the burst while showing the cloud's residency and the latest answers live.
-    Returns the outcomes, each OK request's outputs by id, when the cloud was seen ready, and
-    the last time it was seen not ready (it became ready after that: 0.0 is its launch)."""
-    from rich.console import Group
-    from rich.live import Live
-    from rich.progress import BarColumn, Progress, TextColumn
-    from rich.table import Table
+) -> None:
+    """Send the burst while showing the cloud's start-up and where the answers went, live."""
+    from rich.live import Live as RichLive
 
     from cicada.edge.coordinator.status import fetch_status
 
-    outcomes: list[Outcome] = []
-    outputs: dict[int, list[Any]] = {}
-    cloud_ready_at: list[float] = []
-    cloud_cold_until = 0.0
-    ready = threading.Event()
-    burst = threading.Thread(
+    t0 = live.t0
+    sender = threading.Thread(
         target=lambda: asyncio.run(
-            _burst(stack.address, request_for, count, rate, 0, outcomes, t0, outputs, ready)
+            burst(
+                stack.address,
+                request_for,
+                live.count,
+                rate,
+                0,
+                live.outcomes,
+                t0,
+                live.outputs,
+                live.ready,
+                live.pacer,
+            )
         ),
         daemon=True,
     )
-    burst.start()
-    progress = Progress(
-        TextColumn("cloud worker {task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} stages"),
-    )
-    task = progress.add_task("starting", total=None)
-
+    sender.start()
     width = _sentence_width(console, 70)
-
-    def view() -> Group:
-        table = Table(title=f"requests ({len(outcomes)}/{count} answered)")
-        columns = ("#", "priority", "sent at", "served by", "latency", "status")
-        for col in columns[:2] + (("sentence",) if label else ()) + columns[2:]:
-            _add_column(table, col, width)
-        for o in sorted(outcomes, key=lambda o: o.sent_at)[-12:]:
-            sentence = (_short(label(o.id), width),) if label else ()
-            table.add_row(str(o.id), PRIORITY_NAMES[o.priority], *sentence, f"{o.sent_at:.2f} s",
-                          o.served_by, f"{o.latency_s * 1000:.1f} ms", o.status)  # fmt: skip
-        return Group(progress, table)
-
-    with Live(view(), console=console, refresh_per_second=8, transient=as_json) as live:
-        while burst.is_alive():
+    with RichLive(_view(live, label, width), console=console, refresh_per_second=8,
+                  transient=as_json) as screen:  # fmt: skip
+        while sender.is_alive():
             asked = time.monotonic() - t0
             try:
-                snapshot = fetch_status(stack.metrics_url, timeout=1.0)
+                snapshot: dict[str, Any] | None = fetch_status(stack.metrics_url, timeout=1.0)
             except CicadaError:
                 snapshot = None
-            if snapshot is not None:
-                cloud = snapshot["residency"].get("cloud-1")
-                states = _roles(snapshot, "cloud")
-                if cloud is not None:
-                    state = next(iter(states), "?")
-                    eta = cloud.get("eta_seconds", -1)
-                    progress.update(
-                        task,
-                        completed=int(cloud["resident_stages"]),
-                        total=int(cloud["total_stages"]) or None,
-                        description=f"{state}"
-                        + (f", eta {eta:.1f} s" if eta > 0 and state != "ready" else ""),
-                    )
-                    if state == "ready" and not cloud_ready_at:
-                        cloud_ready_at.append(time.monotonic() - t0)
-                        ready.set()
-                if not ready.is_set():
-                    cloud_cold_until = asked  # not ready when asked: it became ready later
-            live.update(view())
+            live.observe(snapshot, asked)
+            screen.update(_view(live, label, width))
             time.sleep(0.12)
-        burst.join()
-        live.update(view())
-    return outcomes, outputs, cloud_ready_at[0] if cloud_ready_at else None, cloud_cold_until
+        sender.join()
+        screen.update(_view(live, label, width))
 
 
 def _short(text: str, width: int) -> str:
@@ -303,6 +301,9 @@ def run_live_demo(
 ) -> None:
     from rich.console import Console
 
+    from cicada.common.package import Manifest
+
+    began = time.monotonic()
     if model not in REFERENCE_MODELS or not (model.startswith("gpt2") or model == "minilm"):
         raise CicadaError(
             f"the cooperative demo runs gpt2-medium, gpt2-tiny or minilm, not {model!r}"
@@ -314,32 +315,34 @@ def run_live_demo(
     rate = default_rate if rate is None else rate
     console = Console(stderr=as_json)
     cache = cache or default_cache()
+    setup: dict[str, float] = {}
     package = ensure_package(model, cache)
-    edge_dir = ensure_edge_model(model, package, cache)
+    setup["package_s"] = time.monotonic() - began
+    edge_dir = ensure_edge_model(model, package, cache, console, setup)
+    manifest = Manifest.load(package)
     sentences = [*MINILM_SENTENCES, *texts]
     with tempfile.TemporaryDirectory(prefix="cicada-demo-") as tmp:
-        work = Path(tmp)
         # The roles run in the caller's directory; any of them exiting ends the demo.
-        stack = Stack(work, heartbeat=0.25, cwd=None, fail_fast=True)
-        request_for, label = _requests(model, work, sentences)
+        stack = Stack(Path(tmp), heartbeat=0.25, cwd=None, fail_fast=True)
+        request_for, label = _requests(model, cache, sentences, console)
         try:
-            t0 = _start_roles(stack, package, edge_dir)
-            outcomes, outputs, ready_at, cold_until = _serve_burst(
-                stack, t0, request_for, count, rate, console, as_json, label
-            )
+            t0 = _start_roles(stack, package, edge_dir, console, setup)
+            setup["first_request_after_s"] = time.monotonic() - began
+            live = Live(t0, count, len(manifest.stages), manifest.total_bytes)
+            _serve_burst(stack, live, request_for, rate, console, as_json, label)
         finally:
             stack.stop()
+    mission = _mission(live, setup, cache)
     if model != "minilm":
-        _report(console, outcomes, ready_at, as_json, model, cold_until)
+        _report(console, live, as_json, model, mission)
         return
     with console.status("embedding every sentence on both sides, for the comparison"):
         edge_ref, cloud_ref = _references(package, edge_dir, sentences)
-    _report_minilm(console, outcomes, outputs, ready_at, as_json, sentences, edge_ref, cloud_ref,
-                   cold_until)  # fmt: skip
+    _report_minilm(console, live, as_json, sentences, edge_ref, cloud_ref, mission)
 
 
 def _requests(
-    model: str, work: Path, sentences: Sequence[str]
+    model: str, cache: Path, sentences: Sequence[str], console: Any = None
 ) -> tuple[RequestFor, Callable[[int], str] | None]:
     """What request i sends: a sentence as text (minilm, in turn), or the example tensor."""
     if model == "minilm":
@@ -348,10 +351,58 @@ def _requests(
             return sentences[i % len(sentences)]
 
         return (lambda i: {"text": [sentence(i)]}), sentence
-    import numpy as np
-
-    inputs = np.load(example_input(model, work / "input.npy"))
+    inputs = cached_input(model, cache, console)
     return (lambda i: {"inputs": inputs}), None
+
+
+def _mission(live: Live, setup: dict[str, float], cache: Path) -> dict[str, Any]:
+    """What the summary states, for the text and --json alike."""
+    return {
+        "cloud_ready_at_s": live.ready_at,
+        "cloud_cold_until_s": live.cold_until,
+        "quality_after_ready": quality_after_ready(live.outcomes),
+        "critical": critical_on_time(live.outcomes),
+        "pacing": {
+            "cloud_forward_s": live.pacer.forward_s,
+            "pace": PACE,
+            "quality_gaps_s": live.pacer.gaps,
+        },
+        "residency": frames_json(live.frames),
+        "setup": setup,
+        "cache": cache_summary(cache),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _mission_lines(console: Any, mission: dict[str, Any]) -> None:
+    """The closing lines: what the run showed, in its own numbers."""
+    ready_at = mission["cloud_ready_at_s"]
+    q = mission["quality_after_ready"]
+    crit = mission["critical"]
+    console.print(
+        f"latency-critical: {crit['edge_in_time']} of {crit['sent']} answered by the edge inside "
+        "their deadline (they never wait for a cold cloud)."
+    )
+    if ready_at is None:
+        console.print("the cloud worker did not become ready during the burst.")
+    elif q["sent"]:
+        console.print(
+            f"quality-seeking requests sent after the cloud was ready (at {ready_at:.2f} s): "
+            f"[bold]{q['cloud']} of {q['sent']}[/] served by the large model in the cloud "
+            f"({q['share']:.0%}); {q['edge']} by the edge."
+        )
+    forward = mission["pacing"]["cloud_forward_s"]
+    if forward is not None:
+        console.print(
+            f"pacing: one forward of the cloud worker took ~{forward:.2f} s here (measured from "
+            f"its replies): one CPU worker runs one at a time, so the quality-seeking requests "
+            f"after ready were sent one per {PACE * forward:.2f} s, what it can carry."
+        )
+    cache = mission["cache"]
+    size = cache["bytes"]
+    shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    console.print(f"cache: {cache['path']} ({shown}: packages, edge models, example inputs; "
+                  "delete it to start over)")  # fmt: skip
 
 
 def _references(package: Path, edge_dir: Path, sentences: Sequence[str]) -> tuple[Any, Any]:
@@ -384,17 +435,17 @@ def _pct(values: list[float], q: float) -> float:
 
 def _report_minilm(
     console: Any,
-    outcomes: list[Outcome],
-    outputs: dict[int, list[Any]],
-    ready_at: float | None,
+    live: Live,
     as_json: bool,
     sentences: Sequence[str],
     edge_ref: Any,
     cloud_ref: Any,
-    cold_until: float = 0.0,
+    mission: dict[str, Any],
 ) -> None:
     import numpy as np
     from rich.table import Table
+
+    outcomes, outputs, ready_at = live.outcomes, live.outputs, live.ready_at
 
     norms = np.linalg.norm(edge_ref, axis=1) * np.linalg.norm(cloud_ref, axis=1)
     cosine = (edge_ref * cloud_ref).sum(axis=1) / norms  # (n,)
@@ -433,8 +484,7 @@ def _report_minilm(
     if as_json:
         doc = {
             "model": "minilm",
-            "cloud_ready_at_s": ready_at,
-            "cloud_cold_until_s": cold_until,
+            **mission,
             "sentences": [
                 {"text": t, "cosine_edge_cloud": float(c)}
                 for t, c in zip(sentences, cosine, strict=True)
@@ -461,6 +511,7 @@ def _report_minilm(
             f"{r['latency_s'] * 1000:.1f} ms",
             f"{r['cosine_edge_cloud']:.4f}",
         )
+    console.print()
     console.print(table)
     console.print(
         f"edge (int8 ONNX): {len(by_side['edge'])} answers, p50 {latency['edge_p50_ms']:.1f} ms; "
@@ -473,33 +524,17 @@ def _report_minilm(
     diffs = ", ".join(f"{side} {value:.2g}" for side in ("edge", "cloud")
                       if (value := check[f"{side}_max_abs_diff"]) is not None)  # fmt: skip
     console.print(SIMILARITY_NOTE.replace("(max |diff| below)", f"(max |diff|: {diffs or '-'})"))
+    _mission_lines(console, mission)
 
 
-def _report(
-    console: Any,
-    outcomes: list[Outcome],
-    ready_at: float | None,
-    as_json: bool,
-    model: str,
-    cold_until: float = 0.0,
-) -> None:
+def _report(console: Any, live: Live, as_json: bool, model: str, mission: dict[str, Any]) -> None:
     from rich.table import Table
 
+    outcomes, ready_at = live.outcomes, live.ready_at
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "model": model,
-                    "cloud_ready_at_s": ready_at,
-                    "cloud_cold_until_s": cold_until,
-                    "requests": [
-                        {**asdict(o), "met_deadline": o.met_deadline}
-                        for o in sorted(outcomes, key=lambda o: o.id)
-                    ],
-                },
-                indent=1,
-            )
-        )
+        requests = [{**asdict(o), "met_deadline": o.met_deadline}
+                    for o in sorted(outcomes, key=lambda o: o.id)]  # fmt: skip
+        print(json.dumps({"model": model, **mission, "requests": requests}, indent=1))
         return
     table = Table(
         title=f"burst of {len(outcomes)} requests while the cloud worker cold-started"
@@ -520,8 +555,6 @@ def _report(
             f"{_pct(ok, 0.99) * 1000:.1f} ms",
             f"{sum(o.met_deadline for o in group)}/{len(group)}",
         )
+    console.print()
     console.print(table)
-    console.print(
-        "Critical requests never wait for the cold cloud; quality-seeking ones move to "
-        "the large model as soon as its estimate fits their deadline."
-    )
+    _mission_lines(console, mission)

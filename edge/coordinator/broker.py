@@ -515,6 +515,7 @@ class Coordinator:
             # Workers launched but not registered yet are capacity with an ETA.
             launching, launch_eta = self.lifecycle.launching(model, self.clock())
             eta = min(eta, launch_eta)
+        measured = compute is not None or not cloud  # (the edge's default is a fair guess)
         if compute is None:
             compute = DEFAULT_CLOUD_COMPUTE_S if cloud else DEFAULT_EDGE_COMPUTE_S
         return SideView(
@@ -526,6 +527,7 @@ class Coordinator:
             ready=ready,
             eta_s=eta,
             network_s=self.config.network_s if cloud else 0.0,
+            compute_measured=measured,
         )
 
     def dispatch(self, now: float) -> None:
@@ -1134,6 +1136,7 @@ def _after_dispatch(view: SideView, was_queued: bool) -> SideView:
         ready=view.ready,
         eta_s=view.eta_s,
         network_s=view.network_s,
+        compute_measured=view.compute_measured,
     )
 
 

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make
 from cicada.common.httpd import serve_wsgi
 from cicada.edge.coordinator.live import LiveStatus
 from cicada.edge.coordinator.live_page import live_app
+from cicada.common.protocol import PHASES
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
@@ -125,6 +126,28 @@ class CoordinatorMetrics:
             ["worker", "role"],
             registry=r,
         )
+        self.read_stages = Gauge(
+            "cicada_worker_read_stages",
+            "Stages a cloud worker has read and verified (resident once applied to its model)",
+            ["worker", "role"],
+            registry=r,
+        )
+        self.read_bytes = Gauge(
+            "cicada_worker_read_bytes", "Weight bytes read and verified", ["worker", "role"],
+            registry=r,
+        )  # fmt: skip
+        self.total_bytes = Gauge(
+            "cicada_worker_total_bytes", "Weight bytes a worker loads", ["worker", "role"],
+            registry=r,
+        )  # fmt: skip
+        self.phase = Gauge(
+            "cicada_worker_phase_seconds",
+            "Seconds a cloud worker has been in its current start-up phase (one series per "
+            "worker, labelled with the phase: importing, constructing, loading, ready)",
+            ["worker", "role", "phase"],
+            registry=r,
+        )
+        self._phase_of: dict[tuple[str, str], str] = {}
         self._worker_labels: set[tuple[str, str, str]] = set()
         self._worker_names: set[tuple[str, str]] = set()
         # Labelled children, looked up once: `labels()` validates and locks on every call, and
@@ -193,8 +216,12 @@ class CoordinatorMetrics:
             names.add((w.name, w.role.value))
             self.set_worker(w)
         for name in self._worker_names - names:  # gone: drop the series
-            for gauge in (self.residency, self.total_stages, self.eta):
+            for gauge in (self.residency, self.total_stages, self.eta, self.read_stages,
+                          self.read_bytes, self.total_bytes):  # fmt: skip
                 gauge.remove(*name)
+            phase = self._phase_of.pop(name, None)
+            if phase is not None:
+                self.phase.remove(*name, phase)
         self._worker_names = names
 
     def set_worker(self, w: Any) -> None:
@@ -203,6 +230,17 @@ class CoordinatorMetrics:
         self.residency.labels(*name).set(w.resident_stages)
         self.total_stages.labels(*name).set(w.total_stages)
         self.eta.labels(*name).set(w.eta_s if w.eta_s is not None else -1)
+        self.read_stages.labels(*name).set(w.read_stages)
+        self.read_bytes.labels(*name).set(w.read_bytes)
+        self.total_bytes.labels(*name).set(w.total_bytes)
+        if w.phase is not None:
+            # A peer's word becomes a label: only the known ones, so the series stay bounded.
+            phase = w.phase if w.phase in PHASES else "other"
+            was = self._phase_of.get(name)
+            if was is not None and was != phase:
+                self.phase.remove(*name, was)
+            self._phase_of[name] = phase
+            self.phase.labels(*name, phase).set(w.phase_s or 0.0)
 
     def serve(self, host: str, port: int) -> Any:
         """Serve /metrics, the live page (/) and /status.json on HOST:PORT until the returned

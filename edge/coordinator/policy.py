@@ -7,7 +7,13 @@ Pure functions of a snapshot, so they are tested without sockets or sleeping:
 
 * latency-critical (0): the side that answers soonest; never waits for a cloud that is not
   ready.
-* normal (1): the cloud when it is ready and its estimate fits the deadline, else the edge.
+* normal (1): the cloud when it is ready, has a slot that no request queued for it waits for,
+  and its estimate fits the deadline; else the edge. Normal work is served well by the edge, so
+  it never queues for the cloud: the cloud's slots (one per CPU worker) go to the work that
+  asked for the large model. (Normal work is dispatched before quality work, and queued for a
+  busy cloud it took every slot that came free and swelled the queue that quality work's
+  estimate counts, so that quality work was moved to the edge: 0 of 8 quality requests went to
+  a ready cloud in a measured `cicada demo`.)
 * quality-seeking (2): the cloud as soon as its estimate fits the deadline (it may start on a
   loading worker: stage-pipelined execution), else the edge.
 
@@ -49,6 +55,11 @@ class SideView:
     ready: bool = True  # some worker is `ready` (a cloud one: every stage resident)
     eta_s: float = 0.0  # if none is: seconds until the soonest will be
     network_s: float = 0.0
+    # False: `compute_s` is a default, no worker has measured one. Then a request that would
+    # queue behind others cannot be estimated, and is not held for this side: the default
+    # (0.2 s, an idle machine's forward) was ten times too short for a busy 2-core machine,
+    # and a cold cloud was promised ten quality requests that all ended on the edge, late.
+    compute_measured: bool = True
 
     @property
     def available(self) -> bool:
@@ -58,7 +69,14 @@ class SideView:
         if not self.available:
             return math.inf
         ahead = max(0, self.inflight + self.queued - self.capacity + 1)
+        if ahead and not self.compute_measured:
+            return math.inf
         return ahead * self.compute_s / self.capacity
+
+    @property
+    def idle_slot(self) -> bool:
+        """A slot is free that none of the requests queued for this side waits for."""
+        return self.available and self.inflight + self.queued < self.capacity
 
     def estimate(self) -> float:
         if not self.available:
@@ -94,7 +112,7 @@ def choose(priority: int, remaining_s: float | None, edge: SideView, cloud: Side
         if edge_now:
             return decide(Route.EDGE)
         return decide(Route.UNAVAILABLE)  # nobody ready: critical work never waits
-    if priority == NORMAL and cloud.ready and fits(c):
+    if priority == NORMAL and cloud.ready and cloud.idle_slot and fits(c):
         return decide(Route.CLOUD)
     if priority >= QUALITY and fits(c):
         return decide(Route.CLOUD)

@@ -26,6 +26,13 @@ class WorkerInfo:
     total_stages: int = 0
     eta_s: float | None = None
     compute_s: float | None = None
+    # A starting cloud worker's phase and weights read so far (for display: the policy uses
+    # state, eta_s and compute_s).
+    phase: str | None = None
+    phase_s: float | None = None
+    read_stages: int = 0
+    read_bytes: int = 0
+    total_bytes: int = 0
     inflight: dict[str, Pending] = field(default_factory=dict)
 
     @classmethod
@@ -62,6 +69,12 @@ class WorkerInfo:
         self.eta_s = m.eta_s
         if m.compute_s is not None:
             self.compute_s = m.compute_s
+        self.phase, self.phase_s = m.phase, m.phase_s
+        self.read_stages, self.read_bytes, self.total_bytes = (
+            m.read_stages,
+            m.read_bytes,
+            m.total_bytes,
+        )
 
     def reregister(self, ready: Ready) -> None:
         """A READY from a worker already registered: what it serves may have changed."""

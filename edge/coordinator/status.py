@@ -17,6 +17,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from cicada.common.defaults import PRIORITIES
 from cicada.common.errors import CicadaError
 
+# Per worker, under snapshot["residency"][name] (without the prefix), with "phase" its label.
+_RESIDENCY = frozenset(
+    f"cicada_worker_{name}"
+    for name in ("resident_stages", "total_stages", "eta_seconds", "read_stages", "read_bytes",
+                 "total_bytes", "phase_seconds")
+)  # fmt: skip
+
 
 def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
     try:
@@ -46,13 +53,11 @@ def fetch_status(url: str, timeout: float = 5.0) -> dict[str, Any]:
             labels, value = s.labels, s.value
             if s.name == "cicada_workers" and value:
                 snapshot["workers"].append({**labels, "count": int(value)})
-            elif s.name in (
-                "cicada_worker_resident_stages",
-                "cicada_worker_total_stages",
-                "cicada_worker_eta_seconds",
-            ):
+            elif s.name in _RESIDENCY:
                 entry = snapshot["residency"].setdefault(labels["worker"], {"role": labels["role"]})
                 entry[s.name.removeprefix("cicada_worker_")] = value
+                if "phase" in labels:  # cicada_worker_phase_seconds
+                    entry["phase"] = labels["phase"]
             elif s.name == "cicada_queue_depth":
                 snapshot["queues"].append({**labels, "depth": int(value)})
             elif s.name == "cicada_requests_total":

@@ -110,6 +110,11 @@ def plain_messages() -> list[Message]:
             total_stages=12,
             eta_s=1.25,
             compute_s=0.02,
+            phase="loading",
+            phase_s=0.4,
+            read_stages=7,
+            read_bytes=7_000_000,
+            total_bytes=12_000_000,
         ),
         Heartbeat(),
         Heartbeat(
@@ -949,3 +954,26 @@ def test_integral_floats_are_accepted_for_integer_fields() -> None:
     ready = decode([SIGNATURE, b"\x10", msgpack.packb(
         {"role": "cloud", "worker": "w", "models": ["m"], "capacity": 2.0})])  # fmt: skip
     assert isinstance(ready, Ready) and ready.capacity == 2 and type(ready.capacity) is int
+
+
+def test_start_up_phase_fields_are_optional_and_bounded() -> None:
+    """`phase`, `phase_s` and `read_*` were added within version 1: a READY without them (an
+    older worker) decodes to their defaults; out of bounds they name the field refused."""
+    from cicada.common.protocol import MAX_PHASE_LEN, decode, encode, worker_report_problem
+
+    frames = encode(Ready(Role.CLOUD, "cloud-1", ["gpt2"]))
+    body = msgpack.unpackb(frames[2])
+    for name in ("phase", "phase_s", "read_stages", "read_bytes", "total_bytes"):
+        del body[name]
+    old = decode([*frames[:2], msgpack.packb(body)])
+    assert isinstance(old, Ready) and old.phase is None and old.read_bytes == 0
+    assert worker_report_problem(old) is None
+    for bad, field_name in (
+        (Heartbeat(phase="x" * (MAX_PHASE_LEN + 1)), "phase"),
+        (Heartbeat(phase=""), "phase"),
+        (Heartbeat(phase_s=-1.0), "phase_s"),
+        (Heartbeat(read_bytes=-1), "read_bytes"),
+        (Heartbeat(total_bytes=1 << 60), "total_bytes"),
+    ):
+        problem = worker_report_problem(bad)
+        assert problem is not None and problem[0] == field_name, (bad, problem)

@@ -49,6 +49,36 @@ def test_normal_work_takes_the_cloud_only_when_it_is_ready() -> None:
     assert choose(NORMAL, 1.0, NO_EDGE, COLD_CLOUD).route is Route.TOO_LATE
 
 
+def test_normal_work_never_queues_for_the_cloud_that_quality_work_waits_for() -> None:
+    """One cloud slot, busy, with a quality request queued for it: normal work takes the edge
+    (where it was taking the slot ahead of the quality request, dispatched after it), while
+    quality work still waits for the cloud when its estimate fits."""
+    busy = SideView(workers=1, capacity=1, inflight=1, queued=0, compute_s=0.2, ready=True)
+    waited_for = SideView(workers=1, capacity=1, inflight=0, queued=1, compute_s=0.2, ready=True)
+    for cloud in (busy, waited_for):
+        assert not cloud.idle_slot
+        assert choose(NORMAL, 5.0, EDGE, cloud).route is Route.EDGE
+        assert choose(QUALITY, 5.0, EDGE, cloud).route is Route.CLOUD
+    assert READY_CLOUD.idle_slot and choose(NORMAL, 5.0, EDGE, READY_CLOUD).route is Route.CLOUD
+    # Without an edge, normal work still waits for a busy cloud when it fits.
+    assert choose(NORMAL, 5.0, NO_EDGE, busy).route is Route.CLOUD
+
+
+def test_an_unmeasured_cloud_holds_no_queue() -> None:
+    """Until a cloud worker has measured its compute time, work that would queue behind others
+    there is not held for it (the default says nothing of this machine); a free slot still
+    takes it."""
+    unmeasured = dict(workers=1, capacity=1, compute_s=0.2, ready=False, eta_s=1.0,
+                      compute_measured=False)  # fmt: skip
+    free = SideView(inflight=0, queued=0, **unmeasured)  # type: ignore[arg-type]
+    taken = SideView(inflight=1, queued=0, **unmeasured)  # type: ignore[arg-type]
+    assert choose(QUALITY, 8.0, EDGE, free).route is Route.CLOUD
+    assert choose(QUALITY, 8.0, EDGE, taken).route is Route.EDGE
+    measured = SideView(workers=1, capacity=1, inflight=1, queued=0, compute_s=0.2, ready=False,
+                        eta_s=1.0)  # fmt: skip
+    assert choose(QUALITY, 8.0, EDGE, measured).route is Route.CLOUD
+
+
 def test_nobody_or_no_time_left() -> None:
     assert choose(NORMAL, 1.0, NO_EDGE, NO_CLOUD).route is Route.UNAVAILABLE
     assert choose(QUALITY, 0.0, EDGE, READY_CLOUD).route is Route.TOO_LATE
