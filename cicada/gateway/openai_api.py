@@ -89,10 +89,10 @@ async def _body(request: Request) -> tuple[Gateway, dict[str, Any], str, Admissi
     return gw, body, model, admission(request, body)
 
 
-def _token_ids(value: Any, what: str) -> list[int]:
+def _token_ids(value: Any, what: str, param: str) -> list[int]:
     if not value or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
                             for t in value):  # fmt: skip
-        raise bad_request(f"{what} must be a non-empty list of non-negative token ids")
+        raise bad_request(f"{what} must be a non-empty list of non-negative token ids", param)
     return list(value)
 
 
@@ -163,9 +163,9 @@ def _embedding_input(value: Any) -> tuple[list[str] | None, list[list[int]] | No
     if all(isinstance(v, str) for v in value):
         return list(value), None
     if _is_ids(value):
-        return None, [_token_ids(value, "'input'")]
+        return None, [_token_ids(value, "'input'", "input")]
     if all(isinstance(v, list) for v in value):
-        return None, [_token_ids(v, f"'input'[{i}]") for i, v in enumerate(value)]
+        return None, [_token_ids(v, f"'input'[{i}]", "input") for i, v in enumerate(value)]
     raise bad_request("'input' mixes strings, numbers and lists", "input")
 
 
@@ -243,11 +243,11 @@ def _prompts(value: Any, model: str, tokenizer: Tokenizer | None) -> list[list[i
             raise bad_request("a prompt tokenizes to no tokens", "prompt")
         return prompts
     if _is_ids(value):
-        return [_token_ids(value, "'prompt'")]
+        return [_token_ids(value, "'prompt'", "prompt")]
     if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
         if len(value) > MAX_TEXTS:
             raise bad_request(f"'prompt' may hold at most {MAX_TEXTS} prompts", "prompt")
-        return [_token_ids(v, f"'prompt'[{i}]") for i, v in enumerate(value)]
+        return [_token_ids(v, f"'prompt'[{i}]", "prompt") for i, v in enumerate(value)]
     raise bad_request("'prompt' must be a string, a list of strings, a list of token ids or "
                       "a list of such lists", "prompt")  # fmt: skip
 

@@ -110,4 +110,4 @@ def _given(request: Request, params: Mapping[str, Any], header: str, param: str)
     try:
         return float(value), where
     except ValueError:
-        raise bad_request(f"{where} must be a number, got {value[:64]!r}") from None
+        raise bad_request(f"{where} must be a number, got {value[:64]!r}", param) from None
