@@ -8,6 +8,7 @@ coordinator, spoken through the SDK (`cicada.AsyncClient`). Torch-free; docs/GAT
     text.py        a package's tokenizer.json
     files.py       a model directory's files, read confined and bounded
     tensors.py     KServe tensors: JSON data and the binary-data extension
+    jsonio.py      JSON in and out (orjson: numpy arrays written natively)
     openai_api.py  /v1/models, /v1/embeddings, /v1/completions (streaming too)
     kserve.py      /v2/health/*, /v2/models/{name}[/ready|/infer]
     service.py     the gateway's state: config, catalog, SDK client; SDK errors as HTTP

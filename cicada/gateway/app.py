@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from cicada.client import AsyncClient
 from cicada.gateway import kserve, openai_api
 from cicada.gateway.errors import HttpError
+from cicada.gateway.jsonio import JsonResponse
 from cicada.gateway.models import Catalog
 from cicada.gateway.service import Gateway, GatewayConfig
 
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def _render(request: Request, error: HttpError) -> Response:
     body = error.openai_body() if request.url.path.startswith("/v1") else error.kserve_body()
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+    return JsonResponse(body, status_code=error.status, headers=error.headers)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:

@@ -8,17 +8,18 @@ request is in the response's `parameters` (`cicada_role`, `cicada_worker`, `cica
 
 from __future__ import annotations
 
-import json
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from cicada.common.errors import InputError
+from cicada.gateway import jsonio
 from cicada.gateway.errors import HttpError, bad_request, unknown_model
+from cicada.gateway.jsonio import JsonResponse
 from cicada.gateway.requests import admission, parse_json, read_body
 from cicada.gateway.service import Gateway, gateway
 from cicada.gateway.tensors import HEADER_LENGTH, datatype_of, decode_inputs, encode_outputs
@@ -47,7 +48,7 @@ async def server_metadata(request: Request) -> Response:
         release = version("cicada")
     except PackageNotFoundError:
         release = "unknown"
-    return JSONResponse(
+    return JsonResponse(
         {"name": "cicada", "version": release, "extensions": ["binary_tensor_data"]}
     )
 
@@ -83,7 +84,7 @@ async def model_metadata(request: Request) -> Response:
         return [{"name": s.name, "datatype": datatype_of(s.dtype),
                  "shape": [-1 if d is None else d for d in s.shape]} for s in found]  # fmt: skip
 
-    return JSONResponse({"name": name, "versions": [MODEL_VERSION], "platform": "cicada",
+    return JsonResponse({"name": name, "versions": [MODEL_VERSION], "platform": "cicada",
                          "inputs": specs("inputs"), "outputs": specs("outputs")})  # fmt: skip
 
 
@@ -123,8 +124,8 @@ async def infer(request: Request) -> Response:
     if isinstance(doc.get("id"), str):
         body["id"] = doc["id"]
     if not chunks:
-        return JSONResponse(body)
-    head = json.dumps(body, separators=(",", ":")).encode()
+        return JsonResponse(body)
+    head = jsonio.dumps(body)
     return Response(
         head + b"".join(chunks),
         media_type="application/octet-stream",

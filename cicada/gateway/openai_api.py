@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -19,14 +18,16 @@ from typing import Any
 
 import numpy as np
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from cicada.client import AsyncTokenStream, InvokeResult, Piece
 from cicada.common.defaults import MAX_NEW_TOKENS
 from cicada.common.text import MAX_TEXTS
 from cicada.errors import CallError
+from cicada.gateway import jsonio
 from cicada.gateway.errors import bad_request, from_call_error, unknown_model
+from cicada.gateway.jsonio import JsonResponse
 from cicada.gateway.requests import Admission, admission, parse_json, read_body
 from cicada.gateway.service import Gateway, gateway, sdk_errors
 from cicada.gateway.text import Tokenizer
@@ -66,7 +67,7 @@ async def _model_entry(gw: Gateway, name: str) -> dict[str, Any]:
 async def list_models(request: Request) -> Response:
     gw = gateway(request)
     data = [await _model_entry(gw, name) for name in await gw.catalog.names()]
-    return JSONResponse({"object": "list", "data": data})
+    return JsonResponse({"object": "list", "data": data})
 
 
 async def retrieve_model(request: Request) -> Response:
@@ -74,7 +75,7 @@ async def retrieve_model(request: Request) -> Response:
     name = request.path_params["model"]
     if not await gw.catalog.known(name):
         raise unknown_model(name)
-    return JSONResponse(await _model_entry(gw, name))
+    return JsonResponse(await _model_entry(gw, name))
 
 
 # -- the body's common fields -------------------------------------------------------------------
@@ -136,7 +137,7 @@ async def embeddings(request: Request) -> Response:
     data = [
         {"object": "embedding", "index": i,
          "embedding": base64.b64encode(row.tobytes()).decode() if encoding == "base64"
-         else row.tolist()}
+         else row}
         for i, row in enumerate(vectors)
     ]  # fmt: skip
     tokenizer = _tokenizer(gw, model)
@@ -144,7 +145,7 @@ async def embeddings(request: Request) -> Response:
         tokens = sum(len(row) for row in ids)
     else:
         tokens = tokenizer.count(texts or []) if tokenizer is not None else 0
-    return JSONResponse({
+    return JsonResponse({
         "object": "list", "model": model, "data": data,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         EXTENSION: {"served_by": result.served_by, "timings": result.timings},
@@ -215,7 +216,7 @@ async def completions(request: Request) -> Response:
     choices = [call.choice(i, result) for i, result in enumerate(results)]
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(len(c[EXTENSION]["token_ids"]) for c in choices)
-    return JSONResponse({
+    return JsonResponse({
         "id": call.id, "object": "text_completion", "created": call.created, "model": model,
         "choices": choices,
         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -288,7 +289,7 @@ class _Completion:
     def _chunk(self, *choices: dict[str, Any], **extra: Any) -> bytes:
         doc = {"id": self.id, "object": "text_completion", "created": self.created,
                "model": self.model, "choices": list(choices), **extra}  # fmt: skip
-        return b"data: " + json.dumps(doc, separators=(",", ":")).encode() + b"\n\n"
+        return b"data: " + jsonio.dumps(doc) + b"\n\n"
 
     async def stream(self, prompt: list[int], include_usage: bool) -> Response:
         """Server-sent events, one chunk per piece. The first piece is awaited here, so that a
@@ -339,7 +340,7 @@ class _Completion:
                 except StopAsyncIteration:
                     break
         except CallError as exc:
-            yield b"data: " + json.dumps(from_call_error(exc).openai_body()).encode() + b"\n\n"
+            yield b"data: " + jsonio.dumps(from_call_error(exc).openai_body()) + b"\n\n"
             return
         finally:
             await tokens.aclose()  # a client that left early: the request is withdrawn

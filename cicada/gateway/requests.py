@@ -4,7 +4,6 @@ than the cap, JSON that is one object, and the call's priority and deadline (doc
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from cicada.common.defaults import NORMAL, PRIORITIES
+from cicada.gateway import jsonio
 from cicada.gateway.errors import HttpError, bad_request
 
 PRIORITY_PARAM = "priority"
@@ -51,8 +51,8 @@ def too_large(size: int, cap: int) -> HttpError:
 def parse_json(raw: bytes | str, what: str = "the request body") -> dict[str, Any]:
     """One JSON object, or 400 naming what is wrong."""
     try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        doc = jsonio.loads(raw)
+    except ValueError as exc:  # orjson.JSONDecodeError: malformed, not UTF-8, too deep
         raise bad_request(f"{what} is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise bad_request(f"{what} must be a JSON object, got {type(doc).__name__}")

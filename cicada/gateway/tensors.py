@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cicada.gateway import jsonio
 from cicada.gateway.errors import bad_request
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -163,6 +164,6 @@ def encode_outputs(
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = array.ravel().tolist()
+            entry["data"] = jsonio.array_data(array)
         entries.append(entry)
     return entries, chunks
