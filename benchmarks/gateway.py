@@ -17,7 +17,10 @@ A. Latency, one request at a time. Each round sends the request once through the
 B. Throughput with concurrency C: requests answered per second in a fixed window, the SDK
    (`cicada.AsyncClient`, C calls in flight) and the gateway (C keep-alive connections, a
    minimal asyncio HTTP/1.1 client: the load generator should cost little of the 2 cores it
-   shares with the stack). The ratio gateway/SDK says whether the gateway is the bottleneck.
+   shares with the stack). Also the CPU time each process spends per request (coordinator,
+   edge agent, gateway, load generator): on 2 shared cores every process's CPU costs the
+   others throughput, so the ratio gateway/SDK falls below 1 by what the gateway's CPU takes;
+   the gateway is the stack's bottleneck only if its CPU per request is the largest.
 
 The machine is shared and noisy: compare figures from the same run, never a lone absolute
 time. The last line printed is one JSON object with every figure.
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from benchmarks.machine import loadavg, machine_info
 from cicada import AsyncClient, Client
@@ -43,6 +47,7 @@ from cicada.testing.gateway import start_gateway
 
 IDS = np.arange(8, dtype=np.int64).reshape(1, 8) + 3
 TARGET_P50_OVERHEAD_MS = 1.0
+ROLES = ("coordinator", "edge", "gateway")
 
 
 def _infer_body(binary_out: bool) -> bytes:
@@ -128,13 +133,20 @@ async def _sdk_worker(client: AsyncClient, stop: float, counts: list[int]) -> No
         counts[0] += 1
 
 
-async def _throughput(stack: Stack, url: str, concurrency: int, seconds: float) -> dict[str, float]:
+def _cpu_seconds(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    return {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+
+
+async def _throughput(stack: Stack, url: str, concurrency: int, seconds: float) -> dict[str, Any]:
     host, port = url.removeprefix("http://").split(":")
-    out = {}
+    procs = {name: psutil.Process(stack.procs[name].pid) for name in ROLES}
+    procs["load generator"] = psutil.Process()
+    out: dict[str, Any] = {}
     for name in ("sdk", "gateway", "sdk_again"):
         counts = [0]
         stop = time.monotonic() + seconds
         start = time.perf_counter()
+        cpu_before = _cpu_seconds(procs)
         if name.startswith("sdk"):
             async with AsyncClient(stack.address, timeout=60) as client:
                 await asyncio.gather(
@@ -145,6 +157,12 @@ async def _throughput(stack: Stack, url: str, concurrency: int, seconds: float) 
             await asyncio.gather(*(_http_worker(host, int(port), body, stop, counts)
                                    for _ in range(concurrency)))  # fmt: skip
         out[f"{name}_rps"] = counts[0] / (time.perf_counter() - start)
+        cpu_after = _cpu_seconds(procs)
+        # CPU milliseconds each process spent per request answered: on a machine whose cores
+        # they share, the largest is the stack's bottleneck.
+        out[f"{name}_cpu_ms_per_request"] = {
+            k: 1000 * (cpu_after[k] - cpu_before[k]) / max(counts[0], 1) for k in procs
+        }
     sdk = (out["sdk_rps"] + out["sdk_again_rps"]) / 2  # before and after: drift shows
     out["gateway_over_sdk"] = out["gateway_rps"] / sdk
     return out
@@ -191,6 +209,10 @@ def main() -> None:
     for c, t in results["throughput"].items():
         print(f"  concurrency {c:>3}   {t['sdk_rps']:8.0f} {t['gateway_rps']:8.0f} "
               f"{t['sdk_again_rps']:8.0f}     {t['gateway_over_sdk']:.2f}")  # fmt: skip
+    print("CPU ms per request through the gateway (concurrency " + max(results["throughput"],
+          key=int) + "):")  # fmt: skip
+    cpu = results["throughput"][max(results["throughput"], key=int)]["gateway_cpu_ms_per_request"]
+    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
     print(json.dumps(results))
 
 
