@@ -60,3 +60,12 @@ def test_a_tokenizer_linking_out_of_its_directory_is_refused(tmp_path: Path) -> 
     (model / "tokenizer.json").symlink_to(outside)
     done = _gateway("--package", f"emb={model}", "--listen", "127.0.0.1:0")
     assert done.returncode == 1 and "outside the package" in done.stderr
+
+
+def test_the_gateway_never_imports_torch() -> None:
+    code = (
+        "import sys, cicada.cli.gateway, cicada.gateway.app, cicada.gateway.openai_api, "
+        "cicada.gateway.kserve, cicada.gateway.models, cicada.gateway.text; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
