@@ -1,6 +1,7 @@
 """One stack for the gateway's tests: a coordinator, edge agents for a tiny GPT-2 ("gpt2",
-generation) and a tiny embedding model ("emb"), and one `cicada gateway` process in front of
-them, shared by every test in tests/gateway (started once: a few seconds)."""
+generation; "paced", the same at a token every 0.2 s) and a tiny embedding model ("emb"), and
+one `cicada gateway` process in front of them, shared by every test in tests/gateway (started
+once: a few seconds)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("tokenizers")
 
 MAX_BODY_BYTES = 1 << 20  # small, so that the oversized-body test sends little
+EDGE_AGENTS = 3
 
 
 @dataclass
@@ -48,7 +50,9 @@ def gw(
         stack.coordinator("--config", str(config))
         stack.edge("gpt2", tiny_package["edge"], "edge-gpt2")
         stack.edge("emb", emb_dir, "edge-emb")
-        stack.wait_workers("edge", 2, state="ready")
+        # A slow edge device (a token every 0.2 s): a stream that outlasts its reader.
+        stack.edge("paced", tiny_package["edge"], "edge-paced", "--token-interval", "0.2")
+        stack.wait_workers("edge", EDGE_AGENTS, state="ready")
         url = start_gateway(
             stack, "--package", f"gpt2={view}", "--package", f"emb={emb_dir}",
             "--max-body-bytes", str(MAX_BODY_BYTES),

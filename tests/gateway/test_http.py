@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.gateway.conftest import MAX_BODY_BYTES, GatewayStack
+from tests.gateway.conftest import EDGE_AGENTS, MAX_BODY_BYTES, GatewayStack
 
 COMPLETION = {"model": "gpt2", "prompt": [5, 17, 42], "max_tokens": 3}
 INFER = {"inputs": [{"name": "input", "shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]}]}
@@ -217,7 +217,7 @@ def test_a_model_nobody_serves_now_is_503_with_retry_after(gw: GatewayStack) -> 
     # A third agent registers "spare", then dies: the coordinator knows the model, nobody
     # serves it. (Last in this module: it changes what the coordinator knows.)
     gw.stack.edge("spare", gw.edge_dir, "edge-spare")
-    gw.stack.wait_workers("edge", 3, state="ready")
+    gw.stack.wait_workers("edge", EDGE_AGENTS + 1, state="ready")
     gw.stack.kill("edge-spare", signal.SIGKILL)
     gw.stack.wait_for(
         lambda s: not any(w["model"] == "spare" for w in s["workers"]), what="spare gone"

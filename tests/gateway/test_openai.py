@@ -103,6 +103,20 @@ def test_async_client_streams_and_completes_concurrently(gw: GatewayStack) -> No
     assert plain == [expected] * 4 and streamed == expected
 
 
+def test_leaving_a_stream_early_withdraws_the_request(gw: GatewayStack) -> None:
+    before = gw.stack.status()["dropped"].get("cancelled", 0)
+    stream = _client(gw).completions.create(model="paced", prompt=PROMPT, max_tokens=40,
+                                            stream=True)  # fmt: skip
+    first = next(iter(stream))  # 40 tokens take 8 s at this agent's pace: far from done
+    assert first.choices[0].model_extra["cicada"]["token_ids"]
+    stream.close()  # the HTTP connection closes; the gateway CANCELs at the coordinator
+    gw.stack.wait_for(
+        lambda s: s["dropped"].get("cancelled", 0) > before,
+        what="the coordinator counting the stream as cancelled",
+        timeout=30,
+    )
+
+
 def test_embeddings_of_text_and_of_token_ids(gw: GatewayStack) -> None:
     client = _client(gw)
     sentences = [words([1, 2, 3]), words([40, 41])]
