@@ -212,8 +212,12 @@ async def completions(request: Request) -> Response:
             body["stream_options"].get("include_usage")
         )
         return await call.stream(prompts[0], include_usage)
-    results = await asyncio.gather(*(call.run(p) for p in prompts))
-    choices = [call.choice(i, result) for i, result in enumerate(results)]
+    try:  # one call per prompt, concurrently; the first failure cancels the rest
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(call.run(p)) for p in prompts]
+    except ExceptionGroup as failed:
+        raise failed.exceptions[0] from None
+    choices = [call.choice(i, task.result()) for i, task in enumerate(tasks)]
     prompt_tokens = sum(len(p) for p in prompts)
     completion_tokens = sum(len(c[EXTENSION]["token_ids"]) for c in choices)
     return JsonResponse({

@@ -183,6 +183,9 @@ def test_refused_completion_fields_are_400(gw: GatewayStack) -> None:
     assert status == 400 and _openai_error(body)["param"] == "prompt"
     two = _post(gw, "/v1/completions", {**COMPLETION, "prompt": [[1, 2], [3, 4, 5]]})
     assert two[0] == 200 and [c["index"] for c in two[2]["choices"]] == [0, 1]
+    # One prompt the model refuses (outside its vocabulary of 97) fails the whole batch.
+    status, _, body = _post(gw, "/v1/completions", {**COMPLETION, "prompt": [[1, 2], [500]]})
+    assert status == 400 and "0..96" in _openai_error(body)["message"]
 
 
 curl = shutil.which("curl")
