@@ -5,6 +5,7 @@
     serve.py    cicada coordinator | edge | cloud | pool
     status.py   cicada status           keys.py     cicada keys
     demo.py     cicada demo             bench.py    cicada coldstart
+    gateway.py  cicada gateway
 
 Each subcommand imports its role lazily: `cicada run` must reach the weight reader before
 `import torch`, and edge-side commands must never import torch (`import cicada.cli` is
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import click
 
-from cicada.cli import bench, demo, export, invoke, keys, pack, run, serve, status
+from cicada.cli import bench, demo, export, gateway, invoke, keys, pack, run, serve, status
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,6 +52,7 @@ for _command in (
     serve.pool,
     status.status,
     keys.keys,
+    gateway.gateway,
 ):
     main.add_command(_command)
 

@@ -11,9 +11,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 
 from cicada.common.httpd import serve_wsgi
+from cicada.common.protocol import PHASES
 from cicada.edge.coordinator.live import LiveStatus
 from cicada.edge.coordinator.live_page import live_app
-from cicada.common.protocol import PHASES
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 
