@@ -37,6 +37,11 @@ class _Worker:  # the attributes of registry.WorkerInfo the page reads
     compute_s: float | None = 0.01
     capacity: int = 2
     inflight: dict[str, Any] = field(default_factory=dict)
+    phase: str | None = "ready"
+    phase_s: float | None = 1.0
+    read_stages: int = 26
+    read_bytes: int = 1_420_000_000
+    total_bytes: int = 1_420_000_000
 
 
 SERVED = {"role": "edge", "worker": "edge-a", "variant": "v"}

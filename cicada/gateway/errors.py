@@ -4,6 +4,7 @@ maps the SDK's errors (cicada/errors.py) to those statuses (docs/GATEWAY.md, "Er
     BadRequest    400 (404 when the coordinator does not know the model)
     Rejected      429 + Retry-After      Unavailable   503 + Retry-After
     Timeout       504                    Failed        500
+    NoCoordinator 503 + Retry-After      KeyRefused    502 (the gateway's CURVE key)
     TransportError, any other CallError  502 (the coordinator let the gateway down)
 """
 
@@ -15,6 +16,8 @@ from cicada.errors import (
     BadRequest,
     CallError,
     Failed,
+    KeyRefused,
+    NoCoordinator,
     Rejected,
     Timeout,
     Unavailable,
@@ -101,4 +104,8 @@ def from_call_error(exc: CallError) -> HttpError:
         return HttpError(504, message, code="deadline_exceeded")
     if isinstance(exc, Failed):
         return HttpError(500, message, code="model_failed")
+    if isinstance(exc, KeyRefused):  # the gateway's own configuration: not the caller's
+        return HttpError(502, message, code="coordinator_refused_key")
+    if isinstance(exc, NoCoordinator):
+        return HttpError(503, message, code="no_coordinator", retry_after=1.0)
     return HttpError(502, message, code="coordinator_error")

@@ -120,8 +120,9 @@ def test_int8_edge_embeddings_stay_close_to_the_cloud(artifacts: tuple[Path, Pat
     ids = _tokens(package, texts)
     with torch.inference_mode():
         cloud = minilm.load_pretrained()(ids).numpy()
-    fp32 = EdgeModel.load(edge_dir, int8=False).run([ids.numpy()])[0]
-    assert np.abs(fp32 - cloud).max() < 1e-5  # the graph keeps the mask and the pooling
+    # The fp32 graph was checked against torch by the export (fp32_max_abs above: the graph
+    # keeps the mask and the pooling) and, int8 being what the agent runs, not kept.
+    assert not (edge_dir / "model.onnx").exists()
     int8 = EdgeModel.load(edge_dir)
     assert int8.variant == "minilm-edge-L6-int8"
     edge = np.stack([int8.run([_tokens(package, [t]).numpy()])[0][0] for t in texts])

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 
 from cicada.common.protocol import Reply, Status
-from cicada.errors import CallError, Timeout, TransportError, raise_for_reply
+from cicada.errors import (
+    CallError,
+    KeyRefused,
+    NoCoordinator,
+    Timeout,
+    TransportError,
+    raise_for_reply,
+)
 from cicada.gateway.errors import from_call_error
 
 
@@ -46,3 +53,9 @@ def test_client_side_failures() -> None:
     broken = TransportError("the connection failed", request_id="r3")
     assert from_call_error(broken).status == 502
     assert from_call_error(broken).kserve_body() == {"error": "the connection failed"}
+    nobody = NoCoordinator("nobody answers at tcp://127.0.0.1:9", request_id="r4")
+    assert from_call_error(nobody).status == 503
+    assert from_call_error(nobody).headers["Retry-After"] == "1"
+    refused = KeyRefused("the coordinator refused this client's key", request_id="r5")
+    assert from_call_error(refused).status == 502
+    assert from_call_error(refused).openai_body()["error"]["code"] == "coordinator_refused_key"

@@ -632,12 +632,15 @@ def test_frozen_edge_agent_is_replaced_and_its_late_results_discarded(
     assert [p.seq for p in pieces] == list(range(n)), roles
     assert roles == ["edge"] * k + ["cloud"] * (n - k) and 1 <= k < n, roles
     wait_answered(s, traffic.sent + 1)
-    # Back from SIGSTOP, the agent went on with the generation it held: what it sent for it
-    # (and for any request of the traffic it held) reached the coordinator and was dropped,
-    # counted, never relayed (no position twice above, no id twice in check_outcomes).
-    late = s.status()["late_results"]
-    print("late results discarded:", late)
-    assert late >= 1, s.log("coordinator")
+    # Back from SIGSTOP, whatever the agent still sent for what it held (a piece of the
+    # generation before it learns it must register again; whether one goes out first is a
+    # race between its two threads) reached the coordinator and was dropped, never relayed:
+    # no position twice above, no id twice in check_outcomes, one outcome per request sent.
+    # The stale message itself, sent for certain and counted exactly, is the attacker of
+    # tests/security/test_one_outcome.py::test_a_worker_that_registers_again_with_a_result_
+    # in_flight_counts_once.
+    status = s.status()
+    print("late results discarded:", status["late_results"], "superseded:", status["superseded"])
 
 
 # -- 4. deadlines nobody can meet ------------------------------------------------------------------
