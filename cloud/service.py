@@ -8,9 +8,9 @@ only where its next stage is not resident; after that the model runs at full spe
 
 SIGTERM drains: nothing new is accepted, what runs finishes, DISCONNECT, exit 0. While loading
 (before the model is built, so nothing has run) it abandons the build: queued work is answered
-UNAVAILABLE, DISCONNECT, exit 0 (6 if the build is stuck in native code for 10 s). A request
-the model fails on ends in a RESULT (BAD_REQUEST or FAILED) and the worker serves on; should
-the serving loop itself die, the worker stops taking work, answers what it holds, says
+UNAVAILABLE, DISCONNECT, exit 0 (SIGALRM ends a build stuck in native code for 10 s). A
+request the model fails on ends in a RESULT (BAD_REQUEST or FAILED) and the worker serves on;
+should the serving loop itself die, the worker stops taking work, answers what it holds, says
 DISCONNECT and exits non-zero (4), so that it is replaced rather than left registered and
 unable to serve.
 """
@@ -38,6 +38,7 @@ from cicada.common.generation import GenerationError, GenerationRequest, generat
 from cicada.common.inputs import InputError, InputLimits
 from cicada.common.launch import WorkerSpec
 from cicada.common.protocol import Dispatch, Result, Role, Status, WorkerState
+from cicada.common.signals import StopRequest
 from cicada.common.sockets import CurveKeys
 from cicada.common.text import TextError, inputs_for, load_tokenizer
 from cicada.common.worker import (
@@ -59,20 +60,12 @@ ASSUMED_CONSTRUCT_S = 0.2
 ASSUMED_READ_BPS = 1.0e9
 EXIT_LOAD_FAILED = 3
 EXIT_SERVING_FAILED = 4  # the serving loop died: the lifecycle replaces the worker
-EXIT_STUCK_LOAD = 6  # SIGTERM while loading, and the build never returned to Python
-STOP_WHILE_LOADING_GRACE_S = 10.0
+STOP_WHILE_LOADING_GRACE_S = 10  # then SIGALRM ends a build stuck in native code
 
 
 class _StopWhileLoading(BaseException):
     """Raised by the signal handler into a build that SIGTERM abandons (not an Exception:
     no handler on the way may swallow it)."""
-
-
-def _exit_stuck_load() -> None:
-    log.error("SIGTERM while loading: the build did not return in %.0f s; exiting",
-              STOP_WHILE_LOADING_GRACE_S)  # fmt: skip
-    logging.shutdown()
-    os._exit(EXIT_STUCK_LOAD)
 
 
 @dataclass
@@ -367,7 +360,7 @@ class CloudWorker:
         """Register, load, serve until SIGTERM. Returns the process exit code: 0 after a
         drain, EXIT_LOAD_FAILED, EXIT_SERVING_FAILED if the serving loop died, or EXIT_REFUSED
         if the coordinator refused the registration."""
-        stop = threading.Event()
+        stop = StopRequest()  # set from a signal handler: no lock (common/signals.py)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, lambda *_: self._on_stop_signal(stop))
             signal.signal(signal.SIGINT, lambda *_: self._on_stop_signal(stop))
@@ -380,21 +373,21 @@ class CloudWorker:
                 CicadaError(f"the worker's serving loop died ({type(exc).__name__}: {exc})"), code
             )
 
-    def _on_stop_signal(self, stop: threading.Event) -> None:
+    def _on_stop_signal(self, stop: StopRequest) -> None:
         """SIGTERM/SIGINT. Once the model is built: drain (the serving loop sees `stop`).
         Before: no request has run yet, so the build is abandoned at once — a build that
         stalls (a hung file system, a factory that never returns) must not make the worker
         deaf to SIGTERM. A build stuck in native code that never returns to Python is ended
-        by a watchdog after STOP_WHILE_LOADING_GRACE_S."""
+        by SIGALRM's default action after STOP_WHILE_LOADING_GRACE_S. Nothing here takes a
+        lock or starts a thread: a second signal may arrive while this one runs."""
         stop.set()
         if self._load_interruptible and not self.built.is_set():
             self._load_interruptible = False
-            watchdog = threading.Timer(STOP_WHILE_LOADING_GRACE_S, _exit_stuck_load)
-            watchdog.daemon = True  # a clean exit before it fires must not wait for it
-            watchdog.start()
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(STOP_WHILE_LOADING_GRACE_S)
             raise _StopWhileLoading
 
-    def _serve(self, stop: threading.Event) -> int:
+    def _serve(self, stop: StopRequest) -> int:
         self.runtime.start()  # registers while cold
         try:
             self._load_interruptible = True
@@ -402,6 +395,7 @@ class CloudWorker:
                 raise _StopWhileLoading
             self._build()
         except _StopWhileLoading:
+            signal.alarm(0)  # the build returned to Python: the drain below ends the process
             log.warning("stopped while loading: the model was not built")
             return self._give_up(CicadaError("stopped while loading"), 0)
         except CicadaError as exc:

@@ -9,9 +9,7 @@ device's CPU load from psutil.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from cicada.common.generation import (
     limits_of,
 )
 from cicada.common.protocol import Dispatch, Result, Role, Status
+from cicada.common.signals import StopRequest
 from cicada.common.sockets import CurveKeys
 from cicada.common.text import TextError, inputs_for, load_tokenizer
 from cicada.common.worker import (
@@ -132,14 +131,8 @@ class EdgeAgent:
         """Run until SIGTERM/SIGINT, then drain (finish what runs, say DISCONNECT). Returns
         the exit code: 0, EXIT_REFUSED if the coordinator refused the registration, 4 if the
         runtime's I/O thread died."""
-        stop = threading.Event()
-
-        def on_signal(signum: int, frame: object) -> None:
-            stop.set()
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_signal)
-            signal.signal(signal.SIGINT, on_signal)
+        stop = StopRequest()  # set from a signal handler: no lock (common/signals.py)
+        stop.on_signals()
         self.runtime.start()
         log.info(
             "edge agent %s serving %s (%s) via %s",

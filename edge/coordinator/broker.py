@@ -69,6 +69,7 @@ from cicada.common.protocol import (
     unpack_body,
     worker_report_problem,
 )
+from cicada.common.signals import StopRequest
 from cicada.common.sockets import configure
 from cicada.edge.coordinator.access import NO_GRANT, Access, Grant, WorkerKeys, loopback_only
 from cicada.edge.coordinator.lifecycle import Lifecycle
@@ -157,7 +158,7 @@ class Coordinator:
         self._outbox_bytes: dict[bytes, int] = {}
         self._overflowing: set[bytes] = set()
         self._send_errno = 0  # why the last `_send` failed
-        self.stop_event = threading.Event()
+        self.stop_event = StopRequest()  # a signal handler sets it: no lock (common/signals.py)
         self.ready = threading.Event()
         self.endpoint = ""
         self._sock: zmq.Socket[bytes] | None = None

@@ -19,7 +19,10 @@ asserts how long anything took.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,3 +250,26 @@ def test_sigterm_stops_a_cloud_worker_whose_load_stalled(
     s.kill("cloud", signal.SIGTERM)  # waits for the exit (bounded), never escalates
     assert s.procs["cloud"].returncode == 0, s.log("cloud")
     s.wait_for(lambda st: s.workers("cloud") == 0, what="the stopped worker gone", timeout=30)
+
+
+def test_a_burst_of_sigterms_stops_every_role(stack: Stack, assets: dict[str, Path]) -> None:
+    """Signals that arrive while the previous one's handler runs (a lifecycle's SIGTERM, then
+    the parent-death signal): a handler that took a lock deadlocked a cloud worker for good.
+    Every role gets a burst of SIGTERMs and exits 0."""
+    s = stack
+    s.coordinator()
+    s.edge(MODEL, assets["edge"])
+    s.cloud(MODEL, assets["package"])
+    s.wait_workers("edge", 1)
+    s.wait_workers("cloud", 1, state="ready", timeout=READY_WITHIN)
+    for name in ("cloud", "edge", "coordinator"):
+        proc = s.procs[name]
+        for _ in range(200):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+        try:
+            code = proc.wait(60)  # a bound on the drain, never a latency claim
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"{name} hung after a burst of SIGTERMs: {s.log(name)}") from None
+        assert code == 0, s.log(name)
