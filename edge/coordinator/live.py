@@ -187,6 +187,11 @@ def _worker(w: Any) -> dict[str, Any]:
         "variant": w.variant,
         "resident_stages": w.resident_stages,
         "total_stages": w.total_stages,
+        # A starting cloud worker's phase (importing, constructing, loading, ready) and the
+        # stages read and verified so far: on CPU the read finishes before torch is imported.
+        "phase": w.phase,
+        "phase_s": _finite(w.phase_s),
+        "read_stages": w.read_stages,
         "eta_s": _finite(w.eta_s),
         "capacity": w.capacity,
         "busy": len(w.inflight),

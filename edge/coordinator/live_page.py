@@ -129,6 +129,7 @@ function residency(w) {
   if (w.total_stages > 0) {
     share = w.resident_stages / w.total_stages;
     text = w.resident_stages + "/" + w.total_stages + " stages";
+    if (w.read_stages > w.resident_stages) text += " (" + w.read_stages + " read)";
   } else {
     share = w.state === "ready" ? 1 : 0;  // an edge agent loads one file: no stages to count
     text = w.state === "ready" ? "loaded" : "–";
@@ -148,7 +149,8 @@ function workersTable(model) {
     body.append(el("tr", {class: "worker role-" + w.role, "data-name": w.name, "data-role": w.role},
       el("td", {class: "name"}, w.name),
       el("td", {class: "role"}, w.role),
-      el("td", {class: "state"}, w.state),
+      el("td", {class: "state"}, w.state +
+        (w.phase && w.state !== "ready" ? " · " + w.phase + " " + seconds(w.phase_s) : "")),
       residency(w),
       el("td", {class: "eta num"}, w.state === "ready" ? "–" : seconds(w.eta_s)),
       el("td", {class: "busy num"}, w.busy + "/" + w.capacity)));

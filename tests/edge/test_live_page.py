@@ -45,7 +45,7 @@ HOSTILE = "<img src=x onerror=\"document.title='owned'\">&amp;<b>bold</b>"
 RECENT_KEYS = {"age_s", "model", "priority", "route", "worker", "handed_off", "status",
                "latency_s"}  # fmt: skip
 WORKER_KEYS = {"name", "role", "state", "variant", "resident_stages", "total_stages", "eta_s",
-               "capacity", "busy", "compute_s"}  # fmt: skip
+               "capacity", "busy", "compute_s", "phase", "phase_s", "read_stages"}  # fmt: skip
 
 
 def chromium() -> str | None:
@@ -141,6 +141,8 @@ def test_status_json_shows_workers_queues_and_the_requests_made(live: Live) -> N
     assert workers["edge-a"]["role"] == "edge" and workers["cloud-a"]["role"] == "cloud"
     cloud = workers["cloud-a"]
     assert cloud["total_stages"] > 0 and cloud["resident_stages"] == cloud["total_stages"]
+    assert cloud["phase"] == "ready" and cloud["read_stages"] == cloud["total_stages"]
+    assert workers["edge-a"]["phase"] is None  # an edge agent reports no start-up phase
     (loading,) = models[BIG]["workers"]
     assert (loading["name"], loading["state"]) == (HOSTILE, "loading")
     assert (loading["resident_stages"], loading["total_stages"], loading["eta_s"]) == (1, 3, 4.2)
@@ -346,11 +348,14 @@ def test_estimates_json_cannot_carry_are_shown_as_unknown() -> None:
         compute_s: float | None = float("inf")
         capacity: int = 1
         inflight: dict[str, Any] = field(default_factory=dict)
+        phase: str | None = "loading"
+        phase_s: float | None = float("nan")
+        read_stages: int = 2
 
     live = LiveStatus()
     live.set_workers([Worker()])
     (worker,) = json.loads(json.dumps(live.snapshot(), allow_nan=False))["models"][0]["workers"]
-    assert worker["eta_s"] is None and worker["compute_s"] is None
+    assert worker["eta_s"] is None and worker["compute_s"] is None and worker["phase_s"] is None
 
 
 # -- the screenshot in docs/ -------------------------------------------------------------------
