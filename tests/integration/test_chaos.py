@@ -697,9 +697,16 @@ def test_deadlines_nobody_can_meet_end_without_running(
 # -- 4b. the cloud worker itself, behind a stand-in coordinator ------------------------------------
 
 
+# The stand-in heartbeats its worker only while the test reads from it, in the test's own
+# process: on a CPU-burning machine that process can stall past 4 × 0.2 s, and the worker then
+# rightly presumes its coordinator dead and abandons the dispatch under test. A 1 s interval
+# (silence presumed death after ~4.4 s) keeps these tests about the worker, not the scheduler.
+STAND_IN_HEARTBEAT = 1.0
+
+
 @pytest.fixture
 def stand_in() -> Iterator[StandInCoordinator]:
-    c = StandInCoordinator(heartbeat=HEARTBEAT)
+    c = StandInCoordinator(heartbeat=STAND_IN_HEARTBEAT)
     yield c
     c.close()
 
@@ -712,7 +719,8 @@ def cloud_process(
         proc = subprocess.Popen(
             [sys.executable, "-m", "cicada", "cloud", "--model", MODEL,
              "--package", str(assets["package"]), "--name", "cloud",
-             "--coordinator", f"tcp://127.0.0.1:{stand_in.port}", "--heartbeat", str(HEARTBEAT)],
+             "--coordinator", f"tcp://127.0.0.1:{stand_in.port}",
+             "--heartbeat", str(STAND_IN_HEARTBEAT)],
             cwd=ROOT, stdout=log, stderr=log,
         )  # fmt: skip
         try:
