@@ -581,14 +581,14 @@ def test_a_warm_pool_preloads_the_model_code_and_its_fork_serves(
 
     socket_path = str(tmp_path / "pool.sock")
     launcher = PoolLauncher(socket_path, preload=[str(saved.by_dir)]).start(timeout=120)
-    stand_in = StandInCoordinator()
+    stand_in = StandInCoordinator(heartbeat=1.0)  # see tests/integration/test_chaos.py
     try:
         preloaded = pool_call(socket_path, {"op": "ping"})["preloaded"]
         assert "transformers" in preloaded
         assert "transformers.models.gpt2.modeling_gpt2" in preloaded
         launcher.launch(WorkerSpec(model="hub", package=str(saved.by_dir), name="hub-1",
                                    coordinator=f"tcp://127.0.0.1:{stand_in.port}", threads=1,
-                                   heartbeat=0.2))  # fmt: skip
+                                   heartbeat=1.0))  # fmt: skip
         until = time.monotonic() + 120
         stand_in.expect(Ready, until)
         stand_in.send(Dispatch(id="d", model="hub", inputs=[saved.x.numpy()]))

@@ -164,10 +164,13 @@ def test_a_cancelled_edge_generation_stops_and_frees_its_slot(assets: dict[str, 
     from cicada.edge.agent import EdgeAgent, EdgeAgentConfig
     from cicada.testing import StandInCoordinator
 
-    c = StandInCoordinator()
+    # Heartbeats at 1 s: the stand-in heartbeats only while the test reads from it, and a busy
+    # machine can stall this process past a shorter liveness (the agent would then rightly
+    # register again and abandon the generation under test).
+    c = StandInCoordinator(heartbeat=1.0)
     agent = EdgeAgent(EdgeAgentConfig(model_dir=assets["edge"], model_name="gpt2",
                                       coordinator=f"tcp://127.0.0.1:{c.port}", capacity=1,
-                                      heartbeat_interval=0.1, token_interval=0.02))  # fmt: skip
+                                      heartbeat_interval=1.0, token_interval=0.02))  # fmt: skip
     agent.runtime.start()
     try:
         until = time.monotonic() + 60
