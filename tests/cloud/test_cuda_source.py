@@ -28,8 +28,9 @@ from cicada.common.errors import (
     LoadStalledError,
     PackageIntegrityError,
 )
-from cicada.common.package import WEIGHTS_NAME, Manifest
+from cicada.common.package import Manifest
 from tests.cloud import layout_models
+from tests.cloud.test_corrupt_packages import flip_byte_in_stage
 
 BOUND_S = 30.0  # a regression that would hang fails with LoadStalledError after this
 
@@ -126,12 +127,7 @@ def test_a_failure_while_attaching_reaches_every_listener(tmp_path: Path) -> Non
 
 def test_a_corrupt_stage_fails_the_load(tmp_path: Path) -> None:
     package, x, _ = _gpt2(tmp_path)
-    stage = Manifest.load(package).stages[1]
-    with open(package / WEIGHTS_NAME, "r+b") as f:
-        f.seek(stage.begin)
-        byte = f.read(1)
-        f.seek(stage.begin)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_byte_in_stage(package, Manifest.load(package).stages[1].name)
     with pytest.raises(PackageIntegrityError, match="checksum mismatch"):
         _cold(package, SimulatedCuda()).forward(x)
 
