@@ -29,6 +29,7 @@ runs on CPU with copies that complete when told, for tests and `benchmarks/gpu_c
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -47,6 +48,8 @@ if TYPE_CHECKING:
     import torch
 
     from cicada.cloud.miniloader import Slot
+
+log = logging.getLogger("cicada.cloud")
 
 CHUNK = 64 * 1024 * 1024
 RING = 3
@@ -272,6 +275,8 @@ class CudaStageSource(StageSource):
         self.dest.clear()
         try:
             self.backend.release_pinned()
+        except Exception as exc:  # the load itself is done: say so, and go on
+            log.warning("the pinned ring could not be handed back: %s", exc)
         finally:
             self.loaded.set()
 
