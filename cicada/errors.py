@@ -36,6 +36,7 @@
     │   ├── MissingExtraError        an optional library (transformers, torchvision) is missing
     │   └── UnknownModelError        the library has no model (class) of that name
     ├── StagingError             a model's stages cannot be determined as declared
+    ├── DeviceError              the accelerator failed (out of memory, a CUDA error)
     ├── ConfigError              the coordinator's config file is missing, not TOML, or invalid
     ├── LaunchError              a cloud worker could not be started
     ├── EdgeModelError           an edge (ONNX) model cannot be loaded, or refuses its inputs
@@ -56,6 +57,7 @@ from typing import Any, Literal
 from cicada.common.errors import (
     CicadaError,
     ConfigError,
+    DeviceError,
     EdgeExportError,
     EdgeModelError,
     EndpointError,
@@ -83,6 +85,7 @@ __all__ = [
     "CicadaError",
     "ClientError",
     "ConfigError",
+    "DeviceError",
     "EdgeExportError",
     "EdgeModelError",
     "EndpointError",

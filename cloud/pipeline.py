@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cicada.cloud.loading.base import StageRead
+from cicada.cloud.loading.base import StageRead, StageSource
 from cicada.cloud.loading.sources import source_for
 from cicada.cloud.timeline import Timeline
 from cicada.common.errors import CicadaError, LoadStalledError, PackageIntegrityError
@@ -94,7 +94,10 @@ class ColdStart:
         reader_threads: int = 1,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
         trust_package_code: bool = False,
+        source: Callable[..., StageSource] | None = None,
     ) -> None:
+        """`source`: the stage source's class (or a factory taking its arguments); by default
+        the one for `device`'s kind (cloud/loading/sources.py)."""
         self.package_dir = Path(package_dir)
         self.stall_timeout = stall_timeout
         self.trust_package_code = trust_package_code
@@ -129,7 +132,7 @@ class ColdStart:
         # Compute-lane bookkeeping for per-stage timings (main thread only).
         self._segment_stage: int | None = None
         self._segment_start = 0.0
-        self.source = source_for(device)(
+        self.source = (source or source_for(device))(
             self.weights_path, self.manifest, device, self.timeline,
             verify=verify, threads=reader_threads,
         )  # fmt: skip
@@ -246,6 +249,13 @@ class ColdStart:
         except Exception as exc:  # on the loader's thread: fail the load, never lose it
             self._fail(self._apply_error(read.stage, exc))
 
+    def _build_error(self, exc: Exception) -> CicadaError:
+        if isinstance(exc, CicadaError):
+            return exc
+        from cicada.cloud.loading.base import load_error
+
+        return load_error(self.weights_path, exc)
+
     def _apply_error(self, stage: StageEntry, exc: Exception) -> CicadaError:
         if isinstance(exc, CicadaError):
             return exc
@@ -275,12 +285,16 @@ class ColdStart:
         trusted = self.trust_package_code
         with self.timeline.span("import", "model code"):
             resolve_factory(arch.factory, trusted=trusted)
-        with self.timeline.span("construct", "construct"):
-            with self.source.construction():
-                model = build_model(arch.factory, arch.config, init=False, trusted=trusted)
-            self._slots = check_coverage(model, self.manifest)
-            self._install_hooks(model)
-        self.source.attach(self._slots)
+        try:
+            with self.timeline.span("construct", "construct"):
+                with self.source.construction():
+                    model = build_model(arch.factory, arch.config, init=False, trusted=trusted)
+                self._slots = check_coverage(model, self.manifest)
+                self._install_hooks(model)
+            self.source.attach(self._slots)
+        except Exception as exc:  # every waiter and listener hears it, not just this caller
+            self._fail(self._build_error(exc))
+            raise
         with self._lock:
             self._model = model
             pending, self._pending = self._pending, []

@@ -12,7 +12,9 @@ UNAVAILABLE, DISCONNECT, exit 0 (SIGALRM ends a build stuck in native code for 1
 request the model fails on ends in a RESULT (BAD_REQUEST or FAILED) and the worker serves on;
 should the serving loop itself die, the worker stops taking work, answers what it holds, says
 DISCONNECT and exits non-zero (4), so that it is replaced rather than left registered and
-unable to serve.
+unable to serve. A device failure (out of GPU memory, a CUDA error), while loading or running,
+answers UNAVAILABLE (not the caller's fault: the coordinator gives the request another chance)
+and the worker exits EXIT_DEVICE_FAILED (6) for replacement: its CUDA context may be poisoned.
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cicada.cloud.loading.base import device_failure
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
-from cicada.common.errors import CicadaError, RegistrationRefused
+from cicada.common.errors import CicadaError, DeviceError, RegistrationRefused
 from cicada.common.generation import GenerationError, GenerationRequest, generate, limits_of
 from cicada.common.inputs import InputError, InputLimits
 from cicada.common.launch import WorkerSpec
@@ -60,6 +63,7 @@ ASSUMED_CONSTRUCT_S = 0.2
 ASSUMED_READ_BPS = 1.0e9
 EXIT_LOAD_FAILED = 3
 EXIT_SERVING_FAILED = 4  # the serving loop died: the lifecycle replaces the worker
+EXIT_DEVICE_FAILED = 6  # out of device memory / a CUDA error: the context may be poisoned
 STOP_WHILE_LOADING_GRACE_S = 10  # then SIGALRM ends a build stuck in native code
 
 
@@ -226,9 +230,12 @@ class CloudWorker:
             result = self._run(dispatch, deadline, stream)
         except Exception as exc:
             log.exception("request %s failed", dispatch.id)
-            result = Result(
-                id=dispatch.id, status=Status.FAILED, error=f"{type(exc).__name__}: {exc}"
-            )
+            if device_failure(exc):  # e.g. an asynchronous CUDA error seen at the copy out
+                result = self._device_failed(dispatch, exc)
+            else:
+                result = Result(
+                    id=dispatch.id, status=Status.FAILED, error=f"{type(exc).__name__}: {exc}"
+                )
         except BaseException as exc:
             done.set_result(
                 Result(
@@ -299,24 +306,34 @@ class CloudWorker:
         return Result(id=dispatch.id, status=Status.OK, outputs=arrays, timings=timings)
 
     def _guarded(self, dispatch: Dispatch, what: str, run: Callable[[], T]) -> T | Result:
-        """Run the model; a failed load makes the worker UNAVAILABLE, inputs the model
-        refuses are the caller's BAD_REQUEST, anything else it raises (an assertion, out of
-        memory) is FAILED (`_serve_one`), and the worker keeps serving in every case."""
-        import torch
-
+        """Run the model; a failed load makes the worker UNAVAILABLE, and so does a device
+        failure (out of memory, a CUDA error: the worker then exits for replacement); inputs
+        the model refuses are the caller's BAD_REQUEST; anything else it raises (an
+        assertion) is FAILED (`_serve_one`), and the worker keeps serving."""
         try:
             return run()
         except CicadaError as exc:
             self._fail(exc)
             return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(exc))
-        except torch.cuda.OutOfMemoryError as exc:  # a RuntimeError, but not the caller's fault
-            return Result(id=dispatch.id, status=Status.FAILED, error=f"out of memory: {exc}")
-        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        except Exception as exc:
+            if device_failure(exc):  # a RuntimeError, but not the caller's fault
+                return self._device_failed(dispatch, exc)
+            if not isinstance(exc, (RuntimeError, ValueError, IndexError, TypeError)):
+                raise
             return Result(
                 id=dispatch.id,
                 status=Status.BAD_REQUEST,
                 error=f"the model refused the {what}: {type(exc).__name__}: {exc}",
             )
+
+    def _device_failed(self, dispatch: Dispatch, exc: BaseException) -> Result:
+        """The device failed under this request: it ends UNAVAILABLE (the coordinator gives it
+        another chance elsewhere), and the worker takes no more work and exits
+        EXIT_DEVICE_FAILED, since its CUDA context may be poisoned."""
+        error = DeviceError(f"the device failed: {type(exc).__name__}: {exc}")
+        log.error("%s; this worker exits for replacement", error)
+        self._fail(error)
+        return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(error))
 
     def _generate(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
         """Greedy generation with a KV cache, one PARTIAL per token (see cloud/generate.py)."""
@@ -400,13 +417,19 @@ class CloudWorker:
             return self._give_up(CicadaError("stopped while loading"), 0)
         except CicadaError as exc:
             self._load_interruptible = False
-            return self._give_up(exc, EXIT_LOAD_FAILED)
+            return self._give_up(exc, _exit_code(exc))
+        except Exception as exc:
+            if not device_failure(exc):
+                raise
+            self._load_interruptible = False
+            error = DeviceError(f"the device failed while building: {type(exc).__name__}: {exc}")
+            return self._give_up(error, EXIT_DEVICE_FAILED)
         while not stop.is_set() and not self.runtime.stopped.is_set():
             try:
                 dispatch, deadline, stream, done = self._work.get(timeout=0.1)
             except queue.Empty:
                 if self.failed is not None:
-                    return self._give_up(self.failed, EXIT_LOAD_FAILED)
+                    return self._give_up(self.failed, _exit_code(self.failed))
                 continue
             self._serve_one(dispatch, deadline, stream, done)
         if isinstance(self.runtime.error, RegistrationRefused):  # registering again: refused
@@ -499,6 +522,11 @@ class CloudWorker:
             self._serve_pending()
         self._serve_pending()
         return code
+
+
+def _exit_code(error: CicadaError) -> int:
+    """The exit code of a worker that failed with `error`."""
+    return EXIT_DEVICE_FAILED if isinstance(error, DeviceError) else EXIT_LOAD_FAILED
 
 
 def _load_factor() -> float:

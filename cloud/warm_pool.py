@@ -3,7 +3,10 @@
 SOCK and Catalyzer's lesson: most of a cold start before the weights is interpreter start and
 imports (`import torch` alone ~1.25 s here). The pool pays that once, ahead of demand, then
 forks a worker per launch request (~tens of ms). The pool itself never runs a torch op or
-starts a thread before forking, so the children inherit no thread state (fork-safe).
+starts a thread before forking, so the children inherit no thread state (fork-safe). Nor may it
+initialise CUDA: a forked child cannot use its parent's CUDA context (the first CUDA call fails
+or hangs), so a pool whose process has initialised CUDA refuses every launch by name
+(`check_fork_safe`) instead of handing out broken workers.
 
 Requests arrive on a unix socket as length-prefixed msgpack maps (common/launch.py); a launch
 request's spec is checked (types, ranges, a name that cannot leave the log folder) before
@@ -248,6 +251,18 @@ def serve_pool(
                     os.kill(pid, signal.SIGTERM)
 
 
+def check_fork_safe() -> None:
+    """Raise LaunchError if this process has initialised CUDA: its forks would inherit a CUDA
+    context they cannot use."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise LaunchError(
+            "the warm pool cannot fork a worker: CUDA was initialised in the pool process, and "
+            "a forked child cannot use its parent's CUDA context; keep the pool free of CUDA "
+            "calls (preload imports only) or start workers without the pool"
+        )
+
+
 def _accept(
     server: socket.socket,
     selector: selectors.BaseSelector,
@@ -296,5 +311,6 @@ def _answer(
                     + (f"only into {logs}" if logs else "nowhere (started without --log-dir)")
                 )
             log_path = worker_log_path(logs, spec.name)
+        check_fork_safe()
         return {"fork": (spec, log_path)}
     return {"ok": False, "error": f"unknown op {op!r}"}

@@ -54,6 +54,11 @@ class StagingError(CicadaError):
     """A model's declared stages are inconsistent."""
 
 
+class DeviceError(CicadaError):
+    """The accelerator failed (out of memory, a CUDA error): its context may be poisoned, so
+    the worker answers UNAVAILABLE and exits for replacement (EXIT_DEVICE_FAILED)."""
+
+
 # -- the wire and the requests on it ----------------------------------------------------------
 
 

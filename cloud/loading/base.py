@@ -14,13 +14,14 @@ Torch-free: `cicada run` opens the source before `import torch`.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from cicada.common.errors import CicadaError
+from cicada.common.errors import CicadaError, DeviceError, PackageIntegrityError
 from cicada.common.package import Manifest, StageEntry
 
 if TYPE_CHECKING:
@@ -90,3 +91,28 @@ class StageSource:
 
     def synchronize(self) -> None:
         """Wait for the compute issued so far (the forward's last segment) to finish."""
+
+
+def device_failure(exc: BaseException) -> bool:
+    """Is `exc` the accelerator's failure (out of memory, a CUDA error), after which its
+    context may be unusable? Such a worker is replaced rather than kept."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    kinds: tuple[type[BaseException], ...] = (torch.cuda.OutOfMemoryError,)
+    accelerator = getattr(torch, "AcceleratorError", None)  # CUDA errors, torch >= 2.8
+    if isinstance(accelerator, type):
+        kinds += (accelerator,)
+    return isinstance(exc, kinds) or (
+        isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")
+    )
+
+
+def load_error(path: Path, exc: BaseException) -> CicadaError:
+    """The load's error for any exception raised while loading `path`."""
+    if isinstance(exc, CicadaError):
+        return exc
+    what = f"{type(exc).__name__}: {exc}"
+    if device_failure(exc):
+        return DeviceError(f"{path}: the device failed while loading ({what})")
+    return PackageIntegrityError(f"{path}: the load failed ({what})")

@@ -20,8 +20,7 @@ def device_kind(device: str, supported: Sequence[str] | None = None, who: str = 
     kind = device.split(":", 1)[0]
     if kind not in kinds:
         raise CicadaError(
-            f"{who} cannot use device {device!r}: the supported device kinds are "
-            f"{', '.join(kinds)}"
+            f"{who} cannot use device {device!r}: the supported device kinds are {', '.join(kinds)}"
         )
     return kind
 
