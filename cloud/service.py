@@ -416,14 +416,14 @@ class CloudWorker:
             log.warning("stopped while loading: the model was not built")
             return self._give_up(CicadaError("stopped while loading"), 0)
         except CicadaError as exc:
-            self._load_interruptible = False
             return self._give_up(exc, _exit_code(exc))
         except Exception as exc:
             if not device_failure(exc):
                 raise
-            self._load_interruptible = False
             error = DeviceError(f"the device failed while building: {type(exc).__name__}: {exc}")
             return self._give_up(error, EXIT_DEVICE_FAILED)
+        finally:
+            self._load_interruptible = False  # from here on SIGTERM drains, whatever happened
         while not stop.is_set() and not self.runtime.stopped.is_set():
             try:
                 dispatch, deadline, stream, done = self._work.get(timeout=0.1)
