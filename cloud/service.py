@@ -406,24 +406,29 @@ class CloudWorker:
 
     def _serve(self, stop: StopRequest) -> int:
         self.runtime.start()  # registers while cold
+        failure: BaseException | None = None
         try:
             self._load_interruptible = True
             if stop.is_set():  # a signal before the flag was up
                 raise _StopWhileLoading
             self._build()
-        except _StopWhileLoading:
+        except (_StopWhileLoading, Exception) as exc:
+            failure = exc
+        finally:
+            self._load_interruptible = False  # from here on SIGTERM drains, whatever happened
+        if isinstance(failure, _StopWhileLoading):
             signal.alarm(0)  # the build returned to Python: the drain below ends the process
             log.warning("stopped while loading: the model was not built")
             return self._give_up(CicadaError("stopped while loading"), 0)
-        except CicadaError as exc:
-            return self._give_up(exc, _exit_code(exc))
-        except Exception as exc:
-            if not device_failure(exc):
-                raise
-            error = DeviceError(f"the device failed while building: {type(exc).__name__}: {exc}")
+        if isinstance(failure, CicadaError):
+            return self._give_up(failure, _exit_code(failure))
+        if failure is not None:
+            if not device_failure(failure):
+                raise failure
+            error = DeviceError(
+                f"the device failed while building: {type(failure).__name__}: {failure}"
+            )
             return self._give_up(error, EXIT_DEVICE_FAILED)
-        finally:
-            self._load_interruptible = False  # from here on SIGTERM drains, whatever happened
         while not stop.is_set() and not self.runtime.stopped.is_set():
             try:
                 dispatch, deadline, stream, done = self._work.get(timeout=0.1)
