@@ -55,6 +55,10 @@ class WorkerSpec:
     # The coordinator's `trust_package_code` for this model: run its factory even if it is
     # outside the allow-list (docs/PACKAGE.md, "Threat model").
     trust_package_code: bool = False
+    # Dynamic batching (Triton's settings; cloud/batching.py): 1 runs one dispatch at a time.
+    max_batch_size: int = 1
+    max_queue_delay_ms: float = 0.0
+    preferred_batch_sizes: list[int] = field(default_factory=list)
 
     def cli_args(self) -> list[str]:
         args = [
@@ -78,6 +82,12 @@ class WorkerSpec:
             args += ["--curve-key", self.curve_key, "--server-key", self.server_key]
         if self.trust_package_code:
             args.append("--trust-package-code")
+        if self.max_batch_size != 1:
+            args += ["--max-batch-size", str(self.max_batch_size)]
+        if self.max_queue_delay_ms:
+            args += ["--max-queue-delay-ms", repr(float(self.max_queue_delay_ms))]
+        if self.preferred_batch_sizes:
+            args += ["--preferred-batch-sizes", ",".join(map(str, self.preferred_batch_sizes))]
         return args
 
     def to_wire(self) -> dict[str, Any]:
@@ -103,6 +113,8 @@ DEVICE = re.compile(r"[a-z]{2,16}(:[0-9]{1,4})?")  # cpu, cuda, cuda:1, mps, ...
 MAX_SPEC_STRING = 4096
 MAX_HEARTBEAT_S = 3600.0
 MAX_THREADS = 4096
+MAX_BATCH = 1024  # READY's `capacity` bound
+MAX_QUEUE_DELAY_MS = 60_000.0
 
 
 def check_worker_name(name: object) -> str:
@@ -121,7 +133,7 @@ def _has_type(value: object, kind: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind in (str, bool):
+    if kind in (str, bool, list):
         return isinstance(value, kind)
     return True  # a type this check does not know: left to the field's own consumer
 
@@ -133,7 +145,8 @@ def check_spec(spec: WorkerSpec) -> WorkerSpec:
     hints = typing.get_type_hints(type(spec))
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
-        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        hint = hints[f.name]
+        kinds = (list,) if typing.get_origin(hint) is list else typing.get_args(hint) or (hint,)
         if not any(_has_type(value, k) for k in kinds):
             wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
             raise LaunchError(
@@ -151,6 +164,20 @@ def check_spec(spec: WorkerSpec) -> WorkerSpec:
         raise LaunchError(f"bad worker spec: heartbeat {spec.heartbeat!r} is not in (0, 3600]")
     if spec.threads is not None and not 1 <= spec.threads <= MAX_THREADS:
         raise LaunchError(f"bad worker spec: threads {spec.threads!r} is not in [1, 4096]")
+    if not 1 <= spec.max_batch_size <= MAX_BATCH:
+        raise LaunchError(f"bad worker spec: max_batch_size {spec.max_batch_size!r} is not in "
+                          f"[1, {MAX_BATCH}]")  # fmt: skip
+    delay = spec.max_queue_delay_ms
+    if not (math.isfinite(delay) and 0 <= delay <= MAX_QUEUE_DELAY_MS):
+        raise LaunchError(f"bad worker spec: max_queue_delay_ms {delay!r} is not in [0, 60000]")
+    sizes = spec.preferred_batch_sizes
+    if (
+        not isinstance(sizes, list)
+        or len(sizes) > MAX_BATCH
+        or not all(_has_type(n, int) and 1 <= n <= spec.max_batch_size for n in sizes)
+    ):
+        raise LaunchError("bad worker spec: preferred_batch_sizes must be integers in "
+                          "[1, max_batch_size]")  # fmt: skip
     return spec
 
 

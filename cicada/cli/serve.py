@@ -307,6 +307,9 @@ def _lifecycle(
             server_key=str(keys[1]) if keys else None,
             log_dir=log_dir,
             trust_package_code=cfg.trust_package_code,
+            max_batch_size=cfg.max_batch_size,
+            max_queue_delay_ms=cfg.max_queue_delay_ms,
+            preferred_batch_sizes=list(cfg.preferred_batch_sizes),
         )
 
     return Lifecycle(file.models, launcher, spec_for)
@@ -509,6 +512,26 @@ def edge(
     show_default=True,
     help="Address the health endpoint binds; in a pod probed by the kubelet, 0.0.0.0.",
 )
+@click.option(
+    "--max-batch-size",
+    type=click.IntRange(1, 1024),
+    default=1,
+    show_default=True,
+    help="Dynamic batching: run up to this many compatible dispatches as one forward "
+    "(advertised as the worker's capacity).",
+)
+@click.option(
+    "--max-queue-delay-ms",
+    type=click.FloatRange(0, 60_000),
+    default=0.0,
+    show_default=True,
+    help="How long the first dispatch of a batch may wait for others to join.",
+)
+@click.option(
+    "--preferred-batch-sizes",
+    default="",
+    help="Comma-separated batch sizes that go at once, without waiting out the delay.",
+)
 @trust_option
 @curve_options
 @click.option("--log-level", default="info", show_default=True)
@@ -524,6 +547,9 @@ def cloud(
     health_host: str,
     curve_key: Path | None,
     server_key: Path | None,
+    max_batch_size: int,
+    max_queue_delay_ms: float,
+    preferred_batch_sizes: str,
     trust_package_code: bool,
     log_level: str,
 ) -> None:
@@ -538,8 +564,14 @@ def cloud(
     keys = curve_keys(curve_key, server_key)
     if health_port is not None:
         check_port_free("--health-port", health_host, health_port)
+    from cicada.cloud.batching import BatchConfigError, BatchPolicy
     from cicada.cloud.service import CloudWorker, CloudWorkerConfig
 
+    try:
+        sizes = tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip())
+        batch = BatchPolicy(max_batch_size, max_queue_delay_ms, sizes)
+    except (ValueError, BatchConfigError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--preferred-batch-sizes") from None
     try:
         worker = CloudWorker(
             CloudWorkerConfig(
@@ -554,6 +586,7 @@ def cloud(
                 health_port=health_port,
                 health_host=health_host,
                 trust_package_code=trust_package_code,
+                batch=batch,
             )
         )
     except PackageError as exc:  # as every command that loads a package: exit status 2

@@ -166,10 +166,37 @@ class ModelConfig(BaseModel):
         default=30.0, gt=0, description="... up to this many seconds."
     )
 
+    max_batch_size: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Dynamic batching (Triton's setting): a worker runs up to this many "
+        "compatible dispatches (same dtypes, same trailing dimensions) as one forward, and "
+        "advertises it as its capacity; 1 runs one at a time. Generation runs one at a time.",
+    )
+    max_queue_delay_ms: float = Field(
+        default=0.0,
+        ge=0,
+        le=60_000,
+        description="How long the first dispatch of a batch may wait for others to join "
+        "(never past its own deadline).",
+    )
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="Batch sizes that go at once, without waiting out max_queue_delay_ms.",
+    )
+
     @model_validator(mode="after")
     def _bounds(self) -> ModelConfig:
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers ({self.min_workers}) > max_workers ({self.max_workers})")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise ValueError(
+                    f"preferred_batch_sizes: {size} is not in [1, max_batch_size "
+                    f"({self.max_batch_size})]"
+                )
         return self
 
 
