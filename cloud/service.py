@@ -197,10 +197,11 @@ class CloudWorker:
             state = WorkerState.LOADING if last is not None else WorkerState.COLD
             resident = 0 if last is None else last.resident_stages
             eta = cold.read_eta(ASSUMED_READ_BPS) if last is None else last.eta_s
+        unit_s, marginal = self.batch_cost.fit()
         return WorkerStatus(
-            state, resident, total, eta, None, phase=phase, phase_s=in_phase,
+            state, resident, total, eta, unit_s, phase=phase, phase_s=in_phase,
             read_stages=cold.read_stages, read_bytes=cold.read_bytes,
-            total_bytes=cold.manifest.total_bytes,
+            total_bytes=cold.manifest.total_bytes, batch_marginal=marginal,
         )  # fmt: skip
 
     def _on_residency(self, event: ResidencyEvent) -> None:
