@@ -362,7 +362,17 @@ class CloudWorker:
 
     def _prepare(self, work: Work) -> Item[Work] | None:
         """Called by the batcher for each request it takes: answer at once what must not run
-        (expired, refused inputs), else say what it may batch with (generation runs alone)."""
+        (expired, refused inputs), else say what it may batch with (generation runs alone).
+        Whatever the checks raise ends that request FAILED, never the serving loop."""
+        try:
+            return self._sort(work)
+        except Exception as exc:
+            log.exception("request %s failed", work[0].id)
+            error = f"{type(exc).__name__}: {exc}"
+            work[3].set_result(Result(id=work[0].id, status=Status.FAILED, error=error))
+            return None
+
+    def _sort(self, work: Work) -> Item[Work] | None:
         dispatch, deadline, _stream, done = work
         refusal = self._refusal(dispatch, deadline)
         if refusal is not None:
@@ -416,14 +426,14 @@ class CloudWorker:
             return
         sizes = [rows(item.inputs) for item in live]
         total = sum(sizes)
-        joined = [
-            np.concatenate([item.inputs[j] for item in live]) for j in range(len(live[0].inputs))
-        ]
-        inputs = self._tensors(joined)
         during_load = not self.cold.all_resident
         start = time.monotonic()
         try:
-            outputs = self._arrays(self.cold.forward(*inputs))
+            joined = [
+                np.concatenate([item.inputs[j] for item in live])
+                for j in range(len(live[0].inputs))
+            ]
+            outputs = self._arrays(self.cold.forward(*self._tensors(joined)))
             if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
                 raise ValueError("an output does not have one row per input row")
         except CicadaError as exc:  # the load failed: nothing can run

@@ -150,3 +150,47 @@ def test_the_cli_refuses_bad_batch_settings(
         proc = stack.cloud("m", tiny_package["package"], "cloud", *option)
         assert proc.wait(timeout=60) == 2
         assert "batch" in stack.log("cloud").lower()
+
+
+def test_the_coordinator_sees_the_batch_capacity_and_cost_the_worker_measured(
+    tmp_path: Path, tiny_package: dict[str, Path]
+) -> None:
+    """READY `capacity` = max_batch_size; once the worker has timed forwards of two batch sizes
+    (after its warm-up forward) its HEARTBEAT carries `batch_marginal`, shown in /status.json."""
+    import json
+    import urllib.request
+
+    package = tiny_package["package"]
+    x = gpt2.example_input(tiny_gpt2_config()).numpy()
+    with Stack(tmp_path) as stack:
+        stack.coordinator()
+        stack.cloud("m", package, "cloud", "--max-batch-size", "4", "--max-queue-delay-ms",
+                    "300", "--preferred-batch-sizes", "4")  # fmt: skip
+        stack.wait_workers("cloud", state="ready")
+        status_url = stack.metrics_url.removesuffix("/metrics") + "/status.json"
+
+        def worker() -> dict[str, Any]:
+            with urllib.request.urlopen(status_url, timeout=10) as response:
+                (model,) = json.loads(response.read())["models"]
+                (w,) = model["workers"]
+                return dict(w)
+
+        assert worker()["capacity"] == 4 and worker()["batch_marginal"] is None
+        sizes: set[float] = set()  # batch sizes the worker has timed (not its warm-up)
+        for _ in range(10):  # bounded: a wave of 4 that arrives split still gives a new size
+            for wave in ([x], [x] * 4):
+                results = asyncio.run(invoke_all(stack.address, wave))
+                sizes |= {
+                    r.timings["worker_batch_size"]
+                    for r in results
+                    if "worker_warmup" not in r.timings
+                }
+            if len(sizes) >= 2:
+                break
+        assert len(sizes) >= 2, sizes
+        stack.wait_for(  # a heartbeat later
+            lambda _: worker()["batch_marginal"] is not None, "the batch cost in a heartbeat"
+        )
+        marginal = worker()["batch_marginal"]
+        assert marginal is not None and 0.0 <= marginal <= 1.0
+        assert worker()["compute_s"] is not None
