@@ -18,14 +18,13 @@ import math
 import queue
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-MAX_BATCH_SIZE = 1024  # READY's `capacity` bound
-MAX_QUEUE_DELAY_MS = 60_000.0
+from cicada.common.defaults import MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS
 
 T = TypeVar("T")
 
@@ -56,6 +55,15 @@ class BatchPolicy:
                     f"preferred batch size {size!r} is not in [1, max_batch_size "
                     f"{self.max_batch_size}]"
                 )
+
+    @classmethod
+    def of(cls, settings: Mapping[str, Any]) -> BatchPolicy:
+        """From settings as a manifest or a WorkerSpec holds them (absent: the defaults)."""
+        return cls(
+            int(settings.get("max_batch_size", 1)),
+            float(settings.get("max_queue_delay_ms", 0.0)),
+            tuple(settings.get("preferred_batch_sizes", ())),
+        )
 
     @property
     def batching(self) -> bool:

@@ -85,8 +85,9 @@ class CloudWorkerConfig:
     health_host: str = "127.0.0.1"  # loopback unless told (a pod's probes need 0.0.0.0)
     # Run a package's factory even if it is outside the allow-list (common/factory.py).
     trust_package_code: bool = False
-    # Dynamic batching (cloud/batching.py); the default runs one dispatch at a time.
-    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    # Dynamic batching settings (cloud/batching.py) over the package's defaults (its manifest's
+    # `batching`); with neither, one dispatch at a time.
+    batch: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec) -> CloudWorkerConfig:
@@ -106,9 +107,7 @@ class CloudWorkerConfig:
             heartbeat_interval=spec.heartbeat,
             curve=keys,
             trust_package_code=spec.trust_package_code,
-            batch=BatchPolicy(
-                spec.max_batch_size, spec.max_queue_delay_ms, tuple(spec.preferred_batch_sizes)
-            ),
+            batch=spec.batching(),
         )
 
 
@@ -134,8 +133,9 @@ class CloudWorker:
         # that no request is queued after the last look at the queue.
         self._accepting = threading.Lock()
         self._work: queue.Queue[Work] = queue.Queue()
+        self.batching = _batch_policy(self.cold.manifest.batching, config.batch)
         self._batcher = Batcher(
-            self._work, config.batch, self._prepare, deadline_of=lambda work: work[1]
+            self._work, self.batching, self._prepare, deadline_of=lambda work: work[1]
         )
         self.batch_cost = BatchCost()  # steady forwards' time by batch size (READY reports it)
         self._batches = 0  # forwards of more than one request so far (`batch_seq`)
@@ -148,7 +148,7 @@ class CloudWorker:
                 models=[config.model_name],
                 variant=f"{config.model_name}-{config.device}",
                 # One dispatch at a time, or up to a batch's worth (queued here, run together).
-                capacity=config.batch.max_batch_size,
+                capacity=self.batching.max_batch_size,
                 heartbeat_interval=config.heartbeat_interval,
                 curve=config.curve,
             ),
@@ -344,7 +344,7 @@ class CloudWorker:
     def _forward_timings(self, size: int, seconds: float, during_load: bool) -> dict[str, float]:
         """A forward's timings, shared by every request it ran (`batch_size` of them)."""
         timings = {"compute_s": seconds}
-        if self.config.batch.batching:
+        if self.batching.batching:
             timings["batch_size"] = float(size)
         if during_load:
             timings["during_load"] = 1.0
@@ -379,7 +379,7 @@ class CloudWorker:
             done.set_result(refusal)
             return None
         now = time.monotonic()
-        if "max_new_tokens" in dispatch.options or not self.config.batch.batching:
+        if "max_new_tokens" in dispatch.options or not self.batching.batching:
             return Item(work, None, now)
         arrays = self._inputs(dispatch)
         if isinstance(arrays, Result):
@@ -661,6 +661,18 @@ class CloudWorker:
             self._serve_pending()
         self._serve_pending()
         return code
+
+
+def _batch_policy(package: dict[str, Any], given: dict[str, Any]) -> BatchPolicy:
+    """The settings given (config, options) over the package's defaults; a package's preferred
+    sizes above a max_batch_size given in their place are dropped, not an error."""
+    settings = {**package, **given}
+    if "max_batch_size" in given and "preferred_batch_sizes" not in given:
+        top = given["max_batch_size"]
+        settings["preferred_batch_sizes"] = [
+            n for n in package.get("preferred_batch_sizes", ()) if n <= top
+        ]
+    return BatchPolicy.of(settings)
 
 
 def _load_factor() -> float:

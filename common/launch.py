@@ -34,8 +34,9 @@ from typing import Any, Protocol
 
 import msgpack
 
-from cicada.common.defaults import HEARTBEAT_INTERVAL_S
-from cicada.common.errors import LaunchError
+from cicada.common.defaults import BATCHING_SETTINGS, HEARTBEAT_INTERVAL_S
+from cicada.common.errors import LaunchError, PackageFormatError
+from cicada.common.package import parse_batching
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,15 @@ class WorkerSpec:
     # The coordinator's `trust_package_code` for this model: run its factory even if it is
     # outside the allow-list (docs/PACKAGE.md, "Threat model").
     trust_package_code: bool = False
-    # Dynamic batching (Triton's settings; cloud/batching.py): 1 runs one dispatch at a time.
-    max_batch_size: int = 1
-    max_queue_delay_ms: float = 0.0
-    preferred_batch_sizes: list[int] = field(default_factory=list)
+    # Dynamic batching (Triton's settings; cloud/batching.py); None: the package's default
+    # (its manifest's `batching`), else one dispatch at a time.
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    preferred_batch_sizes: list[int] | None = None
+
+    def batching(self) -> dict[str, Any]:
+        """The batching settings this spec sets (the others are left to the package)."""
+        return {k: v for k in BATCHING_SETTINGS if (v := getattr(self, k)) is not None}
 
     def cli_args(self) -> list[str]:
         args = [
@@ -82,11 +88,11 @@ class WorkerSpec:
             args += ["--curve-key", self.curve_key, "--server-key", self.server_key]
         if self.trust_package_code:
             args.append("--trust-package-code")
-        if self.max_batch_size != 1:
+        if self.max_batch_size is not None:
             args += ["--max-batch-size", str(self.max_batch_size)]
-        if self.max_queue_delay_ms:
+        if self.max_queue_delay_ms is not None:
             args += ["--max-queue-delay-ms", repr(float(self.max_queue_delay_ms))]
-        if self.preferred_batch_sizes:
+        if self.preferred_batch_sizes is not None:
             args += ["--preferred-batch-sizes", ",".join(map(str, self.preferred_batch_sizes))]
         return args
 
@@ -113,8 +119,6 @@ DEVICE = re.compile(r"[a-z]{2,16}(:[0-9]{1,4})?")  # cpu, cuda, cuda:1, mps, ...
 MAX_SPEC_STRING = 4096
 MAX_HEARTBEAT_S = 3600.0
 MAX_THREADS = 4096
-MAX_BATCH = 1024  # READY's `capacity` bound
-MAX_QUEUE_DELAY_MS = 60_000.0
 
 
 def check_worker_name(name: object) -> str:
@@ -164,20 +168,10 @@ def check_spec(spec: WorkerSpec) -> WorkerSpec:
         raise LaunchError(f"bad worker spec: heartbeat {spec.heartbeat!r} is not in (0, 3600]")
     if spec.threads is not None and not 1 <= spec.threads <= MAX_THREADS:
         raise LaunchError(f"bad worker spec: threads {spec.threads!r} is not in [1, 4096]")
-    if not 1 <= spec.max_batch_size <= MAX_BATCH:
-        raise LaunchError(f"bad worker spec: max_batch_size {spec.max_batch_size!r} is not in "
-                          f"[1, {MAX_BATCH}]")  # fmt: skip
-    delay = spec.max_queue_delay_ms
-    if not (math.isfinite(delay) and 0 <= delay <= MAX_QUEUE_DELAY_MS):
-        raise LaunchError(f"bad worker spec: max_queue_delay_ms {delay!r} is not in [0, 60000]")
-    sizes = spec.preferred_batch_sizes
-    if (
-        not isinstance(sizes, list)
-        or len(sizes) > MAX_BATCH
-        or not all(_has_type(n, int) and 1 <= n <= spec.max_batch_size for n in sizes)
-    ):
-        raise LaunchError("bad worker spec: preferred_batch_sizes must be integers in "
-                          "[1, max_batch_size]")  # fmt: skip
+    try:  # the same bounds as a package's defaults
+        parse_batching(spec.batching(), "bad worker spec: batching")
+    except PackageFormatError as exc:
+        raise LaunchError(str(exc)) from None
     return spec
 
 

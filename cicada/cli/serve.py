@@ -16,6 +16,8 @@ import click
 from cicada.cli._common import (
     OptionError,
     PortTaken,
+    batching_options,
+    batching_settings,
     bind_problem,
     check_port_free,
     coordinator_option,
@@ -309,7 +311,7 @@ def _lifecycle(
             trust_package_code=cfg.trust_package_code,
             max_batch_size=cfg.max_batch_size,
             max_queue_delay_ms=cfg.max_queue_delay_ms,
-            preferred_batch_sizes=list(cfg.preferred_batch_sizes),
+            preferred_batch_sizes=cfg.preferred_batch_sizes,
         )
 
     return Lifecycle(file.models, launcher, spec_for)
@@ -512,26 +514,7 @@ def edge(
     show_default=True,
     help="Address the health endpoint binds; in a pod probed by the kubelet, 0.0.0.0.",
 )
-@click.option(
-    "--max-batch-size",
-    type=click.IntRange(1, 1024),
-    default=1,
-    show_default=True,
-    help="Dynamic batching: run up to this many compatible dispatches as one forward "
-    "(advertised as the worker's capacity).",
-)
-@click.option(
-    "--max-queue-delay-ms",
-    type=click.FloatRange(0, 60_000),
-    default=0.0,
-    show_default=True,
-    help="How long the first dispatch of a batch may wait for others to join.",
-)
-@click.option(
-    "--preferred-batch-sizes",
-    default="",
-    help="Comma-separated batch sizes that go at once, without waiting out the delay.",
-)
+@batching_options("the package's default, else ")
 @trust_option
 @curve_options
 @click.option("--log-level", default="info", show_default=True)
@@ -547,9 +530,9 @@ def cloud(
     health_host: str,
     curve_key: Path | None,
     server_key: Path | None,
-    max_batch_size: int,
-    max_queue_delay_ms: float,
-    preferred_batch_sizes: str,
+    max_batch_size: int | None,
+    max_queue_delay_ms: float | None,
+    preferred_batch_sizes: str | None,
     trust_package_code: bool,
     log_level: str,
 ) -> None:
@@ -564,14 +547,10 @@ def cloud(
     keys = curve_keys(curve_key, server_key)
     if health_port is not None:
         check_port_free("--health-port", health_host, health_port)
-    from cicada.cloud.batching import BatchConfigError, BatchPolicy
+    from cicada.cloud.batching import BatchConfigError
     from cicada.cloud.service import CloudWorker, CloudWorkerConfig
 
-    try:
-        sizes = tuple(int(s) for s in preferred_batch_sizes.split(",") if s.strip())
-        batch = BatchPolicy(max_batch_size, max_queue_delay_ms, sizes)
-    except (ValueError, BatchConfigError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--preferred-batch-sizes") from None
+    batch = batching_settings(max_batch_size, max_queue_delay_ms, preferred_batch_sizes)
     try:
         worker = CloudWorker(
             CloudWorkerConfig(
@@ -592,6 +571,8 @@ def cloud(
     except PackageError as exc:  # as every command that loads a package: exit status 2
         fail(exc)
         return
+    except BatchConfigError as exc:  # options and the package's defaults do not combine
+        raise click.BadParameter(str(exc), param_hint="--max-batch-size") from None
     except CicadaError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(worker.serve_forever())

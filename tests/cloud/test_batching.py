@@ -166,3 +166,31 @@ def test_a_launch_spec_from_the_wire_refuses_batch_settings_out_of_bounds(
                       preferred_batch_sizes=[4, 8]).cli_args()  # fmt: skip
     assert args[-6:] == ["--max-batch-size", "8", "--max-queue-delay-ms", "5.0",
                          "--preferred-batch-sizes", "4,8"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [[], {"max_batch": 4}, {"max_batch_size": 0}, {"max_batch_size": 2000},
+     {"max_batch_size": True}, {"max_batch_size": 4.0}, {"max_queue_delay_ms": -1},
+     {"max_queue_delay_ms": float("inf")}, {"max_queue_delay_ms": "5"},
+     {"preferred_batch_sizes": 4}, {"max_batch_size": 4, "preferred_batch_sizes": [8]},
+     {"preferred_batch_sizes": [0]}],
+)  # fmt: skip
+def test_a_manifests_batching_defaults_are_checked_before_use(doc: object) -> None:
+    from cicada.common.errors import PackageFormatError
+    from cicada.common.package import parse_batching
+
+    with pytest.raises(PackageFormatError, match="batching"):
+        parse_batching(doc, "manifest.json: batching")
+
+
+def test_a_package_without_batching_defaults_keeps_its_manifest_as_it_was(
+    tiny_package: dict[str, object],
+) -> None:
+    from cicada.common.package import Manifest, parse_batching
+
+    manifest = Manifest.load(str(tiny_package["package"]))
+    assert manifest.batching == {} and "batching" not in manifest.to_json()
+    ok = {"max_batch_size": 8, "max_queue_delay_ms": 5, "preferred_batch_sizes": [4, 8]}
+    assert parse_batching(ok, "x") == ok
+    assert BatchPolicy.of(ok) == BatchPolicy(8, 5.0, (4, 8))

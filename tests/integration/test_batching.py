@@ -9,6 +9,8 @@ ran together and where), bit for bit (torch.equal); and against the request run 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from cicada.common.package import WEIGHTS_NAME
 from cicada.testing import Stack, tiny_gpt2_config
 from tests.cloud import toy_models
 
+ROOT = Path(__file__).resolve().parents[2]
 # Bounded waits, not timing: the worker waits this long at most for a batch to fill, and
 # preferred sizes send it at once when full.
 DELAY_MS = "30000"
@@ -36,9 +39,11 @@ def eager_gpt2(package: Path) -> torch.nn.Module:
     return model.eval()
 
 
-async def invoke_all(address: str, inputs: list[np.ndarray]) -> list[InvokeResult]:
+async def invoke_all(
+    address: str, inputs: list[np.ndarray], model: str = "m"
+) -> list[InvokeResult]:
     async with AsyncClient(address, timeout=120) as client:
-        return await asyncio.gather(*(client.invoke("m", x, priority=2) for x in inputs))
+        return await asyncio.gather(*(client.invoke(model, x, priority=2) for x in inputs))
 
 
 def served_in_batches(
@@ -194,3 +199,32 @@ def test_the_coordinator_sees_the_batch_capacity_and_cost_the_worker_measured(
         marginal = worker()["batch_marginal"]
         assert marginal is not None and 0.0 <= marginal <= 1.0
         assert worker()["compute_s"] is not None
+
+
+def test_the_package_carries_default_batching_that_options_override(tmp_path: Path) -> None:
+    """`cicada pack --max-batch-size ...` writes the defaults into the manifest; a worker
+    started without batching options batches by them; its own options win."""
+    from cicada.common.package import Manifest
+
+    package = tmp_path / "pkg"
+    packed = subprocess.run(
+        [sys.executable, "-m", "cicada", "pack", "--model", "gpt2-tiny", "--out", str(package),
+         "--max-batch-size", "4", "--max-queue-delay-ms", DELAY_MS,
+         "--preferred-batch-sizes", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert packed.returncode == 0, packed.stderr[-4000:]
+    assert Manifest.load(package).batching == {
+        "max_batch_size": 4, "max_queue_delay_ms": float(DELAY_MS), "preferred_batch_sizes": [4]
+    }  # fmt: skip
+    x = gpt2.example_input(tiny_gpt2_config()).numpy()
+    with Stack(tmp_path) as stack:
+        stack.coordinator()
+        stack.cloud("m", package, "cloud")  # no batching options: the package's
+        stack.wait_workers("cloud", state="ready")
+        results = asyncio.run(invoke_all(stack.address, [x] * 4))
+        assert {r.timings["worker_batch_size"] for r in results} == {4.0}
+        stack.cloud("m2", package, "cloud-2", "--max-batch-size", "1")  # the option wins
+        stack.wait_workers("cloud", 2, state="ready")
+        results = asyncio.run(invoke_all(stack.address, [x] * 2, model="m2"))
+        assert all("worker_batch_size" not in r.timings for r in results)
