@@ -20,9 +20,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cicada.client import AsyncClient, InvokeResult
+from cicada.client import AsyncClient, Client, InvokeResult
 from cicada.cloud.models import gpt2
 from cicada.cloud.packing import pack
+from cicada.common.generation import GenerationRequest, RecomputeDecoder, generate
 from cicada.common.package import WEIGHTS_NAME
 from cicada.testing import Stack, tiny_gpt2_config
 from tests.cloud import toy_models
@@ -224,6 +225,15 @@ def test_the_package_carries_default_batching_that_options_override(tmp_path: Pa
         stack.wait_workers("cloud", state="ready")
         results = asyncio.run(invoke_all(stack.address, [x] * 4))
         assert {r.timings["worker_batch_size"] for r in results} == {4.0}
+        # Generation on a batching worker runs alone, as before: its tokens are eager greedy's.
+        prompt = x[:, :6]
+        with Client(stack.address, timeout=120) as client:
+            tokens = client.invoke("m", prompt, max_new_tokens=5, priority=2).output.tolist()
+        model = eager_gpt2(package)
+        with torch.inference_mode():
+            logits = lambda ids: model(torch.from_numpy(ids)).numpy()  # noqa: E731
+            request = GenerationRequest.parse({"max_new_tokens": 5}, [prompt])
+            assert tokens == generate(RecomputeDecoder(logits), request, lambda t: None).tokens
         stack.cloud("m2", package, "cloud-2", "--max-batch-size", "1")  # the option wins
         stack.wait_workers("cloud", 2, state="ready")
         results = asyncio.run(invoke_all(stack.address, [x] * 2, model="m2"))
