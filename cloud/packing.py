@@ -41,6 +41,7 @@ from cicada.common.package import (
     TensorEntry,
     check_weights_file,
     open_package_file,
+    parse_batching,
 )
 
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
@@ -146,6 +147,7 @@ def pack(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     model: nn.Module | None = None,
+    batching: dict[str, Any] | None = None,
 ) -> Manifest:
     """Build the model, cut it into stages and write the package directory `out`.
 
@@ -251,6 +253,7 @@ def pack(
             aliases=aliases,
             staging_method=plan.method,
             staging_note=plan.note,
+            batching=parse_batching(batching or {}, "batching"),
         )
         if loaded:
             check_coverage(build_model(factory, config, init=False, trusted=True), manifest)

@@ -28,11 +28,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from cicada.cloud.loading.base import device_failure
+from cicada.cloud.batching import BatchCost, Batcher, BatchPolicy, Item, rows, shape_key
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
@@ -54,6 +55,8 @@ from cicada.common.worker import (
 
 log = logging.getLogger("cicada.cloud")
 T = TypeVar("T")
+# A request handed from the runtime's executor thread to the main thread.
+Work = tuple[Dispatch, float | None, Stream, "Future[Result]"]
 
 # Before the first stage lands the worker can only guess its ETA from what is left of the
 # import (`import torch`: ~1.25 s on an idle 2-core machine, longer in proportion to the load),
@@ -86,6 +89,9 @@ class CloudWorkerConfig:
     health_host: str = "127.0.0.1"  # loopback unless told (a pod's probes need 0.0.0.0)
     # Run a package's factory even if it is outside the allow-list (common/factory.py).
     trust_package_code: bool = False
+    # Dynamic batching settings (cloud/batching.py) over the package's defaults (its manifest's
+    # `batching`); with neither, one dispatch at a time.
+    batch: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_spec(cls, spec: WorkerSpec) -> CloudWorkerConfig:
@@ -105,6 +111,7 @@ class CloudWorkerConfig:
             heartbeat_interval=spec.heartbeat,
             curve=keys,
             trust_package_code=spec.trust_package_code,
+            batch=spec.batching(),
         )
 
 
@@ -129,9 +136,13 @@ class CloudWorker:
         # Held while a request is queued for the main thread and while `failed` is set, so
         # that no request is queued after the last look at the queue.
         self._accepting = threading.Lock()
-        self._work: queue.Queue[tuple[Dispatch, float | None, Stream, Future[Result]]] = (
-            queue.Queue()
+        self._work: queue.Queue[Work] = queue.Queue()
+        self.batching = _batch_policy(self.cold.manifest.batching, config.batch)
+        self._batcher = Batcher(
+            self._work, self.batching, self._prepare, deadline_of=lambda work: work[1]
         )
+        self.batch_cost = BatchCost()  # steady forwards' time by batch size (READY reports it)
+        self._batches = 0  # forwards of more than one request so far (`batch_seq`)
         name = config.worker or f"cloud-{socket.gethostname()}-{os.getpid()}"
         self.runtime = WorkerRuntime(
             RuntimeConfig(
@@ -140,7 +151,8 @@ class CloudWorker:
                 worker=name,
                 models=[config.model_name],
                 variant=f"{config.model_name}-{config.device}",
-                capacity=1,
+                # One dispatch at a time, or up to a batch's worth (queued here, run together).
+                capacity=self.batching.max_batch_size,
                 heartbeat_interval=config.heartbeat_interval,
                 curve=config.curve,
             ),
@@ -189,10 +201,11 @@ class CloudWorker:
             state = WorkerState.LOADING if last is not None else WorkerState.COLD
             resident = 0 if last is None else last.resident_stages
             eta = cold.read_eta(ASSUMED_READ_BPS) if last is None else last.eta_s
+        unit_s, marginal = self.batch_cost.fit()
         return WorkerStatus(
-            state, resident, total, eta, None, phase=phase, phase_s=in_phase,
+            state, resident, total, eta, unit_s, phase=phase, phase_s=in_phase,
             read_stages=cold.read_stages, read_bytes=cold.read_bytes,
-            total_bytes=cold.manifest.total_bytes,
+            total_bytes=cold.manifest.total_bytes, batch_marginal=marginal,
         )  # fmt: skip
 
     def _on_residency(self, event: ResidencyEvent) -> None:
@@ -221,13 +234,18 @@ class CloudWorker:
                 self.failed = error
 
     def _serve_one(
-        self, dispatch: Dispatch, deadline: float | None, stream: Stream, done: Future[Result]
+        self,
+        dispatch: Dispatch,
+        deadline: float | None,
+        stream: Stream,
+        done: Future[Result],
+        arrays: list[Any] | None = None,
     ) -> None:
         """Run one request on this (the main) thread; whatever the model does, it ends in a
         RESULT. An exception that is not an Exception (SystemExit, KeyboardInterrupt) still
         answers the request, then ends the serving loop."""
         try:
-            result = self._run(dispatch, deadline, stream)
+            result = self._run(dispatch, deadline, stream, arrays)
         except Exception as exc:
             log.exception("request %s failed", dispatch.id)
             if device_failure(exc):  # e.g. an asynchronous CUDA error seen at the copy out
@@ -259,42 +277,82 @@ class CloudWorker:
             self._limits = InputLimits.for_tokens(context, vocab)
         return self._limits
 
-    def _run(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
-        import numpy as np
-        import torch
-
+    def _refusal(self, dispatch: Dispatch, deadline: float | None) -> Result | None:
+        """The answer to a request that must not run now (the worker failed, or its deadline
+        passed while the model was being built or while queued here: never run late)."""
         if self.failed is not None:
             return Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(self.failed))
         if deadline is not None and time.monotonic() >= deadline:
-            # Expired while the model was being built or while queued here: never run late.
             return Result(
                 id=dispatch.id,
                 status=Status.TIMEOUT,
                 error="deadline passed before the model could start it",
             )
-        if "max_new_tokens" in dispatch.options:
-            return self._generate(dispatch, deadline, stream)
+        return None
+
+    def _inputs(self, dispatch: Dispatch) -> list[Any] | Result:
+        """The request's input arrays, checked against the package's limits."""
         try:
             arrays = inputs_for(dispatch.options, dispatch.inputs, self.tokenizer)
             self.input_limits().check(arrays)
         except (TextError, InputError) as exc:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
-        inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
-        if self.config.device != "cpu":
-            inputs = [t.to(self.config.device) for t in inputs]
+        return arrays
+
+    def _run(
+        self,
+        dispatch: Dispatch,
+        deadline: float | None,
+        stream: Stream,
+        arrays: list[Any] | None = None,
+    ) -> Result:
+        refusal = self._refusal(dispatch, deadline)
+        if refusal is not None:
+            return refusal
+        if "max_new_tokens" in dispatch.options:
+            return self._generate(dispatch, deadline, stream)
+        if arrays is None:
+            parsed = self._inputs(dispatch)
+            if isinstance(parsed, Result):
+                return parsed
+            arrays = parsed
+        inputs = self._tensors(arrays)
         during_load = not self.cold.all_resident
         start = time.monotonic()
         out = self._guarded(dispatch, "inputs", lambda: self.cold.forward(*inputs))
         if isinstance(out, Result):
             return out
+        outputs = self._arrays(out)
+        timings = self._forward_timings(1, time.monotonic() - start, during_load)
+        return Result(id=dispatch.id, status=Status.OK, outputs=outputs, timings=timings)
+
+    def _tensors(self, arrays: list[Any]) -> list[Any]:
+        import numpy as np
+        import torch
+
+        inputs = [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+        if self.config.device != "cpu":
+            inputs = [t.to(self.config.device) for t in inputs]
+        return inputs
+
+    @staticmethod
+    def _arrays(out: Any) -> list[Any]:
+        """A forward's output(s) as numpy arrays on the host (bfloat16 as float32)."""
+        import torch
+
         outputs: list[Any] = [out] if isinstance(out, torch.Tensor) else list(out)
-        arrays = [
+        return [
             o.detach().to("cpu").float().numpy()
             if o.dtype == torch.bfloat16
             else o.detach().to("cpu").numpy()
             for o in outputs
         ]
-        timings = {"compute_s": time.monotonic() - start}
+
+    def _forward_timings(self, size: int, seconds: float, during_load: bool) -> dict[str, float]:
+        """A forward's timings, shared by every request it ran (`batch_size` of them)."""
+        timings = {"compute_s": seconds}
+        if self.batching.batching:
+            timings["batch_size"] = float(size)
         if during_load:
             timings["during_load"] = 1.0
         elif not self._warmed:
@@ -303,7 +361,113 @@ class CloudWorker:
             # It is no estimate of the next one (common/worker.py leaves it out).
             self._warmed = True
             timings["warmup"] = 1.0
-        return Result(id=dispatch.id, status=Status.OK, outputs=arrays, timings=timings)
+        else:
+            self.batch_cost.observe(size, seconds)
+        return timings
+
+    # -- dynamic batching (cloud/batching.py) ------------------------------------------------
+
+    def _prepare(self, work: Work) -> Item[Work] | None:
+        """Called by the batcher for each request it takes: answer at once what must not run
+        (expired, refused inputs), else say what it may batch with (generation runs alone).
+        Whatever the checks raise ends that request FAILED, never the serving loop."""
+        try:
+            return self._sort(work)
+        except Exception as exc:
+            log.exception("request %s failed", work[0].id)
+            error = f"{type(exc).__name__}: {exc}"
+            work[3].set_result(Result(id=work[0].id, status=Status.FAILED, error=error))
+            return None
+
+    def _sort(self, work: Work) -> Item[Work] | None:
+        dispatch, deadline, _stream, done = work
+        refusal = self._refusal(dispatch, deadline)
+        if refusal is not None:
+            done.set_result(refusal)
+            return None
+        now = time.monotonic()
+        if "max_new_tokens" in dispatch.options or not self.batching.batching:
+            return Item(work, None, now)
+        arrays = self._inputs(dispatch)
+        if isinstance(arrays, Result):
+            done.set_result(arrays)
+            return None
+        return Item(work, shape_key(arrays), now, arrays)
+
+    def _serve_batch(self, batch: list[Item[Work]]) -> None:
+        """Run a batch as one forward; each request gets its own RESULT. Whatever happens,
+        every request of the batch is answered; a BaseException ends the serving loop after."""
+        if len(batch) == 1:
+            (dispatch, deadline, stream, done), arrays = batch[0].work, batch[0].inputs
+            self._serve_one(dispatch, deadline, stream, done, arrays or None)
+            return
+        try:
+            self._run_batch(batch)
+        except BaseException as exc:
+            for item in batch:
+                done = item.work[3]
+                if not done.done():
+                    done.set_result(
+                        Result(
+                            id=item.work[0].id,
+                            status=Status.FAILED,
+                            error=f"the worker stopped while running it ({type(exc).__name__})",
+                        )
+                    )
+            raise
+
+    def _run_batch(self, batch: list[Item[Work]]) -> None:
+        import numpy as np
+
+        live: list[Item[Work]] = []
+        for item in batch:  # each its own deadline: one that passed while waiting is not run
+            dispatch, deadline, _stream, done = item.work
+            refusal = self._refusal(dispatch, deadline)
+            if refusal is not None:
+                done.set_result(refusal)
+            else:
+                live.append(item)
+        if len(live) <= 1:
+            for item in live:
+                self._serve_batch([item])
+            return
+        sizes = [rows(item.inputs) for item in live]
+        total = sum(sizes)
+        during_load = not self.cold.all_resident
+        start = time.monotonic()
+        try:
+            joined = [
+                np.concatenate([item.inputs[j] for item in live])
+                for j in range(len(live[0].inputs))
+            ]
+            outputs = self._arrays(self.cold.forward(*self._tensors(joined)))
+            if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
+                raise ValueError("an output does not have one row per input row")
+        except CicadaError as exc:  # the load failed: nothing can run
+            self._fail(exc)
+            for item in live:
+                item.work[3].set_result(
+                    Result(id=item.work[0].id, status=Status.UNAVAILABLE, error=str(exc))
+                )
+            return
+        except Exception as exc:
+            # A batch must not fail requests that would have succeeded alone: run them one
+            # by one, and each that fails alone ends as it would have (FAILED, BAD_REQUEST).
+            log.warning("a batch of %d failed (%s: %s): running them one by one",
+                        len(live), type(exc).__name__, exc)  # fmt: skip
+            for item in live:
+                self._serve_batch([item])
+            return
+        timings = self._forward_timings(len(live), time.monotonic() - start, during_load)
+        self._batches += 1
+        offset = 0
+        for item, size in zip(live, sizes, strict=True):
+            dispatch, _deadline, _stream, done = item.work
+            mine = [o[offset : offset + size] for o in outputs]
+            # Where its rows sat in the batch: with `batch_size`, enough to replay the forward.
+            own = {**timings, "batch_row": float(offset), "batch_seq": float(self._batches)}
+            offset += size
+            done.set_result(Result(id=dispatch.id, status=Status.OK, outputs=mine, timings=own))
 
     def _guarded(self, dispatch: Dispatch, what: str, run: Callable[[], T]) -> T | Result:
         """Run the model; a failed load makes the worker UNAVAILABLE, and so does a device
@@ -430,13 +594,12 @@ class CloudWorker:
             )
             return self._give_up(error, EXIT_DEVICE_FAILED)
         while not stop.is_set() and not self.runtime.stopped.is_set():
-            try:
-                dispatch, deadline, stream, done = self._work.get(timeout=0.1)
-            except queue.Empty:
+            batch = self._batcher.next(timeout=0.1)
+            if batch is None:
                 if self.failed is not None:
                     return self._give_up(self.failed, _exit_code(self.failed))
                 continue
-            self._serve_one(dispatch, deadline, stream, done)
+            self._serve_batch(batch)
         if isinstance(self.runtime.error, RegistrationRefused):  # registering again: refused
             return self._give_up(self.runtime.error, EXIT_REFUSED)
         if self.runtime.error is not None:  # its I/O thread died: nothing can be answered
@@ -510,11 +673,10 @@ class CloudWorker:
 
     def _serve_pending(self) -> None:
         while True:
-            try:
-                dispatch, deadline, stream, done = self._work.get_nowait()
-            except queue.Empty:
+            batch = self._batcher.next(timeout=0)
+            if batch is None:
                 return
-            self._serve_one(dispatch, deadline, stream, done)
+            self._serve_batch(batch)
 
     def _give_up(self, exc: CicadaError, code: int) -> int:
         """Stop for good: answer what is queued (UNAVAILABLE: the coordinator gives it
@@ -532,6 +694,16 @@ class CloudWorker:
 def _exit_code(error: CicadaError) -> int:
     """The exit code of a worker that failed with `error`."""
     return EXIT_DEVICE_FAILED if isinstance(error, DeviceError) else EXIT_LOAD_FAILED
+def _batch_policy(package: dict[str, Any], given: dict[str, Any]) -> BatchPolicy:
+    """The settings given (config, options) over the package's defaults; a package's preferred
+    sizes above a max_batch_size given in their place are dropped, not an error."""
+    settings = {**package, **given}
+    if "max_batch_size" in given and "preferred_batch_sizes" not in given:
+        top = given["max_batch_size"]
+        settings["preferred_batch_sizes"] = [
+            n for n in package.get("preferred_batch_sizes", ()) if n <= top
+        ]
+    return BatchPolicy.of(settings)
 
 
 def _load_factor() -> float:

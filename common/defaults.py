@@ -23,4 +23,10 @@ MAX_QUEUED_BYTES = 1 << 30  # 1 GiB
 MAX_CLIENT_QUEUED_BYTES = 256 << 20  # 256 MiB
 DEFAULT_DEADLINE_S = 60.0
 
+# Dynamic batching bounds (Triton's settings; cloud/batching.py): a batch is at most READY's
+# `capacity` bound, and its first request waits at most a minute for company.
+MAX_BATCH_SIZE = 1024
+MAX_QUEUE_DELAY_MS = 60_000.0
+BATCHING_SETTINGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes")
+
 DEFAULT_TIMEOUT_S = 30.0  # how long a client call waits at most, unless told otherwise

@@ -34,8 +34,9 @@ from typing import Any, Protocol
 
 import msgpack
 
-from cicada.common.defaults import HEARTBEAT_INTERVAL_S
-from cicada.common.errors import LaunchError
+from cicada.common.defaults import BATCHING_SETTINGS, HEARTBEAT_INTERVAL_S
+from cicada.common.errors import LaunchError, PackageFormatError
+from cicada.common.package import parse_batching
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,15 @@ class WorkerSpec:
     # The coordinator's `trust_package_code` for this model: run its factory even if it is
     # outside the allow-list (docs/PACKAGE.md, "Threat model").
     trust_package_code: bool = False
+    # Dynamic batching (Triton's settings; cloud/batching.py); None: the package's default
+    # (its manifest's `batching`), else one dispatch at a time.
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    preferred_batch_sizes: list[int] | None = None
+
+    def batching(self) -> dict[str, Any]:
+        """The batching settings this spec sets (the others are left to the package)."""
+        return {k: v for k in BATCHING_SETTINGS if (v := getattr(self, k)) is not None}
 
     def cli_args(self) -> list[str]:
         args = [
@@ -78,6 +88,12 @@ class WorkerSpec:
             args += ["--curve-key", self.curve_key, "--server-key", self.server_key]
         if self.trust_package_code:
             args.append("--trust-package-code")
+        if self.max_batch_size is not None:
+            args += ["--max-batch-size", str(self.max_batch_size)]
+        if self.max_queue_delay_ms is not None:
+            args += ["--max-queue-delay-ms", repr(float(self.max_queue_delay_ms))]
+        if self.preferred_batch_sizes is not None:
+            args += ["--preferred-batch-sizes", ",".join(map(str, self.preferred_batch_sizes))]
         return args
 
     def to_wire(self) -> dict[str, Any]:
@@ -121,7 +137,7 @@ def _has_type(value: object, kind: Any) -> bool:
         return isinstance(value, int | float) and not isinstance(value, bool)
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind in (str, bool):
+    if kind in (str, bool, list):
         return isinstance(value, kind)
     return True  # a type this check does not know: left to the field's own consumer
 
@@ -133,7 +149,8 @@ def check_spec(spec: WorkerSpec) -> WorkerSpec:
     hints = typing.get_type_hints(type(spec))
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
-        kinds = typing.get_args(hints[f.name]) or (hints[f.name],)
+        hint = hints[f.name]
+        kinds = (list,) if typing.get_origin(hint) is list else typing.get_args(hint) or (hint,)
         if not any(_has_type(value, k) for k in kinds):
             wanted = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
             raise LaunchError(
@@ -151,6 +168,10 @@ def check_spec(spec: WorkerSpec) -> WorkerSpec:
         raise LaunchError(f"bad worker spec: heartbeat {spec.heartbeat!r} is not in (0, 3600]")
     if spec.threads is not None and not 1 <= spec.threads <= MAX_THREADS:
         raise LaunchError(f"bad worker spec: threads {spec.threads!r} is not in [1, 4096]")
+    try:  # the same bounds as a package's defaults
+        parse_batching(spec.batching(), "bad worker spec: batching")
+    except PackageFormatError as exc:
+        raise LaunchError(str(exc)) from None
     return spec
 
 

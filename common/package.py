@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -29,6 +30,7 @@ from itertools import accumulate
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cicada.common.defaults import BATCHING_SETTINGS, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS
 from cicada.common.errors import PackageFormatError, PackageIntegrityError
 from cicada.common.factory import canonical_factory
 from cicada.common.files import write_text_atomic
@@ -119,6 +121,9 @@ class Manifest:
     staging_note: str = ""
     weights: str = WEIGHTS_NAME
     format_version: int = FORMAT_VERSION
+    # The package's default batching settings (any of defaults.BATCHING_SETTINGS), which the
+    # coordinator's config and `cicada cloud` options override; {}: none (one at a time).
+    batching: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -162,6 +167,8 @@ class Manifest:
             ],
             "aliases": dict(self.aliases),
             "files": {f.path: {"size": f.size, "sha256": f.sha256} for f in self.files},
+            # Only when set: the manifests (and hashes) of packages without it stay as they were.
+            **({"batching": dict(self.batching)} if self.batching else {}),
         }  # fmt: skip
 
     def dump(self, package_dir: Path) -> None:
@@ -456,6 +463,7 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
         staging_note=str(staging.get("note", "")) if isinstance(staging, dict) else "",
         weights=check_relative_path(_need(doc, "weights", str, where), f"{where}: weights"),
         format_version=version,
+        batching=parse_batching(doc.get("batching", {}), f"{where}: batching"),
     )
     manifest.file(manifest.weights)  # the weights file must be listed
     return manifest
@@ -599,3 +607,36 @@ def check_weights_file(package_dir: Path, manifest: Manifest) -> Path:
         if extra:
             raise PackageIntegrityError(f"{path}: tensors not in the manifest: {extra[:5]}")
     return path
+
+
+def parse_batching(doc: Any, where: str) -> dict[str, Any]:
+    """A manifest's `batching` defaults, checked: a map of some of `max_batch_size` (1 ...
+    1024), `max_queue_delay_ms` (0 ... 60000) and `preferred_batch_sizes` (integers in
+    [1, max_batch_size])."""
+    if not isinstance(doc, dict):
+        raise PackageFormatError(f"{where}: not an object")
+    unknown = set(doc) - set(BATCHING_SETTINGS)
+    if unknown:
+        raise PackageFormatError(f"{where}: unknown setting(s) {sorted(unknown)}")
+    size = doc.get("max_batch_size", MAX_BATCH_SIZE)  # absent: checked where it is combined
+    if not _plain_int(size) or not 1 <= size <= MAX_BATCH_SIZE:
+        raise PackageFormatError(f"{where}: max_batch_size must be an integer in 1 ... 1024")
+    delay = doc.get("max_queue_delay_ms", 0)
+    if not (_plain_int(delay) or isinstance(delay, float)) or not (
+        math.isfinite(delay) and 0 <= delay <= MAX_QUEUE_DELAY_MS
+    ):
+        raise PackageFormatError(f"{where}: max_queue_delay_ms must be a number in 0 ... 60000")
+    sizes = doc.get("preferred_batch_sizes", [])
+    if (
+        not isinstance(sizes, list)
+        or len(sizes) > MAX_BATCH_SIZE
+        or not all(_plain_int(n) and 1 <= n <= size for n in sizes)
+    ):
+        raise PackageFormatError(
+            f"{where}: preferred_batch_sizes must be integers in 1 ... max_batch_size"
+        )
+    return dict(doc)
+
+
+def _plain_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

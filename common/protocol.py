@@ -363,6 +363,9 @@ class Ready(Message):
     read_stages: int = 0
     read_bytes: int = 0
     total_bytes: int = 0
+    # Added within version 1: a batching worker's cost of each request a forward adds, as a
+    # fraction of `compute_s` (a batch of k costs compute_s x (1 + (k - 1) x batch_marginal)).
+    batch_marginal: float | None = None
 
 
 @dataclass
@@ -380,6 +383,7 @@ class Heartbeat(Message):
     read_stages: int = 0
     read_bytes: int = 0
     total_bytes: int = 0
+    batch_marginal: float | None = None  # as in Ready
     # From the coordinator, in answer to a READY: the registration was accepted.
     registered: bool | None = None
 
@@ -445,6 +449,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "load": ((int, float), True), "reason": (str, True), "registered": (bool, True),
     "refused": (str, True), "phase": (str, True), "phase_s": ((int, float), True),
     "read_stages": (int, True), "read_bytes": (int, True), "total_bytes": (int, True),
+    "batch_marginal": ((int, float), True),
 }  # fmt: skip
 _ENUMS: dict[str, type[enum.Enum]] = {"status": Status, "role": Role, "state": WorkerState}
 # Enum member by value: a dict lookup instead of EnumType.__call__ (~1 us each).
@@ -528,7 +533,14 @@ def worker_report_problem(message: Ready | Heartbeat) -> tuple[str, str] | None:
         or _count_problem("read_stages", message.read_stages, 0, MAX_STAGES)
         or _count_problem("read_bytes", message.read_bytes, 0, MAX_BYTES)
         or _count_problem("total_bytes", message.total_bytes, 0, MAX_BYTES)
+        or _fraction_problem("batch_marginal", message.batch_marginal)
     )
+
+
+def _fraction_problem(field_name: str, value: float | None) -> tuple[str, str] | None:
+    if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+        return field_name, f"{field_name} {value} is not a number in 0 ... 1"
+    return None
 
 
 def _phase_problem(phase: str | None) -> tuple[str, str] | None:

@@ -107,6 +107,9 @@ class WorkerStatus:
     read_stages: int = 0
     read_bytes: int = 0
     total_bytes: int = 0
+    # A batching worker's fitted cost model (cloud/batching.py BatchCost): with it, `compute_s`
+    # is its own fit of a batch of one, and is reported instead of the runtime's average.
+    batch_marginal: float | None = None
 
 
 @dataclass
@@ -215,7 +218,12 @@ class WorkerRuntime:
             "resident_stages": s.resident_stages,
             "total_stages": s.total_stages,
             "eta_s": _estimate(s.eta_s),
-            "compute_s": _estimate(s.compute_s if self._compute_ema is None else self._compute_ema),
+            "compute_s": _estimate(
+                s.compute_s
+                if self._compute_ema is None or s.batch_marginal is not None
+                else self._compute_ema
+            ),
+            "batch_marginal": s.batch_marginal,
             "phase": s.phase,
             "phase_s": _estimate(s.phase_s),
             "read_stages": s.read_stages,

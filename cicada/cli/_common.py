@@ -154,6 +154,60 @@ def trust_option(f: Any) -> Any:
     return click.option("--trust-package-code", is_flag=True, help=TRUST_HELP)(f)
 
 
+def batching_options(unset: str) -> Any:
+    """`--max-batch-size`, `--max-queue-delay-ms`, `--preferred-batch-sizes` (Triton's dynamic
+    batching settings), each None when not given; `unset` says what applies then."""
+
+    def decorate(f: Any) -> Any:
+        f = click.option(
+            "--preferred-batch-sizes",
+            default=None,
+            help=f"Comma-separated batch sizes that go at once, without waiting out the delay "
+            f"({unset}none).",
+        )(f)
+        f = click.option(
+            "--max-queue-delay-ms",
+            type=click.FloatRange(0, 60_000),
+            default=None,
+            help=f"How long the first dispatch of a batch may wait for others to join ({unset}0).",
+        )(f)
+        return click.option(
+            "--max-batch-size",
+            type=click.IntRange(1, 1024),
+            default=None,
+            help=f"Dynamic batching: run up to this many compatible dispatches as one forward, "
+            f"advertised as the worker's capacity ({unset}1).",
+        )(f)
+
+    return decorate
+
+
+def batching_settings(
+    max_batch_size: int | None, max_queue_delay_ms: float | None, preferred: str | None
+) -> dict[str, Any]:
+    """The batching settings given as options, checked (docs/PACKAGE.md `batching`)."""
+    from cicada.common.errors import PackageFormatError
+    from cicada.common.package import parse_batching
+
+    settings: dict[str, Any] = {}
+    if max_batch_size is not None:
+        settings["max_batch_size"] = max_batch_size
+    if max_queue_delay_ms is not None:
+        settings["max_queue_delay_ms"] = max_queue_delay_ms
+    if preferred is not None:
+        try:
+            settings["preferred_batch_sizes"] = [int(s) for s in preferred.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(
+                f"{preferred!r} is not a comma-separated list of integers",
+                param_hint="--preferred-batch-sizes",
+            ) from None
+    try:
+        return parse_batching(settings, "batching options")
+    except PackageFormatError as exc:
+        raise click.BadParameter(str(exc), param_hint="--preferred-batch-sizes") from None
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """A --config file: one JSON object, or a usage error that names the file."""
     try:

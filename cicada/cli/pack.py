@@ -7,7 +7,13 @@ from typing import Any
 
 import click
 
-from cicada.cli._common import fail, read_config, trust_option
+from cicada.cli._common import (
+    batching_options,
+    batching_settings,
+    fail,
+    read_config,
+    trust_option,
+)
 from cicada.cloud.models import reference
 from cicada.common.errors import CicadaError, PackageMismatchError
 
@@ -82,6 +88,10 @@ from cicada.common.errors import CicadaError, PackageMismatchError
     "Cicada's own factories, or any with --trust-package-code) and check that it has exactly "
     "the package's tensors and aliases, with their shapes and dtypes.",
 )
+@batching_options(
+    "the package's default for its workers, which a coordinator's config or "
+    "`cicada cloud` options override; unset: "
+)
 @trust_option
 def pack(
     factory: str | None,
@@ -95,6 +105,9 @@ def pack(
     force: bool,
     verify_dir: Path | None,
     check_model: bool,
+    max_batch_size: int | None,
+    max_queue_delay_ms: float | None,
+    preferred_batch_sizes: str | None,
     trust_package_code: bool,
 ) -> None:
     """Write a model package: manifest.json + safetensors weights in stage order.
@@ -142,6 +155,13 @@ def pack(
                 "pass --out and one of --model, --transformers, --transformers-class or "
                 "--torchvision (or --verify DIR)"
             )
+        batching = batching_settings(max_batch_size, max_queue_delay_ms, preferred_batch_sizes)
+        from cicada.cloud.batching import BatchConfigError, BatchPolicy
+
+        try:
+            BatchPolicy.of(batching)  # the settings must hold together (preferred <= max)
+        except BatchConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--max-batch-size") from None
         config: dict[str, Any] = {}
         if factory is not None:
             factory, config = named_model(factory)
@@ -178,6 +198,7 @@ def pack(
                     force=force,
                     progress=lambda done, total: bar.update(task, completed=done, total=total),
                     model=loaded,
+                    batching=batching,
                 )
             except PackageMismatchError as exc:
                 raise click.UsageError(f"--weights {weights}: {exc}") from None

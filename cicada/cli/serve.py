@@ -16,6 +16,8 @@ import click
 from cicada.cli._common import (
     OptionError,
     PortTaken,
+    batching_options,
+    batching_settings,
     bind_problem,
     check_port_free,
     coordinator_option,
@@ -307,6 +309,9 @@ def _lifecycle(
             server_key=str(keys[1]) if keys else None,
             log_dir=log_dir,
             trust_package_code=cfg.trust_package_code,
+            max_batch_size=cfg.max_batch_size,
+            max_queue_delay_ms=cfg.max_queue_delay_ms,
+            preferred_batch_sizes=cfg.preferred_batch_sizes,
         )
 
     return Lifecycle(file.models, launcher, spec_for)
@@ -509,6 +514,7 @@ def edge(
     show_default=True,
     help="Address the health endpoint binds; in a pod probed by the kubelet, 0.0.0.0.",
 )
+@batching_options("the package's default, else ")
 @trust_option
 @curve_options
 @click.option("--log-level", default="info", show_default=True)
@@ -524,6 +530,9 @@ def cloud(
     health_host: str,
     curve_key: Path | None,
     server_key: Path | None,
+    max_batch_size: int | None,
+    max_queue_delay_ms: float | None,
+    preferred_batch_sizes: str | None,
     trust_package_code: bool,
     log_level: str,
 ) -> None:
@@ -538,8 +547,10 @@ def cloud(
     keys = curve_keys(curve_key, server_key)
     if health_port is not None:
         check_port_free("--health-port", health_host, health_port)
+    from cicada.cloud.batching import BatchConfigError
     from cicada.cloud.service import CloudWorker, CloudWorkerConfig
 
+    batch = batching_settings(max_batch_size, max_queue_delay_ms, preferred_batch_sizes)
     try:
         worker = CloudWorker(
             CloudWorkerConfig(
@@ -554,11 +565,14 @@ def cloud(
                 health_port=health_port,
                 health_host=health_host,
                 trust_package_code=trust_package_code,
+                batch=batch,
             )
         )
     except PackageError as exc:  # as every command that loads a package: exit status 2
         fail(exc)
         return
+    except BatchConfigError as exc:  # options and the package's defaults do not combine
+        raise click.BadParameter(str(exc), param_hint="--max-batch-size") from None
     except CicadaError as exc:
         raise click.ClickException(str(exc)) from None
     sys.exit(worker.serve_forever())

@@ -510,7 +510,7 @@ class Coordinator:
         """One side of `model` for the policy: its registered workers, those launching (capacity
         with an ETA), and the requests queued for it."""
         cloud = role is Role.CLOUD
-        count, capacity, inflight, compute, ready, eta = self.registry.side(model, role)
+        count, capacity, inflight, compute, ready, eta, marginal = self.registry.side(model, role)
         launching = 0
         if cloud and self.lifecycle is not None:
             # Workers launched but not registered yet are capacity with an ETA.
@@ -529,6 +529,7 @@ class Coordinator:
             eta_s=eta,
             network_s=self.config.network_s if cloud else 0.0,
             compute_measured=measured,
+            batch_marginal=marginal,
         )
 
     def dispatch(self, now: float) -> None:
@@ -1138,6 +1139,7 @@ def _after_dispatch(view: SideView, was_queued: bool) -> SideView:
         eta_s=view.eta_s,
         network_s=view.network_s,
         compute_measured=view.compute_measured,
+        batch_marginal=view.batch_marginal,
     )
 
 

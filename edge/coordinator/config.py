@@ -53,6 +53,9 @@ both stay in step with them.
     expected_start_s = 3.0             # cold-start estimate until one is measured
     relaunch_backoff_s = 1.0           # after a crash; doubles each time ...
     relaunch_backoff_max_s = 30.0      # ... up to this
+    # max_batch_size = 8               # dynamic batching (default: the package's, else 1)
+    # max_queue_delay_ms = 5.0         # a batch's first request waits this long for more
+    # preferred_batch_sizes = [4, 8]   # sizes that go at once
 
 Relative paths are taken relative to the file. Byte sizes are integers (bytes) or strings
 with a unit: "512KiB", "256MiB", "1GiB" (also KB, MB, GB: powers of 1000).
@@ -166,10 +169,40 @@ class ModelConfig(BaseModel):
         default=30.0, gt=0, description="... up to this many seconds."
     )
 
+    max_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Dynamic batching (Triton's setting): a worker runs up to this many "
+        "compatible dispatches (same dtypes, same trailing dimensions) as one forward, and "
+        "advertises it as its capacity; 1 runs one at a time. Generation runs one at a time. "
+        "None (this and the two below): the package's default (`cicada pack "
+        "--max-batch-size`), else 1.",
+    )
+    max_queue_delay_ms: float | None = Field(
+        default=None,
+        ge=0,
+        le=60_000,
+        description="How long the first dispatch of a batch may wait for others to join "
+        "(never past its own deadline); else the package's, else 0.",
+    )
+    preferred_batch_sizes: list[int] | None = Field(
+        default=None,
+        max_length=1024,
+        description="Batch sizes that go at once, without waiting out max_queue_delay_ms; "
+        "else the package's, else none.",
+    )
+
     @model_validator(mode="after")
     def _bounds(self) -> ModelConfig:
         if self.min_workers > self.max_workers:
             raise ValueError(f"min_workers ({self.min_workers}) > max_workers ({self.max_workers})")
+        for size in self.preferred_batch_sizes or ():
+            if not 1 <= size <= (self.max_batch_size or 1024):
+                raise ValueError(
+                    f"preferred_batch_sizes: {size} is not in [1, max_batch_size "
+                    f"({self.max_batch_size})]"
+                )
         return self
 
 

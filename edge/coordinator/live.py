@@ -196,6 +196,7 @@ def _worker(w: Any) -> dict[str, Any]:
         "capacity": w.capacity,
         "busy": len(w.inflight),
         "compute_s": _finite(w.compute_s),
+        "batch_marginal": _finite(w.batch_marginal),
     }
 
 

@@ -5,6 +5,12 @@ Pure functions of a snapshot, so they are tested without sockets or sleeping:
     edge  estimate = queue + edge compute
     cloud estimate = max(residency ETA, queue) + cloud compute + network
 
+A side whose workers batch (they report `batch_marginal` m: cloud/batching.py) runs up to
+B = capacity / workers requests as one forward costing compute_s x f(k), f(k) = 1 + (k - 1) m;
+its compute is that of the batch the request would join (k = min(B, the work running and queued
+per worker, this request included): every request of a batch waits for the whole forward), and
+its queue drains B requests per worker per full batch. Without m: one request per slot, as above.
+
 * latency-critical (0): the side that answers soonest; never waits for a cloud that is not
   ready.
 * normal (1): the cloud when it is ready, has a slot that no request queued for it waits for,
@@ -60,6 +66,13 @@ class SideView:
     # (0.2 s, an idle machine's forward) was ten times too short for a busy 2-core machine,
     # and a cold cloud was promised ten quality requests that all ended on the edge, late.
     compute_measured: bool = True
+    # Workers that batch: what each request a forward adds costs, as a fraction of compute_s.
+    batch_marginal: float | None = None
+
+    def batch_cost(self, k: int) -> float:
+        """What a forward of k requests costs, in units of compute_s (k without batching)."""
+        m = 1.0 if self.batch_marginal is None else self.batch_marginal
+        return 1.0 + (k - 1) * m
 
     @property
     def available(self) -> bool:
@@ -71,7 +84,10 @@ class SideView:
         ahead = max(0, self.inflight + self.queued - self.capacity + 1)
         if ahead and not self.compute_measured:
             return math.inf
-        return ahead * self.compute_s / self.capacity
+        if self.batch_marginal is None:
+            return ahead * self.compute_s / self.capacity
+        per_worker = max(1, self.capacity // max(1, self.workers))  # B
+        return ahead * self.compute_s * self.batch_cost(per_worker) / self.capacity
 
     @property
     def idle_slot(self) -> bool:
@@ -81,7 +97,12 @@ class SideView:
     def estimate(self) -> float:
         if not self.available:
             return math.inf
-        return max(self.eta_s, self.queue_s()) + self.compute_s + self.network_s
+        compute = self.compute_s
+        if self.batch_marginal is not None:  # the batch it would join, running work counted
+            per_worker = max(1, self.capacity // max(1, self.workers))
+            k = min(per_worker, -(-(self.inflight + self.queued + 1) // max(1, self.workers)))
+            compute *= self.batch_cost(k)
+        return max(self.eta_s, self.queue_s()) + compute + self.network_s
 
 
 @dataclass(frozen=True)

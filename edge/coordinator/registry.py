@@ -33,6 +33,7 @@ class WorkerInfo:
     read_stages: int = 0
     read_bytes: int = 0
     total_bytes: int = 0
+    batch_marginal: float | None = None  # a batching worker's cost per request a batch adds
     inflight: dict[str, Pending] = field(default_factory=dict)
 
     @classmethod
@@ -69,6 +70,8 @@ class WorkerInfo:
         self.eta_s = m.eta_s
         if m.compute_s is not None:
             self.compute_s = m.compute_s
+        if m.batch_marginal is not None:
+            self.batch_marginal = m.batch_marginal
         self.phase, self.phase_s = m.phase, m.phase_s
         self.read_stages, self.read_bytes, self.total_bytes = (
             m.read_stages,
@@ -99,6 +102,8 @@ class Side(NamedTuple):
     compute_s: float | None  # the fastest worker's, None if none has reported one
     ready: bool
     eta_s: float
+    # The largest batch_marginal of those workers (the most pessimistic), None if none batches.
+    batch_marginal: float | None = None
 
 
 class Registry:
@@ -166,10 +171,13 @@ class Registry:
         ready = False  # some worker is `ready`; else the soonest ETA of those that will be
         eta = float("inf")
         compute: float | None = None
+        marginal: float | None = None
         for w in self.workers.values():
             if w.role is not role or model not in w.models or not w.accepting:
                 continue
             count += 1
+            if w.batch_marginal is not None and (marginal is None or w.batch_marginal > marginal):
+                marginal = w.batch_marginal
             capacity += w.capacity
             inflight += len(w.inflight)
             if w.compute_s is not None and (compute is None or w.compute_s < compute):
@@ -178,7 +186,7 @@ class Registry:
                 ready, eta = True, 0.0
             elif w.eta_s is not None and w.eta_s < eta:
                 eta = w.eta_s
-        return Side(count, capacity, inflight, compute, ready, eta)
+        return Side(count, capacity, inflight, compute, ready, eta, marginal)
 
     def all_slots_taken(self, model: str) -> bool:
         """Some worker serves `model` and none has a free slot: nothing to decide (the cheap

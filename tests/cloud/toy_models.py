@@ -116,3 +116,27 @@ class Flat(nn.Module):
 
 def build_flat(width: int = 16, seed: int = 0) -> nn.Module:
     return _seeded(seed, lambda: Flat(width))
+
+
+# -- a model that refuses some rows (the cloud worker's batch fallback) -----------------------
+
+POISON = 1000.0  # a first feature this large is refused
+
+
+class Picky(nn.Module):
+    """An MLP that raises ValueError when any row's first feature is POISON or more, as a model
+    refuses inputs it cannot handle: run in a batch, one such row fails the whole forward."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(IN_FEATURES, width)
+        self.fc2 = nn.Linear(width, OUT_FEATURES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if bool((x[:, 0] >= POISON).any()):
+            raise ValueError("a row this model refuses")
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def build_picky(width: int = 16, seed: int = 0) -> nn.Module:
+    return _seeded(seed, lambda: Picky(width))

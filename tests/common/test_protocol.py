@@ -7,6 +7,7 @@ coordinator drop garbage and keep serving."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any
@@ -977,3 +978,20 @@ def test_start_up_phase_fields_are_optional_and_bounded() -> None:
     ):
         problem = worker_report_problem(bad)
         assert problem is not None and problem[0] == field_name, (bad, problem)
+
+
+def test_batch_marginal_is_optional_and_a_fraction() -> None:
+    """READY/HEARTBEAT `batch_marginal` was added within version 1: without it a READY decodes
+    to None (a worker that does not batch); outside 0 ... 1 it is refused by name."""
+    from cicada.common.protocol import decode, encode, worker_report_problem
+
+    frames = encode(Ready(Role.CLOUD, "cloud-1", ["gpt2"], capacity=8, batch_marginal=0.3))
+    assert decode(frames).batch_marginal == 0.3  # type: ignore[attr-defined]
+    body = msgpack.unpackb(frames[2])
+    del body["batch_marginal"]
+    old = decode([*frames[:2], msgpack.packb(body)])
+    assert isinstance(old, Ready) and old.batch_marginal is None
+    assert worker_report_problem(old) is None
+    for value in (-0.1, 1.5, math.inf, math.nan):
+        problem = worker_report_problem(Heartbeat(batch_marginal=value))
+        assert problem is not None and problem[0] == "batch_marginal", (value, problem)

@@ -45,7 +45,8 @@ HOSTILE = "<img src=x onerror=\"document.title='owned'\">&amp;<b>bold</b>"
 RECENT_KEYS = {"age_s", "model", "priority", "route", "worker", "handed_off", "status",
                "latency_s"}  # fmt: skip
 WORKER_KEYS = {"name", "role", "state", "variant", "resident_stages", "total_stages", "eta_s",
-               "capacity", "busy", "compute_s", "phase", "phase_s", "read_stages"}  # fmt: skip
+               "capacity", "busy", "compute_s", "phase", "phase_s", "read_stages",
+               "batch_marginal"}  # fmt: skip
 
 
 def chromium() -> str | None:
@@ -347,6 +348,7 @@ def test_estimates_json_cannot_carry_are_shown_as_unknown() -> None:
         eta_s: float | None = float("nan")
         compute_s: float | None = float("inf")
         capacity: int = 1
+        batch_marginal: float | None = float("nan")
         inflight: dict[str, Any] = field(default_factory=dict)
         phase: str | None = "loading"
         phase_s: float | None = float("nan")
@@ -356,6 +358,7 @@ def test_estimates_json_cannot_carry_are_shown_as_unknown() -> None:
     live.set_workers([Worker()])
     (worker,) = json.loads(json.dumps(live.snapshot(), allow_nan=False))["models"][0]["workers"]
     assert worker["eta_s"] is None and worker["compute_s"] is None and worker["phase_s"] is None
+    assert worker["batch_marginal"] is None
 
 
 # -- the screenshot in docs/ -------------------------------------------------------------------

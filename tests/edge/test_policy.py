@@ -89,3 +89,41 @@ def test_decision_reports_both_estimates() -> None:
     decision = choose(QUALITY, 5.0, EDGE, COLD_CLOUD)
     assert decision.edge_estimate_s == EDGE.estimate()
     assert decision.cloud_estimate_s == COLD_CLOUD.estimate()
+
+
+def test_a_batching_cloud_is_estimated_by_the_batch_a_request_would_join() -> None:
+    # One worker batching up to 8; a batch of k costs 0.2 x (1 + (k - 1) x 0.25).
+    def cloud(inflight: int, queued: int) -> SideView:
+        return SideView(workers=1, capacity=8, inflight=inflight, queued=queued, compute_s=0.2,
+                        network_s=0.0, batch_marginal=0.25)  # fmt: skip
+
+    assert cloud(0, 0).estimate() == 0.2  # alone: a batch of one
+    assert math.isclose(cloud(3, 0).estimate(), 0.2 * (1 + 3 * 0.25))  # joins a batch of 4
+    assert math.isclose(cloud(7, 0).estimate(), 0.2 * (1 + 7 * 0.25))  # fills the batch of 8
+    full = 0.2 * (1 + 7 * 0.25)
+    # 12 ahead: 5 beyond the 8 slots must finish first, at a full batch's rate of 8 per forward.
+    assert math.isclose(cloud(8, 4).queue_s(), 5 * full / 8)
+    assert math.isclose(cloud(8, 4).estimate(), 5 * full / 8 + full)
+    # Without batch_marginal the side is what it was: one request per slot (edge threads).
+    plain = SideView(workers=1, capacity=8, inflight=3, queued=0, compute_s=0.2, network_s=0.0)
+    assert plain.estimate() == 0.2
+    # A quality request whose deadline fits the batch it would join goes to the cloud; one
+    # whose deadline only a batch of one would meet does not.
+    assert choose(QUALITY, 0.5, EDGE, cloud(3, 0)).route is Route.CLOUD
+    assert choose(QUALITY, 0.3, EDGE, cloud(7, 0)).route is Route.EDGE
+
+
+def test_the_registry_hands_the_policy_a_batching_workers_cost() -> None:
+    from cicada.common.protocol import Heartbeat, Ready, Role
+    from cicada.edge.coordinator.registry import Registry
+
+    registry = Registry(ttl_s=10.0)
+    registry.add(b"a", Ready(Role.CLOUD, "a", ["m"], capacity=8, compute_s=0.2), now=0.0)
+    assert registry.side("m", Role.CLOUD).batch_marginal is None  # not measured yet
+    worker = registry.get(b"a")
+    assert worker is not None
+    worker.update(Heartbeat(compute_s=0.2, batch_marginal=0.25))
+    worker.update(Heartbeat(compute_s=0.2))  # a heartbeat without it keeps the last one
+    registry.add(b"b", Ready(Role.CLOUD, "b", ["m"], capacity=4, batch_marginal=0.5), now=0.0)
+    side = registry.side("m", Role.CLOUD)
+    assert side.capacity == 12 and side.batch_marginal == 0.5  # the most pessimistic
