@@ -37,6 +37,7 @@ class _Worker:  # the attributes of registry.WorkerInfo the page reads
     compute_s: float | None = 0.01
     capacity: int = 2
     inflight: dict[str, Any] = field(default_factory=dict)
+    batch_marginal: float | None = None
     phase: str | None = "ready"
     phase_s: float | None = 1.0
     read_stages: int = 26

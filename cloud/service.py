@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cicada.cloud.loading.base import device_failure
 from cicada.cloud.batching import BatchCost, Batcher, BatchPolicy, Item, rows, shape_key
+from cicada.cloud.loading.base import device_failure
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
