@@ -341,6 +341,23 @@ def open_package_file(
     return fd
 
 
+def read_package_file(
+    package_dir: Path | str, name: str, cap: int, error: type[Exception] = PackageIntegrityError
+) -> bytes:
+    """The bytes of a small file of a package or model directory (a manifest's neighbour, a
+    tokenizer, an edge model's description), opened as `open_package_file` opens it and refused
+    (`error`) when it holds more than `cap` bytes: by its size before reading, and by what was
+    read should it grow meanwhile. FileNotFoundError if absent."""
+    fd = open_package_file(package_dir, name, error)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = b"" if size > cap else f.read(cap + 1)
+    if size > cap or len(raw) > cap:
+        raise error(f"{Path(package_dir) / name} is {max(size, len(raw))} bytes, over the "
+                    f"{cap}-byte cap for it: refused")  # fmt: skip
+    return raw
+
+
 def _need(doc: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
     if not isinstance(doc, dict) or key not in doc:
         raise PackageFormatError(f"{where}: missing field {key!r}")

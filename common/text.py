@@ -15,7 +15,6 @@ it, and it never imports torch (the edge agent must not).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from cicada.common.errors import TextError
-from cicada.common.package import open_package_file
+from cicada.common.package import read_package_file
 
 TOKENIZER_NAME = "tokenizer.json"
 TEXT_OPTION = "text"  # REQUEST/DISPATCH options key: a list of str
@@ -59,20 +58,14 @@ MAX_TOKENIZER_BYTES = 64 * 1024 * 1024  # BERT's is 0.7 MB, Llama 3's 9 MB
 
 
 def read_tokenizer_json(path: Path) -> str:
-    """The text of a model directory's tokenizer.json, opened as a package file is: confined
-    to its directory (no link out), a regular file (no FIFO to hang on), size-capped before
-    it is read."""
+    """The text of a model directory's tokenizer.json, read as a package file is: confined to
+    its directory (no link out), a regular file (no FIFO to hang on), size-capped before it is
+    read."""
     path = Path(path)
     try:
-        fd = open_package_file(path.parent, path.name, TextError)
+        data = read_package_file(path.parent, path.name, MAX_TOKENIZER_BYTES, TextError)
     except FileNotFoundError:
         raise TextError(f"{path}: no such file") from None
-    with os.fdopen(fd, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > MAX_TOKENIZER_BYTES:
-            raise TextError(f"{path} is {size} bytes, over the {MAX_TOKENIZER_BYTES}-byte cap "
-                            "for a tokenizer.json: refused")  # fmt: skip
-        data = f.read(MAX_TOKENIZER_BYTES + 1)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:

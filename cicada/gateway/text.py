@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from cicada.common.errors import PackageFormatError
-from cicada.common.text import INSTALL_HINT, TOKENIZER_NAME
+from cicada.common.text import INSTALL_HINT, MAX_TOKENIZER_BYTES, TOKENIZER_NAME
 from cicada.gateway.files import read_model_file
-
-MAX_TOKENIZER_BYTES = 64 << 20  # BERT's is 0.7 MB, large multilingual ones ~20 MB
 
 
 class Tokenizer:
