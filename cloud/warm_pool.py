@@ -40,6 +40,7 @@ from cicada.common.launch import (
     worker_log_path,
     write_frame,
 )
+from cicada.common.signals import StopRequest
 
 log = logging.getLogger("cicada.pool")
 
@@ -143,13 +144,8 @@ def serve_pool(
             children[pid] = os.waitstatus_to_exitcode(status)
 
     signal.signal(signal.SIGCHLD, reap)
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
+    stop = StopRequest()  # lock-free, as every role's (common/signals.py)
+    signal.signal(signal.SIGTERM, stop.set)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -200,7 +196,7 @@ def serve_pool(
     pool_pid = os.getpid()
     log.info("warm pool ready on %s (pid %d)", socket_path, pool_pid)
     try:
-        while not stopping:
+        while not stop.is_set():
             if parent is not None and os.getppid() != parent:
                 log.warning("the process that started the pool (%d) is gone: stopping", parent)
                 break
