@@ -792,7 +792,7 @@ class AsyncClient(BaseClient):
             while True:
                 try:
                     if inbox.empty():
-                        async with asyncio.timeout_at(self._loop_time_at(give_up)):
+                        async with asyncio.timeout(give_up - time.monotonic()):
                             message = await inbox.get()
                     else:
                         message = inbox.get_nowait()
@@ -814,11 +814,6 @@ class AsyncClient(BaseClient):
             self._pending.pop(call.request_id, None)
             if sent and not answered and not self._closed:  # left early: withdraw it
                 await self._send_cancel(call)
-
-    @staticmethod
-    def _loop_time_at(monotonic_deadline: float) -> float:
-        """A time.monotonic() deadline on the running loop's clock (asyncio.timeout_at's)."""
-        return asyncio.get_running_loop().time() + (monotonic_deadline - time.monotonic())
 
     async def _send_cancel(self, call: _Call) -> None:
         try:
