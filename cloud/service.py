@@ -543,8 +543,8 @@ class CloudWorker:
         if the coordinator refused the registration."""
         stop = StopRequest()  # set from a signal handler: no lock (common/signals.py)
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self._on_stop_signal(stop))
-            signal.signal(signal.SIGINT, lambda *_: self._on_stop_signal(stop))
+            signal.signal(signal.SIGTERM, lambda signum, _: self._on_stop_signal(stop, signum))
+            signal.signal(signal.SIGINT, lambda signum, _: self._on_stop_signal(stop, signum))
         try:
             return self._serve(stop)
         except BaseException as exc:  # never stay registered (and `ready`) unable to serve
@@ -554,14 +554,14 @@ class CloudWorker:
                 CicadaError(f"the worker's serving loop died ({type(exc).__name__}: {exc})"), code
             )
 
-    def _on_stop_signal(self, stop: StopRequest) -> None:
+    def _on_stop_signal(self, stop: StopRequest, signum: int) -> None:
         """SIGTERM/SIGINT. Once the model is built: drain (the serving loop sees `stop`).
         Before: no request has run yet, so the build is abandoned at once — a build that
         stalls (a hung file system, a factory that never returns) must not make the worker
         deaf to SIGTERM. A build stuck in native code that never returns to Python is ended
         by SIGALRM's default action after STOP_WHILE_LOADING_GRACE_S. Nothing here takes a
         lock or starts a thread: a second signal may arrive while this one runs."""
-        stop.set()
+        stop.signalled(signum)
         if self._load_interruptible and not self.built.is_set():
             self._load_interruptible = False
             signal.signal(signal.SIGALRM, signal.SIG_DFL)

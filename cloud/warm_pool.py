@@ -145,7 +145,7 @@ def serve_pool(
 
     signal.signal(signal.SIGCHLD, reap)
     stop = StopRequest()  # lock-free, as every role's (common/signals.py)
-    signal.signal(signal.SIGTERM, stop.set)
+    stop.on_signals(signal.SIGTERM)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(socket_path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

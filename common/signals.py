@@ -39,11 +39,21 @@ class StopRequest:
             time.sleep(min(left, _POLL_S))
         return self._requested
 
+    def signalled(self, signum: int, *_: object) -> None:
+        """A signal handler: ask to stop. After a SIGTERM, further SIGTERMs are ignored: the
+        stop is under way, and Python restores the default action of the signals it handles
+        while the interpreter finalizes, so a late SIGTERM would kill a process that drained
+        cleanly (exit -15 instead of 0). SIGINT keeps its handler (a second Ctrl-C is not
+        swallowed). Runs in the main thread, as Python signal handlers do."""
+        self._requested = True
+        if signum == signal.SIGTERM:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     def on_signals(self, *signums: int) -> bool:
-        """Install `set` for `signums` (SIGTERM, SIGINT by default); only the main thread can,
-        so elsewhere (a Ray actor's thread) nothing is installed and False is returned."""
+        """Install `signalled` for `signums` (SIGTERM, SIGINT by default); only the main thread
+        can, so elsewhere (a Ray actor's thread) nothing is installed and False is returned."""
         if threading.current_thread() is not threading.main_thread():
             return False
         for signum in signums or (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.set)
+            signal.signal(signum, self.signalled)
         return True

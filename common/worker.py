@@ -379,7 +379,7 @@ class WorkerRuntime:
                 result = Result(
                     id=dispatch.id,
                     status=Status.TIMEOUT,
-                    error="deadline passed while queued on the worker",
+                    error="deadline passed before the worker could start it (queued here)",
                 )
             else:
                 result = self.handler(dispatch, deadline, stream)

@@ -227,7 +227,7 @@ def coordinator(
             raise click.ClickException(str(exc)) from None
     import signal
 
-    signal.signal(signal.SIGTERM, lambda *_: node.stop())
+    node.stop_event.on_signals(signal.SIGTERM)  # lock-free (common/signals.py)
     click.echo(
         f"coordinator on {endpoint}"
         + (
