@@ -20,7 +20,7 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    """A `Stack` in tmp_path (default heartbeat, 0.2 s) that kills every process it started."""
+    """A `Stack` in tmp_path (default heartbeat, 0.5 s) that kills every process it started."""
     with Stack(tmp_path) as s:
         yield s
 

@@ -108,7 +108,9 @@ def make_assets(work: Path, config: dict[str, Any] | None = None) -> dict[str, P
 @dataclass
 class Stack:
     work: Path
-    heartbeat: float = 0.2
+    # A silent peer is dead after 4 intervals: 2 s, which a busy 2-core CI machine can starve a
+    # process for well past 0.8 s (a 0.2 s heartbeat dropped an edge agent mid-drain there).
+    heartbeat: float = 0.5
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)

@@ -395,6 +395,7 @@ def test_launcher_refuses_to_move_its_local_cluster_off_loopback(ray_home: Path)
         assert not ray.is_initialized(), kwargs
 
 
+@pytest.mark.slow  # starts a Ray cluster (~15 s): optional, `pytest -m slow`
 def test_implicit_local_cluster_listens_on_loopback_only(ray_home: Path) -> None:
     """`launcher = "ray"` without ray_address: every listening socket of every process the
     launcher's Ray started (GCS, raylet, agents, the worker that ran a task, the driver) is on
@@ -477,6 +478,7 @@ def test_actor_worker_serves_through_the_sdk_and_drains(
 # -- (b) two nodes: placement ----------------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a Ray cluster (~15 s): optional, `pytest -m slow`
 def test_every_ray_port_is_on_loopback(cluster: TwoNodes) -> None:
     listening = []
     for p in cluster.processes:

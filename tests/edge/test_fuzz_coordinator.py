@@ -76,9 +76,9 @@ def x(tiny_package: dict[str, Path]) -> np.ndarray:
 def stack(
     tmp_path_factory: pytest.TempPathFactory, tiny_package: dict[str, Path]
 ) -> Iterator[Stack]:
-    # A slower heartbeat than the default (0.2 s): the edge agent must not be purged when
-    # this 2-core machine is busy; the fuzzing is not about liveness.
-    with Stack(tmp_path_factory.mktemp("fuzz-stack"), heartbeat=0.5) as s:
+    # The default heartbeat (0.5 s): the edge agent must not be purged when this 2-core machine
+    # is busy; the fuzzing is not about liveness.
+    with Stack(tmp_path_factory.mktemp("fuzz-stack")) as s:
         s.coordinator()
         s.edge(MODEL, tiny_package["edge"])
         s.wait_workers("edge")
@@ -497,7 +497,12 @@ def test_fuzzed_coordinator_stays_up_and_answers_exactly_once(
         tally.sent["malformed"] + tally.sent["bad"] + tally.sent["refused"] + tally.bad_sent["bad"]
     )
     assert metric(stack, "malformed") - malformed0 == expected, summary
-    assert metric(stack, "late_results") - late0 == tally.sent["result"], summary
+    # Late results: every stranger's RESULT, plus at most one per garbage request that was
+    # answered TIMEOUT (its deadline, drawn from 1 ms up, can pass while the edge agent runs it;
+    # the agent's RESULT then arrives for a request already answered: counted, not forwarded).
+    timed_out = sum(m.command == wire.REPLY and m.body["status"] == "TIMEOUT" for m in received)
+    late = metric(stack, "late_results") - late0
+    assert tally.sent["result"] <= late <= tally.sent["result"] + timed_out, (late, summary)
     assert stack.workers("edge") == 1
     with Client(stack.address, timeout=10) as after:
         assert after.invoke(MODEL, x).output.shape == (*x.shape, 97)

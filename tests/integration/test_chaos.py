@@ -58,7 +58,7 @@ from cicada.testing import (
 )
 
 MODEL = "gpt2"
-HEARTBEAT = 0.2  # cicada.testing.Stack's default: a silent peer is dead after 4 × 0.2 s
+HEARTBEAT = 0.5  # cicada.testing.Stack's default: a silent peer is dead after 4 × 0.5 s
 # The SDK's explicit outcomes. TransportError is deliberately not here: nothing in these
 # scenarios is malformed, so a TransportError would be a bug worth seeing; its NoCoordinator
 # is the SDK saying that the coordinator (killed on purpose) does not answer.
@@ -453,7 +453,7 @@ def test_coordinator_restart_workers_reregister(
         s.wait_workers("edge", 1, timeout=30)
         s.wait_workers("cloud", 1, state="ready", timeout=30)
         back_at = time.monotonic()
-        time.sleep(1.5)
+        time.sleep(3 * HEARTBEAT + 1.5)
     # The very same worker processes came back: they re-registered, nobody restarted them.
     assert s.procs["edge"].poll() is None and s.procs["cloud"].poll() is None, logs(s)
     print(traffic.summary())
