@@ -1,0 +1,100 @@
+"""Continuous batching (cloud/continuous.py): streams that join and leave at different steps
+each get exactly the tokens of their own greedy decode alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cicada.cloud.continuous import DecodeStream, Streams, batchable
+from cicada.cloud.generate import CachedGPTDecoder, decoder_for
+from cicada.cloud.models import gpt2
+from cicada.common.generation import GenerationRequest, generate
+from cicada.testing import tiny_gpt2_config
+
+
+def model() -> gpt2.GPT:
+    return gpt2.build(**tiny_gpt2_config())
+
+
+def alone(m: gpt2.GPT, request: GenerationRequest) -> list[int]:
+    return generate(decoder_for(m), request, lambda t: None).tokens
+
+
+def request(seed: int, length: int, n: int, eos: int | None = None) -> GenerationRequest:
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, tiny_gpt2_config()["vocab_size"], size=length, dtype=np.int64)
+    return GenerationRequest(prompt, n, eos)
+
+
+def test_streams_joining_and_leaving_get_their_own_greedy_tokens() -> None:
+    m = model()
+    # (prompt length, max_new_tokens, the step it joins at)
+    plan = [(3, 10, 0), (7, 4, 0), (1, 15, 2), (12, 8, 3), (5, 6, 6), (20, 12, 6), (9, 1, 7)]
+    requests = [request(i, t, n) for i, (t, n, _) in enumerate(plan)]
+    streams = Streams(m, limit=8)
+    emitted: dict[int, list[int]] = {i: [] for i in range(len(plan))}
+    made: dict[int, DecodeStream] = {}
+    widest = 0
+    for step in range(40):
+        for i, (_t, _n, at) in enumerate(plan):
+            if at == step:
+                made[i] = DecodeStream(requests[i], emitted[i].append, owner=i)
+                streams.start(made[i])
+        widest = max(widest, len(streams.active))
+        streams.step()
+    assert not streams.active and widest >= 4
+    for i, r in enumerate(requests):
+        expected = alone(m, r)
+        assert made[i].tokens == expected == emitted[i], f"stream {i}"
+        assert made[i].stopped == "length"
+    assert max(s.peak for s in made.values()) >= 4
+
+
+def test_eos_cancel_and_deadline_stop_one_stream_only() -> None:
+    m = model()
+    base = request(1, 6, 12)
+    first = alone(m, base)
+    eos = GenerationRequest(base.prompt, 12, first[3])
+    cancelled = {"now": False}
+    s_eos = DecodeStream(eos, lambda t: None)
+    s_cancel = DecodeStream(request(2, 4, 12), lambda t: None, lambda: cancelled["now"])
+    s_deadline = DecodeStream(request(3, 5, 12), lambda t: None, deadline=0.0)
+    s_full = DecodeStream(request(4, 8, 12), lambda t: None)
+    streams = Streams(m)
+    for s in (s_eos, s_cancel, s_full):
+        streams.start(s)
+    streams.start(s_deadline)  # stops at its first token: never active
+    assert s_deadline.stopped == "deadline" and len(s_deadline.tokens) == 1
+    streams.step()
+    cancelled["now"] = True
+    while streams.active:
+        streams.step()
+    assert s_eos.stopped == "eos" and s_eos.tokens == first[: first.index(first[3]) + 1]
+    assert s_cancel.stopped == "cancelled" and len(s_cancel.tokens) == 3  # checked after
+    assert s_full.stopped == "length" and s_full.tokens == alone(m, s_full.request)
+
+
+def test_a_batched_step_matches_the_step_alone() -> None:
+    """Logits of a stream's step batched with others vs. decoding alone: equal to float
+    rounding, not bit for bit on this CPU (BLAS sums a (B, C) @ (C, N) matmul in another order
+    than a (1, C) one), which is why the requirement is equal tokens, not equal state."""
+    m = model()
+    reqs = [request(i, 4 + 3 * i, 5) for i in range(4)]
+    streams = Streams(m)
+    for r in reqs:
+        streams.start(DecodeStream(r, lambda t: None))
+    with torch.inference_mode():
+        batched, _ = streams._forward(streams.active)
+    for j, r in enumerate(reqs):
+        dec = CachedGPTDecoder(m.decode, m, "cpu", m.decode)
+        dec.start(r.prompt)
+        with torch.inference_mode():
+            ids = torch.tensor([[streams.active[j].tokens[-1]]])
+            solo = m.decode(ids, dec._cache, r.prompt.size)[0, -1]
+        torch.testing.assert_close(batched[j], solo, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_reference_gpt2_is_batched() -> None:
+    assert batchable(model())
+    assert not batchable(torch.nn.Linear(2, 2))
