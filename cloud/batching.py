@@ -130,8 +130,10 @@ class Batcher(Generic[T]):
             if item is not None:
                 return item
 
-    def next(self, timeout: float | None) -> list[Item[T]] | None:
-        """One batch (at least one item), or None if nothing came within `timeout`."""
+    def next(self, timeout: float | None, linger: bool = True) -> list[Item[T]] | None:
+        """One batch (at least one item), or None if nothing came within `timeout`. With
+        `linger` false the batch is what is already there: no waiting out the queue delay
+        (the worker decoding streams must not stall them waiting for company)."""
         first = self.held.popleft() if self.held else self._pull(timeout)
         if first is None:
             return None
@@ -145,7 +147,7 @@ class Batcher(Generic[T]):
             if item.key == first.key:
                 self.held.remove(item)
                 batch.append(item)
-        wait_until = first.arrived + policy.max_queue_delay_ms / 1000
+        wait_until = first.arrived + (policy.max_queue_delay_ms / 1000 if linger else 0.0)
         deadlines = [d for d in (self.deadline_of(i.work) for i in batch) if d is not None]
         if deadlines:  # never hold a request past its own deadline waiting for company
             wait_until = min(wait_until, *deadlines)

@@ -26,11 +26,12 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from cicada.cloud.batching import BatchCost, Batcher, BatchPolicy, Item, rows, shape_key
 from cicada.cloud.loading.base import device_failure
@@ -53,10 +54,16 @@ from cicada.common.worker import (
     WorkerStatus,
 )
 
+if TYPE_CHECKING:
+    from cicada.cloud.continuous import DecodeStream, Streams
+
 log = logging.getLogger("cicada.cloud")
 T = TypeVar("T")
 # A request handed from the runtime's executor thread to the main thread.
 Work = tuple[Dispatch, float | None, Stream, "Future[Result]"]
+
+# The batching key of generation requests where the model decodes streams together.
+GENERATE_KEY = ("generate",)
 
 # Before the first stage lands the worker can only guess its ETA from what is left of the
 # import (`import torch`: ~1.25 s on an idle 2-core machine, longer in proportion to the load),
@@ -143,6 +150,10 @@ class CloudWorker:
         )
         self.batch_cost = BatchCost()  # steady forwards' time by batch size (READY reports it)
         self._batches = 0  # forwards of more than one request so far (`batch_seq`)
+        # Generation streams decoded together (cloud/continuous.py), once the model is built
+        # and only where it batches: else generation runs one request at a time.
+        self._streams: Streams | None = None
+        self._waiting: deque[Work] = deque()  # generations past the streams' limit, in order
         name = config.worker or f"cloud-{socket.gethostname()}-{os.getpid()}"
         self.runtime = WorkerRuntime(
             RuntimeConfig(
@@ -386,7 +397,9 @@ class CloudWorker:
             done.set_result(refusal)
             return None
         now = time.monotonic()
-        if "max_new_tokens" in dispatch.options or not self.batching.batching:
+        if "max_new_tokens" in dispatch.options:
+            return Item(work, GENERATE_KEY if self._streams is not None else None, now)
+        if not self.batching.batching:
             return Item(work, None, now)
         arrays = self._inputs(dispatch)
         if isinstance(arrays, Result):
@@ -396,7 +409,12 @@ class CloudWorker:
 
     def _serve_batch(self, batch: list[Item[Work]]) -> None:
         """Run a batch as one forward; each request gets its own RESULT. Whatever happens,
-        every request of the batch is answered; a BaseException ends the serving loop after."""
+        every request of the batch is answered; a BaseException ends the serving loop after.
+        Generations join the streams being decoded instead (`_join`)."""
+        if batch[0].key == GENERATE_KEY:
+            for item in batch:
+                self._join(item.work)
+            return
         if len(batch) == 1:
             (dispatch, deadline, stream, done), arrays = batch[0].work, batch[0].inputs
             self._serve_one(dispatch, deadline, stream, done, arrays or None)
@@ -537,6 +555,161 @@ class CloudWorker:
             timings=timings,
         )
 
+    # -- continuous batching of generations (cloud/continuous.py) ----------------------------
+
+    def _continuous_streams(self) -> Streams | None:
+        """Streams decoded together up to max_batch_size, where the model allows it."""
+        from cicada.cloud.continuous import Streams, batchable
+
+        model = self.cold.model
+        if not self.batching.batching or not batchable(model):
+            return None
+        return Streams(model, self.config.device, limit=self.batching.max_batch_size)
+
+    @property
+    def _decoding(self) -> bool:
+        return self._streams is not None and bool(self._streams.active or self._waiting)
+
+    def _join(self, work: Work) -> None:
+        """Start a generation: prefill its prompt and send its first token; it then decodes
+        with the others at every step. Past the limit it waits for a stream to leave."""
+        dispatch, done = work[0], work[3]
+        streams = self._streams
+        assert streams is not None
+        if streams.full:
+            self._waiting.append(work)
+            return
+        try:
+            self._start_stream(streams, work)
+        except Exception as exc:
+            log.exception("request %s failed", dispatch.id)
+            result = (
+                self._device_failed(dispatch, exc)
+                if device_failure(exc)
+                else Result(
+                    id=dispatch.id, status=Status.FAILED, error=f"{type(exc).__name__}: {exc}"
+                )
+            )
+            done.set_result(result)
+        except BaseException as exc:
+            done.set_result(_stopped(dispatch, exc))
+            raise
+
+    def _start_stream(self, streams: Streams, work: Work) -> None:
+        import numpy as np
+
+        from cicada.cloud.continuous import DecodeStream
+        from cicada.cloud.generate import context_of
+
+        dispatch, deadline, stream, done = work
+        refusal = self._refusal(dispatch, deadline)
+        if refusal is not None:
+            done.set_result(refusal)
+            return
+        try:
+            request = GenerationRequest.parse(dispatch.options, list(dispatch.inputs))
+            request.check_fits(*context_of(streams.model))
+        except GenerationError as exc:
+            done.set_result(Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc)))
+            return
+        decoding = DecodeStream(
+            request,
+            lambda token: stream.send([np.asarray([token], dtype=np.int64)]),
+            lambda: stream.cancelled,
+            deadline,
+            owner=(work, not self.cold.all_resident),
+        )
+        # The prefill goes through ColdStart.call: during a cold start it runs on the
+        # resident stages and its first token goes out once every stage checked out.
+        out = self._guarded(
+            dispatch,
+            "prompt",
+            lambda: streams.start(
+                decoding, lambda ids, cache: self.cold.call("decode", ids, cache, 0)
+            ),
+        )
+        if isinstance(out, Result):
+            done.set_result(out)
+        elif decoding.stopped is not None:
+            self._finish_stream(decoding)
+
+    def _decode_step(self) -> None:
+        """Admit the generations waiting for room, then one token for every stream."""
+        streams = self._streams
+        assert streams is not None
+        while self._waiting and not streams.full:
+            self._join(self._waiting.popleft())
+        if not streams.active:
+            return
+        if self.failed is not None:  # the coordinator gives them another chance elsewhere
+            for s in streams.active:
+                self._end_stream(s, Result(id=s.owner[0][0].id, status=Status.UNAVAILABLE,
+                                           error=str(self.failed)))  # fmt: skip
+            streams.active = []
+            return
+        try:
+            finished = streams.step()
+        except BaseException as exc:
+            finished = self._step_failed(streams, exc)
+        for s in finished:
+            self._finish_stream(s)
+
+    def _step_failed(self, streams: Streams, exc: BaseException) -> list[DecodeStream]:
+        """A batched step raised (and changed nothing). A device failure or a failed load ends
+        every stream UNAVAILABLE; anything else must not fail streams that would decode alone:
+        each steps alone, and one that fails alone ends FAILED."""
+        group, streams.active = streams.active, []
+        if isinstance(exc, CicadaError) or device_failure(exc) or not isinstance(exc, Exception):
+            for s in group:
+                dispatch = s.owner[0][0]
+                if isinstance(exc, CicadaError):
+                    self._fail(exc)
+                    result = Result(id=dispatch.id, status=Status.UNAVAILABLE, error=str(exc))
+                elif isinstance(exc, Exception):
+                    result = self._device_failed(dispatch, exc)
+                else:
+                    result = _stopped(dispatch, exc)
+                self._end_stream(s, result)
+            if not isinstance(exc, Exception):
+                raise exc
+            return []
+        log.warning("a decoding step of %d streams failed (%s: %s): stepping them one by one",
+                    len(group), type(exc).__name__, exc)  # fmt: skip
+        finished: list[DecodeStream] = []
+        for s in group:
+            try:
+                finished += streams.step(only=[s])
+            except Exception as alone:
+                log.exception("request %s failed", s.owner[0][0].id)
+                error = f"{type(alone).__name__}: {alone}"
+                self._end_stream(s, Result(id=s.owner[0][0].id, status=Status.FAILED, error=error))
+                continue
+            if s.stopped is None:
+                streams.active.append(s)
+        return finished
+
+    def _finish_stream(self, s: DecodeStream) -> None:
+        import numpy as np
+
+        (dispatch, *_), during_load = s.owner
+        timings = {
+            "compute_s": time.monotonic() - s.started,
+            "tokens": float(len(s.tokens)),
+            # The most streams this one was decoded with in a step (1: it ran alone).
+            "decode_streams": float(s.peak),
+        }
+        if during_load:
+            timings["during_load"] = 1.0
+        outputs = [np.asarray(s.tokens, dtype=np.int64)]
+        self._end_stream(s, Result(id=dispatch.id, status=Status.OK, outputs=outputs,
+                                   timings=timings))  # fmt: skip
+
+    @staticmethod
+    def _end_stream(s: DecodeStream, result: Result) -> None:
+        done = s.owner[0][3]
+        if not done.done():
+            done.set_result(result)
+
     def serve_forever(self) -> int:
         """Register, load, serve until SIGTERM. Returns the process exit code: 0 after a
         drain, EXIT_LOAD_FAILED, EXIT_SERVING_FAILED if the serving loop died, or EXIT_REFUSED
@@ -594,12 +767,8 @@ class CloudWorker:
             )
             return self._give_up(error, EXIT_DEVICE_FAILED)
         while not stop.is_set() and not self.runtime.stopped.is_set():
-            batch = self._batcher.next(timeout=0.1)
-            if batch is None:
-                if self.failed is not None:
-                    return self._give_up(self.failed, _exit_code(self.failed))
-                continue
-            self._serve_batch(batch)
+            if not self._serve_round(0.1) and self.failed is not None:
+                return self._give_up(self.failed, _exit_code(self.failed))
         if isinstance(self.runtime.error, RegistrationRefused):  # registering again: refused
             return self._give_up(self.runtime.error, EXIT_REFUSED)
         if self.runtime.error is not None:  # its I/O thread died: nothing can be answered
@@ -626,6 +795,7 @@ class CloudWorker:
         # this thread serves: a request that arrives now starts on the resident stages.
         self.cold.build()
         self._load_interruptible = False
+        self._streams = self._continuous_streams()
         self.built.set()
         self._enter("loading")  # READY may be due now (if every stage arrived first)
 
@@ -671,12 +841,22 @@ class CloudWorker:
         serve_http(host, port, Health, "cicada-health")
         log.info("health endpoint on http://%s:%d/ready", host, port)
 
-    def _serve_pending(self) -> None:
-        while True:
-            batch = self._batcher.next(timeout=0)
-            if batch is None:
-                return
+    def _serve_round(self, timeout: float) -> bool:
+        """Serve what arrived (waiting up to `timeout` for it when no stream is decoding),
+        then one step of the streams; False when there was nothing to do."""
+        decoding = self._decoding
+        # While streams decode, a forward batch takes what is queued: no waiting for company.
+        batch = self._batcher.next(timeout=0 if decoding else timeout, linger=not decoding)
+        if batch is not None:
             self._serve_batch(batch)
+        if self._decoding:
+            self._decode_step()
+        return batch is not None or decoding
+
+    def _serve_pending(self) -> None:
+        """Everything queued, and every stream to its end."""
+        while self._serve_round(0):
+            pass
 
     def _give_up(self, exc: CicadaError, code: int) -> int:
         """Stop for good: answer what is queued (UNAVAILABLE: the coordinator gives it
@@ -691,9 +871,20 @@ class CloudWorker:
         return code
 
 
+def _stopped(dispatch: Dispatch, exc: BaseException) -> Result:
+    """The answer to a request the worker stopped under (a BaseException)."""
+    return Result(
+        id=dispatch.id,
+        status=Status.FAILED,
+        error=f"the worker stopped while running it ({type(exc).__name__})",
+    )
+
+
 def _exit_code(error: CicadaError) -> int:
     """The exit code of a worker that failed with `error`."""
     return EXIT_DEVICE_FAILED if isinstance(error, DeviceError) else EXIT_LOAD_FAILED
+
+
 def _batch_policy(package: dict[str, Any], given: dict[str, Any]) -> BatchPolicy:
     """The settings given (config, options) over the package's defaults; a package's preferred
     sizes above a max_batch_size given in their place are dropped, not an error."""
