@@ -6,7 +6,9 @@ long the first dispatch of a batch may wait for others to join) and `preferred_b
 out the delay). A batch holds dispatches whose inputs are *compatible*: the same number of
 tensors, the same dtypes and the same trailing dimensions, so that they concatenate along the
 first (batch) dimension. Token ids of different lengths are not padded: they do not batch
-(GPT-2's forward takes no attention mask, so padding would change the result).
+(GPT-2's forward takes no attention mask, so padding would change the result). Generations
+are not batched here but continuously, a token at a time (cloud/continuous.py): the batcher
+only hands them over together, under one key.
 
 Everything here is torch-free and clock-injectable: `Batcher` is tested without a model, and
 `BatchCost` is the cost model the worker reports (docs/PROTOCOL.md, READY `batch_marginal`).

@@ -380,7 +380,8 @@ class CloudWorker:
 
     def _prepare(self, work: Work) -> Item[Work] | None:
         """Called by the batcher for each request it takes: answer at once what must not run
-        (expired, refused inputs), else say what it may batch with (generation runs alone).
+        (expired, refused inputs), else say what it may batch with (generations go together
+        to the decoding streams where the model batches them, else alone).
         Whatever the checks raise ends that request FAILED, never the serving loop."""
         try:
             return self._sort(work)
