@@ -413,8 +413,13 @@ class CloudWorker:
         every request of the batch is answered; a BaseException ends the serving loop after.
         Generations join the streams being decoded instead (`_join`)."""
         if batch[0].key == GENERATE_KEY:
-            for item in batch:
-                self._join(item.work)
+            for i, item in enumerate(batch):
+                try:
+                    self._join(item.work)
+                except BaseException as exc:  # those not joined yet are answered too
+                    for rest in batch[i + 1 :]:
+                        rest.work[3].set_result(_stopped(rest.work[0], exc))
+                    raise
             return
         if len(batch) == 1:
             (dispatch, deadline, stream, done), arrays = batch[0].work, batch[0].inputs
