@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cicada.cloud import collector
 from cicada.cloud.loading.base import StageRead, StageSource
 from cicada.cloud.loading.sources import source_for
 from cicada.cloud.timeline import Timeline
@@ -286,7 +287,9 @@ class ColdStart:
         with self.timeline.span("import", "model code"):
             resolve_factory(arch.factory, trusted=trusted)
         try:
-            with self.timeline.span("construct", "construct"):
+            # No collection in here: construction allocates thousands of objects, enough to
+            # set off a full one that walks everything `import torch` left (cloud/collector.py).
+            with collector.paused(), self.timeline.span("construct", "construct"):
                 with self.source.construction():
                     model = build_model(arch.factory, arch.config, init=False, trusted=trusted)
                 self._slots = check_coverage(model, self.manifest)

@@ -14,9 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cicada.cloud import collector
 from cicada.cloud.loading.registry import open_strategy
 from cicada.cloud.timeline import Timeline
 from cicada.common.errors import CicadaError
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (a mapped page touched for the first time)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 
 
 def peak_rss_bytes() -> int:
@@ -38,13 +44,16 @@ def run_cold_start(
     """Cold-start the packaged model with `strategy`, run one forward, return the timings."""
     timeline = Timeline()
     entered = timeline.entered
+    stop_recording = collector.record_collections(timeline)
     loader = open_strategy(
         strategy, package_dir, device=device, timeline=timeline, on_residency=on_residency
     )
 
-    with timeline.span("import", "torch"):
+    # The collector stays out of the import, and the import's objects out of later collections.
+    with collector.quiet_import(), timeline.span("import", "torch"):
         import numpy as np
         import torch
+    faults = {"import": minor_faults()}
     if threads:
         torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -56,6 +65,8 @@ def run_cold_start(
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     first_result = timeline.mark("first_result")
+    stop_recording()
+    faults["to_first_result"] = minor_faults() - faults["import"]
 
     result = output.detach().to("cpu")
     if out_path is not None:
@@ -63,6 +74,7 @@ def run_cold_start(
             out_path, result.numpy() if result.dtype != torch.bfloat16 else result.float().numpy()
         )
     timings = summarize(timeline, manifest.total_bytes, strategy, device, entered, first_result)
+    timings["minor_faults"] = faults
     if timings_path is not None:
         Path(timings_path).write_text(json.dumps(timings, indent=1))
     return timings
@@ -111,6 +123,7 @@ def summarize(
         "read_gbps": total_bytes / read_wall / 1e9 if read_wall > 0 else None,
         "apply_s": timeline.lane_seconds("apply"),
         "wait_s": timeline.lane_seconds("wait"),
+        "gc_s": timeline.lane_seconds(collector.GC_LANE),
         "compute_s": compute_busy,
         "compute_per_stage_s": per_stage,
         "last_stage_compute_s": _last_compute(spans),

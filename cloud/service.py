@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from cicada.cloud import collector
 from cicada.cloud.batching import BatchCost, Batcher, BatchPolicy, Item, rows, shape_key
 from cicada.cloud.loading.base import device_failure
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
@@ -792,7 +793,8 @@ class CloudWorker:
         """Import torch and build the model; on return the worker can serve."""
         if self.config.health_port is not None:
             self._serve_health(self.config.health_host, self.config.health_port)
-        import torch
+        with collector.quiet_import():  # no collection in the import, none of it later
+            import torch
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)

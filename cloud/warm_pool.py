@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cicada.cloud import collector
 from cicada.common.launch import (
     MAX_POOL_MESSAGE,
     LaunchError,
@@ -119,12 +120,15 @@ def serve_pool(
     another. At most MAX_CONNECTIONS are held; beyond that the oldest is dropped. Forks happen
     on this thread, which never ends before the pool does (the forked workers' parent-death
     signal follows it)."""
-    # Pay for the imports now, before any request: this is what the pool is for.
-    import torch  # noqa: F401
+    # Pay for the imports now, before any request: this is what the pool is for. Frozen
+    # afterwards (cloud/collector.py): no forked worker's collection walks them again, nor
+    # writes to their pages (copy-on-write).
+    with collector.quiet_import():
+        import torch  # noqa: F401
 
-    import cicada.cloud.pipeline
-    import cicada.cloud.service
-    import cicada.common.worker  # noqa: F401
+        import cicada.cloud.pipeline
+        import cicada.cloud.service
+        import cicada.common.worker  # noqa: F401
 
     preloaded = preload(preload_packages or [], trusted_packages)
     logs = Path(log_dir).resolve() if log_dir else None
