@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.handoff.assets import gpt2_assets
+from benchmarks.handoff.bound import compare_modes, run_capacity_bound
 from benchmarks.handoff.common import (
     CLASSES,
     CLOUD_ONLY_DEADLINE_S,
@@ -71,8 +72,9 @@ from benchmarks.handoff.common import (
 )
 from benchmarks.handoff.overhead import measure_coordinator, plot_overhead
 from benchmarks.handoff.policies import PolicyOptions, large_share_bound, plot_policies, run_policy
-from benchmarks.handoff.report import evaluate_targets, print_report
+from benchmarks.handoff.report import bound_targets, evaluate_targets, print_report
 from benchmarks.handoff.trace import make_trace
+from benchmarks.handoff.what_if import WHAT_IF_LABEL, run_what_if
 from benchmarks.machine import ROOT, loadavg
 
 # -- main --------------------------------------------------------------------------------------
@@ -99,6 +101,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--gpu-profile", type=Path, default=None,
+        help="what-if: JSON {\"service_s\": s, \"source\": \"...\"}, a cloud forward's time "
+        "(default: standin_cloud.DEFAULT_PROFILE, a stated H100 estimate)",
+    )  # fmt: skip
+    p.add_argument("--no-what-if", action="store_true", help="skip the stand-in cloud what-if")
+    p.add_argument(
+        "--what-if-cold-start", type=float, default=None, metavar="S",
+        help="the stand-in's cold start (default: the cooperative run's measured median)",
+    )  # fmt: skip
     p.add_argument("--overhead-rounds", type=int, default=None)
     p.add_argument("--overhead-requests", type=int, default=None)
     p.add_argument("--overhead-warmup", type=int, default=200)
@@ -232,6 +244,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     summary["large_share_bound"] = large_share_bound(summary)
                 results["policies"][policy] = summary
+                if policy == "cooperative":
+                    summary["capacity_bound"] = run_capacity_bound(
+                        summary, summary["cloud_compute_median_s"],
+                        summary["edge_compute_median_s"],
+                    )  # fmt: skip
                 s = summary
                 console.print(
                     f"  p50 {fmt_s(s['latency_ok']['p50_s'])}, "
@@ -242,6 +259,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["policies"], out / "handoff.png",
                 f"Handoff on a bursty trace: {results['config']['trace_description']}",
             )  # fmt: skip
+            pol = results["policies"]
+            if "cooperative" in pol and "edge-only" in pol:
+                results["comparison"] = compare_modes(pol["cooperative"], pol["edge-only"])
+                if not args.no_what_if:
+                    console.print("[bold]A[/] WHAT-IF: cooperative with a stand-in GPU cloud …")
+                    wait_quiet(args.wait_quiet, console)
+                    results["what_if"] = asyncio.run(
+                        run_what_if(
+                            pol,
+                            trace,
+                            assets,
+                            opts,
+                            work / "what-if",
+                            args.gpu_profile,
+                            args.what_if_cold_start,
+                        )
+                    )
+                    plot_policies(
+                        {WHAT_IF_LABEL: results["what_if"]["summary"]}, out / "what_if.png",
+                        f"{WHAT_IF_LABEL}: {results['what_if']['profile']['source']}",
+                    )  # fmt: skip
         if args.skip_coordinator:
             results["coordinator"] = None
         else:
@@ -265,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["targets"] = evaluate_targets(results)
     else:
         results["targets"] = []
+    results["bound_targets"] = bound_targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print_report(results, console)
     console.print(f"wrote {out / 'results.json'}, {out / 'handoff.png'}, {out / 'overhead.png'}")
