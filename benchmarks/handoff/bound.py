@@ -4,7 +4,8 @@ and the cooperative-vs-edge-only comparisons judged in the same run.
 The capacity bound (formula, also in BENCHMARKS.md):
 
     C     = sum over bursts b of  B * (W_b / t_s + 1)          cloud answers possible
-    W_b   = max(0, last arrival of burst b - cloud ready of burst b)   post-ready window
+    W_b   = last arrival of burst b - cloud ready of burst b    post-ready window (bursts
+            whose cloud is ready after their last arrival have none and add nothing)
     N     = requests arriving after the cloud is ready
     N_pref = those of N that prefer the cloud: all of them when a cloud forward is no slower
              than an edge one, else the non-critical ones (latency-critical requests go to the
@@ -40,7 +41,8 @@ def capacity_bound(
         raise ValueError(f"service_s {service_s!r} and batch {batch!r} must be positive")
     if not 0 <= prefer_cloud <= after_ready:
         raise ValueError(f"prefer_cloud {prefer_cloud} not in [0, after_ready {after_ready}]")
-    capacity = sum(batch * (max(0.0, w) / service_s + 1) for w in windows_s)
+    # A cloud ready after its burst's last arrival (W < 0) has no post-ready window: nothing.
+    capacity = sum(batch * (w / service_s + 1) for w in windows_s if w >= 0)
     bound = None if after_ready == 0 else min(prefer_cloud, capacity) / after_ready
     return {"cloud_capacity_requests": capacity, "bound": bound}
 

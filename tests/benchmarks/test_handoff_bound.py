@@ -19,8 +19,10 @@ def test_capacity_bound_formula() -> None:
     out = capacity_bound([2.0, 1.0], 0.01, 4, after_ready=20, prefer_cloud=14)
     assert out["cloud_capacity_requests"] == pytest.approx(4 * (201 + 101))
     assert out["bound"] == pytest.approx(14 / 20)
-    # A cloud ready after the last arrival: nothing after ready, no bound.
-    assert capacity_bound([-1.0], 0.1, 1, after_ready=0, prefer_cloud=0)["bound"] is None
+    # A cloud ready after the last arrival: nothing after ready, no capacity, no bound.
+    late = capacity_bound([-1.0], 0.1, 1, after_ready=0, prefer_cloud=0)
+    assert late["bound"] is None and late["cloud_capacity_requests"] == 0
+    assert capacity_bound([-1.0, 0.0], 0.1, 2, 1, 1)["cloud_capacity_requests"] == 2
     with pytest.raises(ValueError):
         capacity_bound([1.0], 0.0, 1, after_ready=1, prefer_cloud=1)
     with pytest.raises(ValueError):
