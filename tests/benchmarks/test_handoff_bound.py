@@ -3,6 +3,7 @@ pure functions, no processes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,3 +64,16 @@ def test_compare_modes() -> None:
     worse = compare_modes(_summary(0.3, {"critical": 8, "normal": 9, "quality": 10}), edge)
     assert worse["never_worse"] is False and worse["critical_p99_ok"] is False
     assert worse["attainment_by_class"]["critical"]["not_worse"] is False
+
+
+def test_what_if_profile(tmp_path: Path) -> None:
+    from benchmarks.handoff.standin_cloud import DEFAULT_PROFILE
+    from benchmarks.handoff.what_if import load_profile
+
+    assert load_profile(None) == DEFAULT_PROFILE
+    path = tmp_path / "gpu.json"
+    path.write_text('{"service_s": 0.004, "source": "measured on an H100"}')
+    assert load_profile(path) == {"service_s": 0.004, "source": "measured on an H100"}
+    path.write_text('{"service_s": 0}')
+    with pytest.raises(SystemExit):
+        load_profile(path)
