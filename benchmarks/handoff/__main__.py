@@ -24,6 +24,19 @@ A. Policies on a bursty trace. Bursts of Poisson arrivals with mixed priorities 
    heartbeat it sends the coordinator). A client here follows `retry_after` on UNAVAILABLE
    (what a cloud-only caller sees before the cold worker has even registered), within the
    request's deadline; every attempt is a request of its own in the exactly-once count.
+   Against what the hardware allows (bound.py), per run: the capacity bound, the share of the
+   requests arriving after the cloud is ready that the measured cloud capacity and the mix
+   allow, bound = min(N_pref, C) / N with C = sum over bursts of B * (W / t_s + 1) (B the
+   cloud's batch capacity, t_s its median forward after ready, W last arrival - ready; N the
+   requests after ready, N_pref those preferring the cloud: all when its forward is no slower
+   than the edge's, else the non-critical ones), beside the share reached and reached/bound
+   (target >= 0.95); the latency-critical p99 cooperative / edge-only (<= 1.1), and deadline
+   attainment per class in both modes (cooperation never worse for any class).
+   WHAT-IF (what_if.py, --no-what-if skips it): cooperative again, with the real coordinator and
+   edge agent but a stand-in cloud worker process (standin_cloud.py: the wire protocol through
+   WorkerRuntime; its forward sleeps a GPU profile's time, --gpu-profile JSON or a stated H100
+   estimate) after the real cloud's measured cold start; the same figures, judged >= 80 % after
+   ready and overall p99 <= 1.1 x edge-only. It is labelled WHAT-IF everywhere: no GPU runs.
 B. The coordinator's own cost, with a trivial ONNX model (Identity, float32 [1, 16]) served by a
    `cicada edge` agent (capacity 4). (1) Added latency: the same agent process is measured
    through the coordinator and directly, alternating in rounds: for the direct path this script
@@ -39,7 +52,9 @@ B. The coordinator's own cost, with a trivial ONNX model (Identity, float32 [1, 
    client and two stand-in echo agents in one lean process (`run_lean_throughput`), which is
    what the throughput target is judged on. (3) The coordinator's logic in process, no sockets.
 
-Writes <out>/results.json (every request of part A, summaries, targets) and <out>/handoff.png
+Writes <out>/results.json (every request of part A, summaries, targets; `comparison`,
+`policies.cooperative.capacity_bound`, `what_if` and `bound_targets` hold the figures against
+what the hardware allows), <out>/what_if.png and <out>/handoff.png
 (latency vs arrival time per policy, coloured by who answered, cloud start/ready/stop marked)
 and <out>/overhead.png (latency distributions of part B). The machine is shared and noisy:
 compare figures taken in the same run (ratios, differences), never a lone absolute time.
@@ -59,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.handoff.assets import gpt2_assets
+from benchmarks.handoff.bound import compare_modes, run_capacity_bound
 from benchmarks.handoff.common import (
     CLASSES,
     CLOUD_ONLY_DEADLINE_S,
@@ -71,8 +87,9 @@ from benchmarks.handoff.common import (
 )
 from benchmarks.handoff.overhead import measure_coordinator, plot_overhead
 from benchmarks.handoff.policies import PolicyOptions, large_share_bound, plot_policies, run_policy
-from benchmarks.handoff.report import evaluate_targets, print_report
+from benchmarks.handoff.report import bound_targets, evaluate_targets, print_report
 from benchmarks.handoff.trace import make_trace
+from benchmarks.handoff.what_if import WHAT_IF_LABEL, run_what_if
 from benchmarks.machine import ROOT, loadavg
 
 # -- main --------------------------------------------------------------------------------------
@@ -99,6 +116,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--policies", default=",".join(POLICIES))
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--gpu-profile", type=Path, default=None,
+        help="what-if: JSON {\"service_s\": s, \"source\": \"...\"}, a cloud forward's time "
+        "(default: standin_cloud.DEFAULT_PROFILE, a stated H100 estimate)",
+    )  # fmt: skip
+    p.add_argument("--no-what-if", action="store_true", help="skip the stand-in cloud what-if")
+    p.add_argument(
+        "--what-if-cold-start", type=float, default=None, metavar="S",
+        help="the stand-in's cold start (default: the cooperative run's measured median)",
+    )  # fmt: skip
     p.add_argument("--overhead-rounds", type=int, default=None)
     p.add_argument("--overhead-requests", type=int, default=None)
     p.add_argument("--overhead-warmup", type=int, default=200)
@@ -232,6 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     summary["large_share_bound"] = large_share_bound(summary)
                 results["policies"][policy] = summary
+                if policy == "cooperative":
+                    summary["capacity_bound"] = run_capacity_bound(
+                        summary, summary["cloud_compute_median_s"],
+                        summary["edge_compute_median_s"],
+                    )  # fmt: skip
                 s = summary
                 console.print(
                     f"  p50 {fmt_s(s['latency_ok']['p50_s'])}, "
@@ -242,6 +274,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["policies"], out / "handoff.png",
                 f"Handoff on a bursty trace: {results['config']['trace_description']}",
             )  # fmt: skip
+            pol = results["policies"]
+            if "cooperative" in pol and "edge-only" in pol:
+                results["comparison"] = compare_modes(pol["cooperative"], pol["edge-only"])
+                if not args.no_what_if:
+                    console.print("[bold]A[/] WHAT-IF: cooperative with a stand-in GPU cloud …")
+                    wait_quiet(args.wait_quiet, console)
+                    results["what_if"] = asyncio.run(
+                        run_what_if(
+                            pol,
+                            trace,
+                            assets,
+                            opts,
+                            work / "what-if",
+                            args.gpu_profile,
+                            args.what_if_cold_start,
+                        )
+                    )
+                    plot_policies(
+                        {WHAT_IF_LABEL: results["what_if"]["summary"]}, out / "what_if.png",
+                        f"{WHAT_IF_LABEL}: {results['what_if']['profile']['source']}",
+                    )  # fmt: skip
         if args.skip_coordinator:
             results["coordinator"] = None
         else:
@@ -265,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["targets"] = evaluate_targets(results)
     else:
         results["targets"] = []
+    results["bound_targets"] = bound_targets(results)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     print_report(results, console)
     console.print(f"wrote {out / 'results.json'}, {out / 'handoff.png'}, {out / 'overhead.png'}")

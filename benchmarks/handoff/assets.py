@@ -19,6 +19,7 @@ class Assets:
     edge_dir: Path
     inputs: np.ndarray
     description: str
+    vocab: int = 50257  # the logits' last axis (what-if stand-in outputs)
 
 
 def gpt2_assets(quick: bool, cache: Path, work: Path, seq_len: int) -> Assets:
@@ -53,7 +54,7 @@ def gpt2_assets(quick: bool, cache: Path, work: Path, seq_len: int) -> Assets:
     block = int(config.get("block_size", 1024))
     rng = np.random.default_rng(0)
     inputs = rng.integers(0, vocab, size=(1, min(seq_len, block)), dtype=np.int64)
-    return Assets("gpt2", package, edge_dir, inputs, description)
+    return Assets("gpt2", package, edge_dir, inputs, description, vocab)
 
 
 def make_identity_model(out: Path) -> Path:

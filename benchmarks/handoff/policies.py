@@ -6,6 +6,8 @@ import asyncio
 import datetime
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,7 +32,7 @@ from benchmarks.handoff.common import (
     prime_memory,
 )
 from benchmarks.handoff.trace import Arrival
-from benchmarks.machine import loadavg
+from benchmarks.machine import ROOT, loadavg
 from cicada.client import AsyncClient, AsyncZmqTransport
 from cicada.errors import ClientError, Timeout, TransportError, Unavailable
 from cicada.testing import Stack
@@ -140,6 +142,16 @@ class PolicyOptions:
     prime_gib: float
     cloud_threads: int | None
     pin: tuple[set[int], set[int]] | None = None  # (cores for everything else, for the cloud)
+    standin: StandInProfile | None = None  # what-if: a stand-in cloud worker instead
+
+
+@dataclass(frozen=True)
+class StandInProfile:
+    """The what-if's stand-in cloud worker (standin_cloud.py): its forward time and cold start."""
+
+    service_s: float
+    cold_start_s: float
+    source: str
 
 
 async def run_policy(
@@ -162,14 +174,34 @@ def _spawn_cloud(stack: Stack, assets: Assets, name: str, opts: PolicyOptions) -
     threads = opts.cloud_threads or (len(opts.pin[1]) if opts.pin is not None else None)
     extra = ["--threads", str(threads)] if threads else []
     if opts.pin is None:
-        stack.cloud(assets.model, assets.package, name, *extra)
+        _start_cloud(stack, assets, name, opts, extra)
         return
     mine = os.sched_getaffinity(0)
     os.sched_setaffinity(0, opts.pin[1])
     try:
-        stack.cloud(assets.model, assets.package, name, *extra)
+        _start_cloud(stack, assets, name, opts, extra)
     finally:
         os.sched_setaffinity(0, mine)
+
+
+def _start_cloud(
+    stack: Stack, assets: Assets, name: str, opts: PolicyOptions, extra: list[str]
+) -> None:
+    if opts.standin is None:
+        stack.cloud(assets.model, assets.package, name, *extra)
+        return
+    # What-if: a stand-in worker process (not `python -m cicada`), registered with the Stack
+    # so that kill() and the final stop() treat it as any other role.
+    s = opts.standin
+    log = open(stack.work / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+    stack.procs[name] = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.handoff.standin_cloud", "--coordinator",
+         stack.address, "--model", assets.model, "--name", name, "--service-s",
+         str(s.service_s), "--cold-start-s", str(s.cold_start_s), "--vocab", str(assets.vocab),
+         "--heartbeat", str(stack.heartbeat)],
+        cwd=ROOT, stdout=log, stderr=log, start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )  # fmt: skip
 
 
 async def watch_ready(stack: Stack, origin: float, stop: asyncio.Event) -> float | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from benchmarks.handoff.bound import TARGET_REACHED_OF_BOUND
 from benchmarks.handoff.common import (
     CLASSES,
     TARGETS,
@@ -83,9 +84,99 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+def _bound_rows(label: str, bound: dict[str, Any] | None, comp: dict[str, Any],
+                reached_target: float, what_if: bool) -> list[dict[str, Any]]:  # fmt: skip
+    """Targets against what the hardware allows, for one cooperative run."""
+    rows: list[dict[str, Any]] = []
+    if bound is not None:
+        r = bound["reached_of_bound"]
+        rows.append({
+            "target": f"{label}: large-model share after ready >= {reached_target:.0%} of the "
+            "capacity bound" if not what_if else f"{label}: large-model share after ready >= 80%",
+            "measured": f"reached {fmt_pct(bound['reached'])} of {bound['after_ready']}, bound "
+            f"{fmt_pct(bound['bound'])} (capacity {bound['cloud_capacity_requests']:.1f} answers "
+            f"= batch {bound['batch']} x (window / {fmt_s(bound['service_s'])} + 1) per burst; "
+            f"{bound['prefer_cloud']} prefer the cloud) -> reached/bound "
+            + ("-" if r is None else f"{r:.2f}"),
+            "pass": (None if r is None else r >= reached_target) if not what_if
+            else (None if bound["reached"] is None
+                  else bound["reached"] >= TARGETS["large_share_after_ready"]),
+        })  # fmt: skip
+    crit = comp["critical_p99_ratio"]
+    rows.append({
+        "target": f"{label}: latency-critical p99 <= 1.1 x edge-only's (same run)",
+        "measured": f"{fmt_s(comp['critical_p99_s']['cooperative'])} vs "
+        f"{fmt_s(comp['critical_p99_s']['edge_only'])} = "
+        + ("-" if crit is None else f"{crit:.2f}x"),
+        "pass": comp["critical_p99_ok"],
+    })  # fmt: skip
+    if what_if:
+        over = comp["overall_p99_ratio"]
+        rows.append({
+            "target": f"{label}: overall p99 <= 1.1 x edge-only's (same run)",
+            "measured": "-" if over is None else f"{over:.2f}x",
+            "pass": None if over is None else over <= TARGETS["cooperative_p99_vs_edge"],
+        })  # fmt: skip
+    att = comp["attainment_by_class"]
+    rows.append({
+        "target": f"{label}: deadline attainment never worse than edge-only, any class",
+        "measured": "; ".join(
+            f"{cls} {fmt_pct(v['cooperative'])} vs {fmt_pct(v['edge_only'])}"
+            for cls, v in att.items()
+        ),
+        "pass": comp["never_worse"],
+    })  # fmt: skip
+    return rows
+
+
+def bound_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The targets judged against what the hardware allows (capacity bound, same-run ratios),
+    for the cooperative run and, when it ran, the what-if."""
+    rows: list[dict[str, Any]] = []
+    if "comparison" in results:
+        coop = results["policies"]["cooperative"]
+        rows += _bound_rows("cooperative", coop.get("capacity_bound"), results["comparison"],
+                            TARGET_REACHED_OF_BOUND, what_if=False)  # fmt: skip
+    w = results.get("what_if")
+    if w:
+        rows += _bound_rows("WHAT-IF", w["capacity_bound"], w["comparison"],
+                            TARGET_REACHED_OF_BOUND, what_if=True)  # fmt: skip
+    return rows
+
+
+def print_bounds(results: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    rows = results.get("bound_targets") or []
+    if not rows:
+        return
+    table = Table(title="A. against what the hardware allows (cooperative vs edge-only, same run)")
+    for col in ("target", "measured", "verdict"):
+        table.add_column(col)
+    for t in rows:
+        table.add_row(t["target"], t["measured"], verdict(t["pass"]))
+    console.print(table)
+    console.print(
+        "[dim]capacity bound = min(N_pref, C) / N; C = sum over bursts of B x (W / t_s + 1): "
+        "B the cloud's batch capacity, t_s its median forward after ready, W last arrival - "
+        "ready; N requests after ready, N_pref those preferring the cloud (all if the cloud "
+        "forward is no slower than the edge's, else the non-critical ones).[/]"
+    )
+    w = results.get("what_if")
+    if w:
+        s = w["summary"]
+        console.print(
+            f"[bold]{w['label']}[/]: {w['note']}. p50 {fmt_s(s['latency_ok']['p50_s'])}, p99 "
+            f"{fmt_s(s['latency_ok']['p99_s'])}, large model {fmt_pct(s['large_share'])} "
+            f"({fmt_pct(s['large_share_after_ready'])} of {s['arrived_after_ready']} after "
+            f"ready), statuses {s['statuses']}"
+        )
+
+
 def print_report(results: dict[str, Any], console: Any) -> None:
     if "policies" in results:
         print_policies(results, console)
+        print_bounds(results, console)
     if results["coordinator"] is not None:
         print_coordinator(results["coordinator"], console)
         print_logic(results["coordinator"].get("logic", {}), console)
