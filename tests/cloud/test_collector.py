@@ -37,9 +37,15 @@ def _overlaps(a: tuple[float, float], b: tuple[float, float]) -> bool:
 @pytest.fixture
 def eager_collector() -> Iterator[None]:
     """A collector that fires a full collection every few allocations; this process's objects
-    frozen so that each one is cheap. Everything restored afterwards."""
+    frozen so that each one is cheap. Everything restored afterwards.
+
+    A full collection runs only once the objects promoted since the last one exceed a quarter
+    of what that one left (CPython's long_lived_total): a test earlier in this process that
+    collected millions of objects would hold full collections off for the whole test. One
+    collection right after the freeze (an empty oldest generation) starts that count at zero."""
     thresholds, enabled = gc.get_threshold(), gc.isenabled()
     gc.freeze()
+    gc.collect()
     gc.enable()
     gc.set_threshold(20, 1, 1)
     try:
