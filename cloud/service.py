@@ -41,9 +41,9 @@ from cicada.cloud.timeline import Timeline
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
 from cicada.common.errors import CicadaError, DeviceError, RegistrationRefused
 from cicada.common.generation import (
+    Generated,
     GenerationError,
     GenerationRequest,
-    Generated,
     generate,
     limits_of,
 )
