@@ -8,8 +8,8 @@ disagree with the cloud's decode), or never (the edge finished first: the result
 not exact). The reference is what the same cloud worker answers with `exact` off, and eager
 PyTorch greedy decoding of the same weights.
 
-The edge serves a full-depth int8 export of the cloud model: it agrees with the cloud for a
-while and then drifts, so rewinds land at varied positions, not always at 0.
+The edge serves a full-depth export of the cloud model's weights plus noise: it agrees with the
+cloud for a few tokens and then drifts, so rewinds land at varied positions, not always at 0.
 """
 
 from __future__ import annotations
@@ -68,13 +68,27 @@ def prompts(count: int, seed: int) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The cloud's package, and an edge model of the same depth whose weights are the cloud's
+    with 2 % noise (a stand-in for a distilled or quantized edge model): its greedy tokens
+    agree with the cloud's for a few positions, then drift."""
+    import torch
+    from safetensors.torch import save_model
+
     from cicada.cloud.export_edge import export_edge
+    from cicada.cloud.packing import pack
 
     work = tmp_path_factory.mktemp("exact")
     made = make_generation_assets(work)
-    made["edge"] = work / "edge-int8"
-    export_edge(made["package"], made["edge"], shrink={"n_layer": SHARP_CONFIG["n_layer"]},
-                int8=True)  # fmt: skip
+    noisy = sharp_gpt2()
+    noise = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn(p.shape, generator=noise) * p.std() * 0.02)
+    save_model(noisy, str(work / "noisy.safetensors"))
+    pack("cicada.cloud.models.gpt2:build", work / "noisy-pkg", config=SHARP_CONFIG,
+         weights=work / "noisy.safetensors")  # fmt: skip
+    made["edge"] = work / "noisy-edge"
+    export_edge(work / "noisy-pkg", made["edge"], shrink={"n_layer": SHARP_CONFIG["n_layer"]})
     return made
 
 
@@ -91,7 +105,7 @@ def check_taken_over(pieces: list[Piece], result: InvokeResult, prompt: np.ndarr
     assert [p.position for p in provisional] == list(range(k))
     assert all(p.role == "edge" for p in provisional)
     drafted = [int(p.tokens[0]) for p in provisional]
-    assert drafted == edge_decode(edge_dir, prompt, k), "the edge's own tokens"
+    assert not k or drafted == edge_decode(edge_dir, prompt, k), "the edge's own tokens"
     info = result.generation
     assert info is not None
     tokens = result.output.tolist()
