@@ -46,8 +46,10 @@ def verdict(dispatch_id: str, accepted: int) -> Partial:
     return Partial(id=dispatch_id, seq=0, accepted=accepted)
 
 
-def started_on_the_edge(h: Harness, rid: str, n: int, tokens: list[int]) -> tuple[Peer, Peer,
-                                                                                Peer, str]:  # fmt: skip
+Started = tuple[Peer, Peer, Peer, str]
+
+
+def started_on_the_edge(h: Harness, rid: str, n: int, tokens: list[int]) -> Started:
     """An exact generation of `n` running on the edge, which streamed `tokens`; the cloud is
     loading. Returns (edge, cloud, client, the edge's dispatch id)."""
     edge = h.worker(Role.EDGE)
