@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +169,18 @@ def test_exact_generations_equal_the_cloud_models_greedy_decode(
             with pytest.raises(BadRequest, match="draft"):
                 client.invoke("gpt2", PROMPT, max_new_tokens=3,
                               options={"exact": True, "draft": [1, 2]})  # fmt: skip
+        # The command line marks the edge's tokens provisional and says the result is not exact.
+        np.save(tmp_path / "prompt.npy", PROMPT)
+        cli = subprocess.run(
+            [sys.executable, "-m", "cicada", "invoke", "gpt2", "--input",
+             str(tmp_path / "prompt.npy"), "--max-new-tokens", "3", "--exact",
+             "--address", stack.address],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        shown = " ".join(str(t) for t in edge_decode(assets["edge"], PROMPT, 3))
+        assert cli.stdout.splitlines()[0] == f"edge (provisional): {shown}"
+        assert "exact: no" in cli.stdout and "3 edge tokens kept, 0 rewound" in cli.stdout
 
         # Mid-way: several exact generations start on the edge; a cloud worker (continuous
         # batching) is started once each has streamed a token, and takes them over.
