@@ -8,6 +8,9 @@ disagree with the cloud's decode), or never (the edge finished first: the result
 not exact). The reference is what the same cloud worker answers with `exact` off, and eager
 PyTorch greedy decoding of the same weights.
 
+One stack serves every case in turn (never, mid-way, at once, a cloud lost after the
+takeover), so that its cloud workers cold-start once.
+
 The edge serves a full-depth export of the cloud model's weights plus noise: it agrees with the
 cloud for a few tokens and then drifts, so rewinds land at varied positions, not always at 0.
 """
@@ -36,6 +39,7 @@ from tests.generation_assets import SHARP_CONFIG, make_generation_assets, sharp_
 # bound on waiting, not a race).
 EDGE_TOKEN_S = 0.25
 MODEL = sharp_gpt2()
+PROMPT = np.asarray([[3, 14, 15, 92, 6, 53]], dtype=np.int64)
 
 
 def reference(prompt: np.ndarray, n: int) -> list[int]:
@@ -201,8 +205,11 @@ def test_exact_generations_equal_the_cloud_models_greedy_decode(
                             first.add(i)
                             if len(first) == len(cases) and not started.is_set():
                                 started.set()
+                                # Two: one batches generations continuously, one runs
+                                # them one at a time (both of the worker's paths).
                                 stack.cloud("gpt2", assets["package"], "cloud",
                                             "--max-batch-size", "4")  # fmt: skip
+                                stack.cloud("gpt2", assets["package"], "cloud-b")
                             # What a terminal would render after each piece: never longer
                             # than the generation, and a rewind never leaves stale tokens.
                             assert len(astream.tokens) <= n
@@ -221,7 +228,7 @@ def test_exact_generations_equal_the_cloud_models_greedy_decode(
         # At once: the cloud is ready; exact generations run there from the start, and equal
         # what the same worker answers without `exact` (and eager PyTorch), for many prompts
         # and lengths.
-        stack.wait_workers("cloud", state="ready")
+        stack.wait_workers("cloud", count=2, state="ready", timeout=120)
         with Client(stack.address, timeout=60) as client:
             for prompt, n in zip(prompts(12, seed=2), (1, 2, 3, 5, 8, 13, 21, 34, 7, 40, 17, 64),
                                  strict=True):  # fmt: skip
@@ -235,37 +242,30 @@ def test_exact_generations_equal_the_cloud_models_greedy_decode(
                 assert plain.token_sources == ["cloud"] * n
                 assert result.output.tolist() == plain.output.tolist()
 
+        # Lost: a cloud worker stops after the takeover; exactly one outcome, still exact.
+        lose_a_cloud_mid_generation(stack)
 
-PROMPT = np.asarray([[3, 14, 15, 92, 6, 53]], dtype=np.int64)
 
-
-def test_a_cloud_lost_after_the_takeover_leaves_one_exact_outcome(
-    tmp_path: Path, assets: dict[str, Path]
-) -> None:
-    """Two cloud workers; the one running an exact generation is frozen mid-way (SIGSTOP: its
-    connection stays, it just stops), the coordinator drops it as silent and re-routes the
-    generation to the other with the verified tokens as a draft: all stand, and the result
-    is still the cloud model's own decode, in one REPLY."""
+def lose_a_cloud_mid_generation(stack: Stack) -> None:
+    """Two cloud workers are ready; the one running an exact generation is frozen mid-way
+    (SIGSTOP: its connection stays, it just stops), the coordinator drops it as silent and
+    re-routes the generation to the other with the verified tokens as a draft: all stand, and
+    the result is still the cloud model's own decode, in one REPLY."""
     n = 400
-    with Stack(tmp_path) as stack:
-        stack.coordinator()
-        stack.cloud("gpt2", assets["package"], "cloud-a")
-        stack.cloud("gpt2", assets["package"], "cloud-b")
-        stack.wait_workers("cloud", count=2, state="ready", timeout=120)
-        frozen: list[str] = []
-        with Client(stack.address, timeout=120) as client:
-            stream = client.stream("gpt2", PROMPT, max_new_tokens=n, exact=True, priority=2)
-            pieces: list[Piece] = []
-            for piece in stream:
-                pieces.append(piece)
-                if not frozen:
-                    frozen.append(piece.served_by["worker"])
-                    os.killpg(stack.procs[frozen[0]].pid, signal.SIGSTOP)
-            result = stream.result
-            assert result is not None and result.generation is not None
-            # ... and the coordinator serves on.
-            again = client.invoke("gpt2", PROMPT, max_new_tokens=2, priority=2)
-        assert again.output.tolist() == reference(PROMPT, 2)
+    frozen: list[str] = []
+    with Client(stack.address, timeout=120) as client:
+        stream = client.stream("gpt2", PROMPT, max_new_tokens=n, exact=True, priority=2)
+        pieces: list[Piece] = []
+        for piece in stream:
+            pieces.append(piece)
+            if not frozen:
+                frozen.append(piece.served_by["worker"])
+                os.killpg(stack.procs[frozen[0]].pid, signal.SIGSTOP)
+        result = stream.result
+        assert result is not None and result.generation is not None
+        # ... and the coordinator serves on.
+        again = client.invoke("gpt2", PROMPT, max_new_tokens=2, priority=2)
+    assert again.output.tolist() == reference(PROMPT, 2)
     assert result.output.tolist() == reference(PROMPT, n), "bit for bit, across two workers"
     assert (result.generation.exact, result.generation.kept) == (True, 0)
     assert [p.position for p in pieces if p.rewind is None] == list(range(n))
