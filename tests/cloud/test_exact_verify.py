@@ -67,3 +67,36 @@ def test_a_near_tie_or_an_eos_ends_what_is_accepted() -> None:
     assert accept(logits, [2, 2, 2], 2) == (1, True)  # nothing is accepted past an eos
     logits[1, 4] = 10.0 - 1e-6  # position 1: a near tie between 2 and 4
     assert accept(logits, [2, 2, 2], None) == (1, False)  # not accepted, and not sure
+
+
+def test_a_transformers_model_verifies_drafts_too() -> None:
+    """A transformers causal LM (cloud/generate.py `HFCausalDecoder`): one forward for the
+    verdict, then a prefill of what stands; the result is its own greedy decode."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from cicada.cloud.generate import HFCausalDecoder
+
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=61,
+                                     n_positions=128)  # fmt: skip
+    torch.manual_seed(4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" not in name:
+                p.mul_(12.0)
+    for prompt, n, agree in cases(4):
+        prompt = prompt % 61
+        expected = generate(HFCausalDecoder(model, "cpu", model), GenerationRequest(prompt, n),
+                            lambda t: None).tokens  # fmt: skip
+        k = n // 2
+        good = int(agree * k)
+        draft = expected[:good] + [(t + 1) % 61 for t in expected[good:k]]
+        request = GenerationRequest(prompt, n, None, tuple(draft))
+        d = HFCausalDecoder(model, "cpu", model)
+        v, first = verify(d, request)
+        assert v.accepted == good
+        tokens = draft[:good]
+        if first is not None:
+            tokens += generate(d, request.continued(good), lambda t: None, first=first).tokens
+        assert tokens == expected
