@@ -11,6 +11,11 @@
         for piece in stream:                     # each token as it comes, and who made it
             print(piece.tokens, piece.role)      # (leaving early cancels the request)
 
+    with client.stream("gpt2", prompt_ids, max_new_tokens=32, exact=True) as stream:
+        for piece in stream:                     # the large model's own greedy decode, with
+            render(stream.tokens)                # the edge's tokens shown (provisional) while
+        stream.result.generation.exact           # the cloud is cold; a rewind replaces them
+
     client.invoke("minilm", text=["a sentence"])  # text, for models packaged with a tokenizer
 
 A call sends one REQUEST and waits for the REPLY with its id (docs/PROTOCOL.md); a status
@@ -142,6 +147,7 @@ class InvokeResult:
     timings: dict[str, float]  # the coordinator's (queue_s, compute_s, ...) plus client_s
     request_id: str
     status: Status = Status.OK
+    generation: GenerationInfo | None = None  # an exact generation's outcome
 
     @property
     def output(self) -> np.ndarray:
@@ -161,12 +167,43 @@ class InvokeResult:
 
 
 @dataclass(frozen=True)
+class GenerationInfo:
+    """How an exact generation (`exact=True`) ended: `exact` when every output token is the
+    cloud model's own greedy decode (made or verified by a cloud worker); `kept` of them were
+    made by an edge agent and verified; `rewound` tokens streamed were replaced."""
+
+    exact: bool
+    kept: int
+    rewound: int
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any] | None) -> GenerationInfo | None:
+        """From a REPLY's `generation` map; None if absent or not as documented."""
+        if not isinstance(body, Mapping):
+            return None
+        exact, kept, rewound = body.get("exact"), body.get("kept"), body.get("rewound")
+        if not isinstance(exact, bool) or not all(
+            type(v) is int and v >= 0 for v in (kept, rewound)
+        ):
+            return None
+        return cls(exact, int(kept), int(rewound))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Piece:
-    """One streamed piece of a generation: new tokens, and the worker that produced them."""
+    """One streamed piece of a generation: new tokens, and the worker that produced them.
+
+    In an exact generation (`exact=True`) a piece's tokens may be `provisional` (an edge
+    agent's, shown while the cloud is cold), and a piece with `rewind` set carries no tokens:
+    the first `rewind` tokens stand (now the cloud's), every later one is replaced by what
+    follows. `position` is the index of the piece's first token in the generation."""
 
     outputs: list[np.ndarray]
     seq: int
     served_by: dict[str, Any]
+    position: int | None = None
+    provisional: bool = False
+    rewind: int | None = None
 
     @property
     def tokens(self) -> np.ndarray:
@@ -306,6 +343,7 @@ class CallKeywords(TypedDict, total=False):
     deadline: float | None
     timeout: float | None
     options: Mapping[str, Any] | None
+    exact: bool
 
 
 @dataclass(frozen=True)
@@ -322,6 +360,7 @@ class InvokeOptions:
     deadline: float | None = None
     timeout: float | None = None  # None: the client's own timeout
     options: Mapping[str, Any] | None = None  # passed to the worker untouched
+    exact: bool = False  # the cloud model's own greedy decode (needs max_new_tokens)
 
     def __post_init__(self) -> None:
         if self.text is not None:
@@ -333,6 +372,10 @@ class InvokeOptions:
             isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NEW_TOKENS
         ):
             raise ValueError(f"max_new_tokens must be an integer in 1..{MAX_NEW_TOKENS}")
+        if not isinstance(self.exact, bool):
+            raise ValueError(f"exact must be True or False, got {self.exact!r}")
+        if self.exact and n is None:
+            raise ValueError("exact is a generation option: give max_new_tokens too")
         if self.priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}, got {self.priority!r}")
         if self.timeout is not None and not self.timeout > 0:
@@ -349,6 +392,8 @@ class InvokeOptions:
             out["text"] = [self.text] if isinstance(self.text, str) else list(self.text)
         if self.max_new_tokens is not None:
             out["max_new_tokens"] = self.max_new_tokens
+        if self.exact:
+            out["exact"] = True
         return out
 
 
@@ -475,7 +520,14 @@ def _read_reply(frames: Sequence[Frame], limits: Limits) -> Reply | Partial | No
 
 
 def _piece(partial: Partial) -> Piece:
-    return Piece(outputs=partial.outputs, seq=partial.seq, served_by=dict(partial.served_by))
+    return Piece(
+        outputs=partial.outputs,
+        seq=partial.seq,
+        served_by=dict(partial.served_by),
+        position=partial.position,
+        provisional=partial.provisional is True,
+        rewind=partial.rewind,
+    )
 
 
 def _result(reply: Reply, client_s: float) -> InvokeResult:
@@ -486,7 +538,29 @@ def _result(reply: Reply, client_s: float) -> InvokeResult:
         timings={**reply.timings, "client_s": client_s},
         request_id=reply.id,
         status=reply.status,
+        generation=GenerationInfo.parse(reply.generation),
     )
+
+
+class TokenSequence:
+    """A generation's tokens as they stand after each piece: what a terminal or a web page
+    renders again after every piece (a rewind takes tokens back). `stable`: how many of them
+    are final (not provisional)."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.stable = 0
+
+    def apply(self, piece: Piece) -> None:
+        if piece.rewind is not None:
+            del self.tokens[piece.rewind :]
+            self.stable = len(self.tokens)
+            return
+        at = len(self.tokens) if piece.position is None else piece.position
+        del self.tokens[at:]  # (a piece at an earlier position replaces what followed)
+        self.tokens.extend(int(t) for t in piece.tokens.reshape(-1))
+        if not piece.provisional:
+            self.stable = len(self.tokens)
 
 
 def _malformed(request_id: str, exc: ProtocolError) -> TransportError:
@@ -509,7 +583,18 @@ class TokenStream:
 
     def __init__(self, messages: Generator[Piece | InvokeResult]) -> None:
         self._messages = messages
+        self._sequence = TokenSequence()
         self.result: InvokeResult | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generation so far, after every piece read (rewinds applied); a copy."""
+        return list(self._sequence.tokens)
+
+    @property
+    def stable(self) -> int:
+        """How many of `tokens` are final: the rest are provisional (exact=True)."""
+        return self._sequence.stable
 
     def __iter__(self) -> TokenStream:
         return self
@@ -520,6 +605,7 @@ class TokenStream:
                 self.result = message
                 self.close()  # run the call's clean-up now
                 break
+            self._sequence.apply(message)
             return message
         raise StopIteration
 
@@ -543,7 +629,18 @@ class AsyncTokenStream:
 
     def __init__(self, messages: AsyncGenerator[Piece | InvokeResult]) -> None:
         self._messages = messages
+        self._sequence = TokenSequence()
         self.result: InvokeResult | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """As `TokenStream.tokens`."""
+        return list(self._sequence.tokens)
+
+    @property
+    def stable(self) -> int:
+        """As `TokenStream.stable`."""
+        return self._sequence.stable
 
     def __aiter__(self) -> AsyncTokenStream:
         return self
@@ -554,6 +651,7 @@ class AsyncTokenStream:
                 self.result = message
                 await self.aclose()  # run the call's clean-up now
                 break
+            self._sequence.apply(message)
             return message
         raise StopAsyncIteration
 
@@ -604,11 +702,15 @@ class Client(BaseClient):
         tokenizer. `max_new_tokens`: generate that many tokens greedily from the prompt ids in
         `inputs` (the result's output is the new tokens; `token_sources` says who made each;
         `stream` yields them as they come). `priority`: 0 latency-critical, 1 normal, 2
-        quality-seeking. `deadline`: seconds the result is still useful (sent as the request's
-        budget; the coordinator answers TIMEOUT rather than run it late). `timeout`: how long
-        this call waits at most (default: the client's). `options`: passed to the worker
-        untouched. The keywords make an `InvokeOptions`. Raises a `ClientError` for any status
-        but OK, `TransportError` if the connection lets the call down.
+        quality-seeking. `exact`: with `max_new_tokens`, the result's tokens are exactly the
+        cloud model's own greedy decode (`result.generation` says whether they are: not when
+        the edge finished first); the edge's tokens stream meanwhile, provisional, and a
+        rewind piece replaces those the cloud disagrees with. `deadline`: seconds the result
+        is still useful (sent as the request's budget; the coordinator answers TIMEOUT
+        rather than run it late). `timeout`: how long this call waits at most (default: the
+        client's). `options`: passed to the worker untouched. The keywords make an
+        `InvokeOptions`. Raises a `ClientError` for any status but OK, `TransportError` if
+        the connection lets the call down.
         """
         return _last(self._stream(model, inputs, InvokeOptions(**call)))
 

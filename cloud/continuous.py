@@ -58,6 +58,7 @@ class DecodeStream:
     cancelled: Callable[[], bool] = lambda: False
     deadline: float | None = None
     owner: Any = None  # the caller's handle (the worker's work item)
+    verdict: Callable[[int], None] = lambda accepted: None  # an exact takeover's verdict
     tokens: list[int] = field(default_factory=list)
     stopped: str | None = None  # as common.generation.Generated.stopped, once it stops
     peak: int = 1  # the most streams it was decoded with in one step
@@ -98,16 +99,54 @@ class Streams:
         """Prefill the prompt alone (through `prefill`, e.g. ColdStart.call, when given) and
         take its first token; the stream is active unless that token already stopped it."""
         model = cast(Any, self.model)
-        prompt = np.ascontiguousarray(stream.request.prompt, dtype=np.int64)
-        ids = torch.from_numpy(prompt)[None].to(self.device)
-        layers = model.new_cache()
-        with torch.inference_mode():
-            logits = prefill(ids, layers) if prefill else model.decode(ids, layers, 0)
+        run = prefill or (lambda ids, layers: model.decode(ids, layers, 0))
+        if stream.request.draft is not None:
+            token, layers = self._verify(stream, run)
+            if token is None:
+                return
+        else:
+            prompt = np.ascontiguousarray(stream.request.prompt, dtype=np.int64)
+            layers = model.new_cache()
+            with torch.inference_mode():
+                logits = run(torch.from_numpy(prompt)[None].to(self.device), layers)
+            token = int(torch.argmax(logits[0, -1]).item())
         stream.cache = [(c.k, c.v) for c in layers]
         stream.started = time.monotonic()
-        stream.push(int(torch.argmax(logits[0, -1]).item()))
+        stream.push(token)
         if stream.stopped is None:
             self.active.append(stream)
+
+    def _verify(self, stream: DecodeStream, prefill: Prefill) -> tuple[int | None, list[Any]]:
+        """An exact takeover (cloud/generate.py, `CachedGPTDecoder.verify`): one prefill of
+        prompt + draft, the verdict sent, the stream continuing from what stands with its
+        own next token (None: the accepted draft ends the generation)."""
+        from cicada.cloud.generate import cut, judge, with_draft
+
+        model = cast(Any, self.model)
+        request = stream.request
+        layers = model.new_cache()
+        with torch.inference_mode():
+            logits = prefill(with_draft(request).to(self.device), layers)
+        verdict = judge(request, logits)
+        j, t = verdict.accepted, int(request.prompt.size)
+        stream.verdict(j)
+        stream.request = request.continued(j)
+        cut(layers, t + j)
+        if verdict.done:
+            stream.stopped = "length"
+            return None, layers
+        if verdict.sure:
+            return int(torch.argmax(logits[0, t - 1 + j]).item()), layers
+        with torch.inference_mode():  # a near tie: decided as the model's own decode does
+            if j == 0:
+                layers = model.new_cache()
+                ids = torch.from_numpy(np.ascontiguousarray(request.prompt))[None]
+                logits = prefill(ids.to(self.device), layers)
+            else:
+                cut(layers, t + j - 1)
+                last = torch.tensor([[request.draft[j - 1]]], device=self.device)  # type: ignore[index]
+                logits = model.decode(last, layers, t + j - 1)
+        return int(torch.argmax(logits[0, -1]).item()), layers
 
     def step(self, only: list[DecodeStream] | None = None) -> list[DecodeStream]:
         """One token for every active stream (or for `only`), as one batched forward; returns

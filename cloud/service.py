@@ -40,7 +40,13 @@ from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
 from cicada.common.defaults import DEFAULT_ADDRESS, HEARTBEAT_INTERVAL_S
 from cicada.common.errors import CicadaError, DeviceError, RegistrationRefused
-from cicada.common.generation import GenerationError, GenerationRequest, generate, limits_of
+from cicada.common.generation import (
+    Generated,
+    GenerationError,
+    GenerationRequest,
+    generate,
+    limits_of,
+)
 from cicada.common.inputs import InputError, InputLimits
 from cicada.common.launch import WorkerSpec
 from cicada.common.protocol import Dispatch, Result, Role, Status, WorkerState
@@ -528,28 +534,38 @@ class CloudWorker:
         """Greedy generation with a KV cache, one PARTIAL per token (see cloud/generate.py)."""
         import numpy as np
 
-        from cicada.cloud.generate import context_of, decoder_for
+        from cicada.cloud.generate import can_verify, context_of, decoder_for, verify
 
         model = self.cold.model
         try:
             request = GenerationRequest.parse(dispatch.options, list(dispatch.inputs))
             request.check_fits(*context_of(model))
             decoder = decoder_for(model, self.config.device, call=self.cold.call)
+            if request.draft is not None and not can_verify(decoder):
+                raise GenerationError(f"{type(model).__name__} cannot verify a draft (exact)")
         except GenerationError as exc:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         during_load = not self.cold.all_resident
         start = time.monotonic()
-        out = self._guarded(
-            dispatch,
-            "prompt",
-            lambda: generate(
+
+        def run() -> Generated:
+            rest, first = request, None
+            if request.draft is not None:  # an exact takeover: verify the draft first
+                verdict, first = verify(decoder, request)
+                stream.verdict(verdict.accepted)
+                if first is None:
+                    return Generated([], "length")
+                rest = request.continued(verdict.accepted)
+            return generate(
                 decoder,
-                request,
+                rest,
                 lambda token: stream.send([np.asarray([token], dtype=np.int64)]),
                 lambda: stream.cancelled,
                 deadline,
-            ),
-        )
+                first=first,
+            )
+
+        out = self._guarded(dispatch, "prompt", run)
         if isinstance(out, Result):
             return out
         timings = {"compute_s": time.monotonic() - start, "tokens": float(len(out.tokens))}
@@ -625,6 +641,7 @@ class CloudWorker:
             lambda: stream.cancelled,
             deadline,
             owner=(work, not self.cold.all_resident),
+            verdict=stream.verdict,
         )
         # The prefill goes through ColdStart.call: during a cold start it runs on the
         # resident stages and its first token goes out once every stage checked out.

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import msgpack
 import numpy as np
 
+from cicada.common.defaults import MAX_NEW_TOKENS
 from cicada.common.errors import ProtocolError
 
 SIGNATURE = b"CCD1"
@@ -325,6 +326,9 @@ class Reply(Message):
     retry_after_ms: int | None = None
     served_by: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    # Added within version 1: an exact generation's outcome, {exact, kept, rewound}
+    # (section 12); absent for every other request.
+    generation: dict[str, Any] | None = None
 
 
 @dataclass
@@ -339,6 +343,14 @@ class Partial(Message):
     seq: int
     outputs: list[np.ndarray] = field(default_factory=list)
     served_by: dict[str, Any] = field(default_factory=dict)
+    # Added within version 1 (section 12). To a client: the token's index in the generation,
+    # whether it may still be replaced (an exact generation's edge token), and a rewind event
+    # (no outputs: the first `rewind` tokens stand, later ones are replaced). From a cloud
+    # worker verifying a draft: how many of the draft's tokens it accepted.
+    position: int | None = None
+    provisional: bool | None = None
+    rewind: int | None = None
+    accepted: int | None = None
 
 
 @dataclass
@@ -449,7 +461,9 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "load": ((int, float), True), "reason": (str, True), "registered": (bool, True),
     "refused": (str, True), "phase": (str, True), "phase_s": ((int, float), True),
     "read_stages": (int, True), "read_bytes": (int, True), "total_bytes": (int, True),
-    "batch_marginal": ((int, float), True),
+    "batch_marginal": ((int, float), True), "generation": (dict, True),
+    "position": (int, True), "provisional": (bool, True), "rewind": (int, True),
+    "accepted": (int, True),
 }  # fmt: skip
 _ENUMS: dict[str, type[enum.Enum]] = {"status": Status, "role": Role, "state": WorkerState}
 # Enum member by value: a dict lookup instead of EnumType.__call__ (~1 us each).
@@ -549,11 +563,19 @@ def _phase_problem(phase: str | None) -> tuple[str, str] | None:
     return None
 
 
+def _check_token_index(value: int) -> None:
+    if not 0 <= value <= MAX_NEW_TOKENS:
+        raise ProtocolError(f"a token position must be within 0 ... {MAX_NEW_TOKENS}")
+
+
 # Checks beyond the type, by field name (run on every decode).
 _EXTRA_CHECKS: dict[str, Any] = {
     "timeout_ms": _check_timeout,
     "models": _check_models,
     "timings": _check_timings,
+    "position": _check_token_index,
+    "rewind": _check_token_index,
+    "accepted": _check_token_index,
 }
 
 # Per message class: (name, accepted types, optional, enum type) of each body field, computed

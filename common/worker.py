@@ -79,6 +79,14 @@ class Stream:
         self._seq += 1
         self._runtime._wake(b"r")
 
+    def verdict(self, accepted: int) -> None:
+        """An exact takeover's first PARTIAL: how many tokens of the draft stand."""
+        self._runtime._outgoing.put(
+            Partial(id=self.dispatch_id, seq=self._seq, outputs=[], accepted=accepted)
+        )
+        self._seq += 1
+        self._runtime._wake(b"r")
+
     def cancel(self) -> None:
         self._cancelled.set()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,13 @@ from cicada.common.defaults import (
     "arrives with the side (edge/cloud) that made it.",
 )
 @click.option(
+    "--exact",
+    is_flag=True,
+    help="With --max-new-tokens: the cloud model's own greedy decode. The edge's tokens print "
+    "as provisional while the cloud is cold; at the takeover a rewind line says how many "
+    "stand, and the cloud's tokens follow.",
+)
+@click.option(
     "--priority",
     type=click.IntRange(min(PRIORITIES), max(PRIORITIES)),
     default=NORMAL,
@@ -75,6 +83,7 @@ def invoke(
     input_paths: tuple[Path, ...],
     texts: tuple[str, ...],
     max_new_tokens: int | None,
+    exact: bool,
     priority: int,
     deadline: float | None,
     timeout: float,
@@ -115,15 +124,21 @@ def invoke(
         with client:
             stream = client.stream(
                 model, inputs or None, text=list(texts) or None, max_new_tokens=max_new_tokens,
-                priority=priority, deadline=deadline,
+                priority=priority, deadline=deadline, exact=exact,
             )  # fmt: skip
-            role = None
+            role: str | None = None
             for piece in stream:
                 if as_json:
                     continue
-                if piece.role != role:  # a new line whenever the side changes
-                    click.echo(("\n" if role else "") + f"{piece.role}:", nl=False)
-                    role = piece.role
+                if piece.rewind is not None:  # an exact takeover: say what stands
+                    click.echo(("\n" if role else "") + f"rewind: the first {piece.rewind} "
+                               "stand; later tokens are replaced", nl=False)  # fmt: skip
+                    role = "rewind"
+                    continue
+                side = piece.role + (" (provisional)" if piece.provisional else "")
+                if side != role:  # a new line whenever the side changes
+                    click.echo(("\n" if role else "") + f"{side}:", nl=False)
+                    role = side
                 click.echo(" " + " ".join(str(int(t)) for t in piece.tokens), nl=False)
             if role is not None:
                 click.echo()
@@ -153,6 +168,8 @@ def invoke(
         click.echo(json.dumps({
             "status": result.status.value, "request_id": result.request_id,
             "served_by": result.served_by, "timings": result.timings,
+            "generation": None if result.generation is None
+            else dataclasses.asdict(result.generation),
             "outputs": [{"dtype": a.dtype.name, "shape": list(a.shape),
                          "path": None if p is None else str(p)}
                         for a, p in zip(result.outputs, written, strict=True)],
@@ -164,6 +181,10 @@ def invoke(
         f" (variant {who.get('variant') or '?'}), request {result.request_id}"
     )
     click.echo("timings: " + format_timings(result.timings))
+    info = result.generation
+    if info is not None:
+        verdict = "yes" if info.exact else "no (the edge finished before a cloud took over)"
+        click.echo(f"exact: {verdict}; {info.kept} edge tokens kept, {info.rewound} rewound")
     for i, (array, saved) in enumerate(zip(result.outputs, written, strict=True)):
         where = "" if saved is None else f" -> {saved}"
         click.echo(f"output {i}: {array.dtype.name} {list(array.shape)}{where}")

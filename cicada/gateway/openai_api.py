@@ -3,7 +3,12 @@
 
 Cicada's additions ride in extension fields that OpenAI clients keep and ignore: each choice
 (and each streamed chunk's choice) carries `cicada: {token_ids, token_sources, served_by}`,
-who made each token, edge or cloud. Generation is greedy (`temperature`, `top_p` and the other
+who made each token, edge or cloud. `exact: true` in a completion's body asks for the cloud
+model's own greedy decode (docs/PROTOCOL.md section 12): a streamed chunk's `text` then carries
+only tokens that stand, so an OpenAI client's concatenated text is exactly the final text; the
+edge's provisional tokens and the takeover's rewind ride in the extension (`position`,
+`provisional`, `rewind`, and `text`: the whole text as it stands, for a page to re-render).
+Generation is greedy (`temperature`, `top_p` and the other
 sampling fields are accepted and have no effect); docs/GATEWAY.md says what is refused.
 """
 
@@ -11,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -21,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from cicada.client import AsyncTokenStream, InvokeResult, Piece
+from cicada.client import AsyncTokenStream, InvokeResult, Piece, TokenSequence
 from cicada.common.defaults import MAX_NEW_TOKENS
 from cicada.common.text import MAX_TEXTS
 from cicada.errors import CallError
@@ -199,9 +205,12 @@ async def completions(request: Request) -> Response:
         if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
             raise bad_request("'eos_token_id' must be a non-negative integer", "eos_token_id")
         options["eos_token_id"] = eos
+    exact = body.get("exact", False)
+    if exact not in (True, False, None):
+        raise bad_request("'exact' must be a boolean", "exact")
     tokenizer = _tokenizer(gw, model)
     prompts = _prompts(body.get("prompt"), model, tokenizer)
-    call = _Completion(gw, model, adm, max_tokens, options, tokenizer)
+    call = _Completion(gw, model, adm, max_tokens, options, tokenizer, exact is True)
     stream = body.get("stream", False)
     if stream not in (True, False, None):
         raise bad_request("'stream' must be a boolean", "stream")
@@ -261,15 +270,17 @@ class _Completion:
     """One /v1/completions request: its calls and how their results become choices."""
 
     def __init__(self, gw: Gateway, model: str, adm: Admission, max_tokens: int,
-                 options: dict[str, Any], tokenizer: Tokenizer | None) -> None:  # fmt: skip
-        self.gw, self.model, self.adm = gw, model, adm
+                 options: dict[str, Any], tokenizer: Tokenizer | None,
+                 exact: bool = False) -> None:  # fmt: skip
+        self.gw, self.model, self.adm, self.exact = gw, model, adm, exact
         self.max_tokens, self.options, self.tokenizer = max_tokens, options, tokenizer
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def _call(self) -> dict[str, Any]:
         return {"priority": self.adm.priority, "deadline": self.adm.deadline_s,
-                "max_new_tokens": self.max_tokens, "options": self.options or None}  # fmt: skip
+                "max_new_tokens": self.max_tokens, "options": self.options or None,
+                "exact": self.exact}  # fmt: skip
 
     async def run(self, prompt: list[int]) -> InvokeResult:
         with sdk_errors():
@@ -287,7 +298,8 @@ class _Completion:
             "index": index, "text": self._text(ids), "logprobs": None,
             "finish_reason": self._finish(len(ids)),
             EXTENSION: {"token_ids": ids, "token_sources": result.token_sources,
-                        "served_by": result.served_by, "timings": result.timings},
+                        "served_by": result.served_by, "timings": result.timings,
+                        **_generation(result)},
         }  # fmt: skip
 
     def _chunk(self, *choices: dict[str, Any], **extra: Any) -> bytes:
@@ -322,22 +334,29 @@ class _Completion:
 
     async def _events(self, tokens: AsyncTokenStream, first: Piece | None, prompt_tokens: int,
                       include_usage: bool) -> AsyncIterator[bytes]:  # fmt: skip
-        ids: list[int] = []
+        sequence = TokenSequence()
         sent = ""
         try:
             pieces = [first] if first is not None else []
             while True:
                 for piece in pieces:
                     new = [int(t) for t in piece.tokens.reshape(-1)]
-                    ids.extend(new)
-                    text = self._text(ids)
+                    sequence.apply(piece)
+                    # `text` carries only what stands (all of it, unless exact): an OpenAI
+                    # client appends deltas and cannot take text back.
+                    text = self._text(sequence.tokens[: sequence.stable])
                     # Hold back a character still being assembled from several tokens.
                     delta = "" if text.endswith("\ufffd") else text[len(sent) :]
                     sent += delta
+                    extension = {"token_ids": new, "token_sources": [piece.role] * len(new),
+                                 "served_by": piece.served_by, "seq": piece.seq}  # fmt: skip
+                    if self.exact:
+                        extension.update(position=piece.position, provisional=piece.provisional,
+                                         rewind=piece.rewind,
+                                         text=self._text(sequence.tokens))  # fmt: skip
                     yield self._chunk({
                         "index": 0, "text": delta, "logprobs": None, "finish_reason": None,
-                        EXTENSION: {"token_ids": new, "token_sources": [piece.role] * len(new),
-                                    "served_by": piece.served_by, "seq": piece.seq},
+                        EXTENSION: extension,
                     })  # fmt: skip
                 try:
                     pieces = [await tokens.__anext__()]
@@ -350,17 +369,25 @@ class _Completion:
             await tokens.aclose()  # a client that left early: the request is withdrawn
         result = tokens.result
         final_ids = [] if result is None else [int(t) for t in result.output.reshape(-1)]
+        ids = final_ids or sequence.tokens
         tail = self._text(final_ids)[len(sent) :] if final_ids else ""
         yield self._chunk({
             "index": 0, "text": tail, "logprobs": None, "finish_reason": self._finish(len(ids)),
             EXTENSION: {"token_ids": [], "token_sources": [],
-                        "served_by": None if result is None else result.served_by},
+                        "served_by": None if result is None else result.served_by,
+                        **({} if result is None else _generation(result))},
         })  # fmt: skip
         if include_usage:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
                      "total_tokens": prompt_tokens + len(ids)}  # fmt: skip
             yield self._chunk(usage=usage)
         yield b"data: [DONE]\n\n"
+
+
+def _generation(result: InvokeResult) -> dict[str, Any]:
+    """An exact generation's outcome for the extension: {generation: {exact, kept, rewound}}."""
+    info = result.generation
+    return {} if info is None else {"generation": dataclasses.asdict(info)}
 
 
 def _prompt_array(prompt: list[int]) -> np.ndarray:

@@ -600,7 +600,8 @@ class Coordinator:
     def hand_off_generations(self, now: float) -> None:
         """Move generations running on an edge agent to a cloud worker that is ready and free:
         the edge is told to CANCEL, the cloud gets the prompt plus the tokens so far and
-        recomputes its own cache."""
+        recomputes its own cache (an exact generation: the prompt, and the tokens as a draft
+        the cloud verifies)."""
         for p, edge, cloud in self.relay.handoffs(self.scheduler.pending, self.registry):
             if p.dispatch_id is not None:
                 self._send(
@@ -628,12 +629,13 @@ class Coordinator:
     def _send_dispatch(self, worker: WorkerInfo, p: Pending, now: float) -> None:
         remaining = p.remaining(now)
         inputs, options = p.request.inputs, p.request.options
+        p.draft_len = None  # (set by an exact takeover's continuation: a verdict is owed)
         if p.generating and p.tokens:
             if p.tokens_left() <= 0:  # everything was streamed; only the RESULT was lost
                 reply = self.relay.final_reply(p, None, Status.OK, "", {})
                 self._finish(p, reply, now)
                 return
-            inputs, options = self.relay.continuation(p)
+            inputs, options = self.relay.continuation(p, worker)
         p.attempt += 1
         dispatch_id = f"{self.epoch}.{p.key}.{p.attempt}"
         message = Dispatch(
@@ -709,7 +711,8 @@ class Coordinator:
         except ProtocolError as exc:
             self.fail_attempt(p, f"the worker sent an unusable PARTIAL: {exc}", now)
             return
-        self._send_client(p.client, piece)
+        if piece is not None:
+            self._send_client(p.client, piece)
 
     def fail_attempt(self, p: Pending, why: str, now: float, count: bool = True) -> None:
         """A worker broke the protocol on `p`'s current attempt: it is CANCELled there, its

@@ -1,7 +1,10 @@
 """The generation relay: streamed PARTIALs to the client, numbered across every worker that
 served the request, and the handoff of a generation from an edge agent to a cloud worker
-mid-stream (the cloud continues from the prompt plus the tokens so far). Sends nothing: it
-says what to send, and the broker sends it."""
+mid-stream (the cloud continues from the prompt plus the tokens so far). An exact generation
+(options.exact) is handed over differently: the cloud gets the original prompt and the tokens
+so far as a draft, says how many of them it accepts (its verdict), and the client is told to
+rewind to that position (docs/PROTOCOL.md section 12). Sends nothing: it says what to send,
+and the broker sends it."""
 
 from __future__ import annotations
 
@@ -45,21 +48,57 @@ class GenerationRelay:
     def ended(self, key: str) -> None:
         self.on_edge.discard(key)
 
-    def continuation(self, p: Pending) -> tuple[list[Any], dict[str, Any]]:
+    def continuation(self, p: Pending, worker: WorkerInfo) -> tuple[list[Any], dict[str, Any]]:
         """A generation that already streamed tokens continues from them: prompt + tokens so
-        far as the prompt, and only the tokens still due."""
+        far as the prompt, and only the tokens still due. An exact one moving to a cloud
+        worker keeps its prompt and sends the tokens as a draft to verify (`p.draft_len` set:
+        the attempt's first PARTIAL must be its verdict)."""
+        if p.exact and worker.role is Role.CLOUD:
+            p.draft_len = len(p.tokens)
+            return list(p.request.inputs), {**p.request.options, "draft": list(p.tokens)}
         prompt = self.array(p.request.inputs[0])
         ids = np.concatenate([prompt.reshape(-1), np.asarray(p.tokens, np.int64)])
         options = {**p.request.options, "max_new_tokens": p.tokens_left()}
         return [ids.astype(np.int64)[None]], options
 
-    def relay(self, p: Pending, worker: WorkerInfo, partial: Partial) -> Partial:
+    def verdict(self, p: Pending, worker: WorkerInfo, accepted: int) -> Partial | None:
+        """A cloud worker accepted the first `accepted` tokens of its draft: later ones are
+        dropped, the kept ones are the cloud's (their edge segments say `verified_by`), and
+        the client gets a rewind event, unless nothing provisional was in the draft and
+        nothing is replaced (a re-route of tokens already verified)."""
+        draft = p.draft_len
+        if draft is None or worker.role is not Role.CLOUD:
+            raise ProtocolError("a verdict (accepted) for an attempt that verifies no draft")
+        if not 0 <= accepted <= draft:
+            raise ProtocolError(f"accepted {accepted} is outside 0 ... {draft} (the draft)")
+        replaced = len(p.tokens) - accepted
+        provisional = draft > p.verified
+        del p.tokens[accepted:]
+        p.segments = _cut(p.segments, accepted, worker.name)
+        p.verified, p.draft_len = accepted, None
+        p.rewound += replaced
+        if not replaced and not provisional:
+            return None
+        seq, p.seq = p.seq, p.seq + 1
+        served_by = {"role": worker.role.value, "worker": worker.name, "variant": worker.variant}
+        return Partial(id=p.request.id, seq=seq, served_by=served_by, rewind=accepted,
+                       position=accepted, provisional=False)  # fmt: skip
+
+    def relay(self, p: Pending, worker: WorkerInfo, partial: Partial) -> Partial | None:
         """The client's PARTIAL for `worker`'s piece of `p` (a generation's tokens are kept, to
-        continue from and to reply with). ProtocolError: a piece the request cannot take (not
-        a generation, not one int64 token, a token over max_new_tokens): the attempt fails."""
+        continue from and to reply with), or None when there is nothing to tell it.
+        ProtocolError: a piece the request cannot take (not a generation, not one int64 token,
+        a token over max_new_tokens, a token before the verdict an exact takeover owes, a
+        verdict nobody asked for): the attempt fails."""
         served_by = {"role": worker.role.value, "worker": worker.name, "variant": worker.variant}
         if not p.generating:
             raise ProtocolError("a PARTIAL for a request that does not generate")
+        if partial.accepted is not None:
+            if partial.outputs:
+                raise ProtocolError("a verdict (accepted) carries no tokens")
+            return self.verdict(p, worker, partial.accepted)
+        if p.draft_len is not None:
+            raise ProtocolError("a token before the verdict on the draft (accepted)")
         # Checked on the spec before any value is read: one token, within the budget.
         outputs = partial.outputs
         spec = _spec(outputs[0]) if len(outputs) == 1 else None
@@ -71,14 +110,21 @@ class GenerationRelay:
             budget = p.request.options["max_new_tokens"]
             raise ProtocolError(f"a token beyond the request's max_new_tokens ({budget})")
         token = int(self.array(outputs[0])[0])
+        position = len(p.tokens)
         p.tokens.append(token)
+        provisional: bool | None = None
+        if p.exact:
+            provisional = worker.role is not Role.CLOUD or p.verified < position
+            if not provisional:
+                p.verified = position + 1
         last = p.segments[-1] if p.segments else None
         if last is not None and last["worker"] == worker.name:
             last["tokens"] += 1
         else:
             p.segments.append({**served_by, "tokens": 1})
         seq, p.seq = p.seq, p.seq + 1
-        return Partial(id=p.request.id, seq=seq, outputs=partial.outputs, served_by=served_by)
+        return Partial(id=p.request.id, seq=seq, outputs=partial.outputs, served_by=served_by,
+                       position=position, provisional=provisional)  # fmt: skip
 
     def final_reply(
         self,
@@ -96,6 +142,11 @@ class GenerationRelay:
             served_by.update(role=last["role"], worker=last["worker"], variant=last["variant"])
         elif worker is not None:
             served_by.update(role=worker.role.value, worker=worker.name, variant=worker.variant)
+        generation = None
+        if p.exact:
+            kept = sum(s["tokens"] for s in p.segments if s["role"] != Role.CLOUD.value)
+            exact = bool(p.tokens) and p.verified == len(p.tokens)
+            generation = {"exact": exact, "kept": kept, "rewound": p.rewound}
         return Reply(
             id=p.request.id,
             status=status,
@@ -103,6 +154,7 @@ class GenerationRelay:
             error=error,
             served_by=served_by,
             timings=timings,
+            generation=generation,
         )
 
     def handoffs(
@@ -117,13 +169,32 @@ class GenerationRelay:
             if p is None or edge is None or edge.role is not Role.EDGE:
                 self.on_edge.discard(key)
                 continue
-            if p.request.options.get("handoff") is False or p.tokens_left() < 2:
+            # (An exact generation is worth handing over for its last token: the cloud verifies
+            # the draft; otherwise a last token is not worth a cloud prefill.)
+            if p.request.options.get("handoff") is False or p.tokens_left() < 2 - p.exact:
                 continue
             cloud = registry.pick(p.request.model, Role.CLOUD)
             if cloud is None or cloud.state is not WorkerState.READY:
                 continue
             self.on_edge.discard(key)
             yield p, edge, cloud
+
+
+def _cut(segments: list[dict[str, Any]], n: int, verifier: str) -> list[dict[str, Any]]:
+    """`segments` covering only the first `n` tokens; those kept that the cloud worker
+    `verifier` did not make are marked as verified by it."""
+    kept: list[dict[str, Any]] = []
+    left = n
+    for segment in segments:
+        if left <= 0:
+            break
+        take = min(left, int(segment["tokens"]))
+        piece = {**segment, "tokens": take}
+        if piece["worker"] != verifier or piece["role"] != Role.CLOUD.value:
+            piece["verified_by"] = verifier
+        kept.append(piece)
+        left -= take
+    return kept
 
 
 def _spec(tensor: Any) -> dict[str, Any] | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cicada.common.defaults import PRIORITIES
-from cicada.common.generation import GenerationError, check_options
+from cicada.common.generation import GenerationError, check_request_options
 from cicada.common.protocol import RawTensor, Reply, Request, Status
 from cicada.edge.coordinator.policy import Route, SideView
 
@@ -42,6 +42,12 @@ class Pending:
     tokens: list[int] = field(default_factory=list)
     segments: list[dict[str, Any]] = field(default_factory=list)
     seq: int = 0  # the next PARTIAL's number, to the client
+    # An exact generation (options.exact): how many leading tokens a cloud worker produced or
+    # verified, the tokens replaced by rewinds so far, and the length of the draft the current
+    # attempt verifies (None: no verdict awaited).
+    verified: int = 0
+    rewound: int = 0
+    draft_len: int | None = None
     # The attempt running now: its DISPATCH id (epoch.key.attempt, unique across coordinator
     # restarts and re-dispatches), None while queued. Only its PARTIALs and RESULT count.
     attempt: int = 0
@@ -53,6 +59,10 @@ class Pending:
     @property
     def generating(self) -> bool:
         return "max_new_tokens" in self.request.options
+
+    @property
+    def exact(self) -> bool:
+        return self.request.options.get("exact") is True
 
     def tokens_left(self) -> int:
         return int(self.request.options["max_new_tokens"]) - len(self.tokens)
@@ -238,11 +248,10 @@ class Scheduler:
         """Queue `request`, or say why not. `critical`: whether `client` may use priority 0."""
         model = request.model
         limits = self.limits
-        if "max_new_tokens" in request.options:
-            try:
-                check_options(request.options)
-            except GenerationError as exc:
-                return Refusal(Status.BAD_REQUEST, str(exc))
+        try:
+            check_request_options(request.options)
+        except GenerationError as exc:
+            return Refusal(Status.BAD_REQUEST, str(exc))
         if request.priority not in PRIORITIES:
             return Refusal(Status.BAD_REQUEST, f"priority must be one of {PRIORITIES}")
         if request.priority == 0 and not critical:

@@ -151,3 +151,31 @@ def test_errors_come_in_openai_shape_with_their_status(gw: GatewayStack) -> None
     assert "context" in too_long.value.body["message"]
     with pytest.raises(openai.BadRequestError):  # logits are not embeddings
         client.embeddings.create(model="gpt2", input=[1, 2], encoding_format="float")
+
+
+def test_an_exact_stream_sends_only_text_that_stands(gw: GatewayStack) -> None:
+    """`exact: true` (an extra body field): with no cloud worker the edge's tokens are all
+    provisional, so the OpenAI deltas carry no text until the end, and the concatenated text
+    is exactly the final one; the extension shows each provisional token and the text as it
+    stands, and the last chunk says the result is not exact."""
+    expected, _ = _sdk_tokens(gw, PROMPT, 5)
+    stream = _client(gw).completions.create(
+        model="gpt2", prompt=PROMPT, max_tokens=5, stream=True, extra_body={"exact": True},
+    )  # fmt: skip
+    text, shown, generation = "", [], None
+    for chunk in stream:
+        for choice in chunk.choices:
+            extension = choice.model_extra["cicada"]
+            text += choice.text
+            if extension["token_ids"]:
+                assert extension["provisional"] is True and choice.text == ""
+                assert extension["position"] == len(shown)
+                shown.append(extension["text"])
+            generation = extension.get("generation", generation)
+    assert text == words(expected)
+    assert shown == [words(expected[: i + 1]) for i in range(5)]
+    assert generation == {"exact": False, "kept": 5, "rewound": 0}
+    done = _client(gw).completions.create(model="gpt2", prompt=PROMPT, max_tokens=5,
+                                          extra_body={"exact": True})  # fmt: skip
+    assert done.choices[0].model_extra["cicada"]["generation"]["exact"] is False
+    assert done.choices[0].text == words(expected)
