@@ -135,6 +135,7 @@ class CudaStageSource(StageSource):
     chunk_bytes = CHUNK
     # Ring slots; None: readers + 2 (the sizing rule in cloud/loading/ring.py).
     ring_slots: int | None = None
+    ring_class: type[ReadRing] = ReadRing  # tests inject reader failures through a subclass
 
     # Makes the device backend from the device name; `using` swaps in another (simulated).
     make_backend: Callable[[str], Any] = CudaBackend
@@ -142,7 +143,8 @@ class CudaStageSource(StageSource):
     @classmethod
     def using(cls, backend: Callable[[str], Any], **attrs: Any) -> type[CudaStageSource]:
         """This source on another device backend (e.g. `SimulatedCuda`), for `ColdStart`'s
-        `source` argument; `attrs` override class settings (`chunk_bytes`, `ring_slots`)."""
+        `source` argument; `attrs` override class settings (`chunk_bytes`, `ring_slots`,
+        `ring_class`)."""
         attrs["make_backend"] = staticmethod(backend)
         return type(f"{cls.__name__}Using", (cls,), attrs)
 
@@ -155,7 +157,7 @@ class CudaStageSource(StageSource):
         self.loaded = threading.Event()  # set once the consumer ended and the ring is released
         self.pieces = plan_pieces(self.manifest, self.chunk_bytes)
         self.readers = self.threads or default_readers()
-        self.ring = ReadRing(
+        self.ring = self.ring_class(
             self.path, self.pieces, slots=self.ring_slots or self.readers + 2,
             readers=self.readers, verify=self.verify, clock=self.timeline.now,
             on_error=self._reader_failed,
