@@ -189,6 +189,7 @@ class CudaStageSource(StageSource):
             self.host.append(host)
             self.backend.pin(host)
         self.completions: queue.Queue[tuple[StageEntry, float, Any] | None] = queue.Queue()
+        self.attached_at = self.timeline.now()
         threading.Thread(target=self._watch, name="cicada-gpu-watcher", daemon=True).start()
         threading.Thread(target=self._run, name="cicada-gpu-loader", daemon=True).start()
 
@@ -231,7 +232,7 @@ class CudaStageSource(StageSource):
     def _run(self) -> None:
         """The consumer: take pieces in order, enqueue their copies, record stage events."""
         piece = self.pieces[0]
-        start = self.timeline.now()
+        start = self.attached_at
         try:
             with self.torch.inference_mode():  # the model may be built under it
                 digest: Any = None
@@ -288,7 +289,12 @@ class CudaStageSource(StageSource):
             while (item := self.completions.get()) is not None:
                 stage, start, event = item
                 event.synchronize()
-                self.on_stage(StageRead(stage, start, self.timeline.now()))
+                now = self.timeline.now()
+                if stage.index == len(self.manifest.stages) - 1:
+                    # The link's share of the load: from the first copy enqueued to the last
+                    # completed (reading before then overlapped the import and construction).
+                    self.timeline.add("transfer", "all stages", self.attached_at, now)
+                self.on_stage(StageRead(stage, start, now))
         except BaseException as exc:  # a CUDA error surfaces here, asynchronously
             self._report(stage if stage is not None else self.manifest.stages[0], start, exc)
             self.ring.stop()

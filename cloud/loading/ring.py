@@ -108,11 +108,16 @@ class ReadRing:
         verify: bool,
         clock: Callable[[], float],
         on_error: Callable[[Piece, float, BaseException], None],
+        buffers: list[mmap.mmap] | None = None,
     ) -> None:
+        """`buffers`: the slots to use (a benchmark reuses faulted-in ones); by default
+        `slots` fresh anonymous mappings, each as large as the largest piece."""
         self.path, self.pieces, self.verify, self.clock = path, list(pieces), verify, clock
         self.on_error = on_error
         slot_bytes = max([p.nbytes for p in self.pieces] + [1])
-        self.buffers = [mmap.mmap(-1, slot_bytes) for _ in range(max(2, slots))]
+        if buffers is not None and any(len(b) < slot_bytes for b in buffers):
+            raise ValueError(f"every ring buffer must hold {slot_bytes} bytes")
+        self.buffers = buffers or [mmap.mmap(-1, slot_bytes) for _ in range(max(2, slots))]
         self.cond = threading.Condition()
         self.claimed = 0  # pieces claimed by a reader so far
         self.ready = [False] * len(self.pieces)
