@@ -311,3 +311,24 @@ def test_malformed_block_sums_are_refused(tmp_path: Path, edit: Any, match: str)
     write_manifest_doc(package, doc)
     with pytest.raises(PackageFormatError, match=match):
         Manifest.load(package)
+
+
+def test_layouts_kept_across_pieces_strided_and_untied(tmp_path: Path) -> None:
+    """A non-contiguous parameter whose bytes span several pieces gets its strided copy after
+    its last byte; an alias the constructor leaves untied is tied to the stage's view."""
+    from tests.cloud import layout_models
+
+    x = layout_models.example_input()
+    pack("tests.cloud.layout_models:build_strided", tmp_path / "strided", block_bytes=64)
+    tied = layout_models.build_pair(tie=True)
+    pack("tests.cloud.layout_models:build_pair", tmp_path / "pair", config={"tie": False},
+         model=tied, block_bytes=64)  # fmt: skip
+    for name, eager in (("strided", layout_models.build_strided()), ("pair", tied)):
+        source = CudaStageSource.using(lambda _d: SimulatedCuda(), chunk_bytes=64)
+        cold = ColdStart(tmp_path / name, source=source, stall_timeout=BOUND_S,
+                         reader_threads=READERS, trust_package_code=True)  # fmt: skip
+        assert len(cold.source.pieces) > len(cold.manifest.stages)  # type: ignore[attr-defined]
+        with torch.inference_mode():
+            assert torch.equal(cold.forward(x), eager(x)), name
+    model = cold.model
+    assert model.b.weight is model.a.weight  # type: ignore[union-attr]
