@@ -52,7 +52,7 @@ import xxhash
 from cicada.cloud.loading.base import StageRead, StageSource, load_error
 from cicada.cloud.loading.device_layout import StageLayout, stage_layout
 from cicada.cloud.loading.ring import Piece, ReadRing, plan_pieces
-from cicada.common.errors import PackageIntegrityError
+from cicada.common.errors import CicadaError, PackageIntegrityError
 from cicada.common.package import StageEntry
 
 if TYPE_CHECKING:
@@ -157,11 +157,17 @@ class CudaStageSource(StageSource):
         self.loaded = threading.Event()  # set once the consumer ended and the ring is released
         self.pieces = plan_pieces(self.manifest, self.chunk_bytes)
         self.readers = self.threads or default_readers()
-        self.ring = self.ring_class(
-            self.path, self.pieces, slots=self.ring_slots or self.readers + 2,
-            readers=self.readers, verify=self.verify, clock=self.timeline.now,
-            on_error=self._reader_failed,
-        )  # fmt: skip
+        slots = self.ring_slots or self.readers + 2
+        try:
+            self.ring = self.ring_class(
+                self.path, self.pieces, slots=slots, readers=self.readers, verify=self.verify,
+                clock=self.timeline.now, on_error=self._reader_failed,
+            )  # fmt: skip
+        except OSError as exc:  # mmap: out of memory or address space
+            raise CicadaError(
+                f"cannot allocate the GPU loader's read ring ({slots} slots of up to "
+                f"{self.chunk_bytes} bytes): {exc}; use fewer reader threads"
+            ) from exc
         self.host: list[torch.Tensor] = []  # the ring's buffers as tensors, pinned (after attach)
         self.ring.start()
         prefetch_file(self.path)
