@@ -103,8 +103,8 @@ class CudaBackend:
     def pin(self, host: torch.Tensor) -> None:
         """Page-lock `host` (the ring, allocated before torch) in place, for async copies."""
         cudart = self.torch.cuda.cudart()
-        err = cudart.cudaHostRegister(host.data_ptr(), host.numel(), 0)
-        if err != cudart.cudaError.success:
+        err = cudart.cudaHostRegister(host.data_ptr(), host.numel(), 0)  # 0: default flags
+        if int(err) != 0:  # cudaSuccess
             raise RuntimeError(f"CUDA error: cudaHostRegister of the read ring failed ({err})")
 
     def unpin(self, host: torch.Tensor) -> None:
