@@ -19,7 +19,7 @@ import torch
 import xxhash
 
 from cicada.cloud.loading.cpu import CpuStageSource
-from cicada.cloud.loading.cuda import CudaStageSource
+from cicada.cloud.loading.cuda import CudaBackend, CudaStageSource
 from cicada.cloud.loading.device_layout import DEVICE_ALIGN, stage_layout
 from cicada.cloud.loading.ring import Piece, ReadRing, plan_pieces
 from cicada.cloud.loading.simulated import SimulatedCuda
@@ -44,6 +44,7 @@ BOUND_S = 30.0  # a regression that would hang fails with LoadStalledError after
 BLOCK = 4096  # small blocks, so the tiny model's stages have many
 CHUNK = 3 * BLOCK  # and several pieces per stage
 READERS = 3
+_CONFIG = importlib.import_module("cicada.cloud.models.gpt2").tiny_config()
 
 
 def _package(tmp_path: Path, *, blocks: bool = True) -> tuple[Path, Any, Any, dict[str, Any]]:
@@ -332,3 +333,29 @@ def test_layouts_kept_across_pieces_strided_and_untied(tmp_path: Path) -> None:
             assert torch.equal(cold.forward(x), eager(x)), name
     model = cold.model
     assert model.b.weight is model.a.weight  # type: ignore[union-attr]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_three_readers_fill_one_pinned_ring_and_one_buffer_per_stage(
+    tmp_path: Path,
+) -> None:
+    """On a real device: the ring registered as pinned memory, each stage one allocation,
+    bit-identical to eager on the same device, the ring unregistered after the load."""
+    package, x, _, _ = _package(tmp_path)
+    source = CudaStageSource.using(CudaBackend, chunk_bytes=CHUNK)
+    cold = ColdStart(package, device="cuda", source=source, stall_timeout=BOUND_S,
+                     reader_threads=READERS)  # fmt: skip
+    cold.build()
+    loader = cold.source
+    assert isinstance(loader, CudaStageSource)
+    assert all(h.is_pinned() for h in loader.host)  # registered in place
+    out = cold.forward(x.cuda())
+    eager = importlib.import_module("cicada.cloud.models.gpt2").build(**_CONFIG).cuda()
+    with torch.inference_mode():
+        assert torch.equal(out, eager(x.cuda()))
+    for stage, buf in zip(cold.manifest.stages, loader.stage_buffers, strict=True):
+        tensors = dict(cold.model.state_dict(keep_vars=True))
+        base = buf.untyped_storage().data_ptr()
+        assert all(tensors[t.name].untyped_storage().data_ptr() == base for t in stage.tensors)
+    assert loader.loaded.wait(BOUND_S) and loader.host == []
