@@ -19,7 +19,10 @@ so the page cache is warm and what is measured is memory-speed `preadv` plus xxh
 Rounds interleave the variants (noise spreads over all of them); each figure is the median,
 and the ratios are to the single loop of the same run. Then, in a fresh process, the CUDA
 source is opened before `import torch` (over the simulated device, as `cicada run` opens it)
-and the bytes its readers have read and checked when the import returns are counted.
+and the bytes its readers have read and checked when the import returns are counted; and
+fresh processes run to the first result over the simulated device with the loader opened
+before `import torch` or only after it (alternating, medians): what reading during the
+import saves, on this machine (the simulated copies are CPU memcpys).
 
 Memory: a throwaway process touches and frees 1 GiB first (this VM charges ~2.4 s/GB for
 memory it took back); every variant keeps its buffers from round to round, faulted in by an
@@ -138,6 +141,41 @@ print(json.dumps({"import_s": took, "ready_bytes": ready,
 """
 
 
+START_PROBE = """
+import json, sys, time
+begin = time.perf_counter()
+from pathlib import Path
+from cicada.cloud.loading.cuda import CudaStageSource
+from cicada.cloud.loading.simulated import SimulatedCuda
+from cicada.cloud.pipeline import ColdStart
+source = CudaStageSource.using(lambda _d: SimulatedCuda())
+def open_load():
+    return ColdStart(Path(sys.argv[1]), source=source, reader_threads=int(sys.argv[2]))
+if sys.argv[3] == "before":
+    cold = open_load()
+import torch
+if sys.argv[3] == "after":
+    cold = open_load()
+from cicada.cloud.models import gpt2
+x = gpt2.example_input(cold.manifest.architecture.config)
+cold.forward(x)
+print(json.dumps({"first_result_s": time.perf_counter() - begin}))
+"""
+
+
+def first_result(package: Path, readers: int, when: str) -> float:
+    """A fresh process's time to the first result over the simulated device, the loader
+    opened `before` or `after` `import torch`."""
+    proc = subprocess.run(
+        [sys.executable, "-c", START_PROBE, str(package), str(readers), when],
+        cwd=ROOT, capture_output=True, text=True, timeout=BOUND_S,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"the start probe failed: {proc.stderr[-800:]}")
+    took: float = json.loads(proc.stdout.strip().splitlines()[-1])["first_result_s"]
+    return took
+
+
 def read_during_import(package: Path, readers: int) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, str(package), str(readers)],
                           cwd=ROOT, capture_output=True, text=True, timeout=BOUND_S)  # fmt: skip
@@ -152,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small package, 2 rounds")
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--readers", default="1,2,4", help="reader counts for the ring")
+    p.add_argument("--starts", type=int, default=None,
+                   help="fresh-process starts per variant (default 3, --quick 1)")
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 5)
     counts = [int(n) for n in args.readers.split(",")]
@@ -188,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 times[name].append(variants[name]())
         probe = read_during_import(package, max(counts))
+        starts: dict[str, list[float]] = {"before": [], "after": []}
+        for _ in range(args.starts if args.starts is not None else (1 if args.quick else 3)):
+            for when in starts:
+                starts[when].append(first_result(package, max(counts), when))
     cpus = os.cpu_count() or 1
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"package {nbytes / 1e6:.0f} MB, {len(manifest.stages)} stages, {len(pieces)} pieces; "
@@ -201,8 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  during `import torch` ({probe['import_s']:.2f} s): "
           f"{probe['ready_bytes'] / 1e6:.0f} MB read and checked by {max(counts)} readers "
           f"(ring {probe['ring_bytes'] / 1e6:.0f} MB)")  # fmt: skip
+    first = {when: statistics.median(t) for when, t in starts.items()}
+    print(f"  first result over the simulated device, fresh process: loader opened before "
+          f"`import torch` {first['before']:.2f} s, after it {first['after']:.2f} s "
+          f"(x{first['after'] / first['before']:.2f})")  # fmt: skip
     print(json.dumps({"bytes": nbytes, "cpus": cpus, "load": load, "rounds": rounds,
-                      "gb_s": rates, "import_probe": probe,
+                      "gb_s": rates, "import_probe": probe, "first_result_s": first,
                       "speedup": {k: rates[k] / rates["single loop"] for k in rates}}))  # fmt: skip
     return 0
 

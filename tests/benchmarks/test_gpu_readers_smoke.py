@@ -30,3 +30,5 @@ def test_quick_gpu_readers_benchmark() -> None:
     probe = last["import_probe"]
     assert 0 <= probe["ready_bytes"] <= min(last["bytes"], probe["ring_bytes"])
     assert probe["ring_bytes"] > 0 and probe["import_s"] > 0
+    assert set(last["first_result_s"]) == {"before", "after"}
+    assert all(t > 0 for t in last["first_result_s"].values())
