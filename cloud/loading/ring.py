@@ -11,7 +11,7 @@ bytes; a stage without block checksums is cut into `chunk`-sized pieces and hash
 consumer in order. Each reader claims the next piece, waits until its slot is free (the
 consumer released the slot's previous piece and the device finished copying out of it), reads
 it with `os.preadv` and hashes its blocks, both with the GIL released, so N readers read and
-hash N pieces at once.
+hash N pieces at once (each megabyte hashed right after it is read, while in cache).
 
 Sizing rule: `readers + 2` slots. Each reader fills one slot; one slot is being copied to the
 device; one is filled and queued behind it, so the link never waits for a reader while the
@@ -43,6 +43,11 @@ from cicada.common.package import Manifest, StageEntry
 
 log = logging.getLogger("cicada.cloud")
 
+# Bytes read, then hashed, at a time: hashing a megabyte just read finds it in the core's
+# L2 cache; hashing a 64 MiB piece after reading it reads it from memory again (one thread's
+# read+hash rate here: 2.23 GB/s with 64 MiB, 2.65 with 1 MiB, 2.80 with 256 KiB). Each call
+# takes the GIL once: 1 MiB keeps that to ~500 takes for a 6-slot ring read during the import.
+SUBCHUNK = 1024 * 1024
 # Readers left running after the ring was told to stop are waited for this long before the
 # buffers are given up (never unmapped under a reader: they are left to the collector).
 JOIN_S = 10.0
@@ -219,23 +224,31 @@ class ReadRing:
                 os.close(fd)
 
     def _fill(self, fd: int, piece: Piece, view: memoryview) -> None:
-        """Read the piece (preadv, GIL released) and check its blocks (xxh3, GIL released)."""
-        got = 0
-        while got < piece.nbytes:
-            n = os.preadv(fd, [view[got:]], piece.begin + got)
-            if n <= 0:
-                raise PackageIntegrityError(f"{self.path}: short read at byte {piece.begin + got}")
-            got += n
-        if not self.verify:
-            return
+        """Read the piece and check its blocks: each SUBCHUNK is hashed right after it is
+        read, while it is still in the core's cache (preadv and xxh3 release the GIL)."""
         stage = piece.stage
+        if not (self.verify and piece.blocks):
+            self._pread(fd, view, piece.begin)
+            return
         spans = stage.block_spans()
         for b in piece.blocks:
             lo, hi = spans[b]
-            digest = xxhash.xxh3_64_hexdigest(view[lo - piece.begin : hi - piece.begin])
-            if digest != stage.blocks[b]:
-                raise block_mismatch(self.path, stage.index, stage.name, b, lo, hi, digest,
-                                     stage.blocks[b])  # fmt: skip
+            digest = xxhash.xxh3_64()
+            for at in range(lo, hi, SUBCHUNK):
+                chunk = view[at - piece.begin : min(at + SUBCHUNK, hi) - piece.begin]
+                self._pread(fd, chunk, at)
+                digest.update(chunk)
+            if digest.hexdigest() != stage.blocks[b]:
+                raise block_mismatch(self.path, stage.index, stage.name, b, lo, hi,
+                                     digest.hexdigest(), stage.blocks[b])  # fmt: skip
+
+    def _pread(self, fd: int, view: memoryview, offset: int) -> None:
+        got = 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise PackageIntegrityError(f"{self.path}: short read at byte {offset + got}")
+            got += n
 
     def _fail(self, piece: Piece | None, exc: BaseException) -> None:
         with self.cond:

@@ -359,3 +359,19 @@ def test_on_a_gpu_three_readers_fill_one_pinned_ring_and_one_buffer_per_stage(
         base = buf.untyped_storage().data_ptr()
         assert all(tensors[t.name].untyped_storage().data_ptr() == base for t in stage.tensors)
     assert loader.loaded.wait(BOUND_S) and loader.host == []
+
+
+def test_blocks_read_and_hashed_a_subchunk_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each block is read and hashed in sub-chunks (1 MiB normally; here 1000 bytes, which
+    divides neither a block nor a piece): still bit-identical, a corrupt byte still found."""
+    from cicada.cloud.loading import ring
+
+    monkeypatch.setattr(ring, "SUBCHUNK", 1000)
+    package, x, expected, _ = _package(tmp_path)
+    assert torch.equal(_cold(package, SimulatedCuda()).forward(x), expected)
+    stage = Manifest.load(package).stages[1]
+    _flip(package, stage.begin + 7 * BLOCK + 2500)  # the third sub-chunk of block 7
+    with pytest.raises(PackageIntegrityError, match=rf"stage 1 \({stage.name}\) block 7 "):
+        _cold(package, SimulatedCuda()).forward(x)
