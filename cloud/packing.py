@@ -21,17 +21,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import xxhash
 from torch import nn
 
 from cicada.cloud.miniloader import Slot, build_model, tensor_slots
 from cicada.cloud.stages import plan_stages
+from cicada.common.checksums import StageDigest, block_mismatch, xxh3
 from cicada.common.errors import PackageError, PackageIntegrityError, PackageMismatchError
 from cicada.common.factory import check_factory_allowed
 from cicada.common.files import replacing_dir
 from cicada.common.package import (
     ALIGN,
+    BLOCK_BYTES,
     MANIFEST_NAME,
+    MAX_BLOCK_BYTES,
     PAD_PREFIX,
     WEIGHTS_NAME,
     Architecture,
@@ -148,14 +150,20 @@ def pack(
     progress: Callable[[int, int], None] | None = None,
     model: nn.Module | None = None,
     batching: dict[str, Any] | None = None,
+    block_bytes: int = BLOCK_BYTES,
 ) -> Manifest:
     """Build the model, cut it into stages and write the package directory `out`.
+
+    Each stage's xxh3 is recorded, and the xxh3 of each of its `block_bytes` blocks (a
+    multiple of 64 up to 64 MiB; common/checksums.py).
 
     `model`, instead of building: an already loaded model (transformers' `from_pretrained`)
     that `factory(**config)` rebuilds. The rebuild is checked against the package before it is
     written, so a package that its own factory cannot serve is never made."""
     config = dict(config or {})
     out = Path(out)
+    if not 0 < block_bytes <= MAX_BLOCK_BYTES or block_bytes % ALIGN:
+        raise PackageError(f"block_bytes must be a multiple of {ALIGN} in (0, {MAX_BLOCK_BYTES}]")
     if out.exists() and not force:
         raise PackageError(f"{out} already exists; pass --force to replace it")
     # A factory's own checkpoint is the default only when nothing else supplies the weights.
@@ -216,7 +224,7 @@ def pack(
             for index, ((stage_name, names), paths) in enumerate(
                 zip(plan.stages, plan.modules, strict=True)
             ):
-                stage_hash = xxhash.xxh3_64()
+                digest = StageDigest(block_bytes)
                 entries: list[TensorEntry] = []
                 begin = cursor
                 for n in names:
@@ -228,14 +236,15 @@ def pack(
                     for chunk in (raw, bytes(padding.get(n, 0))):
                         f.write(chunk)
                         sha.update(chunk)
-                        stage_hash.update(chunk)
+                        digest.update(chunk)
                         cursor += len(chunk)
                         written += len(chunk)
                     if progress:
                         progress(written, total)
+                stage_sum, block_sums = digest.finish()
                 stages.append(
                     StageEntry(index, stage_name, tuple(paths), tuple(entries), begin, cursor,
-                               stage_hash.hexdigest())
+                               stage_sum, block_sums, block_bytes if block_sums else 0)
                 )  # fmt: skip
             f.flush()
             os.fsync(f.fileno())
@@ -279,12 +288,12 @@ def verify_package(
     package_dir: Path, check_model: bool = False, *, trusted: bool = False
 ) -> Manifest:
     """Full check of the package as data: the manifest's own sha256, sha256 of every file
-    (each confined to the package), header vs manifest, byte ranges, stage checksums, and
-    that the factory is on the allow-list (or `trusted`; nothing is imported for it).
+    (each confined to the package), header vs manifest, byte ranges, stage and block
+    checksums (where the package has them), and that the factory is on the allow-list (or
+    `trusted`; nothing is imported for it).
 
     With `check_model`, also build the model (its code runs: allow-listed or trusted only)
     and check it has exactly these tensors, aliases included, with these shapes and dtypes."""
-    from cicada.cloud.loading.cpu import stage_checksum
     from cicada.common.package import package_file
 
     package_dir = Path(package_dir)
@@ -305,7 +314,15 @@ def verify_package(
     with os.fdopen(open_package_file(package_dir, manifest.weights), "rb") as f:
         for stage in manifest.stages:
             f.seek(stage.begin)
-            digest = stage_checksum(memoryview(f.read(stage.nbytes)))
+            view = memoryview(f.read(stage.nbytes))
+            for block, ((lo, hi), recorded) in enumerate(
+                zip(stage.block_spans(), stage.blocks, strict=True)
+            ):
+                digest = xxh3(view[lo - stage.begin : hi - stage.begin])
+                if digest != recorded:
+                    raise block_mismatch(weights, stage.index, stage.name, block, lo, hi,
+                                         digest, recorded)  # fmt: skip
+            digest = xxh3(view)
             if digest != stage.xxh3:
                 raise PackageIntegrityError(f"{weights}: stage {stage.name} checksum mismatch")
     if check_model:

@@ -31,6 +31,7 @@ the same way.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -51,6 +52,13 @@ if TYPE_CHECKING:
     from torch import nn
 
     from cicada.cloud.miniloader import Slot
+
+log = logging.getLogger("cicada.cloud")
+
+
+def log_abandon_failure(exc: Exception) -> None:
+    log.warning("stopping the stage source after a failure failed: %s", exc)
+
 
 # A load with no stage arriving for this long is stuck (a dead disk, a hung mount): the forward
 # waiting on it fails instead of waiting for ever. Generous: one stage of a large model on a
@@ -92,13 +100,14 @@ class ColdStart:
         device: str = "cpu",
         timeline: Timeline | None = None,
         verify: bool = True,
-        reader_threads: int = 1,
+        reader_threads: int | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
         trust_package_code: bool = False,
         source: Callable[..., StageSource] | None = None,
     ) -> None:
         """`source`: the stage source's class (or a factory taking its arguments); by default
-        the one for `device`'s kind (cloud/loading/sources.py)."""
+        the one for `device`'s kind (cloud/loading/sources.py). `reader_threads`: None for the
+        source's default (CPU: 1; CUDA: one per CPU, up to 4)."""
         self.package_dir = Path(package_dir)
         self.stall_timeout = stall_timeout
         self.trust_package_code = trust_package_code
@@ -270,6 +279,10 @@ class ColdStart:
             if self._error is None:
                 self._error = error
             listeners = list(self._error_listeners)
+        try:
+            self.source.abandon()  # stop reading: nothing more is needed
+        except Exception as exc:  # the load is failed either way
+            log_abandon_failure(exc)
         for e in self._resident:
             e.set()  # wake every waiter; they see the error
         for listener in listeners:

@@ -121,6 +121,8 @@ def summarize(
         "construct_s": timeline.lane_seconds("construct"),
         "read_s": read_wall,
         "read_gbps": total_bytes / read_wall / 1e9 if read_wall > 0 else None,
+        # GPU loader: first copy enqueued -> last stage resident (cloud/loading/cuda.py).
+        "transfer_s": timeline.lane_seconds("transfer"),
         "apply_s": timeline.lane_seconds("apply"),
         "wait_s": timeline.lane_seconds("wait"),
         "gc_s": timeline.lane_seconds(collector.GC_LANE),

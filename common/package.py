@@ -30,6 +30,7 @@ from itertools import accumulate
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cicada.common.checksums import block_count, block_spans
 from cicada.common.defaults import BATCHING_SETTINGS, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS
 from cicada.common.errors import PackageFormatError, PackageIntegrityError
 from cicada.common.factory import canonical_factory
@@ -57,6 +58,11 @@ MAX_JSON_DEPTH = 64
 # `cicada pack` starts every tensor (and every stage) at a multiple of this, so that the CPU
 # source's zero-copy views are as aligned as torch's own allocations (docs/PACKAGE.md).
 ALIGN = 64
+# `cicada pack` records an xxh3 per block of this many bytes of each stage (docs/PACKAGE.md),
+# so that readers hash one large stage in parallel; a manifest may say any multiple of ALIGN up
+# to MAX_BLOCK_BYTES (a loader's ring slot holds at least one whole block).
+BLOCK_BYTES = 16 * 1024 * 1024
+MAX_BLOCK_BYTES = 64 * 1024 * 1024
 # Header entries named so are padding between tensors: U8 vectors the manifest does not list.
 PAD_PREFIX = "__cicada_pad__."
 # The manifest's own sha256, over its canonical JSON without this field.
@@ -90,10 +96,20 @@ class StageEntry:
     begin: int
     end: int
     xxh3: str
+    # xxh3 of each block of `block_bytes` from `begin` (the last shorter); () with 0 in a
+    # package written before block checksums: the stage's xxh3 alone covers it then.
+    blocks: tuple[str, ...] = ()
+    block_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
         return self.end - self.begin
+
+    def block_spans(self) -> list[tuple[int, int]]:
+        """Each block's absolute byte range, in order ([] without block checksums)."""
+        if not self.blocks:
+            return []
+        return list(block_spans(self.begin, self.end, self.block_bytes))
 
 
 @dataclass(frozen=True)
@@ -157,6 +173,8 @@ class Manifest:
                     "begin": s.begin,
                     "end": s.end,
                     "xxh3": s.xxh3,
+                    **({"block_bytes": s.block_bytes, "blocks": list(s.blocks)}
+                       if s.blocks else {}),
                     "tensors": [
                         {"name": t.name, "dtype": t.dtype, "shape": list(t.shape),
                          "begin": t.begin, "end": t.end}
@@ -451,6 +469,7 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
                 begin=begin,
                 end=end,
                 xxh3=_need(s, "xxh3", str, at),
+                **_parse_blocks(s, end - begin, at),
             )
         )
     if not stages:
@@ -484,6 +503,26 @@ def _parse_manifest(doc: Any, where: str) -> Manifest:
     )
     manifest.file(manifest.weights)  # the weights file must be listed
     return manifest
+
+
+def _parse_blocks(s: dict[str, Any], nbytes: int, at: str) -> dict[str, Any]:
+    """A stage's optional block checksums: `block_bytes` (a multiple of ALIGN, at most
+    MAX_BLOCK_BYTES) and exactly one xxh3 string per block."""
+    if "blocks" not in s and "block_bytes" not in s:
+        return {}
+    size = _need_int(s, "block_bytes", at)
+    if size == 0 or size % ALIGN or size > MAX_BLOCK_BYTES:
+        raise PackageFormatError(
+            f"{at}: block_bytes {size} must be a positive multiple of {ALIGN} up to "
+            f"{MAX_BLOCK_BYTES}"
+        )
+    blocks = _need(s, "blocks", list, at)
+    if len(blocks) != block_count(nbytes, size) or not all(isinstance(b, str) for b in blocks):
+        raise PackageFormatError(
+            f"{at}: 'blocks' must hold one xxh3 string per {size}-byte block of the stage "
+            f"({block_count(nbytes, size)}), not {len(blocks)} entries"
+        )
+    return {"block_bytes": size, "blocks": tuple(blocks)}
 
 
 def read_safetensors_header(

@@ -6,8 +6,9 @@ the bytes. One source per device kind (cloud/loading/sources.py):
 
 * ``cpu``  (cloud/loading/cpu.py)  reader threads hash each stage of a copy-on-write mapping,
   before torch is imported; tensors are zero-copy views of the mapping, applied by the pipeline.
-* ``cuda`` (cloud/loading/cuda.py) after construction, a loader thread copies each stage into
-  the GPU parameters on a stream of its own (in place); compute waits on a per-stage event.
+* ``cuda`` (cloud/loading/cuda.py) reader threads fill a host ring from before torch; after
+  construction each stage's one device buffer is filled on a stream of its own, the
+  parameters being views into it; compute waits on a per-stage event.
 
 Torch-free: `cicada run` opens the source before `import torch`.
 """
@@ -53,7 +54,8 @@ class StageSource:
     3. `attach(slots)`: the model is built; where each tensor goes is known.
     4. `tensors(stage)` for each verified stage, unless `in_place` (the source already wrote
        the bytes into the model's own storage, and there is nothing to apply).
-    5. `order_compute_after(stages)` before a module runs whose stages are resident, and
+    5. `abandon()` from any thread if the load fails, whatever failed.
+    6. `order_compute_after(stages)` before a module runs whose stages are resident, and
        `synchronize()` when the forward ends.
     """
 
@@ -68,8 +70,9 @@ class StageSource:
         timeline: Timeline,
         *,
         verify: bool = True,
-        threads: int = 1,
+        threads: int | None = None,
     ) -> None:
+        """`threads`: reader threads; None: the source's default."""
         self.path, self.manifest, self.device, self.timeline = path, manifest, device, timeline
         self.verify, self.threads = verify, threads
 
@@ -85,6 +88,9 @@ class StageSource:
     def tensors(self, stage: StageEntry) -> Iterator[tuple[str, torch.Tensor]]:
         """A verified stage's tensors, by stored name, to put into the model."""
         return iter(())
+
+    def abandon(self) -> None:
+        """The load has failed (from any thread): stop reading. Must not block."""
 
     def order_compute_after(self, stages: Sequence[int]) -> None:
         """Make the compute that follows wait for these (host-resident) stages' bytes."""

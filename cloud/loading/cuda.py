@@ -1,26 +1,35 @@
-"""The CUDA stage source: pinned staging ring, a copy stream, an event per stage.
+"""The CUDA stage source: parallel readers into a ring pinned in place, one device allocation
+per stage, a copy stream, an event per stage.
 
-The model is constructed on the GPU by MiniLoader (empty parameters, real buffers); this source
-reads each stage with large positional reads into a ring of pinned host buffers, hashes each
-chunk while it is in host memory, and copies it into the parameters' storage on a CUDA stream
-of its own. Two threads:
+* **Readers** (cloud/loading/ring.py): from `start`, before `import torch`, N reader threads
+  (`reader_threads`, by default min(4, CPUs)) read the weights file's pieces in file order with
+  `os.preadv` into a ring of `readers + 2` page-aligned host buffers, and check each block's
+  xxh3 (both release the GIL). Once torch is imported the ring is registered with the device
+  as pinned memory in place (`cudaHostRegister`): what was read during the import needs no
+  second copy.
+* **One allocation per stage** (cloud/loading/device_layout.py): at attach each stage gets one
+  device buffer and its parameters and buffers become views into it (tied slots share one
+  Parameter), so a stage arrives in a few large copies; the constructor's own empty tensors are
+  dropped as each stage is placed, so the peak is about the model plus one stage.
+* the **consumer** takes pieces in order, enqueues their copies on a CUDA stream of its own
+  (hashing in order the stages of a package without block checksums), and records the stage's
+  event after its last copy, handing it to
+* the **watcher**, which waits for each stage's event in turn: a stage is announced resident
+  (and its read span ends) only once its copies have *completed*, not when they were queued.
+  The compute stream waits on exactly that event before the stage's first module runs.
 
-* the *loader* reads, hashes and enqueues the copies, then records the stage's event on the
-  copy stream after its last copy, and hands the event to
-* the *watcher*, which waits for each stage's event in turn: a stage is announced resident (and
-  its read span ends) only once its copies have *completed*, not when they were queued. The
-  compute stream waits on exactly that event before the stage's first module runs.
+Every failure on any of these threads, of any type, reaches the pipeline's failure path
+(`on_stage` with an error) once: a forward waiting on a stage gets the error, never waits for
+ever. Out of device memory and CUDA errors are `DeviceError` (the worker exits for replacement);
+anything else is the package's error. The ring is unregistered and unmapped once the last copy
+out of it has completed.
 
-Every failure on either thread, of any type, reaches the pipeline's failure path
-(`on_stage` with an error): a forward waiting on a stage gets the error, never waits for ever.
-Out of device memory and CUDA errors are `DeviceError` (the worker exits for replacement);
-anything else is the package's error. The pinned ring is released once the last copy out of it
-has completed (and the caching host allocator asked to hand it back).
-
-Parameters that the constructor makes non-contiguous get their bytes into a contiguous device
-temporary and one strided copy after it (in stream order, before the stage's event); a stored
-tensor's aliases that the constructor does not tie are tied at attach (the same object in every
-slot, as the CPU path does), so no slot stays uninitialised.
+Parameters that the constructor makes non-contiguous keep their layout: their bytes land in the
+stage buffer and one strided copy follows (in stream order, before the stage's event). A stored
+tensor's aliases that the constructor does not tie are tied (the same object in every slot, as
+the CPU path does). Slots are set with `setattr`, so a module that tracks its parameters
+(`nn.LSTM`'s flat weights) sees the new ones; a constructor that kept its own reference to a
+parameter's tensor elsewhere would not (the in-place copy of the earlier loader did).
 
 Device operations go through a `CudaBackend`; `cloud/loading/simulated.py` provides one that
 runs on CPU with copies that complete when told, for tests and `benchmarks/gpu_check.py
@@ -41,7 +50,9 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from cicada.cloud.loading.base import StageRead, StageSource, load_error
-from cicada.common.errors import PackageIntegrityError
+from cicada.cloud.loading.device_layout import StageLayout, stage_layout
+from cicada.cloud.loading.ring import Piece, ReadRing, plan_pieces
+from cicada.common.errors import CicadaError, PackageIntegrityError
 from cicada.common.package import StageEntry
 
 if TYPE_CHECKING:
@@ -51,8 +62,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cicada.cloud")
 
-CHUNK = 64 * 1024 * 1024
-RING = 3
+CHUNK = 64 * 1024 * 1024  # a piece (one ring slot): whole blocks up to this many bytes
+MAX_READERS = 4
+
+
+def default_readers() -> int:
+    """Reader threads when none are asked for: one per CPU, up to MAX_READERS."""
+    return max(1, min(MAX_READERS, os.cpu_count() or 1))
 
 
 def prefetch_file(path: Path) -> None:
@@ -84,8 +100,15 @@ class CudaBackend:
     def event(self) -> Any:
         return self.torch.cuda.Event()
 
-    def pinned(self, nbytes: int) -> torch.Tensor:
-        return self.torch.empty(nbytes, dtype=self.torch.uint8, pin_memory=True)
+    def pin(self, host: torch.Tensor) -> None:
+        """Page-lock `host` (the ring, allocated before torch) in place, for async copies."""
+        cudart = self.torch.cuda.cudart()
+        err = cudart.cudaHostRegister(host.data_ptr(), host.numel(), 0)  # 0: default flags
+        if int(err) != 0:  # cudaSuccess
+            raise RuntimeError(f"CUDA error: cudaHostRegister of the read ring failed ({err})")
+
+    def unpin(self, host: torch.Tensor) -> None:
+        self.torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
 
     def empty(self, nbytes: int) -> torch.Tensor:
         return self.torch.empty(nbytes, dtype=self.torch.uint8, device=self.device)
@@ -105,38 +128,48 @@ class CudaBackend:
     def synchronize(self) -> None:
         self.torch.cuda.current_stream(self.device).synchronize()
 
-    def release_pinned(self) -> None:
-        """Hand cached pinned blocks back to the system (the ring is dropped by then)."""
-        c = self.torch._C
-        empty = getattr(c, "_accelerator_emptyHostCache", None) or getattr(
-            c, "_host_emptyCache", None
-        )
-        if empty is not None:
-            empty()
-
 
 class CudaStageSource(StageSource):
     kind = "cuda"
     in_place = True
     chunk_bytes = CHUNK
-    ring_size = RING
+    # Ring slots; None: readers + 2 (the sizing rule in cloud/loading/ring.py).
+    ring_slots: int | None = None
+    ring_class: type[ReadRing] = ReadRing  # tests inject reader failures through a subclass
 
     # Makes the device backend from the device name; `using` swaps in another (simulated).
     make_backend: Callable[[str], Any] = CudaBackend
 
     @classmethod
-    def using(cls, backend: Callable[[str], Any]) -> type[CudaStageSource]:
+    def using(cls, backend: Callable[[str], Any], **attrs: Any) -> type[CudaStageSource]:
         """This source on another device backend (e.g. `SimulatedCuda`), for `ColdStart`'s
-        `source` argument."""
-        return type(f"{cls.__name__}Using", (cls,), {"make_backend": staticmethod(backend)})
+        `source` argument; `attrs` override class settings (`chunk_bytes`, `ring_slots`,
+        `ring_class`)."""
+        attrs["make_backend"] = staticmethod(backend)
+        return type(f"{cls.__name__}Using", (cls,), attrs)
 
     def start(self, on_stage: Callable[[StageRead], None]) -> None:
-        # Pinned buffers and CUDA need torch; until it is imported, let the kernel pull the
-        # file into the page cache so the later reads are memory-speed.
+        # Torch-free: the readers fill the ring while torch imports; the kernel is asked to
+        # pull the rest of the file into the page cache meanwhile.
         self.on_stage = on_stage
-        self.ring: list[torch.Tensor] = []
-        self.ring_done: list[Any] = []
-        self.loaded = threading.Event()  # set once the loader thread ended, ring released
+        self._reported = False
+        self._report_lock = threading.Lock()
+        self.loaded = threading.Event()  # set once the consumer ended and the ring is released
+        self.pieces = plan_pieces(self.manifest, self.chunk_bytes)
+        self.readers = self.threads or default_readers()
+        slots = self.ring_slots or self.readers + 2
+        try:
+            self.ring = self.ring_class(
+                self.path, self.pieces, slots=slots, readers=self.readers, verify=self.verify,
+                clock=self.timeline.now, on_error=self._reader_failed,
+            )  # fmt: skip
+        except OSError as exc:  # mmap: out of memory or address space
+            raise CicadaError(
+                f"cannot allocate the GPU loader's read ring ({slots} slots of up to "
+                f"{self.chunk_bytes} bytes): {exc}; use fewer reader threads"
+            ) from exc
+        self.host: list[torch.Tensor] = []  # the ring's buffers as tensors, pinned (after attach)
+        self.ring.start()
         prefetch_file(self.path)
 
     def construction(self) -> AbstractContextManager[Any]:
@@ -150,110 +183,109 @@ class CudaStageSource(StageSource):
         self.torch = torch
         self.backend = self.make_backend(self.device)
         stages = self.manifest.stages
-        self.chunk = min(self.chunk_bytes, max(s.nbytes for s in stages) or 1)
         self.stream = self.backend.stream()
         self.stage_done = [self.backend.event() for _ in stages]
-        self.dest, self.strided = self._destinations(slots)
-        self.ring = [self.backend.pinned(self.chunk) for _ in range(self.ring_size)]
-        self.ring_done = [None] * self.ring_size
+        self.layouts = [stage_layout(s) for s in stages]
+        self.stage_buffers: list[torch.Tensor] = []
+        self.strided: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._place(slots)
+        # Per piece: how many copies it takes (tests count what the loader may enqueue).
+        self.piece_copies = [self._copy_count(p) for p in self.pieces]
+        for host in (torch.frombuffer(buf, dtype=torch.uint8) for buf in self.ring.buffers):
+            self.host.append(host)
+            self.backend.pin(host)
         self.completions: queue.Queue[tuple[StageEntry, float, Any] | None] = queue.Queue()
+        self.attached_at = self.timeline.now()
         threading.Thread(target=self._watch, name="cicada-gpu-watcher", daemon=True).start()
         threading.Thread(target=self._run, name="cicada-gpu-loader", daemon=True).start()
 
-    def _destinations(
-        self, slots: dict[str, list[Slot]]
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Where each stored tensor's bytes go: its constructed storage, as flat bytes. A
-        non-contiguous parameter gets a contiguous temporary (`strided`: name -> the
-        parameter) copied into it after its last byte; aliases are tied to their target."""
+    def abandon(self) -> None:
+        self.ring.stop()
+
+    def _place(self, slots: dict[str, list[Slot]]) -> None:
+        """One device buffer per stage; every stored tensor (and its aliases) becomes a view
+        into it, except a non-contiguous one, which keeps its layout and is copied into
+        from its view (`strided`: name -> (view, parameter))."""
+        from cicada.cloud.packing import SAFETENSORS_TO_TORCH
+
         aliases_of: dict[str, list[str]] = {}
         for alias, stored in self.manifest.aliases.items():
             aliases_of.setdefault(stored, []).append(alias)
-        dest: dict[str, torch.Tensor] = {}
-        strided: dict[str, torch.Tensor] = {}
-        for t in self.manifest.tensors():
-            target = slots[t.name][0].get()
-            for name in (t.name, *aliases_of.get(t.name, ())):
-                for slot in slots[name]:
-                    _tie(slot, target)
-            if target.is_contiguous():
-                dest[t.name] = target.detach().view(-1).view(self.torch.uint8)
-            else:
-                dest[t.name] = self.backend.empty(t.nbytes)
-                strided[t.name] = target.detach()
-        return dest, strided
+        for stage, layout in zip(self.manifest.stages, self.layouts, strict=True):
+            buf = self.backend.empty(layout.nbytes)
+            self.stage_buffers.append(buf)
+            for t in stage.tensors:
+                at = layout.offsets[t.name]
+                dtype = SAFETENSORS_TO_TORCH[t.dtype]
+                view = buf[at : at + t.nbytes].view(dtype).view(t.shape)
+                constructed = slots[t.name][0].get()
+                if constructed.is_contiguous():
+                    value = view
+                else:
+                    self.strided[t.name] = (view, constructed.detach())
+                    value = constructed
+                for name in (t.name, *aliases_of.get(t.name, ())):
+                    for slot in slots[name]:
+                        value = _tie(slot, value)
+                del constructed, value  # the constructor's empty storage goes now
+
+    def _copy_count(self, piece: Piece) -> int:
+        layout = self.layouts[piece.stage.index]
+        tails = sum(piece.begin < t.end <= piece.end for t in piece.stage.tensors
+                    if t.name in self.strided)  # fmt: skip
+        return len(layout.copies(piece.begin, piece.end)) + tails
 
     def _run(self) -> None:
-        """The loader thread: read, hash and enqueue every stage's copies in order."""
-        stage = self.manifest.stages[0]
-        start = self.timeline.now()
-        fd = -1
+        """The consumer: take pieces in order, enqueue their copies, record stage events."""
+        piece = self.pieces[0]
+        start = self.attached_at
         try:
-            fd = os.open(self.path, os.O_RDONLY)
             with self.torch.inference_mode():  # the model may be built under it
-                slot = 0
-                for stage in self.manifest.stages:
-                    start = self.timeline.now()
-                    slot = self._enqueue_stage(fd, stage, slot)
-                    self.completions.put((stage, start, self.stage_done[stage.index]))
-            for done in self.ring_done:  # the last copies out of the ring have completed
-                if done is not None:
-                    done.synchronize()
+                digest: Any = None
+                for piece in self.pieces:
+                    stage = piece.stage
+                    view = self.ring.take(piece.index)
+                    if view is None:
+                        return  # the ring stopped: its failure is reported already
+                    if piece.first:
+                        start = self.ring.read_at[piece.index]
+                        ordered = self.verify and not stage.blocks
+                        digest = xxhash.xxh3_64() if ordered else None
+                    if digest is not None:
+                        digest.update(view)
+                    host = self.host[piece.index % len(self.host)]
+                    self._copy_piece(piece, host)
+                    done = self.backend.event()
+                    self.backend.record(done, self.stream)
+                    self.ring.release(piece.index, done)
+                    if piece.last:
+                        if digest is not None and digest.hexdigest() != stage.xxh3:
+                            raise PackageIntegrityError(
+                                f"{self.path}: stage {stage.index} ({stage.name}) checksum "
+                                "mismatch: the file is corrupt; re-run `cicada pack`"
+                            )
+                        self.backend.record(self.stage_done[stage.index], self.stream)
+                        self.completions.put((stage, start, self.stage_done[stage.index]))
+            self.ring.drain()  # the last copies out of the ring have completed
         except BaseException as exc:  # any failure is the load's, reported
-            self.on_stage(StageRead(stage, start, self.timeline.now(), load_error(self.path, exc)))
+            self._report(piece.stage, start, exc)
         finally:
             self.completions.put(None)
-            if fd >= 0:
-                os.close(fd)
             self._release_ring()
 
-    def _enqueue_stage(self, fd: int, stage: StageEntry, slot: int) -> int:
-        """Read, hash and enqueue one stage's copies, then record its event. Returns the next
-        ring slot. Raises PackageIntegrityError on a short read or a checksum mismatch."""
-        digest = xxhash.xxh3_64()
-        pos = stage.begin
-        while pos < stage.end:
-            n = min(self.chunk, stage.end - pos)
-            i, slot = slot % len(self.ring), slot + 1
-            if self.ring_done[i] is not None:
-                self.ring_done[i].synchronize()  # its last copy has left the buffer
-            host = self.ring[i]
-            view = memoryview(host.numpy())[:n]  # type: ignore[arg-type]
-            got = 0
-            while got < n:
-                r = os.preadv(fd, [view[got:]], pos + got)
-                if r <= 0:
-                    raise PackageIntegrityError(f"{self.path}: short read at {pos + got}")
-                got += r
-            if self.verify:
-                digest.update(view)
-            self._copy_range(stage, pos, n, host)
-            event = self.backend.event()
-            self.backend.record(event, self.stream)
-            self.ring_done[i] = event
-            pos += n
-        if self.verify and digest.hexdigest() != stage.xxh3:
-            raise PackageIntegrityError(
-                f"{self.path}: stage {stage.index} ({stage.name}) checksum mismatch: "
-                "the file is corrupt; re-run `cicada pack`"
-            )
-        self.backend.record(self.stage_done[stage.index], self.stream)
-        return slot
-
-    def _copy_range(self, stage: StageEntry, pos: int, n: int, host: torch.Tensor) -> None:
-        """Copy file bytes [pos, pos+n), now in `host`, to every tensor they overlap."""
-        end = pos + n
+    def _copy_piece(self, piece: Piece, host: torch.Tensor) -> None:
+        """Enqueue the copies of file bytes [piece.begin, piece.end), now in `host`, into the
+        stage's buffer; then a strided copy for each kept layout whose last byte arrived."""
+        stage = piece.stage
+        buf = self.stage_buffers[stage.index]
+        layout: StageLayout = self.layouts[stage.index]
+        for lo, hi, at in layout.copies(piece.begin, piece.end):
+            self.backend.copy(self.stream, buf[at : at + hi - lo],
+                              host[lo - piece.begin : hi - piece.begin])  # fmt: skip
         for t in stage.tensors:
-            lo, hi = max(t.begin, pos), min(t.end, end)
-            if lo >= hi:
-                continue
-            dst = self.dest[t.name]
-            self.backend.copy(
-                self.stream, dst[lo - t.begin : hi - t.begin], host[lo - pos : hi - pos]
-            )
-            param = self.strided.get(t.name)
-            if param is not None and hi == t.end:  # its last byte: one strided copy, in order
-                self.backend.copy(self.stream, param, dst.view(param.dtype).view(param.shape))
+            kept = self.strided.get(t.name)
+            if kept is not None and piece.begin < t.end <= piece.end:
+                self.backend.copy(self.stream, kept[1], kept[0])
 
     def _watch(self) -> None:
         """The watcher thread: announce each stage once its copies have completed."""
@@ -263,20 +295,41 @@ class CudaStageSource(StageSource):
             while (item := self.completions.get()) is not None:
                 stage, start, event = item
                 event.synchronize()
-                self.on_stage(StageRead(stage, start, self.timeline.now()))
+                now = self.timeline.now()
+                if stage.index == len(self.manifest.stages) - 1:
+                    # The link's share of the load: from the first copy enqueued to the last
+                    # completed (reading before then overlapped the import and construction).
+                    self.timeline.add("transfer", "all stages", self.attached_at, now)
+                self.on_stage(StageRead(stage, start, now))
         except BaseException as exc:  # a CUDA error surfaces here, asynchronously
-            failed = stage if stage is not None else self.manifest.stages[0]
-            self.on_stage(StageRead(failed, start, self.timeline.now(), load_error(self.path, exc)))
+            self._report(stage if stage is not None else self.manifest.stages[0], start, exc)
+            self.ring.stop()
+
+    def _reader_failed(self, piece: Piece, start: float, exc: BaseException) -> None:
+        self._report(piece.stage, start, exc)
+
+    def _report(self, stage: StageEntry, start: float, exc: BaseException) -> None:
+        """Fail the load, once, whichever thread fails first."""
+        with self._report_lock:
+            if self._reported:
+                return
+            self._reported = True
+        self.on_stage(StageRead(stage, start, self.timeline.now(), load_error(self.path, exc)))
 
     def _release_ring(self) -> None:
-        """Drop the pinned ring and the temporaries: the load no longer needs them."""
-        self.ring, self.ring_done = [], []
+        """Unregister and unmap the ring: the load no longer needs it."""
+        pinned: list[torch.Tensor | None] = list(self.host)
+        self.host = []
         self.strided.clear()
-        self.dest.clear()
+
+        def unpin(slot: int) -> None:
+            self.backend.unpin(pinned[slot])
+            pinned[slot] = None  # the last tensor over the buffer: it can be unmapped
+
         try:
-            self.backend.release_pinned()
+            self.ring.close(unpin=unpin)
         except Exception as exc:  # the load itself is done: say so, and go on
-            log.warning("the pinned ring could not be handed back: %s", exc)
+            log.warning("the read ring could not be released: %s", exc)
         finally:
             self.loaded.set()
 
@@ -288,14 +341,16 @@ class CudaStageSource(StageSource):
         self.backend.synchronize()
 
 
-def _tie(slot: Slot, tensor: torch.Tensor) -> None:
-    """Put `tensor` itself in `slot` (a no-op where the constructor already tied it)."""
+def _tie(slot: Slot, tensor: torch.Tensor) -> torch.Tensor:
+    """Put `tensor` itself in `slot` (a no-op where it is there already), through `setattr`
+    so that a module tracking its parameters sees it. Returns what the slot holds: pass it on
+    to the tensor's other slots, so that they share one Parameter."""
     from torch import nn
 
     if slot.get() is tensor:
-        return
-    if slot.is_parameter:
-        value = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, False)
-        slot.module._parameters[slot.attr] = value
-    else:
-        slot.module._buffers[slot.attr] = tensor
+        return tensor
+    value = tensor
+    if slot.is_parameter and not isinstance(tensor, nn.Parameter):
+        value = nn.Parameter(tensor, requires_grad=False)
+    setattr(slot.module, slot.attr, value)
+    return value

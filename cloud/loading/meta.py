@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """accelerate's init_empty_weights(include_buffers=False): parameters go to meta as they
     are registered; buffers (non-persistent ones included) are built for real."""
     from torch import nn
@@ -49,7 +49,7 @@ class MetaLoader(Loader):
 
         manifest, timeline, device = self.manifest, self.timeline, self.device
         arch = manifest.architecture
-        with timeline.span("construct", "construct"), _parameters_on_meta(), torch.device(device):
+        with timeline.span("construct", "construct"), parameters_on_meta(), torch.device(device):
             model: nn.Module = build_model(arch.factory, arch.config, init=False)
         with timeline.span("read", "safetensors mmap"):
             state = load_file(str(self.package_dir / manifest.weights), device=device)

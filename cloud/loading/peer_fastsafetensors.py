@@ -1,6 +1,7 @@
-"""``peer-fastsafetensors``: fastsafetensors' `SafeTensorsFileLoader` with ``nogds=True`` and
-device cpu: pread into host buffers, no GPUDirect Storage (peer loaders: see
-cloud/loading/registry.py)."""
+"""``peer-fastsafetensors``: fastsafetensors' `SafeTensorsFileLoader` with ``nogds=True``: pread
+into host buffers, no GPUDirect Storage; on a GPU (``--device cuda``) its own GPU mode, the
+file copied through pinned bounce buffers into one device buffer that the tensors are views of
+(peer loaders: see cloud/loading/registry.py)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,16 @@ from cicada.cloud.loading.state_dict import apply_and_run, construct
 
 class FastsafetensorsLoader(Loader):
     name = "peer-fastsafetensors"
-    devices = ("cpu",)
+    devices = ("cpu", "cuda")
     library = ("fastsafetensors", "fastsafetensors")
 
     def run(self, inputs: Any) -> Any:
         manifest, timeline = self.manifest, self.timeline
         fastsafetensors = self.import_library()
-        model = construct(manifest, timeline)
+        model = construct(manifest, timeline, self.device)
         with timeline.span("read", "SafeTensorsFileLoader(nogds)"):
-            # nogds=True with a CPU device: pread through bounce buffers into host memory.
-            loader = fastsafetensors.SafeTensorsFileLoader(None, device="cpu", nogds=True)
+            # nogds=True: pread through bounce buffers into memory of `device` (CPU or GPU).
+            loader = fastsafetensors.SafeTensorsFileLoader(None, device=self.device, nogds=True)
             try:
                 loader.add_filenames({0: [str(self.package_dir / manifest.weights)]})
                 buffers = loader.copy_files_to_device()

@@ -1,4 +1,5 @@
-"""``peer-tensorizer``: CoreWeave tensorizer's `TensorDeserializer` on its own serialized file,
+"""``peer-tensorizer``: CoreWeave tensorizer's `TensorDeserializer` on its own serialized file
+(to the CPU, or on a GPU with ``--device cuda`` straight to the device),
 ``<package>/peers/model.tensors`` (`prepare_tensorizer` writes it once, outside the timed run;
 peer loaders: see cloud/loading/registry.py)."""
 
@@ -59,7 +60,7 @@ def prepare_tensorizer(package_dir: Path | str) -> Path:
 
 class TensorizerLoader(Loader):
     name = "peer-tensorizer"
-    devices = ("cpu",)
+    devices = ("cpu", "cuda")
     library = ("tensorizer", "tensorizer")
 
     @classmethod
@@ -76,11 +77,12 @@ class TensorizerLoader(Loader):
                 f"{str(self.package_dir)!r}) (the benchmark does)"
             )
         tensorizer = self.import_library()
-        model = construct(manifest, timeline)
+        model = construct(manifest, timeline, self.device)
         with timeline.span("read", "TensorDeserializer"):
             # lazy_load=False: every tensor is read up front, with tensorizer's own reader
-            # threads.
-            deserializer = tensorizer.TensorDeserializer(str(path), device="cpu", lazy_load=False)
+            # threads; on a GPU its own GPU mode (pinned staging, device-side allocation).
+            deserializer = tensorizer.TensorDeserializer(str(path), device=self.device,
+                                                         lazy_load=False)  # fmt: skip
             state = {str(name): deserializer[name] for name in deserializer}
         expected = {t.name for t in manifest.tensors()}
         if set(state) != expected:

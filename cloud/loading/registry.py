@@ -9,8 +9,9 @@ file and one line here.
 * ``pisel``   layer by layer in lockstep (PISeL-style); nothing overlaps.
 
 Peer loaders (``peer-*``), in the same harness and on the same package: each builds the model
-as ``meta`` does (MiniLoader: init skipped, on CPU), loads the same weights with the peer
-library in its CPU mode into a state dict (lane "read"), hands it to
+as ``meta`` does (MiniLoader: init skipped; on CPU, or on a GPU with parameters on meta and
+buffers on the device), loads the same weights with the peer library in its CPU mode, or its
+GPU mode with ``--device cuda``, into a state dict (lane "read"), hands it to
 ``load_state_dict(strict=True, assign=True)`` (lane "apply") and runs one forward under
 ``torch.inference_mode`` (lane "compute"). Importing the peer library is timed on the "import"
 lane. The libraries are optional (the ``bench`` extra) and imported lazily.

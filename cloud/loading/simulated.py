@@ -72,8 +72,9 @@ class SimulatedCuda:
         self.streams: list[SimulatedStream] = []
         self.copies = 0  # enqueued so far
         self.waited: list[SimulatedEvent] = []  # events the compute stream waited on
-        self.pinned_buffers: list[torch.Tensor] = []
-        self.released_pinned = 0
+        self.pinned_buffers: list[torch.Tensor] = []  # registered and not unregistered yet
+        self.ever_pinned = 0
+        self.unpinned = 0
 
     # -- what the loader calls (CudaBackend's interface) -----------------------------------
 
@@ -85,10 +86,13 @@ class SimulatedCuda:
     def event(self) -> SimulatedEvent:
         return SimulatedEvent(self)
 
-    def pinned(self, nbytes: int) -> torch.Tensor:
-        buf = self.torch.empty(nbytes, dtype=self.torch.uint8)
-        self.pinned_buffers.append(buf)
-        return buf
+    def pin(self, host: torch.Tensor) -> None:
+        self.pinned_buffers.append(host)
+        self.ever_pinned += 1
+
+    def unpin(self, host: torch.Tensor) -> None:
+        self.pinned_buffers = [b for b in self.pinned_buffers if b is not host]
+        self.unpinned += 1
 
     def empty(self, nbytes: int) -> torch.Tensor:
         return self.torch.empty(nbytes, dtype=self.torch.uint8)
@@ -115,10 +119,6 @@ class SimulatedCuda:
 
     def synchronize(self) -> None:
         pass  # compute ran synchronously on the CPU
-
-    def release_pinned(self) -> None:
-        self.pinned_buffers.clear()
-        self.released_pinned += 1
 
     # -- what a test drives ----------------------------------------------------------------
 

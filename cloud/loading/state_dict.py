@@ -32,12 +32,24 @@ def forward(model: nn.Module, inputs: Any, timeline: Timeline) -> Any:
         return model(inputs)
 
 
-def construct(manifest: Manifest, timeline: Timeline) -> nn.Module:
-    """MiniLoader on the CPU: init skipped, as the ``meta`` strategy builds (without meta)."""
+def construct(manifest: Manifest, timeline: Timeline, device: str = "cpu") -> nn.Module:
+    """MiniLoader: init skipped. On the CPU as the ``meta`` strategy builds (without meta);
+    on a GPU as ``meta`` does there (parameters on meta, buffers on the device), so that the
+    peer's tensors are the only device copy of the weights."""
+    import contextlib
+
+    import torch
+
+    from cicada.cloud.loading.meta import parameters_on_meta
     from cicada.cloud.miniloader import build_model
 
     arch = manifest.architecture
-    with timeline.span("construct", "construct"):
+    placed: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if device != "cpu":
+        placed = contextlib.ExitStack()
+        placed.enter_context(parameters_on_meta())
+        placed.enter_context(torch.device(device))
+    with timeline.span("construct", "construct"), placed:
         return build_model(arch.factory, arch.config, init=False)
 
 

@@ -1,7 +1,8 @@
 """Smoke test for benchmarks/gpu_check.py's CPU dry run: every check that applies on CPU
-passes (bit-identity of the CUDA loader over a simulated device and of the CPU loader, a
-corrupt stage and an injected loader error ending in errors), the GPU-only ones are skipped by
-name, and the script exits 0. No timing is asserted."""
+passes (bit-identity of the CUDA loader over a simulated device, with 3 parallel readers too,
+and of the CPU loader, a corrupt stage, a corrupt block and an injected loader error ending in
+errors), the GPU-only ones are skipped by name, and the script exits 0. No timing is
+asserted."""
 
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def test_cpu_dry_run_passes_every_check_that_applies(tmp_path: Path) -> None:
         assert any(line.startswith(f"PASS bit-identity {model} cuda-loader") for line in lines)
     assert any(line.startswith("PASS corrupt stage ends in an error cuda-loader") for line in lines)
     assert any(line.startswith("PASS injected loader error ends in an error") for line in lines)
+    # The parallel readers and block checksums are exercised by the dry run too.
+    assert any(line.startswith("PASS bit-identity gpt2 cuda-loader, 3 readers") for line in lines)
+    assert any(line.startswith("PASS corrupt block names its stage and block") for line in lines)
     assert "SKIP pinned H2D bandwidth: needs --device cuda" in lines
     assert lines[-1].startswith("PASS gpu_check")
     assert json.loads(figures.read_text()) == {}  # no GPU figures from a dry run

@@ -193,6 +193,8 @@ def relayout(pkg: Path, drop: Iterable[str] = (), to_f64: Iterable[str] = ()) ->
             cursor += len(data)
         stage["end"] = cursor
         stage["xxh3"] = digest.hexdigest()
+        stage.pop("blocks", None)  # rewritten with the stage's checksum only (an older package)
+        stage.pop("block_bytes", None)
     doc["stages"] = stages
     doc["aliases"] = {a: t for a, t in doc["aliases"].items() if t not in drop}
     doc["files"][WEIGHTS_NAME] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}

@@ -70,7 +70,9 @@ def test_a_stage_is_resident_only_once_its_copies_completed(tmp_path: Path) -> N
     cold = _cold(package, sim)
     cold.build()
     stages = cold.manifest.stages
-    queued = sum(len(s.tensors) for s in stages[: CudaStageSource.ring_size])
+    source = cold.source
+    assert isinstance(source, CudaStageSource)
+    queued = sum(source.piece_copies[: len(source.ring.buffers)])
     sim.wait_queued(queued)  # the loader enqueued every copy the ring allows
     assert not any(cold.is_resident(s.index) for s in stages)
     assert cold.read_stages == 0  # READY cannot be due: nothing announced
@@ -85,7 +87,7 @@ def test_a_stage_is_resident_only_once_its_copies_completed(tmp_path: Path) -> N
 
 
 class _FailsAtAttach(SimulatedCuda):
-    def pinned(self, nbytes: int) -> torch.Tensor:
+    def pin(self, host: torch.Tensor) -> None:
         raise torch.cuda.OutOfMemoryError("simulated: cannot pin the ring")
 
 
@@ -170,9 +172,10 @@ def test_the_pinned_ring_is_released_after_the_load(tmp_path: Path) -> None:
     source = cold.source
     assert isinstance(source, CudaStageSource)
     rings = [weakref.ref(buf) for buf in sim.pinned_buffers]
-    assert len(rings) == CudaStageSource.ring_size
+    assert len(rings) == len(source.ring.buffers) == source.readers + 2  # the sizing rule
     cold.forward(x)
     assert source.loaded.wait(BOUND_S)
     gc.collect()
-    assert source.ring == [] and sim.released_pinned == 1
+    assert source.host == [] and source.ring.buffers == []  # unmapped
+    assert sim.pinned_buffers == [] and sim.unpinned == len(rings)  # unregistered, each
     assert all(ref() is None for ref in rings)  # nothing holds the pinned memory any more

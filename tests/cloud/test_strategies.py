@@ -136,6 +136,8 @@ def _unaligned_copy(src: Path, dest: Path) -> Manifest:
             body += data
             digest.update(data)
         stage["end"], stage["xxh3"] = len(body), digest.hexdigest()
+        stage.pop("blocks", None)  # as written before block checksums
+        stage.pop("block_bytes", None)
     doc["files"][WEIGHTS_NAME] = {"size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
     doc.pop("manifest_sha256")
     dest.mkdir()
