@@ -237,7 +237,8 @@ class Verifier:
         x = tr["drop"](tr["wte"](ids) + tr["wpe"](pos))  # (1, T, C)
         # Query at position p sees keys 0..p: the cache and its own prefix.
         mask = torch.arange(start + t, device=ids.device)[None, :] <= pos[:, None]  # (T, S+T)
-        for block, layer in zip(cast(nn.ModuleList, tr["h"]), self.cache, strict=True):
+        blocks: list[Any] = list(tr["h"])
+        for block, layer in zip(blocks, self.cache, strict=True):
             attn = block.attn
             c, nh = attn.n_embd, attn.n_head
             q, k, v = attn.c_attn(block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
@@ -267,9 +268,7 @@ class Verifier:
     def _fits(self, length: int) -> None:
         # The forward feeds `length` positions at most, plus the next token's own.
         if length > self.context:
-            raise SpeculativeError(
-                f"{length} tokens exceed the model's context of {self.context}"
-            )
+            raise SpeculativeError(f"{length} tokens exceed the model's context of {self.context}")
 
     def _started(self) -> None:
         if not self.tokens:

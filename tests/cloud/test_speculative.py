@@ -19,6 +19,7 @@ from cicada.cloud.models import bert, gpt2
 from cicada.cloud.speculative import (
     DEFAULT_MARGIN,
     AdaptiveGamma,
+    Draft,
     SpeculativeError,
     Verifier,
     speculative_generate,
@@ -57,7 +58,7 @@ def prompts(seed: int, count: int) -> list[tuple[np.ndarray, int]]:
     ]  # fmt: skip
 
 
-def drafter(kind: str, ref: list[int], prompt_len: int, other: list[int], seed: int):  # noqa: ANN201
+def drafter(kind: str, ref: list[int], prompt_len: int, other: list[int], seed: int) -> Draft:
     """A draft function of one kind, given the reference tokens it may (mis)quote."""
     rng = np.random.default_rng(seed)
 
@@ -147,9 +148,7 @@ def test_a_multi_token_forward_is_within_rounding_of_the_one_token_path() -> Non
     verifier.prefill(prompt)
     verifier._keep(len(prompt) - 1, [])  # feed the last prompt token again
     with torch.inference_mode():
-        many = verifier._forward_many(
-            torch.tensor([[int(prompt[-1]), *ref[:8]]]), len(prompt) - 1
-        )
+        many = verifier._forward_many(torch.tensor([[int(prompt[-1]), *ref[:8]]]), len(prompt) - 1)
     diff = float((many - torch.stack(one_token)).abs().max())
     assert diff < DEFAULT_MARGIN / 20, diff
 
@@ -169,6 +168,7 @@ def test_the_cache_after_a_rejection_is_a_fresh_prefills() -> None:
     with torch.inference_mode():
         model.decode(torch.tensor([verifier.tokens[:-1]]), fresh, 0)
     for mine, theirs in zip(verifier.cache, fresh, strict=True):
+        assert mine.k is not None and theirs.k is not None
         assert mine.k.shape == theirs.k.shape == (1, 2, len(verifier.tokens) - 1, 32)
         torch.testing.assert_close(mine.k, theirs.k, rtol=0, atol=1e-5)
         torch.testing.assert_close(mine.v, theirs.v, rtol=0, atol=1e-5)
