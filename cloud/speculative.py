@@ -10,17 +10,17 @@ greedy decode: a draft can only be accepted where the cloud model would have pro
 Bit-identity. The reference is the cloud worker's greedy decode (`cloud/generate.py`
 `CachedGPTDecoder`: the prompt in one forward, then one token per forward). A forward over
 several new tokens runs the linear layers on more rows, and BLAS sums in another order, so its
-logits differ from the one-token path's in the last bits (~1e-6 on the tiny model here,
-measured in tests/cloud/test_speculative.py) and so do the keys and values it caches. A token
-can only flip where its top two logits are that close. The margin guard therefore stops
-accepting at any position whose top-2 logit margin is below `margin` (default 1e-3, hundreds
-of times the measured error) and produces that one token by the reference's own path: the
-cache is rebuilt as the reference would have built it (the prompt alone, then one token per
-forward, from the first position a multi-token forward made; `model.decode`, the very code the
-reference runs), so the token at a near-tie is the reference's bit for bit. `guard_fired`
-counts how often (rarely: a random margin falls below 1e-3 about once in a few hundred
-positions on GPT-2-sized logits). A step without a draft (`decode_one`) is the reference's
-one-token step itself.
+logits differ from the one-token path's in the last bits (~1e-6 on the tiny model,
+tests/cloud/test_speculative.py; 2.3e-6 on GPT-2-medium-like, BENCHMARKS.md) and so do the keys
+and values it caches. A token can only flip where its top two logits are that close. The margin
+guard therefore stops accepting at any position whose top-2 logit margin is below `margin`
+(default 1e-3, hundreds of times the measured error) and produces that one token by the
+reference's own path: the cache is rebuilt as the reference would have built it (the prompt
+alone, then one token per forward, from the first position a multi-token forward made;
+`model.decode`, the very code the reference runs), so the token at a near-tie is the
+reference's bit for bit. `guard_fired` counts how often (rarely: a random margin falls below
+1e-3 about once in a few hundred positions on GPT-2-sized logits). A step without a draft
+(`decode_one`) is the reference's one-token step itself.
 
 The cache is Cicada's `LayerCache` list (what `GPT.decode` reads and writes), rolled back
 after each round by slicing to what stands: the positions of the tokens accepted so far.
