@@ -14,6 +14,9 @@ rules for the reference models:
                                cicada_export_module hooks)
 
 `shrink` overrides or adds config keys (and is the only rule for other factories).
+`full_depth` keeps every layer (the rule's divisor becomes 1; a transformers package keeps its
+layer count): with `int8`, the edge variant is the cloud model itself with int8 weights, the
+draft that agrees with it best (issue 13: speculative drafting after the takeover).
 
 Weights are stand-ins for a distilled edge model. Without a package the variant keeps the
 factory's seeded initialisation. With a package, every tensor the variant shares by name and
@@ -147,6 +150,7 @@ class EdgeModelInfo:
     exporter: str
     opset: int
     out: Path
+    full_depth: bool = False  # every layer kept (`full_depth`), not the shrink rule's share
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -179,14 +183,26 @@ def _jsonable(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def edge_config_for(
-    factory: str, source_config: Mapping[str, Any], shrink: Mapping[str, Any] | None = None
+    factory: str,
+    source_config: Mapping[str, Any],
+    shrink: Mapping[str, Any] | None = None,
+    full_depth: bool = False,
 ) -> tuple[dict[str, Any], str]:
-    """The edge variant's config and its variant name (without the "-int8" suffix)."""
+    """The edge variant's config and its variant name (without the "-int8" suffix).
+    `full_depth`: keep every layer (the shrink rule's divisor is 1)."""
     module, _ = resolve_factory(factory)
     rule = SHRINK_RULES.get(common_factory.canonical_factory(factory))
+    if rule is not None and full_depth:
+        rule = dataclasses.replace(rule, divisor=1)
     hook = getattr(module, "cicada_edge_config", None)
     if rule is None and callable(hook):  # e.g. cicada.cloud.hub, whose configs nest the model's
         edge, tag = hook(dict(source_config))
+        nested, source_nested = edge.get("config"), source_config.get("config")
+        if full_depth and isinstance(nested, dict) and isinstance(source_nested, Mapping):
+            for key in getattr(module, "LAYER_KEYS", ()):  # the hook's cut, undone
+                if key in source_nested:
+                    nested[key] = source_nested[key]
+                    tag = f"L{source_nested[key]}"
         edge.update(shrink or {})
         return _jsonable(edge), f"{module.__name__.rsplit('.', 1)[-1]}-edge-{tag}"
     edge = dict(source_config)
@@ -580,6 +596,7 @@ def export_edge(
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     keep_fp32: bool = False,
+    full_depth: bool = False,
 ) -> EdgeModelInfo:
     """Export the edge variant of a packaged model (or of `factory` + `config`) to `out`.
 
@@ -598,7 +615,7 @@ def export_edge(
     ):
         return _export(package_dir, out, source_factory, source_config, shrink=shrink,
                        int8=int8, seq_len=seq_len, opset=opset, force=force,
-                       keep_fp32=keep_fp32 or not int8)  # fmt: skip
+                       keep_fp32=keep_fp32 or not int8, full_depth=full_depth)  # fmt: skip
 
 
 def _export(
@@ -613,10 +630,11 @@ def _export(
     opset: int,
     force: bool,
     keep_fp32: bool,
+    full_depth: bool = False,
 ) -> EdgeModelInfo:
     import numpy as np
 
-    edge_config, variant = edge_config_for(source_factory, source_config, shrink)
+    edge_config, variant = edge_config_for(source_factory, source_config, shrink, full_depth)
     rule = SHRINK_RULES.get(common_factory.canonical_factory(source_factory))
     model, copied = build_edge_variant(source_factory, edge_config, package_dir)
 
@@ -692,6 +710,7 @@ def _export(
             exporter=exporter,
             opset=opset,
             out=out,
+            full_depth=full_depth,
         )
         (tmp / INFO_NAME).write_text(json.dumps(info.to_json(), indent=1))
     return info

@@ -28,6 +28,7 @@ from cicada.common.edge_model import (
 )
 from cicada.common.generation import limits_of
 from cicada.common.inputs import InputError, InputLimits
+from cicada.edge.drafter import Drafter
 
 
 def read_info(path: Path) -> dict[str, Any]:
@@ -117,6 +118,13 @@ class EdgeModel:
         """A greedy decoder over the exported cached step graph (one per generation; they
         share the session), or None if this model has none (then recompute the sequence)."""
         return None if self._decoder is None else CachedDecoder(self._decoder)
+
+    def new_drafter(self) -> Drafter | None:
+        """Greedy drafts for speculative decoding over the cached step graph (edge/drafter.py;
+        one per generation), or None if this model has none."""
+        if self._decoder is None:
+            return None
+        return Drafter(self._decoder, self.limits.vocab)
 
     @property
     def variant(self) -> str:

@@ -53,6 +53,13 @@ from cicada.common.errors import CicadaError
     help="With --int8: keep the fp32 graphs too (for `cicada edge --fp32`).",
 )
 @click.option(
+    "--full-depth",
+    is_flag=True,
+    help="Keep every layer (GPT-2's n_layer, BERT's num_hidden_layers, a transformers "
+    "package's layer count) instead of a quarter: with --int8, the cloud model itself in int8, "
+    "the draft that agrees with it best for speculative decoding. --shrink still applies.",
+)
+@click.option(
     "--shrink",
     "shrink_items",
     multiple=True,
@@ -76,6 +83,7 @@ def export_edge_cmd(
     out: Path,
     int8: bool,
     keep_fp32: bool,
+    full_depth: bool,
     shrink_items: tuple[str, ...],
     seq_len: int | None,
     opset: int,
@@ -85,14 +93,16 @@ def export_edge_cmd(
     """Export a small ONNX model for the edge agent, with the cloud model's signature.
 
     The edge variant is the same architecture with fewer layers (GPT-2: n_layer/4, BERT:
-    num_hidden_layers/4, ResNet: one block per stage); it takes and returns what the cloud
-    model does, with dynamic batch (and sequence) axes. Its weights are stand-ins for a
-    distilled model. Before anything is written, ONNX Runtime and torch run the variant on
-    the example input and must agree within the tolerances stated in edge_model.json.
+    num_hidden_layers/4, ResNet: one block per stage; every layer with --full-depth); it
+    takes and returns what the cloud model does, with dynamic batch (and sequence) axes. Its
+    weights are stand-ins for a distilled model. Before anything is written, ONNX Runtime and
+    torch run the variant on the example input and must agree within the tolerances stated
+    in edge_model.json.
 
     \b
     Examples:
       cicada export-edge --package pkg/gpt2 --out edge-models/gpt2 --int8
+      cicada export-edge --package pkg/gpt2 --out edge-models/gpt2-full --int8 --full-depth
       cicada export-edge --model cicada.cloud.models.resnet:build --out edge-models/resnet \\
           --shrink width=32
     """
@@ -127,6 +137,7 @@ def export_edge_cmd(
         info = export_edge(
             package_dir, out, factory=factory, config=config, shrink=shrink or None,
             int8=int8, seq_len=seq_len, opset=opset, force=force, keep_fp32=keep_fp32,
+            full_depth=full_depth,
         )  # fmt: skip
     except CicadaError as exc:
         fail(exc)
