@@ -573,7 +573,23 @@ def _malformed(request_id: str, exc: ProtocolError) -> TransportError:
 # -- the clients ------------------------------------------------------------------------------
 
 
-class TokenStream:
+class _SequenceView:
+    """What both token streams show of the generation so far."""
+
+    _sequence: TokenSequence
+
+    @property
+    def tokens(self) -> list[int]:
+        """The generation so far, after every piece read (rewinds applied); a copy."""
+        return list(self._sequence.tokens)
+
+    @property
+    def stable(self) -> int:
+        """How many of `tokens` are final: the rest are provisional (exact=True)."""
+        return self._sequence.stable
+
+
+class TokenStream(_SequenceView):
     """Iterates over a call's streamed `Piece`s; `.result` holds the final `InvokeResult`.
 
     Use it as a context manager (`with client.stream(...) as stream:`) or call `close()`:
@@ -585,16 +601,6 @@ class TokenStream:
         self._messages = messages
         self._sequence = TokenSequence()
         self.result: InvokeResult | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        """The generation so far, after every piece read (rewinds applied); a copy."""
-        return list(self._sequence.tokens)
-
-    @property
-    def stable(self) -> int:
-        """How many of `tokens` are final: the rest are provisional (exact=True)."""
-        return self._sequence.stable
 
     def __iter__(self) -> TokenStream:
         return self
@@ -620,7 +626,7 @@ class TokenStream:
         self.close()
 
 
-class AsyncTokenStream:
+class AsyncTokenStream(_SequenceView):
     """Async iteration over a call's streamed `Piece`s; `.result` holds the final result.
 
     `async with client.stream(...) as stream:` or `await stream.aclose()`: leaving before the
@@ -631,16 +637,6 @@ class AsyncTokenStream:
         self._messages = messages
         self._sequence = TokenSequence()
         self.result: InvokeResult | None = None
-
-    @property
-    def tokens(self) -> list[int]:
-        """As `TokenStream.tokens`."""
-        return list(self._sequence.tokens)
-
-    @property
-    def stable(self) -> int:
-        """As `TokenStream.stable`."""
-        return self._sequence.stable
 
     def __aiter__(self) -> AsyncTokenStream:
         return self
