@@ -135,15 +135,17 @@ class PackedLinears:
 
     def packing(self, weight: torch.Tensor) -> torch.Tensor:
         entry = self._packed.get(id(weight))
+        # Inference tensors have no version counter: their data pointer has to do.
+        version = -1 if weight.is_inference() else weight._version
         if (
             entry is not None
             and entry[0] is weight
             and entry[1] == weight.data_ptr()
-            and entry[2] == weight._version
+            and entry[2] == version
         ):
             return entry[3]
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, self.ROWS)
-        self._packed[id(weight)] = (weight, weight.data_ptr(), weight._version, packed)
+        self._packed[id(weight)] = (weight, weight.data_ptr(), version, packed)
         return packed
 
     def __call__(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:

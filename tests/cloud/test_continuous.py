@@ -199,3 +199,19 @@ def test_caches_grow_in_place_and_a_replaced_cache_is_taken_as_it_is() -> None:
     for (k, v), layer in zip(s_short.cache, dec._cache, strict=True):
         torch.testing.assert_close(k, layer.k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(v, layer.v, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_that_are_inference_tensors_are_packed_too() -> None:
+    """A model built under torch.inference_mode has weights without a version counter."""
+    with torch.inference_mode():
+        m = model()
+    assert m.lm_head.weight.is_inference()
+    reqs = [request(40 + i, 3 + 2 * i, 5) for i in range(3)]
+    streams = Streams(m)
+    made = [DecodeStream(r, lambda t: None) for r in reqs]
+    for s in made:
+        streams.start(s)
+    while streams.active:
+        streams.step()
+    assert streams.packed is not None and streams.packed._packed
+    assert [s.tokens for s in made] == [alone(m, r) for r in reqs]
