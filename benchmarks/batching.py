@@ -126,13 +126,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def decode(
-    model: Any, prompts: list[Any], steps: int, pack: bool = True, clock: Any = time.perf_counter
+    streams: Any, prompts: list[Any], steps: int, clock: Any = time.perf_counter
 ) -> tuple[float, list[list[int]]]:
-    """Seconds of `steps` batched steps of one stream per prompt, and each stream's tokens."""
-    from cicada.cloud.continuous import DecodeStream, Streams
+    """Seconds of `steps` batched steps of one stream per prompt, and each stream's tokens.
+    `streams` (cloud.continuous.Streams) is reused from call to call, as the worker keeps one
+    per model: its weights are packed once, at its first step of two or more streams."""
+    from cicada.cloud.continuous import DecodeStream
     from cicada.common.generation import GenerationRequest
 
-    streams = Streams(model, limit=len(prompts), pack=pack)
     made = [DecodeStream(GenerationRequest(p, steps + 1), lambda t: None) for p in prompts]
     for s in made:
         streams.start(s)  # prefill alone: not timed
@@ -155,16 +156,19 @@ def measure_decode(args: argparse.Namespace) -> dict[str, Any]:
     prompts = [rng.integers(0, vocab, size=args.tokens + i, dtype=np.int64) for i in range(largest)]
     pack = not args.no_pack
     clock = time.thread_time if args.cpu_clock else time.perf_counter
-    alone = [decode(model, [p], args.decode_tokens)[1][0] for p in prompts]
+    from cicada.cloud.continuous import Streams
+
+    alone = [decode(Streams(model, limit=1), [p], args.decode_tokens)[1][0] for p in prompts]
+    streams = Streams(model, limit=largest, pack=pack)
     times: dict[int, list[float]] = {k: [] for k in args.sizes}
     equal: dict[int, bool] = {}
     rss = resident_bytes()
     for k in args.sizes:  # warm-up (the packing, at the first size > 1), and the token check
-        equal[k] = decode(model, prompts[:k], args.decode_tokens, pack)[1] == alone[:k]
+        equal[k] = decode(streams, prompts[:k], args.decode_tokens)[1] == alone[:k]
     rss_growth = resident_bytes() - rss
     for _ in range(args.decode_rounds):
         for k in args.sizes:
-            times[k].append(decode(model, prompts[:k], args.decode_tokens, pack, clock)[0])
+            times[k].append(decode(streams, prompts[:k], args.decode_tokens, clock)[0])
     per_s = {k: k * args.decode_tokens / statistics.median(times[k]) for k in args.sizes}
     base = per_s[args.sizes[0]]
     return {
