@@ -20,6 +20,17 @@ prompt (`--tokens` + its index tokens long: no two alike) prefilled alone, then 
 together for `--decode-tokens` steps; tokens/s = k x steps / the time of the steps (prefills
 excluded), the median over `--decode-rounds` rounds after one untimed warm-up per size. Also
 checked: each stream's tokens equal its own greedy decode alone (`tokens_equal_to_alone`).
+`--no-pack` decodes without the packed weights (Streams(pack=False)), for a comparison.
+`--cpu-clock` times the decode steps by this thread's CPU time instead of the wall clock: with
+`--threads 1` that is the work of a step, less the time other processes take the core away on
+a shared machine (memory-bandwidth contention still counts).
+
+The floor (not with --quick): what this machine allows a decode step, from the bytes a step
+reads and the FLOPs of 8 rows. Measured in the same run: the read bandwidth of the linear
+weights (a sum over each, best of 3), the matmul rate at 8 rows of each linear shape on a
+cache-resident weight (packed, as the step runs it), and a 1024^3 matmul for the CPU's peak;
+then the linears of one step on the model's own weights at 1 row (torch) and at 8 rows (torch,
+packed). Best ratio = 8 x (bytes / bandwidth) / max(bytes / bandwidth, FLOPs / rate).
 
 The last line of output is one JSON object:
 {"forward_per_s": {"1": ..., "8": ...}, "decode_tokens_per_s": {"1": ..., "8": ...}}.
@@ -30,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -48,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=None, help="steps (default 16, quick 8)")
     p.add_argument("--decode-rounds", type=int, default=None, help="default 3, quick 1")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-pack", action="store_true", help="decode without packed weights")
+    p.add_argument("--no-floor", action="store_true", help="skip the floor measurement")
+    p.add_argument("--cpu-clock", action="store_true", help="decode timed by thread CPU time")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "batching")
     args = p.parse_args(argv)
     args.sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
@@ -110,19 +125,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def decode(model: Any, prompts: list[Any], steps: int) -> tuple[float, list[list[int]]]:
-    """Seconds of `steps` batched steps of one stream per prompt, and each stream's tokens."""
-    from cicada.cloud.continuous import DecodeStream, Streams
+def decode(
+    streams: Any, prompts: list[Any], steps: int, clock: Any = time.perf_counter
+) -> tuple[float, list[list[int]]]:
+    """Seconds of `steps` batched steps of one stream per prompt, and each stream's tokens.
+    `streams` (cloud.continuous.Streams) is reused from call to call, as the worker keeps one
+    per model: its weights are packed once, at its first step of two or more streams."""
+    from cicada.cloud.continuous import DecodeStream
     from cicada.common.generation import GenerationRequest
 
-    streams = Streams(model, limit=len(prompts))
     made = [DecodeStream(GenerationRequest(p, steps + 1), lambda t: None) for p in prompts]
     for s in made:
         streams.start(s)  # prefill alone: not timed
-    start = time.perf_counter()
+    start = clock()
     while streams.active:
         streams.step()
-    return time.perf_counter() - start, [s.tokens for s in made]
+    return clock() - start, [s.tokens for s in made]
 
 
 def measure_decode(args: argparse.Namespace) -> dict[str, Any]:
@@ -136,14 +154,21 @@ def measure_decode(args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     vocab = model.config.vocab_size
     prompts = [rng.integers(0, vocab, size=args.tokens + i, dtype=np.int64) for i in range(largest)]
-    alone = [decode(model, [p], args.decode_tokens)[1][0] for p in prompts]
+    pack = not args.no_pack
+    clock = time.thread_time if args.cpu_clock else time.perf_counter
+    from cicada.cloud.continuous import Streams
+
+    alone = [decode(Streams(model, limit=1), [p], args.decode_tokens)[1][0] for p in prompts]
+    streams = Streams(model, limit=largest, pack=pack)
     times: dict[int, list[float]] = {k: [] for k in args.sizes}
     equal: dict[int, bool] = {}
-    for k in args.sizes:  # warm-up, and the token check
-        equal[k] = decode(model, prompts[:k], args.decode_tokens)[1] == alone[:k]
+    rss = resident_bytes()
+    for k in args.sizes:  # warm-up (the packing, at the first size > 1), and the token check
+        equal[k] = decode(streams, prompts[:k], args.decode_tokens)[1] == alone[:k]
+    rss_growth = resident_bytes() - rss
     for _ in range(args.decode_rounds):
         for k in args.sizes:
-            times[k].append(decode(model, prompts[:k], args.decode_tokens)[0])
+            times[k].append(decode(streams, prompts[:k], args.decode_tokens, clock)[0])
     per_s = {k: k * args.decode_tokens / statistics.median(times[k]) for k in args.sizes}
     base = per_s[args.sizes[0]]
     return {
@@ -152,6 +177,81 @@ def measure_decode(args: argparse.Namespace) -> dict[str, Any]:
         "decode_tokens_per_s": {str(k): per_s[k] for k in args.sizes},
         "decode_ratio_to_smallest": {str(k): per_s[k] / base for k in args.sizes},
         "tokens_equal_to_alone": {str(k): equal[k] for k in args.sizes},
+        "decode_packed": pack,
+        "decode_clock": "thread CPU time" if args.cpu_clock else "wall",
+        # Memory the warm-up decodes kept (the packed weights, mostly), per /proc/self/statm.
+        "decode_rss_growth_bytes": rss_growth,
+    }
+
+
+def resident_bytes() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def best_time(run: Any, rounds: int = 3, reps: int = 1) -> float:
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(reps):
+            run()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
+def measure_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The bytes and FLOPs of a decode step's linear layers, and what this CPU does with them."""
+    from collections import Counter
+
+    import torch
+    import torch.nn.functional as F
+
+    from cicada.cloud.continuous import PackedLinears
+    from cicada.cloud.models import gpt2
+
+    model = gpt2.build(**model_config(args.quick))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    params = [t for lin in linears for t in (lin.weight, lin.bias) if t is not None]
+    nbytes = sum(t.numel() * t.element_size() for t in params)
+    rows = PackedLinears.ROWS
+    shapes = Counter((lin.out_features, lin.in_features) for lin in linears)
+    flops = sum(2 * rows * n * k * count for (n, k), count in shapes.items())
+    packed = PackedLinears() if PackedLinears.available("cpu") else None
+    with torch.inference_mode():
+        read_s = best_time(lambda: [t.sum() for t in params])
+        a = torch.randn(1024, 1024)
+        peak = 2 * 1024**3 / best_time(lambda: torch.mm(a, a), reps=10)
+        compute_s, rates = 0.0, {}
+        for (n, k), count in shapes.items():
+            one = torch.nn.Linear(k, min(n, 4096), bias=False)  # <= 16 MB: stays in cache
+            x = torch.randn(rows, k)
+            run = (lambda: packed(one, x)) if packed else (lambda: F.linear(x, one.weight))  # noqa: B023
+            rate = 2 * rows * one.weight.numel() / best_time(run, reps=20)
+            rates[f"{n}x{k}"] = rate
+            compute_s += 2 * rows * n * k * count / rate
+        xs = {k: torch.randn(rows, k) for _, k in shapes}
+
+        def step(m: int, use: PackedLinears | None) -> None:
+            for lin in linears:
+                x = xs[lin.in_features][:m]
+                use(lin, x) if use else lin(x)
+
+        step_1 = best_time(lambda: step(1, None))
+        step_8 = best_time(lambda: step(rows, None))
+        step_8_packed = best_time(lambda: step(rows, packed)) if packed else None
+    return {
+        "floor_linear_bytes": nbytes,
+        "floor_read_bandwidth_bytes_per_s": nbytes / read_s,
+        "floor_read_s": read_s,
+        "floor_flops_at_rows": flops,
+        "floor_rows": rows,
+        "floor_rate_flops_per_s": rates,
+        "floor_peak_flops_per_s": peak,
+        "floor_compute_s": compute_s,
+        "floor_best_ratio": rows * read_s / max(read_s, compute_s),
+        "linears_step_s": {"1": step_1, f"{rows}": step_8, f"{rows} packed": step_8_packed},
     }
 
 
@@ -160,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = loadavg()
     results = measure(args)
     results.update(measure_decode(args))
+    if not (args.quick or args.no_floor):
+        results.update(measure_floor(args))
     results["machine"] = machine_info(["torch", "numpy"])
     results["loadavg_before"], results["loadavg_after"] = load_before, loadavg()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -174,11 +276,25 @@ def main(argv: list[str] | None = None) -> int:
               f"{results['bit_identical_to_alone'][k]!s:>5} "
               f"(max |diff| {results['max_abs_diff_to_alone'][k]:.2e})")  # fmt: skip
     print(f"streams  decode tokens/s  x 1 stream  tokens equal to alone "
-          f"({results['decode_steps']} steps)")  # fmt: skip
+          f"({results['decode_steps']} steps, {results['decode_clock']} clock, "
+          f"packed: {results['decode_packed']})")  # fmt: skip
     for k in map(str, sorted(int(s) for s in results["decode_tokens_per_s"])):
         print(f"{k:>7}  {results['decode_tokens_per_s'][k]:>15.2f}  "
               f"{results['decode_ratio_to_smallest'][k]:>10.2f}  "
               f"{results['tokens_equal_to_alone'][k]!s:>5}")  # fmt: skip
+    if "floor_read_s" in results:
+        r, lin = results, results["linears_step_s"]
+        print(f"floor: linears read {r['floor_linear_bytes'] / 1e9:.2f} GB a step at "
+              f"{r['floor_read_bandwidth_bytes_per_s'] / 1e9:.1f} GB/s = "
+              f"{r['floor_read_s']:.3f} s; "
+              f"{r['floor_flops_at_rows'] / 1e9:.1f} GFLOP at {r['floor_rows']} rows = "
+              f"{r['floor_compute_s']:.3f} s at the measured rates "
+              f"({min(r['floor_rate_flops_per_s'].values()) / 1e9:.0f}-"
+              f"{max(r['floor_rate_flops_per_s'].values()) / 1e9:.0f} GFLOP/s; "
+              f"1024^3 matmul {r['floor_peak_flops_per_s'] / 1e9:.0f} GFLOP/s): "
+              f"best ratio {r['floor_best_ratio']:.2f} x")  # fmt: skip
+        print("linears of one step: " + ", ".join(
+            f"{k} rows {v:.3f} s" for k, v in lin.items() if v is not None))  # fmt: skip
     last = {
         key: {k: round(v, 3) for k, v in results[key].items()}
         for key in ("forward_per_s", "decode_tokens_per_s")

@@ -175,8 +175,14 @@ class ModelConfig(BaseModel):
         le=1024,
         description="Dynamic batching (Triton's setting): a worker runs up to this many "
         "compatible dispatches (same dtypes, same trailing dimensions) as one forward, and "
-        "advertises it as its capacity; 1 runs one at a time. Generation runs one at a time. "
-        "None (this and the two below): the package's default (`cicada pack "
+        "advertises it as its capacity; 1 runs one at a time. Generations on Cicada's "
+        "reference GPT-2 are batched continuously: up to this many streams decode together, "
+        "joining and leaving at every step (`cloud/continuous.py`; while none decode, the "
+        "first waits up to `max_queue_delay_ms` for others to start with it, as a forward "
+        "does); on a CPU with MKL, the first step of two or more streams packs the model's "
+        "linear weights for MKL's packed GEMM: one more copy of them in memory (~1.4 GB for "
+        "GPT-2-medium), for ~2 x the decode throughput at 8 streams; other generations run "
+        "one at a time. None (this and the two below): the package's default (`cicada pack "
         "--max-batch-size`), else 1.",
     )
     max_queue_delay_ms: float | None = Field(

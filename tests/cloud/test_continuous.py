@@ -98,3 +98,120 @@ def test_a_batched_step_matches_the_step_alone() -> None:
 def test_only_the_reference_gpt2_is_batched() -> None:
     assert batchable(model())
     assert not batchable(torch.nn.Linear(2, 2))
+
+
+def test_packed_linears_match_torch_and_follow_a_changed_weight() -> None:
+    """Steps of two or more streams run the linear layers on weights packed once (MKL's
+    packed GEMM): logits within 1e-5 of decoding alone, and a weight changed in place after
+    the packing is packed again, not served stale."""
+    m = model()
+    streams = Streams(m)
+    assert streams.packed is not None  # this CPU build of torch has MKL
+    reqs = [request(10 + i, 5 + i, 6) for i in range(3)]
+    for r in reqs:
+        streams.start(DecodeStream(r, lambda t: None))
+    streams.step()  # packs every linear weight
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1.5)  # tied: the token embedding changes with it
+        m.transformer["h"][0].mlp.c_fc.weight.add_(0.01)
+    # What is decoded so far ran on the old weights: the same requests start again.
+    fresh = [DecodeStream(r, lambda t: None) for r in reqs]
+    streams.active = []
+    for s in fresh:
+        streams.start(s)
+    with torch.inference_mode():
+        batched, _ = streams._forward(streams.active)
+    for j, r in enumerate(reqs):
+        dec = CachedGPTDecoder(m.decode, m, "cpu", m.decode)
+        dec.start(r.prompt)
+        with torch.inference_mode():
+            ids = torch.tensor([[fresh[j].tokens[-1]]])
+            solo = m.decode(ids, dec._cache, r.prompt.size)[0, -1]
+        torch.testing.assert_close(batched[j], solo, rtol=1e-5, atol=1e-5)
+    while streams.active:
+        streams.step()
+    assert [s.tokens for s in fresh] == [alone(m, r) for r in reqs]
+
+
+def test_a_stream_alone_is_not_packed_and_matches_the_cached_decoder() -> None:
+    """One stream keeps torch's own matmul (a matrix-vector product): its logits and its
+    cache equal CachedGPTDecoder's, which concatenates its cache every step."""
+    m = model()
+    r = request(20, 6, 12)
+    streams = Streams(m)
+    s = DecodeStream(r, lambda t: None)
+    streams.start(s)
+    dec = CachedGPTDecoder(m.decode, m, "cpu", m.decode)
+    token = dec.start(r.prompt)
+    for _ in range(10):
+        with torch.inference_mode():
+            logits, _ = streams._forward([s])
+        streams.step()
+        token = dec.advance(token)
+        assert s.tokens[-1] == token
+    assert streams.packed is not None and not streams.packed._packed  # never packed
+    assert len(s.cache) == len(dec._cache) == m.config.n_layer
+    for (k, v), layer in zip(s.cache, dec._cache, strict=True):
+        assert k.shape == layer.k.shape == (1, m.config.n_head, 6 + 10, 32)
+        torch.testing.assert_close(k, layer.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, layer.v, rtol=1e-5, atol=1e-5)
+    del logits
+
+
+def test_caches_grow_in_place_and_a_replaced_cache_is_taken_as_it_is() -> None:
+    """A stream's cache lives in a buffer with room to grow (doubling): a long generation
+    from a short prompt outgrows it several times and still gets its own tokens. A cache that
+    someone replaced between steps (here: rolled back two tokens and given another last
+    token, as a speculative verifier does) is copied into a new buffer, and the views handed
+    out before are never written to."""
+    m = model()
+    long = request(30, 2, 40)  # room for 18, then 36, then 41 positions
+    short = request(31, 9, 14)
+    streams = Streams(m)
+    s_long, s_short = DecodeStream(long, lambda t: None), DecodeStream(short, lambda t: None)
+    streams.start(s_long)
+    streams.start(s_short)
+    rooms = set()
+    for _ in range(5):
+        streams.step()
+        assert s_long.room is not None
+        rooms.add(s_long.room.capacity)
+    held = [(k.clone(), v.clone(), k, v) for k, v in s_short.cache]
+    s_short.tokens = s_short.tokens[:-2]
+    s_short.tokens[-1] = (s_short.tokens[-1] + 1) % m.config.vocab_size
+    s_short.cache = [(k[:, :, :-2], v[:, :, :-2]) for k, v in s_short.cache]
+    kept = list(s_short.tokens)
+    while streams.active:
+        streams.step()
+        assert s_long.room is not None
+        rooms.add(s_long.room.capacity)
+    for before_k, before_v, k, v in held:
+        assert torch.equal(k, before_k) and torch.equal(v, before_v)
+    assert rooms == {18, 36, 41}  # it grew, twice doubling, then to what it can still need
+    assert s_long.tokens == alone(m, long)
+    assert s_long.cache[0][0].size(2) == 2 + 40 - 1  # every position but the last token's
+    # The short stream went on from its prompt and the tokens it was left with.
+    rest = GenerationRequest(np.concatenate([short.prompt, kept]), 14 - len(kept))
+    assert s_short.tokens == kept + alone(m, rest)
+    assert s_short.cache[0][0].size(2) == 9 + 14 - 1
+    dec = CachedGPTDecoder(m.decode, m, "cpu", m.decode)
+    dec.start(np.concatenate([short.prompt, s_short.tokens[:-1]]))
+    for (k, v), layer in zip(s_short.cache, dec._cache, strict=True):
+        torch.testing.assert_close(k, layer.k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, layer.v, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_that_are_inference_tensors_are_packed_too() -> None:
+    """A model built under torch.inference_mode has weights without a version counter."""
+    with torch.inference_mode():
+        m = model()
+    assert m.lm_head.weight.is_inference()
+    reqs = [request(40 + i, 3 + 2 * i, 5) for i in range(3)]
+    streams = Streams(m)
+    made = [DecodeStream(r, lambda t: None) for r in reqs]
+    for s in made:
+        streams.start(s)
+    while streams.active:
+        streams.step()
+    assert streams.packed is not None and streams.packed._packed
+    assert [s.tokens for s in made] == [alone(m, r) for r in reqs]
