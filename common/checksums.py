@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-
-import xxhash
+from typing import Any
 
 from cicada.common.errors import PackageIntegrityError
 
@@ -19,9 +18,17 @@ from cicada.common.errors import PackageIntegrityError
 CALL_BYTES = 1024 * 1024 * 1024
 
 
+def new_xxh3() -> Any:
+    """A fresh xxh3-64 hasher. xxhash is imported here, not with the module: the coordinator
+    reads manifests (block counts) in an image that ships no xxhash (deploy/, slim_guard)."""
+    import xxhash
+
+    return xxhash.xxh3_64()
+
+
 def xxh3(view: memoryview) -> str:
     """The xxh3-64 of `view`, as the manifest writes it (16 hex digits)."""
-    h = xxhash.xxh3_64()
+    h = new_xxh3()
     for offset in range(0, len(view), CALL_BYTES):
         h.update(view[offset : offset + CALL_BYTES])
     return h.hexdigest()
@@ -43,8 +50,8 @@ class StageDigest:
 
     def __init__(self, block_bytes: int) -> None:
         self.block_bytes = block_bytes
-        self.stage = xxhash.xxh3_64()
-        self.block = xxhash.xxh3_64()
+        self.stage = new_xxh3()
+        self.block = new_xxh3()
         self.in_block = 0  # bytes of the current block hashed so far
         self.blocks: list[str] = []
 
@@ -61,7 +68,7 @@ class StageDigest:
 
     def _close_block(self) -> None:
         self.blocks.append(self.block.hexdigest())
-        self.block, self.in_block = xxhash.xxh3_64(), 0
+        self.block, self.in_block = new_xxh3(), 0
 
     def finish(self) -> tuple[str, tuple[str, ...]]:
         """(stage xxh3, block xxh3s)."""
