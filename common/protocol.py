@@ -457,7 +457,7 @@ class Tokens(Message):
 
     command: ClassVar[Command] = Command.TOKENS
     id: str
-    position: int
+    position: int | None = None  # (optional on the wire like PARTIAL's: a worker drops it absent)
     tokens: list[int] = field(default_factory=list)
 
 

@@ -459,6 +459,7 @@ BASE: dict[Command, dict[str, Any]] = {
     Command.DISPATCH: {"id": "d1", "model": "m", "tensors": []},
     Command.RESULT: {"id": "d1", "status": "OK", "tensors": []},
     Command.CANCEL: {"id": "d1"},
+    Command.TOKENS: {"id": "d1", "position": 0, "tokens": [1, 2]},
 }
 REQUIRED: dict[Command, list[str]] = {
     Command.REQUEST: ["id", "model"],
@@ -470,6 +471,7 @@ REQUIRED: dict[Command, list[str]] = {
     Command.DISPATCH: ["id", "model"],
     Command.RESULT: ["id", "status"],
     Command.CANCEL: ["id"],
+    Command.TOKENS: ["id"],  # (position is shared with PARTIAL's optional one: a worker checks)
 }
 WRONG_TYPES: list[tuple[Command, str, Any]] = [
     (Command.REQUEST, "id", 1),
