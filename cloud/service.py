@@ -173,6 +173,7 @@ class CloudWorker:
                 capacity=self.batching.max_batch_size,
                 heartbeat_interval=config.heartbeat_interval,
                 curve=config.curve,
+                drafts=self._verifies_drafts() or None,
             ),
             handler=self.handle,
             status=self.status,
@@ -181,6 +182,13 @@ class CloudWorker:
         # A failed load (a reader's error, a stall) fails the worker at once, with no request
         # needed to find out: /healthz says so, and the serving loop gives up (exit 3).
         self.cold.on_error(self._on_load_error)
+
+    def _verifies_drafts(self) -> bool:
+        """Whether this worker decodes exact generations with an edge's drafts (section 12):
+        Cicada's reference GPT-2 (the Verifier's model), one generation at a time (a worker
+        that batches generations decodes them in its continuous streams, without drafts)."""
+        factory = self.cold.manifest.architecture.factory
+        return factory.startswith("cicada.cloud.models.gpt2:") and not self.batching.batching
 
     def _on_load_error(self, error: CicadaError) -> None:
         log.error("the load failed: %s", error)
@@ -547,6 +555,8 @@ class CloudWorker:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         during_load = not self.cold.all_resident
         start = time.monotonic()
+        if request.draft is not None and not during_load and self._verifies_drafts():
+            return self._generate_drafted(dispatch, request, deadline, stream)
 
         def run() -> Generated:
             rest, first = request, None
@@ -571,6 +581,47 @@ class CloudWorker:
         timings = {"compute_s": time.monotonic() - start, "tokens": float(len(out.tokens))}
         if during_load:
             timings["during_load"] = 1.0
+        return Result(
+            id=dispatch.id,
+            status=Status.OK,
+            outputs=[np.asarray(out.tokens, dtype=np.int64)],
+            timings=timings,
+        )
+
+    def _generate_drafted(
+        self,
+        dispatch: Dispatch,
+        request: GenerationRequest,
+        deadline: float | None,
+        stream: Stream,
+    ) -> Result:
+        """An exact takeover decoded with the drafting edge's tokens (cloud/drafted.py)."""
+        import numpy as np
+
+        from cicada.cloud.drafted import DraftStats, drafted_generate
+        from cicada.cloud.speculative import Verifier
+
+        start = time.monotonic()
+        verifier = Verifier(self.cold.model, self.config.device)
+        stats = DraftStats()
+
+        def run() -> Generated:
+            out, done = drafted_generate(
+                verifier,
+                request,
+                stream,
+                stream.verdict,
+                lambda token: stream.send([np.asarray([token], dtype=np.int64)]),
+                deadline,
+            )
+            stats.__dict__.update(done.__dict__)
+            return out
+
+        out = self._guarded(dispatch, "prompt", run)
+        if isinstance(out, Result):
+            return out
+        timings = {"compute_s": time.monotonic() - start, "tokens": float(len(out.tokens))}
+        timings.update(stats.timings())
         return Result(
             id=dispatch.id,
             status=Status.OK,

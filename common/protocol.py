@@ -54,6 +54,7 @@ class Command(enum.IntEnum):
     DISPATCH = 0x20  # coordinator -> agent/worker: run this request
     RESULT = 0x21  # agent/worker -> coordinator: outcome of a DISPATCH
     CANCEL = 0x22  # coordinator -> worker: stop this DISPATCH; client -> coordinator: withdraw
+    TOKENS = 0x23  # coordinator -> worker: drafts to verify (cloud), tokens that stand (edge)
 
 
 class Status(enum.StrEnum):
@@ -378,6 +379,9 @@ class Ready(Message):
     # Added within version 1: a batching worker's cost of each request a forward adds, as a
     # fraction of `compute_s` (a batch of k costs compute_s x (1 + (k - 1) x batch_marginal)).
     batch_marginal: float | None = None
+    # Added within version 1 (section 12): an edge agent that drafts after an exact takeover,
+    # a cloud worker that verifies drafts sent with TOKENS.
+    drafts: bool | None = None
 
 
 @dataclass
@@ -444,10 +448,25 @@ class Cancel(Message):
     reason: str = ""
 
 
+@dataclass
+class Tokens(Message):
+    """Section 12, drafting after an exact takeover. To the cloud worker verifying the
+    generation: the edge's draft tokens for positions `position`, `position + 1`, ... of the
+    dispatch `id` (hints: never trusted). To the drafting edge agent: the tokens that stand
+    (cloud-verified) from `position` on, so it drafts on from the cloud's sequence."""
+
+    command: ClassVar[Command] = Command.TOKENS
+    id: str
+    position: int | None = None  # (optional on the wire like PARTIAL's: a worker drops it absent)
+    tokens: list[int] = field(default_factory=list)
+
+
 MESSAGES: dict[Command, type[Message]] = {
     m.command: m
-    for m in (Request, Reply, Partial, Ready, Heartbeat, Disconnect, Dispatch, Result, Cancel)
-}
+    for m in (
+        Request, Reply, Partial, Ready, Heartbeat, Disconnect, Dispatch, Result, Cancel, Tokens
+    )
+}  # fmt: skip
 
 # Field name -> (accepted types, optional). Enums are validated by value below.
 _SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
@@ -463,7 +482,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], bool]] = {
     "read_stages": (int, True), "read_bytes": (int, True), "total_bytes": (int, True),
     "batch_marginal": ((int, float), True), "generation": (dict, True),
     "position": (int, True), "provisional": (bool, True), "rewind": (int, True),
-    "accepted": (int, True),
+    "accepted": (int, True), "drafts": (bool, True), "tokens": (list, True),
 }  # fmt: skip
 _ENUMS: dict[str, type[enum.Enum]] = {"status": Status, "role": Role, "state": WorkerState}
 # Enum member by value: a dict lookup instead of EnumType.__call__ (~1 us each).
@@ -568,6 +587,17 @@ def _check_token_index(value: int) -> None:
         raise ProtocolError(f"a token position must be within 0 ... {MAX_NEW_TOKENS}")
 
 
+MAX_TOKEN_ID = (1 << 31) - 1  # no vocabulary is larger; the receiver checks its own
+
+
+def _check_tokens(value: list[Any]) -> None:
+    if len(value) > MAX_NEW_TOKENS:
+        raise ProtocolError(f"at most {MAX_NEW_TOKENS} tokens")
+    for t in value:
+        if type(t) is not int or not 0 <= t <= MAX_TOKEN_ID:
+            raise ProtocolError("field 'tokens' must be a list of token ids (ints >= 0)")
+
+
 # Checks beyond the type, by field name (run on every decode).
 _EXTRA_CHECKS: dict[str, Any] = {
     "timeout_ms": _check_timeout,
@@ -576,6 +606,7 @@ _EXTRA_CHECKS: dict[str, Any] = {
     "position": _check_token_index,
     "rewind": _check_token_index,
     "accepted": _check_token_index,
+    "tokens": _check_tokens,
 }
 
 # Per message class: (name, accepted types, optional, enum type) of each body field, computed

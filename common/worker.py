@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from cicada.common.defaults import HEARTBEAT_INTERVAL_S, LIVENESS
+from cicada.common.defaults import HEARTBEAT_INTERVAL_S, LIVENESS, MAX_NEW_TOKENS
 from cicada.common.errors import RegistrationRefused
 from cicada.common.protocol import (
     DEFAULT_LIMITS,
@@ -53,6 +53,7 @@ from cicada.common.protocol import (
     Result,
     Role,
     Status,
+    Tokens,
     WorkerState,
     decode,
     encode,
@@ -73,11 +74,53 @@ class Stream:
         self._runtime = runtime
         self._cancelled = threading.Event()
         self._seq = 0
+        # TOKENS for this dispatch (section 12): position -> token, newest wins. Bounded by
+        # MAX_NEW_TOKENS positions (the protocol's bound on a position).
+        self._tokens: dict[int, int] = {}
+        self._tokens_changed = threading.Condition()
+        self.tokens_heard = 0  # TOKENS messages received (a drafting edge's sign of life)
 
-    def send(self, outputs: list[np.ndarray]) -> None:
-        self._runtime._outgoing.put(Partial(id=self.dispatch_id, seq=self._seq, outputs=outputs))
+    def send(self, outputs: list[np.ndarray], position: int | None = None) -> None:
+        self._runtime._outgoing.put(
+            Partial(id=self.dispatch_id, seq=self._seq, outputs=outputs, position=position)
+        )
         self._seq += 1
         self._runtime._wake(b"r")
+
+    def offer(self, position: int, tokens: list[int]) -> None:
+        """TOKENS from the coordinator (the I/O thread): kept by position for the handler."""
+        with self._tokens_changed:
+            for i, token in enumerate(tokens):
+                if position + i <= MAX_NEW_TOKENS:
+                    self._tokens[position + i] = token
+            self.tokens_heard += 1
+            self._tokens_changed.notify_all()
+
+    def tokens_from(self, position: int, n: int, wait_s: float = 0.0) -> list[int]:
+        """Up to `n` consecutive tokens offered for position, position + 1, ...; waits up to
+        `wait_s` for all `n` to be there. Positions before `position` are forgotten."""
+        end = time.monotonic() + wait_s
+        with self._tokens_changed:
+            for stale in [p for p in self._tokens if p < position]:
+                del self._tokens[stale]
+            while True:
+                out: list[int] = []
+                while len(out) < n and position + len(out) in self._tokens:
+                    out.append(self._tokens[position + len(out)])
+                left = end - time.monotonic()
+                if len(out) >= n or left <= 0 or self.cancelled:
+                    return out
+                self._tokens_changed.wait(left)
+
+    def wait_tokens(self, heard: int, timeout: float) -> None:
+        """Wait up to `timeout` for a TOKENS message beyond the `heard`-th."""
+        with self._tokens_changed:
+            if self.tokens_heard == heard and not self.cancelled:
+                self._tokens_changed.wait(timeout)
+
+    def offered(self) -> dict[int, int]:
+        with self._tokens_changed:
+            return dict(self._tokens)
 
     def verdict(self, accepted: int) -> None:
         """An exact takeover's first PARTIAL: how many tokens of the draft stand."""
@@ -89,6 +132,8 @@ class Stream:
 
     def cancel(self) -> None:
         self._cancelled.set()
+        with self._tokens_changed:
+            self._tokens_changed.notify_all()
 
     @property
     def cancelled(self) -> bool:
@@ -132,6 +177,7 @@ class RuntimeConfig:
     liveness: int = LIVENESS
     curve: CurveKeys | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    drafts: bool | None = None  # READY's `drafts` (section 12)
 
 
 class WorkerRuntime:
@@ -213,6 +259,7 @@ class WorkerRuntime:
             models=list(self.config.models),
             variant=self.config.variant,
             capacity=self.config.capacity,
+            drafts=self.config.drafts,
             **self._report(self.status()),
         )
 
@@ -353,6 +400,13 @@ class WorkerRuntime:
                 stream = self._streams.get(message.id)
             if stream is not None:
                 stream.cancel()
+        if isinstance(message, Tokens):
+            with self._lock:
+                stream = self._streams.get(message.id)
+            # Kept under the dispatch id they name: a TOKENS for anything else is dropped.
+            position = message.position
+            if stream is not None and isinstance(position, int) and 0 <= position <= MAX_NEW_TOKENS:
+                stream.offer(position, list(message.tokens or ()))
         return False
 
     def _accept(self, sock: zmq.Socket[bytes], dispatch: Dispatch) -> None:

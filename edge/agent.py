@@ -37,6 +37,7 @@ from cicada.common.worker import (
     WorkerRuntime,
     WorkerStatus,
 )
+from cicada.edge.drafter import draft_after_takeover
 from cicada.edge.onnx_model import EdgeModel, EdgeModelError
 
 log = logging.getLogger("cicada.edge")
@@ -56,6 +57,8 @@ class EdgeAgentConfig:
     # Seconds at least between generated tokens: emulates a slower edge device (demos,
     # benchmarks, tests of a handoff mid-generation). 0 = as fast as the model runs.
     token_interval: float = 0.0
+    # The same for the drafts after an exact takeover (None: token_interval).
+    draft_interval: float | None = None
 
 
 class EdgeAgent:
@@ -77,6 +80,8 @@ class EdgeAgent:
                 capacity=config.capacity,
                 heartbeat_interval=config.heartbeat_interval,
                 curve=config.curve,
+                # Drafts after an exact takeover need the cached step graph (edge/drafter.py).
+                drafts=self.model.new_drafter() is not None or None,
             ),
             handler=self.handle,
             status=lambda: WorkerStatus(compute_s=self.runtime.compute_estimate),
@@ -104,19 +109,44 @@ class EdgeAgent:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         interval = self.config.token_interval
         last = [time.monotonic()]
+        # An exact generation's tokens carry their position: after a takeover the ones still
+        # in flight are drafts, which the coordinator forwards by position (section 12).
+        exact = dispatch.options.get("exact") is True
+        sent = [0]
 
         def logits(ids: np.ndarray) -> np.ndarray:
             return self.model.run([ids])[0]
 
-        def emit(token: int) -> None:
-            if interval > 0:
-                time.sleep(max(0.0, last[0] + interval - time.monotonic()))
+        drafting_interval = self.config.draft_interval
+        if drafting_interval is None:
+            drafting_interval = interval
+
+        def pace(gap: float = interval) -> None:
+            if gap > 0:
+                time.sleep(max(0.0, last[0] + gap - time.monotonic()))
                 last[0] = time.monotonic()
-            stream.send([np.asarray([token], dtype=np.int64)])
+
+        def emit(token: int) -> None:
+            pace()
+            stream.send([np.asarray([token], dtype=np.int64)], position=sent[0] if exact else None)
+            sent[0] += 1
+
+        def stop() -> bool:  # cancelled, or (the coordinator's first TOKENS) drafting now
+            return stream.cancelled or (exact and stream.tokens_heard > 0)
 
         try:
             decoder = self.model.new_decoder() or RecomputeDecoder(logits)
-            out = generate(decoder, request, emit, lambda: stream.cancelled, deadline)
+            out = generate(decoder, request, emit, stop, deadline)
+            if exact and not stream.cancelled and stream.tokens_heard > 0:
+                drafter = self.model.new_drafter()
+                if drafter is not None:
+                    tokens = draft_after_takeover(
+                        drafter, request, out.tokens, stream, deadline,
+                        lambda: pace(drafting_interval),
+                    )  # fmt: skip
+                    timings = {"tokens": float(len(out.tokens)), "drafted": float(tokens)}
+                    return Result(id=dispatch.id, status=Status.OK, timings=timings,
+                                  variant=self.model.variant)  # fmt: skip
         except EdgeModelError as exc:
             return Result(id=dispatch.id, status=Status.BAD_REQUEST, error=str(exc))
         return Result(

@@ -10,12 +10,19 @@ Runtime on the decoder.onnx / decoder.int8.onnx graph (`cicada.common.edge_model
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
 
 from cicada.common.edge_model import EdgeModelError
+from cicada.common.generation import GenerationRequest
+
+# How far the edge drafts past the last token that stands: twice the cloud's largest γ (8),
+# so a round never waits for want of drafts, and a diverged edge stops burning the CPU.
+LOOKAHEAD = 16
 
 
 class Drafter:
@@ -63,3 +70,59 @@ class Drafter:
         self.calls += 1
         self._fed.extend(ids)
         return int(np.argmax(logits[0, -1]))
+
+
+class SyncSource(Protocol):
+    """The edge dispatch's stream (common/worker.py `Stream`): the coordinator's TOKENS."""
+
+    tokens_heard: int
+
+    def offered(self) -> dict[int, int]: ...
+
+    def wait_tokens(self, heard: int, timeout: float) -> None: ...
+
+    def send(self, outputs: list[np.ndarray], position: int | None = None) -> None: ...
+
+    @property
+    def cancelled(self) -> bool: ...
+
+
+def draft_after_takeover(
+    drafter: Drafter,
+    request: GenerationRequest,
+    mine: list[int],
+    stream: SyncSource,
+    deadline: float | None,
+    pace: Callable[[], None] = lambda: None,
+) -> int:
+    """A drafting attempt (docs/PROTOCOL.md section 12): the tokens that stand arrive as
+    TOKENS (the cloud's); the edge's own tokens after them are cut at the first disagreement,
+    and it drafts on, one PARTIAL per token with its position, at most LOOKAHEAD past what
+    stands. Ends when cancelled (the cloud answered), at the deadline, or when everything
+    stands. Returns the drafts sent."""
+    prompt = [int(t) for t in request.prompt]
+    n = request.max_new_tokens
+    seq = list(mine)  # the edge's view: positions 0 ... of the generation
+    stands = 0  # leading positions the cloud has settled
+    sent = 0
+    while not stream.cancelled and (deadline is None or time.monotonic() < deadline):
+        heard = stream.tokens_heard
+        settled = stream.offered()
+        while stands in settled:
+            token = settled[stands]
+            if stands < len(seq) and seq[stands] != token:
+                del seq[stands:]  # the cloud disagreed: drafts from here on are dead
+            if stands >= len(seq):
+                seq.append(token)
+            stands += 1
+        if stands >= n:
+            break
+        if len(seq) - stands >= LOOKAHEAD or len(seq) >= n:
+            stream.wait_tokens(heard, 0.5)
+            continue
+        token = drafter.draft(prompt + seq, 1)[0]
+        pace()
+        stream.send([np.asarray([token], dtype=np.int64)], position=len(seq))
+        seq.append(token)
+        sent += 1
+    return sent

@@ -446,6 +446,12 @@ def _check_pool_socket(path: Path) -> None:
     help="Seconds at least between generated tokens: emulates a slower edge device "
     "(demos, benchmarks). 0: as fast as the model runs.",
 )
+@click.option(
+    "--draft-interval",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="The same for the drafts sent after an exact takeover (default: --token-interval).",
+)
 @click.option("--name", default="", help="Worker name in replies and metrics.")
 @click.option("--heartbeat", type=float, default=HEARTBEAT_INTERVAL_S, show_default=True)
 @curve_options
@@ -458,6 +464,7 @@ def edge(
     threads: int,
     int8: bool | None,
     token_interval: float,
+    draft_interval: float | None,
     name: str,
     heartbeat: float,
     curve_key: Path | None,
@@ -481,6 +488,7 @@ def edge(
                 heartbeat_interval=heartbeat,
                 curve=curve_keys(curve_key, server_key),
                 token_interval=token_interval,
+                draft_interval=draft_interval,
             )
         )
     except CicadaError as exc:

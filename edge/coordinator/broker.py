@@ -62,6 +62,7 @@ from cicada.common.protocol import (
     Result,
     Role,
     Status,
+    Tokens,
     WorkerState,
     decode,
     encode,
@@ -444,6 +445,7 @@ class Coordinator:
             return
         self.metrics.dropped("cancelled")
         self.relay.ended(p.key)
+        self._stop_drafting(p, "the client cancelled the request")
         if p.worker is None:
             self.metrics.set_queue_depth(
                 p.request.model, p.request.priority, len(self.scheduler.queue_of(p))
@@ -464,6 +466,7 @@ class Coordinator:
             dropped = self.scheduler.drop_client(client)
             for p in dropped:
                 self.relay.ended(p.key)
+                self._stop_drafting(p, "the client is gone")
                 if p.worker is not None and p.dispatch_id is not None:
                     self._send(p.worker, Cancel(id=p.dispatch_id, reason="the client is gone"))
                 self.metrics.dropped("client_gone")
@@ -603,15 +606,24 @@ class Coordinator:
         recomputes its own cache (an exact generation: the prompt, and the tokens as a draft
         the cloud verifies)."""
         for p, edge, cloud in self.relay.handoffs(self.scheduler.pending, self.registry):
-            if p.dispatch_id is not None:
-                self._send(
-                    edge.identity, Cancel(id=p.dispatch_id, reason="handed to a cloud worker")
-                )
+            edge_attempt = p.dispatch_id
+            # An exact generation whose edge drafts and whose cloud verifies drafts keeps the
+            # edge's attempt as a drafting one (section 12); any other edge is CANCELled.
+            drafting = p.exact and edge.drafts and cloud.drafts and edge_attempt is not None
+            if edge_attempt is not None and not drafting:
+                reason = "handed to a cloud worker"
+                self._send(edge.identity, Cancel(id=edge_attempt, reason=reason))
             # The edge keeps its slot until its RESULT for this dispatch comes back; what it
-            # sends for it from now on belongs to a superseded attempt.
+            # sends for it from now on belongs to a superseded attempt (or is a draft).
             p.worker, p.dispatched_at, p.route, p.dispatch_id = None, None, Route.CLOUD, None
             self.metrics.handoffs.inc()
             self._send_dispatch(cloud, p, now)
+            if drafting and edge_attempt is not None:
+                p.drafting = (edge.identity, edge_attempt)
+                if p.worker != cloud.identity:  # not dispatched after all
+                    self._stop_drafting(p, "handed to a cloud worker")
+                else:  # the edge's cue: from now on it drafts (nothing new stands yet)
+                    self._send(edge.identity, Tokens(id=edge_attempt, position=0, tokens=[]))
 
     def _no_free_slot(self, model: str, edge: SideView, cloud: SideView) -> bool:
         if not edge.available and not cloud.available:
@@ -704,6 +716,10 @@ class Coordinator:
         ends the attempt FAILED."""
         p = self._attempt(worker.identity, partial.id)
         if p is None:
+            drafted = self._drafting_for(worker.identity, partial.id)
+            if drafted is not None:
+                self._forward_draft(drafted, partial)
+                return
             self._stale(worker.identity, partial.id, "PARTIAL")
             return
         try:
@@ -713,6 +729,44 @@ class Coordinator:
             return
         if piece is not None:
             self._send_client(p.client, piece)
+        if p.drafting is not None and worker.role is Role.CLOUD:
+            # The drafting edge learns what stands: after the verdict the kept tokens, then
+            # each of the cloud's tokens, so it drafts on from the cloud's sequence.
+            if partial.accepted is not None:
+                sync = Tokens(id=p.drafting[1], position=0, tokens=list(p.tokens))
+            else:
+                sync = Tokens(id=p.drafting[1], position=len(p.tokens) - 1, tokens=p.tokens[-1:])
+            self._send(p.drafting[0], sync)
+
+    # -- drafting after an exact takeover (section 12) --------------------------------------
+
+    def _drafting_for(self, identity: bytes, dispatch_id: str) -> Pending | None:
+        """The pending request whose drafting edge attempt is `dispatch_id` on `identity`."""
+        parts = dispatch_id.split(".")
+        p = self.scheduler.pending.get(parts[1]) if len(parts) == 3 else None
+        return p if p is not None and p.drafting == (identity, dispatch_id) else None
+
+    def _forward_draft(self, p: Pending, partial: Partial) -> None:
+        """A drafting edge's token goes to the cloud attempt of the same request as TOKENS
+        (never to the client). A draft the request cannot take ends the drafting, not the
+        generation: the cloud decodes alone."""
+        try:
+            tokens = self.relay.draft(p, partial)
+        except ProtocolError as exc:
+            self.metrics.violations.inc()
+            log.warning("request %s: unusable draft: %s", p.request.id, exc)
+            self._stop_drafting(p, f"unusable draft: {exc}")
+            return
+        if tokens is not None and p.worker is not None:
+            self._send(p.worker, tokens)
+
+    def _stop_drafting(self, p: Pending, why: str) -> None:
+        """End `p`'s drafting edge attempt (CANCEL; it keeps its slot until its RESULT)."""
+        if p.drafting is not None:
+            identity, dispatch_id = p.drafting
+            p.drafting = None
+            if self.registry.get(identity) is not None:
+                self._send(identity, Cancel(id=dispatch_id, reason=why))
 
     def fail_attempt(self, p: Pending, why: str, now: float, count: bool = True) -> None:
         """A worker broke the protocol on `p`'s current attempt: it is CANCELled there, its
@@ -755,6 +809,10 @@ class Coordinator:
             # Whatever its attempt's fate, the worker's slot, held until now, is free again.
             worker.inflight.pop(result.id, None)
         if p is None:
+            drafted = self._drafting_for(identity, result.id)
+            if drafted is not None:  # a drafting attempt ended: no outcome changes
+                drafted.drafting = None
+                return
             # Already answered (e.g. TIMEOUT while it ran), re-routed, or a previous
             # coordinator's: exactly one outcome.
             if worker is None:
@@ -804,6 +862,7 @@ class Coordinator:
         """Send the one reply for `p` and forget it."""
         self.scheduler.forget(p.key)
         self.relay.ended(p.key)
+        self._stop_drafting(p, "the cloud worker answered")
         if p.worker is not None and reply.status is not Status.TIMEOUT:
             # (A request that timed out while running keeps its slot until the worker's late
             # result comes back: the worker is still busy with it.)
@@ -1027,7 +1086,11 @@ class Coordinator:
         """`worker`'s current attempts go back to their queues (a new attempt, with a new
         DISPATCH id, is decided next pass); its slots are free."""
         for dispatch_id, p in list(worker.inflight.items()):
-            if self._current(p, worker.identity, dispatch_id):
+            if p.drafting == (worker.identity, dispatch_id):
+                p.drafting = None  # a drafting edge lost: the cloud decodes alone
+            elif self._current(p, worker.identity, dispatch_id):
+                # (A cloud lost mid-draft: its drafting edge stops; the re-route decides anew.)
+                self._stop_drafting(p, "the cloud worker was lost")
                 self.scheduler.requeue(p)
             # (else: already answered or handed over; only its slot was held)
         worker.inflight.clear()

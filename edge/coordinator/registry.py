@@ -34,6 +34,7 @@ class WorkerInfo:
     read_bytes: int = 0
     total_bytes: int = 0
     batch_marginal: float | None = None  # a batching worker's cost per request a batch adds
+    drafts: bool = False  # READY's `drafts`: drafts after an exact takeover / verifies drafts
     inflight: dict[str, Pending] = field(default_factory=dict)
 
     @classmethod
@@ -47,6 +48,7 @@ class WorkerInfo:
             capacity=max(1, ready.capacity),
             state=ready.state or WorkerState.READY,
             expires_at=expires_at,
+            drafts=ready.drafts is True,
         )
         worker.update(ready)
         return worker
@@ -84,6 +86,7 @@ class WorkerInfo:
         self.update(ready)
         self.models, self.capacity = list(ready.models), max(1, ready.capacity)
         self.variant = ready.variant
+        self.drafts = ready.drafts is True
 
     def becomes_ready(self, state: WorkerState | None, first: bool = False) -> bool:
         """Whether reporting `state` makes this worker ready (before `update` applies it)."""

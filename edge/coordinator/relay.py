@@ -21,6 +21,7 @@ from cicada.common.protocol import (
     Reply,
     Role,
     Status,
+    Tokens,
     WorkerState,
     decode_tensor,
 )
@@ -125,6 +126,28 @@ class GenerationRelay:
         seq, p.seq = p.seq, p.seq + 1
         return Partial(id=p.request.id, seq=seq, outputs=partial.outputs, served_by=served_by,
                        position=position, provisional=provisional)  # fmt: skip
+
+    def draft(self, p: Pending, partial: Partial) -> Tokens | None:
+        """A drafting edge's PARTIAL as TOKENS for the cloud attempt of the same request, or
+        None when it is stale (a position that already stands) or no cloud attempt runs.
+        ProtocolError: not one int64 token of shape (1,) with a position below
+        max_new_tokens."""
+        outputs = partial.outputs
+        spec = _spec(outputs[0]) if len(outputs) == 1 else None
+        if partial.accepted is not None or partial.rewind is not None:
+            raise ProtocolError("a draft carries one token, not a verdict or a rewind")
+        if spec is None or spec["dtype"] != "int64" or spec["shape"] != [1]:
+            raise ProtocolError("a draft carries one token: one int64 tensor of shape (1,)")
+        budget = int(p.request.options["max_new_tokens"])
+        position = partial.position
+        if position is None or not 0 <= position < budget:
+            raise ProtocolError(f"a draft's position must lie in 0 ... {budget - 1}")
+        token = int(self.array(outputs[0])[0])
+        if token < 0:
+            raise ProtocolError("a draft token is a token id (>= 0)")
+        if position < len(p.tokens) or p.worker is None or p.dispatch_id is None:
+            return None
+        return Tokens(id=p.dispatch_id, position=position, tokens=[token])
 
     def final_reply(
         self,

@@ -52,6 +52,9 @@ class Pending:
     # restarts and re-dispatches), None while queued. Only its PARTIALs and RESULT count.
     attempt: int = 0
     dispatch_id: str | None = None
+    # After an exact takeover by a cloud worker that verifies drafts: the edge attempt that
+    # keeps drafting (its worker's identity, its DISPATCH id), None when no edge drafts.
+    drafting: tuple[bytes, str] | None = None
 
     def remaining(self, now: float) -> float | None:
         return None if self.deadline is None else self.deadline - now

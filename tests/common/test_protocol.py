@@ -459,6 +459,7 @@ BASE: dict[Command, dict[str, Any]] = {
     Command.DISPATCH: {"id": "d1", "model": "m", "tensors": []},
     Command.RESULT: {"id": "d1", "status": "OK", "tensors": []},
     Command.CANCEL: {"id": "d1"},
+    Command.TOKENS: {"id": "d1", "position": 0, "tokens": [1, 2]},
 }
 REQUIRED: dict[Command, list[str]] = {
     Command.REQUEST: ["id", "model"],
@@ -470,6 +471,7 @@ REQUIRED: dict[Command, list[str]] = {
     Command.DISPATCH: ["id", "model"],
     Command.RESULT: ["id", "status"],
     Command.CANCEL: ["id"],
+    Command.TOKENS: ["id"],  # (position is shared with PARTIAL's optional one: a worker checks)
 }
 WRONG_TYPES: list[tuple[Command, str, Any]] = [
     (Command.REQUEST, "id", 1),
@@ -995,3 +997,18 @@ def test_batch_marginal_is_optional_and_a_fraction() -> None:
     for value in (-0.1, 1.5, math.inf, math.nan):
         problem = worker_report_problem(Heartbeat(batch_marginal=value))
         assert problem is not None and problem[0] == "batch_marginal", (value, problem)
+
+
+def test_tokens_round_trip_and_refuse_what_is_not_token_ids() -> None:
+    """TOKENS (section 12, drafting): a dispatch id, a position, token ids (ints >= 0)."""
+    from cicada.common.protocol import Tokens
+
+    message = Tokens(id="e.1f.2", position=3, tokens=[5, 0, 96])
+    assert_same_message(message, decode(as_bytes(encode(message))))
+    for bad in ([1.5], [-1], ["7"], [True], [1 << 40]):
+        body = msgpack.packb({"id": "e.1f.2", "position": 0, "tokens": bad})
+        with pytest.raises(ProtocolError, match="tokens"):
+            decode([SIGNATURE, bytes([Command.TOKENS]), body])
+    body = msgpack.packb({"id": "e.1f.2", "position": 5000, "tokens": []})
+    with pytest.raises(ProtocolError, match="position"):
+        decode([SIGNATURE, bytes([Command.TOKENS]), body])

@@ -84,11 +84,13 @@ class Harness:
         self.coord.dispatch(self.clock.now)
 
     def worker(self, role: Role, state: WorkerState = WorkerState.READY, capacity: int = 1,
-               compute_s: float | None = None, eta_s: float | None = None) -> Peer:  # fmt: skip
+               compute_s: float | None = None, eta_s: float | None = None,
+               drafts: bool | None = None) -> Peer:  # fmt: skip
         peer = self.peer()
         peer.send(Ready(role=role, worker=f"{role.value}-{id(peer)}", models=["m"],
                         variant=f"{role.value}-v", capacity=capacity, state=state,
-                        compute_s=compute_s, eta_s=eta_s, total_stages=4))  # fmt: skip
+                        compute_s=compute_s, eta_s=eta_s, total_stages=4,
+                        drafts=drafts))  # fmt: skip
         self.pump()
         assert isinstance(peer.recv(), Heartbeat)  # the coordinator greets a new worker
         return peer

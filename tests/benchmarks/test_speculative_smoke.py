@@ -1,0 +1,41 @@
+"""Smoke test for the drafting benchmark (`python3 -m benchmarks.speculative --quick`).
+
+No timing is asserted: the run must finish, its last line must be the JSON object with every
+figure the issue names, the exact run must equal the cloud model's eager greedy decode (and so
+must cloud-only's), the cloud must have taken it over and verified drafts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow  # three cold stacks, a pack and an export (about a minute of a quiet CPU)
+def test_quick_speculative_benchmark(tmp_path: Path) -> None:
+    out = tmp_path / "speculative"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speculative", "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["runs"] == 1
+    assert last["exact_matches"] == 1, "bit for bit the cloud model's greedy decode"
+    assert last["cloud_only_matches"] == 1 and last["taken_over"] == 1
+    for key in ("edge_ttft_s", "exact_ttft_s", "exact_result_s", "cloud_only_result_s",
+                "drafted_tokens_per_s", "cloud_alone_tokens_per_s",
+                "handoff_result_s"):  # fmt: skip
+        assert last[key] > 0, key
+    assert last["edge_ttft_s"] < last["exact_ttft_s"] <= last["exact_result_s"]
+    assert 0 <= last["acceptance"] <= 1 and last["accepted"] <= last["drafted"]
+    assert last["rewound"] >= 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]["exact"]) == 1 and results["machine"]
