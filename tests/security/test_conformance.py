@@ -126,8 +126,22 @@ def ask(client: Peer, rid: str, model: str, **fields: Any) -> None:
     client.send(*request(rid, model, **fields))
 
 
-def reply_to(client: Peer, rid: str, timeout: float = WAIT_S) -> Message:
-    reply = client.expect(wire.REPLY, timeout)
+def reply_to(
+    client: Peer, rid: str, timeout: float = WAIT_S, alive: Sequence[Peer] = ()
+) -> Message:
+    """The client's REPLY to `rid`. Workers in `alive` hold work meanwhile and must stay
+    registered: they heartbeat while the client waits (a worker peer heartbeats only inside
+    its own recv, and a busy machine can stretch the wait past the liveness window)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for worker in alive:
+            unexpected = worker.recv(timeout=0.01)
+            assert unexpected is None, unexpected
+        reply = client.recv(timeout=0.05)
+        if reply is not None:
+            break
+        assert time.monotonic() < deadline, f"no REPLY to {rid!r}"
+    assert reply.command == wire.REPLY, reply
     assert reply.body["id"] == rid, reply
     return reply
 
@@ -237,7 +251,7 @@ def test_timeout(peers: Any) -> None:
     worker.register(model)
     ask(client, "late", model, timeout_ms=300)
     worker.expect(wire.DISPATCH)  # and never answers
-    late = reply_to(client, "late").body
+    late = reply_to(client, "late", alive=[worker]).body
     assert late["status"] == "TIMEOUT"
     # It ran on a worker: served_by names it, and the error says where (section 4).
     assert late["served_by"]["role"] == "edge" and late["served_by"]["variant"] == "v1"
@@ -259,7 +273,7 @@ def test_rejected_when_the_queue_is_full(peers: Any) -> None:
         ask(sharers[i % 2], f"queued-{i}", model, timeout_ms=60_000)
     late = peers()
     ask(late, "over", model, timeout_ms=60_000)
-    reply = reply_to(late, "over")
+    reply = reply_to(late, "over", alive=[worker])
     assert reply.body["status"] == "REJECTED" and "is full" in reply.body["error"]
 
 
