@@ -3,6 +3,8 @@ each get exactly the tokens of their own greedy decode alone."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -25,6 +27,22 @@ def request(seed: int, length: int, n: int, eos: int | None = None) -> Generatio
     rng = np.random.default_rng(seed)
     prompt = rng.integers(0, tiny_gpt2_config()["vocab_size"], size=length, dtype=np.int64)
     return GenerationRequest(prompt, n, eos)
+
+
+def assert_batched_step_matches_alone(m: Any, streams: Streams, count: int) -> None:
+    """The next step's logits of the `count` active streams, decoded together, within 1e-5 of
+    each stream's prompt prefilled and its last token decoded alone."""
+    assert len(streams.active) == count
+    with torch.inference_mode():
+        batched, _ = streams._forward(streams.active)
+    for j, stream in enumerate(streams.active):
+        prompt = stream.request.prompt
+        dec = CachedGPTDecoder(m.decode, m, "cpu", m.decode)
+        dec.start(prompt)
+        with torch.inference_mode():
+            ids = torch.tensor([[stream.tokens[-1]]])
+            solo = m.decode(ids, dec._cache, prompt.size)[0, -1]
+        torch.testing.assert_close(batched[j], solo, rtol=1e-5, atol=1e-5)
 
 
 def test_streams_joining_and_leaving_get_their_own_greedy_tokens() -> None:
@@ -84,15 +102,7 @@ def test_a_batched_step_matches_the_step_alone() -> None:
     streams = Streams(m)
     for r in reqs:
         streams.start(DecodeStream(r, lambda t: None))
-    with torch.inference_mode():
-        batched, _ = streams._forward(streams.active)
-    for j, r in enumerate(reqs):
-        dec = CachedGPTDecoder(m.decode, m, "cpu", m.decode)
-        dec.start(r.prompt)
-        with torch.inference_mode():
-            ids = torch.tensor([[streams.active[j].tokens[-1]]])
-            solo = m.decode(ids, dec._cache, r.prompt.size)[0, -1]
-        torch.testing.assert_close(batched[j], solo, rtol=1e-5, atol=1e-5)
+    assert_batched_step_matches_alone(m, streams, len(reqs))
 
 
 def test_only_the_reference_gpt2_is_batched() -> None:
@@ -119,15 +129,7 @@ def test_packed_linears_match_torch_and_follow_a_changed_weight() -> None:
     streams.active = []
     for s in fresh:
         streams.start(s)
-    with torch.inference_mode():
-        batched, _ = streams._forward(streams.active)
-    for j, r in enumerate(reqs):
-        dec = CachedGPTDecoder(m.decode, m, "cpu", m.decode)
-        dec.start(r.prompt)
-        with torch.inference_mode():
-            ids = torch.tensor([[fresh[j].tokens[-1]]])
-            solo = m.decode(ids, dec._cache, r.prompt.size)[0, -1]
-        torch.testing.assert_close(batched[j], solo, rtol=1e-5, atol=1e-5)
+    assert_batched_step_matches_alone(m, streams, len(reqs))
     while streams.active:
         streams.step()
     assert [s.tokens for s in fresh] == [alone(m, r) for r in reqs]

@@ -7,7 +7,6 @@ what crosses the wire: exactly one reply per request, the right status, nothing 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -98,13 +97,6 @@ class Harness:
     def close(self) -> None:
         self.coord.close()
         self.ctx.destroy(linger=0)
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    yield harness
-    harness.close()
 
 
 def request(rid: str, priority: int = 1, timeout_ms: int | None = 5000) -> Request:

@@ -11,8 +11,6 @@ alone; a lost cloud stops the drafting edge.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -30,13 +28,6 @@ from cicada.common.protocol import (
 )
 from tests.edge.test_coordinator import Harness, Peer
 from tests.edge.test_generation_routing import client_messages, generation, next_dispatch, token
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    yield harness
-    harness.close()
 
 
 def draft(dispatch_id: str, seq: int, position: int, value: int, dtype: str = "int64") -> Partial:

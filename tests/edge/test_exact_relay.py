@@ -9,8 +9,6 @@ attempt, and a draft only ever holds its own request's tokens.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
@@ -33,13 +31,6 @@ from tests.edge.test_generation_routing import (
     next_dispatch,
     token,
 )
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    yield harness
-    harness.close()
 
 
 def verdict(dispatch_id: str, accepted: int) -> Partial:

@@ -7,10 +7,7 @@ gets the prompt plus the tokens so far and only the tokens still due; one final 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
 
 from cicada.common.protocol import (
     Cancel,
@@ -27,13 +24,6 @@ from cicada.common.protocol import (
 from tests.edge.test_coordinator import Harness, Peer
 
 PROMPT = np.asarray([[5, 6, 7]], dtype=np.int64)
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness()
-    yield harness
-    harness.close()
 
 
 def generation(rid: str, n: int, **options: object) -> Request:
