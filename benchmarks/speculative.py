@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -58,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-interval", type=float, default=None,
                    help="pace the edge's provisional tokens (s; default 0, quick 0.05: the tiny "
                         "edge would finish before the cold start ends)")  # fmt: skip
+    p.add_argument(
+        "--no-pin", action="store_true",
+        help="do not pin the cloud worker to its own core (default, on 2+ cores: the last core "
+             "is the cloud's, with 1 torch thread, the others everyone else's, in every mode: "
+             "the edge device and the cloud machine are emulated on one host)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=None, help="model cache (default: a temp dir)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "speculative")
     args = p.parse_args(argv)
@@ -102,15 +108,38 @@ def reference(model: Any, prompt: np.ndarray, n: int) -> list[int]:
     return generate(decoder_for(model), GenerationRequest(prompt, n), lambda t: None).tokens
 
 
+def pinning(args: argparse.Namespace) -> tuple[set[int], set[int]] | None:
+    """(cores for the client, coordinator and edge agent; the cloud worker's core), or None."""
+    cores = sorted(os.sched_getaffinity(0))
+    if args.no_pin or len(cores) < 2:
+        return None
+    return set(cores[:-1]), {cores[-1]}
+
+
+def start_cloud(stack: Any, package: Path, pin: tuple[set[int], set[int]] | None) -> None:
+    """A cold cloud worker; on its own core with one torch thread when pinned (the affinity is
+    set on this thread only, which the spawned child inherits)."""
+    if pin is None:
+        stack.cloud(MODEL, package, "cloud")
+        return
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, pin[1])
+    try:
+        stack.cloud(MODEL, package, "cloud", "--threads", "1")
+    finally:
+        os.sched_setaffinity(0, mine)
+
+
 def run_edge_first(
-    stack: Any, package: Path, prompt: np.ndarray, n: int, exact: bool
+    stack: Any, package: Path, prompt: np.ndarray, n: int, exact: bool,
+    pin: tuple[set[int], set[int]] | None = None,
 ) -> dict[str, Any]:
     """The generation starts on the edge while the cloud cold-starts (started with it)."""
     from cicada.client import Client
 
     with Client(stack.address, timeout=600) as client:
         start = time.perf_counter()
-        stack.cloud(MODEL, package, "cloud")
+        start_cloud(stack, package, pin)
         first = exact_first = rewind_at = None
         last = start
         rewind = 0
@@ -148,15 +177,20 @@ def run_edge_first(
         "accepted": timings.get("worker_accepted"),
         "alone_rounds": timings.get("worker_alone"),
         "rounds": timings.get("worker_rounds"),
+        "guard_fired": timings.get("worker_guard_fired"),
+        "replayed": timings.get("worker_replayed"),
     }
 
 
-def run_cloud_only(stack: Any, package: Path, prompt: np.ndarray, n: int) -> dict[str, Any]:
+def run_cloud_only(
+    stack: Any, package: Path, prompt: np.ndarray, n: int,
+    pin: tuple[set[int], set[int]] | None = None,
+) -> dict[str, Any]:
     """Start the cloud, wait until it is ready, then decode on it."""
     from cicada.client import Client
 
     start = time.perf_counter()
-    stack.cloud(MODEL, package, "cloud")
+    start_cloud(stack, package, pin)
     stack.wait_workers("cloud", state="ready", timeout=600)
     ready = time.perf_counter() - start
     with Client(stack.address, timeout=600) as client:
@@ -193,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(11)
         runs: dict[str, list[dict[str, Any]]] = {"exact": [], "cloud_only": [], "handoff": []}
         edge_args = ["--token-interval", str(args.token_interval), "--draft-interval", "0"]
+        pin = pinning(args)
+        original_affinity = os.sched_getaffinity(0)
+        if pin is not None:  # inherited by the coordinator and the edge agent
+            os.sched_setaffinity(0, pin[0])
         for r in range(args.runs):
             prompt = rng.integers(0, vocab, size=16).astype(np.int64)
             expected = reference(model, prompt, args.tokens)
@@ -203,13 +241,16 @@ def main(argv: list[str] | None = None) -> int:
                     if mode != "cloud_only":
                         stack.edge(MODEL, edge, "edge", *edge_args)
                         stack.wait_workers("edge")
-                        got = run_edge_first(stack, package, prompt, args.tokens, mode == "exact")
+                        got = run_edge_first(
+                            stack, package, prompt, args.tokens, mode == "exact", pin
+                        )
                     else:
-                        got = run_cloud_only(stack, package, prompt, args.tokens)
+                        got = run_cloud_only(stack, package, prompt, args.tokens, pin)
                 got["matches_reference"] = got.pop("tokens") == expected
                 got["run"] = r
                 runs[mode].append(got)
                 print(f"run {r} {mode}: " + json.dumps(got), flush=True)
+        os.sched_setaffinity(0, original_affinity)
     exact, cloud, handoff = runs["exact"], runs["cloud_only"], runs["handoff"]
     drafted = sum(float(x["drafted"] or 0) for x in exact)
     accepted = sum(float(x["accepted"] or 0) for x in exact)
@@ -235,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "accepted": accepted,
         "rewound": median([x["rewound"] for x in exact]),
         "load_avg": loadavg(),
+        "pinned": None if pin is None else {"others": sorted(pin[0]), "cloud": sorted(pin[1])},
     }
     s = summary
     if s["drafted_tokens_per_s"] and s["cloud_alone_tokens_per_s"]:

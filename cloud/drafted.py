@@ -8,12 +8,18 @@ accepted tokens plus its own next token. With no draft at L it decodes one token
 are hints: the output is the cloud model's greedy decode whatever arrives (the Verifier only
 accepts a draft where the model itself would produce it).
 
-Waiting for drafts. The edge drafts from the tokens the cloud emitted, so at the start of a
-round the drafts for L may still be on their way. The worker waits for γ drafts at most twice
-its own measured round time, and only while drafts keep arriving (one came since the previous
-round began): a live edge that keeps up is worth that short wait (a round verifying γ drafts
-yields up to γ + 1 tokens for one forward), while a dead or stalled edge costs one wait once,
-after which the cloud decodes alone at full speed until drafts arrive again.
+Never waiting for drafts. The edge drafts from the tokens the cloud emitted, so after a round
+that rejected a draft, the drafts for the next positions are still being made. The cloud does
+not wait for them: a round takes the drafts that are there (at most γ) and, with none, decodes
+one token alone — a one-token step costs less than a verify forward, and the edge, drafting
+meanwhile, is usually ahead again by the next round. Measured on the GPT-2-medium-like model
+(BENCHMARKS.md, "Edge drafts after the takeover"): waiting up to twice a round for γ drafts made
+the cloud idle behind an edge that had to redraft after every rejection.
+
+Stale drafts. A draft for position p > L was made after the edge's own token at L; when the
+cloud's token at L is another one, every draft past L is dead, and the ones already offered
+are forgotten (`forget_from`) so that the next round does not verify them in vain. Drafts that
+were on their way are overwritten as the edge redrafts those positions (newest wins).
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class DraftSource(Protocol):
 
     def tokens_from(self, position: int, n: int, wait_s: float = 0.0) -> list[int]: ...
 
+    def forget_from(self, position: int) -> None: ...
+
     @property
     def cancelled(self) -> bool: ...
 
@@ -47,6 +55,7 @@ class DraftStats:
     accepted: int = 0  # of them accepted
     alone: int = 0  # rounds without a draft (the edge behind, or gone)
     guard_fired: int = 0
+    replayed: int = 0  # one-token forwards the margin guard's replays cost
 
     def timings(self) -> dict[str, float]:
         return {
@@ -55,6 +64,7 @@ class DraftStats:
             "accepted": float(self.accepted),
             "alone": float(self.alone),
             "guard_fired": float(self.guard_fired),
+            "replayed": float(self.replayed),
         }
 
 
@@ -82,9 +92,14 @@ def drafted_generate(
         return Generated([], "length" if len(out) >= n else "eos"), stats
     made: list[int] = []
     pending = [first.next_token]
-    step_s: float | None = None
-    heard = drafts.tokens_heard
+    proposal: list[int] = list(request.draft or ())
+    accepted = len(first.accepted)
     while True:
+        # The drafts past the cloud's newest token were made after the edge's own token at its
+        # position: dead unless the two agree (a bonus token the edge had drafted too).
+        here = len(out) + len(pending) - 1  # the position of pending[-1]
+        if accepted < len(proposal) or drafts.tokens_from(here, 1) != pending[-1:]:
+            drafts.forget_from(here)
         for token in pending:
             out.append(token)
             made.append(token)
@@ -98,21 +113,17 @@ def drafted_generate(
         if deadline is not None and time.monotonic() >= deadline:
             return Generated(made, "deadline"), stats
         budget = max(0, min(gamma.value, n - len(out) - 1))
-        alive = drafts.tokens_heard != heard
-        heard = drafts.tokens_heard
-        wait = 2 * step_s if alive and step_s is not None and budget else 0.0
-        proposal = drafts.tokens_from(len(out), budget, wait) if budget else []
+        proposal = drafts.tokens_from(len(out), budget) if budget else []
         # A hint is never trusted: a token outside the vocabulary ends the proposal there.
         ok = [0 <= t < verifier.vocab for t in proposal] + [False]
         proposal = proposal[: ok.index(False)]
-        began = time.monotonic()
         result = verifier.verify(proposal) if proposal else verifier.decode_one()
-        took = time.monotonic() - began
-        step_s = took if step_s is None else 0.8 * step_s + 0.2 * took
+        accepted = len(result.accepted)
         stats.rounds += 1
         stats.drafted += len(proposal)
-        stats.accepted += len(result.accepted)
+        stats.accepted += accepted
         stats.alone += not proposal
         stats.guard_fired += result.guarded
-        gamma.update(0 if result.guarded else len(proposal), len(result.accepted))
+        stats.replayed = verifier.stats.replayed_positions
+        gamma.update(0 if result.guarded else len(proposal), accepted)
         pending = result.tokens

@@ -13,13 +13,16 @@ several new tokens runs the linear layers on more rows, and BLAS sums in another
 logits differ from the one-token path's in the last bits (~1e-6 on the tiny model,
 tests/cloud/test_speculative.py; 2.3e-6 on GPT-2-medium-like, BENCHMARKS.md) and so do the keys
 and values it caches. A token can only flip where its top two logits are that close. The margin
-guard therefore stops accepting at any position whose top-2 logit margin is below `margin`
-(default 1e-3, hundreds of times the measured error) and produces that one token by the
-reference's own path: the cache is rebuilt as the reference would have built it (the prompt
-alone, then one token per forward, from the first position a multi-token forward made;
-`model.decode`, the very code the reference runs), so the token at a near-tie is the
-reference's bit for bit. `guard_fired` counts how often (measured: once in the 64 tokens of the
-benchmark's GPT-2-medium-like run, whose replay then cost 11 one-token forwards). A step
+guard therefore stops accepting at any position whose top-2 logit margin is below `margin` ×
+max(1, |top logit|) (default `common.generation.NEAR_TIE`, 1e-4: the rule the takeover's verify
+prefill and continuous batching apply, ~40 × the measured error; it was 1e-3 absolute) and
+produces that one token by the reference's own path: the cache is rebuilt as the reference
+would have built it (the prompt alone, then one token per forward, from the first position a
+multi-token forward made; `model.decode`, the very code the reference runs), so the token at a
+near-tie is the reference's bit for bit. `guard_fired` counts how often, `replayed_positions`
+what it cost: each replay recomputes every position since the last exact one, one token at a
+time (on the benchmark's seeded GPT-2-medium-like model, one near-tie in ~100 tokens; a replay
+of ~90 positions then costs more than the drafts saved: BENCHMARKS.md). A step
 without a draft (`decode_one`) is the reference's one-token step itself.
 
 The cache is Cicada's `LayerCache` list (what `GPT.decode` reads and writes), rolled back
@@ -40,16 +43,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cicada.cloud.few_rows import FewRowLinears
 from cicada.common.errors import GenerationError
+from cicada.common.generation import NEAR_TIE
 
-DEFAULT_MARGIN = 1e-3
+DEFAULT_MARGIN = NEAR_TIE
 
 
 class SpeculativeError(GenerationError):
@@ -107,6 +112,8 @@ class Verifier:
         self.prompt_len = 0
         self.exact = 0  # leading cache positions whose keys/values are the reference's
         self.stats = VerifierStats()
+        # The multi-token forward's linears: oneDNN's matmul on CPU (cloud/few_rows.py).
+        self.linear = FewRowLinears(device)
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -161,9 +168,10 @@ class Verifier:
         top = torch.topk(logits[first:], 2, dim=-1)
         choice = top.indices[:, 0].tolist()
         margins = (top.values[:, 0] - top.values[:, 1]).tolist()
+        ties = (self.margin * top.values[:, 0].abs().clamp(min=1.0)).tolist()
         accepted: list[int] = []
-        for i, (token, gap) in enumerate(zip(choice, margins, strict=True)):
-            if gap < self.margin:  # a near-tie: the reference path decides this token
+        for i, (token, gap, tie) in enumerate(zip(choice, margins, ties, strict=True)):
+            if gap < tie:  # a near-tie: the reference path decides this token
                 self._keep(start + first + 1 + i, accepted)
                 self.stats.guard_fired += 1
                 return Verdict(accepted, self._reference_next(replay=True), guarded=True)
@@ -230,7 +238,7 @@ class Verifier:
     def _forward_many(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (T, V) of `ids` (1, T) at positions start…start+T-1, appending their keys
         and values to the cache: `GPT.step`'s arithmetic, over the LayerCache list."""
-        model = self.model
+        model, linear = self.model, self.linear
         tr = model.transformer
         t = ids.size(1)
         pos = torch.arange(start, start + t, device=ids.device)
@@ -241,16 +249,17 @@ class Verifier:
         for block, layer in zip(blocks, self.cache, strict=True):
             attn = block.attn
             c, nh = attn.n_embd, attn.n_head
-            q, k, v = attn.c_attn(block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
+            q, k, v = linear(attn.c_attn, block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
             q, k, v = (u.view(1, t, nh, c // nh).transpose(1, 2) for u in (q, k, v))
             if layer.k is not None and start > 0:
                 k, v = torch.cat([layer.k, k], dim=2), torch.cat([layer.v, v], dim=2)
             layer.k, layer.v = k, v  # (1, nh, S+T, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (1, nh, T, hs)
             y = y.transpose(1, 2).contiguous().view(1, t, c)
-            x = x + attn.resid_dropout(attn.c_proj(y))
-            x = x + block.mlp(block.ln_2(x))
-        return cast(torch.Tensor, model.lm_head(tr["ln_f"](x)))[0]  # (T, V)
+            x = x + attn.resid_dropout(linear(attn.c_proj, y))
+            mlp = block.mlp
+            x = x + mlp.dropout(linear(mlp.c_proj, mlp.gelu(linear(mlp.c_fc, block.ln_2(x)))))
+        return linear(model.lm_head, tr["ln_f"](x))[0]  # (T, V)
 
     def _checked(self, ids: Any, what: str, allow_empty: bool = True) -> list[int]:
         """Token ids from a peer: integers within the vocabulary, or SpeculativeError."""

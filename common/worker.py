@@ -112,6 +112,13 @@ class Stream:
                     return out
                 self._tokens_changed.wait(left)
 
+    def forget_from(self, position: int) -> None:
+        """Forget the tokens offered for `position` and after (drafts made after a token that
+        did not stand)."""
+        with self._tokens_changed:
+            for stale in [p for p in self._tokens if p >= position]:
+                del self._tokens[stale]
+
     def wait_tokens(self, heard: int, timeout: float) -> None:
         """Wait up to `timeout` for a TOKENS message beyond the `heard`-th."""
         with self._tokens_changed:

@@ -49,6 +49,7 @@ class Drafts:
         self.tokens_heard = 0
         self.cancelled = False
         self.asked: list[int] = []
+        self.forgotten: list[int] = []
 
     def tokens_from(self, position: int, n: int, wait_s: float = 0.0) -> list[int]:
         self.asked.append(position)
@@ -58,6 +59,9 @@ class Drafts:
         while len(out) < n and position + len(out) in offered:
             out.append(offered[position + len(out)])
         return out
+
+    def forget_from(self, position: int) -> None:
+        self.forgotten.append(position)
 
 
 def run(prompt: np.ndarray, n: int, draft: list[int], drafts: Drafts,
@@ -111,7 +115,27 @@ def test_any_drafts_give_the_reference(kind: str) -> None:
         assert stats.accepted == 0  # type: ignore[attr-defined]
     if kind == "none" or kind == "stale":
         assert stats.drafted == 0 and stats.alone == stats.rounds  # type: ignore[attr-defined]
+    if kind == "wrong":  # every round's token disagrees with the draft at its position
+        assert len(drafts.forgotten) == stats.rounds + 1  # type: ignore[attr-defined]
     assert drafts.asked == sorted(drafts.asked), "rounds move forward"
+
+
+def test_drafts_past_a_rejection_are_forgotten_and_right_ones_kept() -> None:
+    """Drafts made after the edge's own token at a position the cloud decided otherwise are
+    dead: the rounds forget them (cloud/drafted.py), and only there."""
+    n = 40
+    expected = reference(PROMPT, n)
+    wrong_at = {8, 20}  # positions whose draft is wrong; the rest are right
+
+    def rule(p: int, k: int) -> dict[int, int]:
+        return {i: (expected[i] + 1) % VOCAB if i in wrong_at else expected[i]
+                for i in range(p, min(n, p + k))}  # fmt: skip
+
+    drafts = Drafts(rule)
+    j, emitted, stats = run(PROMPT, n, expected[:3], drafts)
+    assert expected[:j] + emitted == expected
+    assert set(drafts.forgotten) == wrong_at, drafts.forgotten
+    assert stats.accepted > 0  # type: ignore[attr-defined]
 
 
 def test_the_budget_and_eos_end_it_like_the_reference() -> None:
