@@ -64,6 +64,22 @@ def test_normal_work_never_queues_for_the_cloud_that_quality_work_waits_for() ->
     assert choose(NORMAL, 5.0, NO_EDGE, busy).route is Route.CLOUD
 
 
+def test_normal_work_queues_for_a_cloud_that_answers_sooner_than_the_edge() -> None:
+    """A busy cloud that is faster than the edge even after its queue (a GPU worker) takes
+    normal work; a busy cloud slower than the edge does not (the CPU case above)."""
+    fast_busy = SideView(workers=1, capacity=1, inflight=1, queued=1, compute_s=0.005,
+                         ready=True, network_s=0.002)  # fmt: skip
+    slow_edge = SideView(workers=1, capacity=2, inflight=0, queued=0, compute_s=0.18)
+    assert not fast_busy.idle_slot
+    decision = choose(NORMAL, 2.0, slow_edge, fast_busy)
+    assert decision.cloud_estimate_s < decision.edge_estimate_s
+    assert decision.route is Route.CLOUD
+    assert choose(NORMAL, 0.01, slow_edge, fast_busy).route is Route.EDGE  # does not fit
+    cold_fast = SideView(workers=1, capacity=1, inflight=0, queued=0, compute_s=0.005,
+                         ready=False, eta_s=0.05)  # fmt: skip
+    assert choose(NORMAL, 2.0, slow_edge, cold_fast).route is Route.EDGE  # not ready
+
+
 def test_an_unmeasured_cloud_holds_no_queue() -> None:
     """Until a cloud worker has measured its compute time, work that would queue behind others
     there is not held for it (the default says nothing of this machine); a free slot still
