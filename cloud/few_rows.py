@@ -1,32 +1,53 @@
-"""fp32 linear layers over a few rows on CPU, on oneDNN's matmul (issue 13).
+"""fp32 linear layers whose every row comes out the same whatever the number of rows, on
+oneDNN's matmul (issue 13).
 
-A speculative verify forward runs every linear layer of the cloud model on γ + 1 rows (2–9).
-On the AMD EPYC this project's CI runs on, MKL's sgemm (what `nn.Linear` calls) costs about one
-one-row pass per row at 2–3 rows and ~2.5 × a one-row pass at 9 rows, so a verify forward over
-9 tokens of GPT-2-medium took ~3 × a one-token step. oneDNN's matmul (the kernel torch's CPU
-inductor uses for frozen linears) reads the weights once for all the rows: 24 linears of
-1024 × 4096 (400 MB), 2 threads, medians of 5:
+Why. Speculative verification checks γ drafts in ONE forward over γ + 1 rows and must give the
+tokens the cloud's one-token decode gives, bit for bit. With MKL's sgemm (what `nn.Linear`
+calls) a row's result depends on how many rows are multiplied with it (~1e-6 apart), so the
+verifier had to stop at near-ties and replay every position since the last exact one, one token
+at a time: on the GPT-2-medium-like benchmark model one near-tie in ~100 tokens cost ~90
+one-token forwards, more than the drafts saved. oneDNN's fp32 matmul computes each row the same
+way for 2 to 17 rows (checked on every shape of GPT-2 medium, 1 and 2 threads; `probe` checks it
+again, per weight shape, on the machine it runs on), so a single row is computed beside a copy
+of itself: the one-token step and a verify forward then agree bit for bit in every linear.
+
+It is also faster at few rows on this project's CI machine (an AMD EPYC): 24 linears of 1024 ×
+4096, 2 threads, medians of 5:
 
     rows      1      2      3      5      9
     MKL      32     68    107     73     82 ms
     oneDNN   19     26     26     32     35 ms
 
-and a whole GPT-2-medium verify forward over 9 tokens now costs ~1.2 × a one-token step (2
-threads). Numerics: oneDNN sums in another order than MKL, ~1e-6 apart; a verify forward
-already differs from the one-token path by that much, which is what the verifier's margin guard
-is for (`cloud/speculative.py`). The one-token reference path stays on `nn.Linear`: oneDNN's
-one-row kernel is not faster there at one thread.
+Reordered weights. oneDNN's kernel on the weights as they lie decodes GPT-2 medium at 6.6
+tokens/s on one thread against MKL's 8.7–9.0 (7.6–7.9 against 7.7–8.1 on two).
+`reorder_in_background` reorders each layer's weight once into oneDNN's blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`: the same bits, checked per shape) on a background
+thread after the model is ready, so no first token waits for it; `row_linear` takes the
+reordered copy once it is there. Then the 24 layers' linears and the head of GPT-2 medium cost,
+paired row / 9 rows / MKL's one row: 118.5 / 124.1 / 111.4 ms on one thread, 79.6 / 81.6 / 102.9
+ms on two, and a whole decode runs 11.5–11.7 tokens/s on two threads against MKL's 7.7–9.0 (7.0
+against 8.7–9.0 on one: hence MIN_THREADS). The copy costs the weights' size again in memory
+(1.42 GB for GPT-2 medium), as continuous batching's packed weights do, and the reordering ~5 s
+of one core for GPT-2 medium, in the background.
 
-Falls back to `nn.Linear` itself where oneDNN is not built in, for non-fp32 tensors and off the
-CPU.
+Falls back to `nn.Linear` itself where oneDNN is not built in, below MIN_THREADS, for non-fp32
+tensors and off the CPU; `probe` then says the rows are not invariant, and the verifier keeps its margin guard.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import cast
 
 import torch
 import torch.nn as nn
+
+PROBE_ROWS = 9  # a verify forward's widest (γ ≤ 8, plus the last token)
+# On one thread the paired-row kernel decodes GPT-2 medium ~20 % slower than MKL's one-row
+# kernel (7.0 against 8.7–9.0 tokens/s, reordered); on two, faster (11.6 against 7.7–9.0):
+# below this, row_linear is nn.Linear, and the verifier keeps its margin guard.
+MIN_THREADS = 2
+REORDERED = "_cicada_reordered"  # on an nn.Linear: ((data_ptr, version) of its weight, copy)
 
 
 def onednn_available() -> bool:
@@ -38,19 +59,121 @@ def onednn_available() -> bool:
     )
 
 
-class FewRowLinears:
-    """`layer(x)` for `nn.Linear` layers, on oneDNN's matmul where it applies."""
+_ONEDNN = onednn_available()
 
-    def __init__(self, device: str = "cpu", enabled: bool = True) -> None:
-        self.enabled = enabled and torch.device(device).type == "cpu" and onednn_available()
 
-    def __call__(self, layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = layer.weight, layer.bias
-        if not self.enabled or x.dtype != torch.float32 or weight.dtype != torch.float32:
-            return cast(torch.Tensor, layer(x))
-        # The module is not called, so its forward pre-hooks run here: a loading worker's
-        # (cloud/pipeline.py) wait until the layer's weights are resident.
-        for hook in list(layer._forward_pre_hooks.values()):
-            hook(layer, (x,))
-        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return cast(torch.Tensor, y)
+def _applies(layer: nn.Linear, x: torch.Tensor) -> bool:
+    weight = layer.weight
+    return (
+        _ONEDNN
+        and torch.get_num_threads() >= MIN_THREADS
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+    )
+
+
+def row_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` (x (..., C_in)), each row computed as in any other number of rows."""
+    if not _applies(layer, x):
+        return cast(torch.Tensor, layer(x))
+    # The module is not called, so its forward pre-hooks are run here: a loading worker's
+    # (cloud/pipeline.py) wait until the layer's weights are resident.
+    for hook in list(layer._forward_pre_hooks.values()):
+        hook(layer, (x,))
+    rows = x.reshape(-1, x.size(-1))
+    n = rows.size(0)
+    if n == 1:  # oneDNN's one-row kernel sums in another order: pair the row with itself
+        rows = rows.expand(2, -1).contiguous()
+    weight = layer.weight
+    reordered = layer.__dict__.get(REORDERED)
+    if reordered is not None and reordered[0] == (weight.data_ptr(), _version(weight)):
+        weight = reordered[1]
+    y = torch.ops.mkldnn._linear_pointwise(rows, weight, layer.bias, "none", [], "")
+    return cast(torch.Tensor, y[:n].reshape(*x.shape[:-1], y.size(-1)))
+
+
+_probed: dict[tuple[int, int, bool, int], bool] = {}
+_same_reordered: dict[tuple[int, int, int], bool] = {}
+_probe_lock = threading.Lock()
+
+
+def probe(layers: list[nn.Linear]) -> bool:
+    """Whether `row_linear` gives every row of a PROBE_ROWS-row product exactly as it gives it
+    alone, for the weight shape of each of `layers` (each shape checked once per process and
+    thread count, on the layer's own weights)."""
+    for layer in layers:
+        weight = layer.weight
+        key = (int(weight.shape[0]), int(weight.shape[1]), layer.bias is not None,
+               torch.get_num_threads())  # fmt: skip
+        with _probe_lock:
+            known = _probed.get(key)
+        if known is None:
+            x = torch.randn(PROBE_ROWS, key[1], generator=torch.Generator().manual_seed(0))
+            if not _applies(layer, x):
+                known = False
+            else:
+                with torch.inference_mode():
+                    together = row_linear(layer, x)
+                    known = all(
+                        torch.equal(row_linear(layer, x[r : r + 1])[0], together[r])
+                        for r in (0, PROBE_ROWS // 2, PROBE_ROWS - 1)
+                    )
+            with _probe_lock:
+                _probed[key] = known
+        if not known:
+            return False
+    return True
+
+
+def _version(weight: torch.Tensor) -> int:
+    # Inference tensors have no version counter: their data pointer has to do.
+    return -1 if weight.is_inference() else int(weight._version)
+
+
+def _reorder(layer: nn.Linear) -> bool:
+    """Give `layer` a copy of its weight in oneDNN's blocked layout, if that gives the same
+    bits as the weight itself (checked once per shape); returns whether it did."""
+    weight = layer.weight
+    if not _applies(layer, weight[:1]):
+        return False
+    with torch.no_grad():
+        reordered = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 2)
+        key = (int(weight.shape[0]), int(weight.shape[1]), torch.get_num_threads())
+        with _probe_lock:
+            same = _same_reordered.get(key)
+        if same is None:
+            x = torch.randn(2, int(weight.shape[1]), generator=torch.Generator().manual_seed(1))
+            plain = torch.ops.mkldnn._linear_pointwise(x, weight.detach(), None, "none", [], "")
+            blocked = torch.ops.mkldnn._linear_pointwise(x, reordered, None, "none", [], "")
+            same = bool(torch.equal(plain, blocked))
+            with _probe_lock:
+                _same_reordered[key] = same
+    if same:
+        layer.__dict__[REORDERED] = ((weight.data_ptr(), _version(weight)), reordered)
+    return bool(same)
+
+
+def reorder_in_background(model: nn.Module) -> threading.Thread | None:
+    """Reorder every fp32 CPU `nn.Linear` weight of `model` on a daemon thread (see the module
+    docstring); None when oneDNN is not there. `row_linear` uses each copy once it is made."""
+    if not _ONEDNN:
+        return None
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    seen: set[int] = set()  # a tied weight (GPT-2's head and embedding) is reordered once
+
+    def run() -> None:
+        for layer in layers:
+            if id(layer.weight) in seen or REORDERED in layer.__dict__:
+                continue
+            seen.add(id(layer.weight))
+            try:
+                _reorder(layer)
+            except RuntimeError:  # a shape oneDNN will not reorder: that layer stays as it is
+                continue
+
+    thread = threading.Thread(target=run, name="cicada-reorder", daemon=True)
+    thread.start()
+    return thread

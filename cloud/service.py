@@ -238,7 +238,22 @@ class CloudWorker:
         self._last = event
         if event.done:
             log.info("%s resident: %d stages", self.config.model_name, event.total_stages)
+            self._reorder_for_decoding()
         self.runtime.notify()
+
+    def _reorder_for_decoding(self) -> None:
+        """The reference GPT-2's one-token steps and verify forwards run on oneDNN with each
+        row computed alike (cloud/few_rows.py); its weights are reordered for that kernel in
+        the background, after the load, so that no first token waits for it."""
+        from cicada.cloud.few_rows import reorder_in_background
+        from cicada.cloud.models.gpt2 import GPT
+
+        try:
+            model = self.cold.model
+        except RuntimeError:  # not built (a failed load reports itself elsewhere)
+            return
+        if isinstance(model, GPT) and self.config.device == "cpu":
+            reorder_in_background(model)
 
     def handle(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
         """Called on the runtime's executor thread: hand the request to the main thread.

@@ -15,14 +15,13 @@ tests/cloud/test_speculative.py; 2.3e-6 on GPT-2-medium-like, BENCHMARKS.md) and
 and values it caches. A token can only flip where its top two logits are that close. The margin
 guard therefore stops accepting at any position whose top-2 logit margin is below `margin` ×
 max(1, |top logit|) (default `common.generation.NEAR_TIE`, 1e-4: the rule the takeover's verify
-prefill and continuous batching apply, ~40 × the measured error; it was 1e-3 absolute) and
-produces that one token by the reference's own path: the cache is rebuilt as the reference
-would have built it (the prompt alone, then one token per forward, from the first position a
-multi-token forward made; `model.decode`, the very code the reference runs), so the token at a
-near-tie is the reference's bit for bit. `guard_fired` counts how often, `replayed_positions`
-what it cost: each replay recomputes every position since the last exact one, one token at a
-time (on the benchmark's seeded GPT-2-medium-like model, one near-tie in ~100 tokens; a replay
-of ~90 positions then costs more than the drafts saved: BENCHMARKS.md). A step
+prefill and continuous batching apply, ~40 × the measured error; it was 1e-3 absolute, and
+fired ten times as often, each firing a replay) and produces that one token by the
+reference's own path: the cache is rebuilt as the reference would have built it (the prompt
+alone, then one token per forward, from the first position a multi-token forward made;
+`model.decode`, the very code the reference runs), so the token at a near-tie is the
+reference's bit for bit. `guard_fired` counts how often (measured: once in the 64 tokens of the
+benchmark's GPT-2-medium-like run, whose replay then cost 11 one-token forwards). A step
 without a draft (`decode_one`) is the reference's one-token step itself.
 
 The cache is Cicada's `LayerCache` list (what `GPT.decode` reads and writes), rolled back
@@ -43,14 +42,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cicada.cloud.few_rows import FewRowLinears
+from cicada.cloud.few_rows import probe, row_linear
 from cicada.common.errors import GenerationError
 from cicada.common.generation import NEAR_TIE
 
@@ -112,8 +111,13 @@ class Verifier:
         self.prompt_len = 0
         self.exact = 0  # leading cache positions whose keys/values are the reference's
         self.stats = VerifierStats()
-        # The multi-token forward's linears: oneDNN's matmul on CPU (cloud/few_rows.py).
-        self.linear = FewRowLinears(device)
+        # Whether a forward over several rows can compute each as the one-token step does
+        # (cloud/few_rows.py, probed on this model's weight shapes): then the cache stays
+        # exact and a near-tie costs no replay.
+        blocks: list[Any] = list(cast(Any, self.model.transformer)["h"])
+        shapes = [blocks[0].attn.c_attn, blocks[0].attn.c_proj, blocks[0].mlp.c_fc,
+                  blocks[0].mlp.c_proj, self.model.lm_head] if blocks else []  # fmt: skip
+        self.rows_exact = bool(shapes) and probe(shapes)
 
     # -- rounds -----------------------------------------------------------------------------
 
@@ -128,6 +132,12 @@ class Verifier:
         self.stats = VerifierStats()
         if not drafts:  # the reference's own prefill: exact
             return Verdict([], self._reference_next())
+        if self.rows_exact:  # the reference's prefill, then the drafts' rows as its steps
+            feed = torch.tensor([self.tokens], dtype=torch.int64, device=self.device)
+            with torch.inference_mode():
+                head = self.model.decode(feed, self.cache, 0)[0, -1:]
+            self.exact = self.prompt_len
+            return self._round(drafts, self.prompt_len, drafts, head)
         return self._round(self.tokens + drafts, 0, drafts)
 
     def verify(self, drafts: Sequence[int]) -> Verdict:
@@ -154,11 +164,22 @@ class Verifier:
 
     # -- inside ---------------------------------------------------------------------------
 
-    def _round(self, feed: list[int], start: int, drafts: list[int]) -> Verdict:
-        """Forward `feed` at positions start…, compare rows with `drafts`, keep what stands."""
+    def _round(
+        self, feed: list[int], start: int, drafts: list[int], head: torch.Tensor | None = None
+    ) -> Verdict:
+        """Forward `feed` at positions start…, compare rows with `drafts`, keep what stands.
+        `head`: the logits row of position start - 1, already computed (the prefill's)."""
         ids = torch.tensor([feed], dtype=torch.int64, device=self.device)
         with torch.inference_mode():
-            logits = self._forward_many(ids, start)  # (T, V)
+            if self.rows_exact:
+                logits = self._forward_rows(ids, start)  # (T, V)
+                if self.exact >= start:  # every row as the reference's step computes it
+                    self.exact = start + len(feed)
+            else:
+                logits = self._forward_many(ids, start)
+        if head is not None:
+            logits, start = torch.cat([head, logits]), start - 1
+            feed = [-1, *feed]  # the row before (its token is already in the cache)
         self.stats.forwards += 1
         self.stats.rounds += 1
         self.stats.drafted += len(drafts)
@@ -227,18 +248,49 @@ class Verifier:
                 self.model.decode(ids, self.cache, 0)
                 self.exact = self.prompt_len
                 self.stats.replayed_positions += 1
-            else:
-                self._keep(self.exact, [])
+            else:  # (an exact cache may hold one position more: the tie's row's own)
+                self._keep(min(self.exact, known), [])
             for pos in range(self.exact, known):
                 ids = torch.tensor([[self.tokens[pos]]], device=self.device)
                 self.model.decode(ids, self.cache, pos)
                 self.stats.replayed_positions += 1
         self.exact = known
 
+    def _forward_rows(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        """`_forward_many`, each row computed exactly as the reference's one-token step at its
+        position computes it: the linears on `row_linear` (each row as in any number of rows,
+        cloud/few_rows.py), attention one query row at a time over the keys up to its own, with
+        the reference step's call. So the logits and the cached keys and values are the
+        reference's bit for bit (tests/cloud/test_speculative.py checks it)."""
+        model = self.model
+        tr = model.transformer
+        t = ids.size(1)
+        pos = model.pos_ids[start : start + t]
+        x = tr["drop"](tr["wte"](ids) + tr["wpe"](pos))  # (1, T, C)
+        blocks: list[Any] = list(tr["h"])
+        for block, layer in zip(blocks, self.cache, strict=True):
+            attn = block.attn
+            c, nh = attn.n_embd, attn.n_head
+            q, k, v = row_linear(attn.c_attn, block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
+            q, k, v = (u.view(1, t, nh, c // nh).transpose(1, 2) for u in (q, k, v))
+            if layer.k is not None:
+                k, v = torch.cat([layer.k, k], dim=2), torch.cat([layer.v, v], dim=2)
+            layer.k, layer.v = k, v  # (1, nh, S+T, hs)
+            rows = [
+                F.scaled_dot_product_attention(
+                    q[:, :, r : r + 1], k[:, :, : start + r + 1], v[:, :, : start + r + 1]
+                )
+                for r in range(t)
+            ]  # (1, nh, 1, hs) each
+            y = torch.cat(rows, dim=2).transpose(1, 2).contiguous().view(1, t, c)
+            x = x + attn.resid_dropout(row_linear(attn.c_proj, y))
+            x = x + block.mlp(block.ln_2(x), True)
+        return row_linear(model.lm_head, tr["ln_f"](x))[0]  # (T, V)
+
     def _forward_many(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         """Logits (T, V) of `ids` (1, T) at positions start…start+T-1, appending their keys
         and values to the cache: `GPT.step`'s arithmetic, over the LayerCache list."""
-        model, linear = self.model, self.linear
+        model = self.model
         tr = model.transformer
         t = ids.size(1)
         pos = torch.arange(start, start + t, device=ids.device)
@@ -249,17 +301,16 @@ class Verifier:
         for block, layer in zip(blocks, self.cache, strict=True):
             attn = block.attn
             c, nh = attn.n_embd, attn.n_head
-            q, k, v = linear(attn.c_attn, block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
+            q, k, v = attn.c_attn(block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
             q, k, v = (u.view(1, t, nh, c // nh).transpose(1, 2) for u in (q, k, v))
             if layer.k is not None and start > 0:
                 k, v = torch.cat([layer.k, k], dim=2), torch.cat([layer.v, v], dim=2)
             layer.k, layer.v = k, v  # (1, nh, S+T, hs)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (1, nh, T, hs)
             y = y.transpose(1, 2).contiguous().view(1, t, c)
-            x = x + attn.resid_dropout(linear(attn.c_proj, y))
-            mlp = block.mlp
-            x = x + mlp.dropout(linear(mlp.c_proj, mlp.gelu(linear(mlp.c_fc, block.ln_2(x)))))
-        return linear(model.lm_head, tr["ln_f"](x))[0]  # (T, V)
+            x = x + attn.resid_dropout(attn.c_proj(y))
+            x = x + block.mlp(block.ln_2(x))
+        return cast(torch.Tensor, model.lm_head(tr["ln_f"](x)))[0]  # (T, V)
 
     def _checked(self, ids: Any, what: str, allow_empty: bool = True) -> list[int]:
         """Token ids from a peer: integers within the vocabulary, or SpeculativeError."""

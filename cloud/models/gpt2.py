@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cicada.cloud.few_rows import row_linear
+
 
 @dataclass
 class GPTConfig:
@@ -33,6 +35,10 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in its Linears and LayerNorms
     seed: int = 0
+
+
+def _call(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return cast(torch.Tensor, layer(x))
 
 
 class CausalSelfAttention(nn.Module):
@@ -51,7 +57,11 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
         B, T, C = x.size()
         hs = C // self.n_head
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
+        # A cached one-token step: its linears compute each row as a verify forward over
+        # several rows does (cloud/few_rows.py), so speculative verification is bit-exact.
+        step = cache is not None and cache.k is not None
+        linear = row_linear if step else _call
+        q, k, v = linear(self.c_attn, x).split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -67,7 +77,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): re-assemble the heads
-        return cast(torch.Tensor, self.resid_dropout(self.c_proj(y)))  # (B, T, C)
+        return cast(torch.Tensor, self.resid_dropout(linear(self.c_proj, y)))  # (B, T, C)
 
     def step(
         self, x: torch.Tensor, past: torch.Tensor, mask: torch.Tensor
@@ -102,9 +112,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.gelu(self.c_fc(x))  # (B, T, 4C)
-        return cast(torch.Tensor, self.dropout(self.c_proj(x)))  # (B, T, C)
+    def forward(self, x: torch.Tensor, step: bool = False) -> torch.Tensor:
+        linear = row_linear if step else _call  # step: a cached one-token step
+        x = self.gelu(linear(self.c_fc, x))  # (B, T, 4C)
+        return cast(torch.Tensor, self.dropout(linear(self.c_proj, x)))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -116,8 +127,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None) -> torch.Tensor:
+        step = cache is not None and cache.k is not None  # before attn extends the cache
         x = x + self.attn(self.ln_1(x), cache)  # (B, T, C), pre-LayerNorm residual
-        x = x + self.mlp(self.ln_2(x))  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x), step)  # (B, T, C)
         return x
 
     def step(
@@ -195,7 +207,8 @@ class GPT(nn.Module):
         for i, block in enumerate(cast(nn.ModuleList, tr["h"])):
             x = block(x) if cache is None else block(x, cache[i])  # (B, T, C)
         x = tr["ln_f"](x)  # (B, T, C)
-        return cast(torch.Tensor, self.lm_head(x))  # (B, T, vocab_size)
+        step = cache is not None and start > 0  # a cached one-token step
+        return row_linear(self.lm_head, x) if step else _call(self.lm_head, x)  # (B, T, V)
 
     def step(self, idx: torch.Tensor, past: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits for `idx` (B, T) following `past`, the keys and values of the P tokens

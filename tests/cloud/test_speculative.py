@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from cicada.cloud import few_rows
 from cicada.cloud.generate import decoder_for
 from cicada.cloud.models import bert, gpt2
 from cicada.cloud.speculative import (
@@ -100,8 +101,31 @@ def drafter(kind: str, ref: list[int], prompt_len: int, other: list[int], seed: 
 KINDS = ["right", "wrong", "right-then-wrong", "empty", "too-long", "other-prompt", "random"]
 
 
+def use(mode: str) -> None:
+    """Rows mode needs MIN_THREADS torch threads (cloud/few_rows.py); the references of a test
+    are computed after this, in the same mode (the autouse fixture restores the count)."""
+    torch.set_num_threads(few_rows.MIN_THREADS if mode == "rows" else 1)
+
+
+def verifier_in(mode: str, model: gpt2.GPT, **kwargs: float) -> Verifier:
+    """A Verifier whose verify forwards compute each row as the one-token step does
+    ("rows", where this machine's oneDNN allows it), or over all rows at once with the margin
+    guard replaying near-ties ("guarded", the path for CUDA, for builds without oneDNN and for
+    one thread)."""
+    verifier = Verifier(model, **kwargs)
+    if mode == "rows" and not verifier.rows_exact:
+        pytest.skip("oneDNN's row-invariant matmul is not available here")
+    verifier.rows_exact = mode == "rows"
+    return verifier
+
+
+MODES = ["rows", "guarded"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(MODELS))
-def test_any_draft_gives_the_reference_greedy_decode(name: str) -> None:
+def test_any_draft_gives_the_reference_greedy_decode(name: str, mode: str) -> None:
+    use(mode)
     model = MODELS[name]()
     cases = prompts(7, 6)
     refs = [reference(model, p, n) for p, n in cases]
@@ -109,7 +133,7 @@ def test_any_draft_gives_the_reference_greedy_decode(name: str) -> None:
     for i, ((prompt, n), ref) in enumerate(zip(cases, refs, strict=True)):
         other = refs[(i + 1) % len(refs)]
         for kind in KINDS:
-            verifier = Verifier(model)
+            verifier = verifier_in(mode, model)
             draft = drafter(kind, ref, len(prompt), other, seed=i)
             got = speculative_generate(verifier, prompt, n, draft, AdaptiveGamma(3))
             assert got.tokens == ref, f"{name} prompt {i} drafts {kind}"
@@ -165,6 +189,33 @@ def test_a_multi_token_forward_is_within_rounding_of_the_one_token_path() -> Non
     assert diff < DEFAULT_MARGIN / 20, diff
 
 
+@pytest.mark.parametrize("width", [1, 2, 5, 9])
+def test_a_rows_forward_is_the_one_token_path_bit_for_bit(width: int) -> None:
+    """The rows path's premise (cloud/few_rows.py): every row of a verify forward — logits,
+    keys and values — equals what the reference's one-token step computes at its position,
+    exactly, for any width; so rows mode needs no replay."""
+    use("rows")
+    model = contextual()
+    verifier = verifier_in("rows", model)
+    prompt = np.arange(3, 14, dtype=np.int64)
+    ref = reference(model, prompt, 12)
+    cache = model.new_cache()
+    with torch.inference_mode():
+        model.decode(torch.from_numpy(prompt)[None], cache, 0)
+        steps = [
+            model.decode(torch.tensor([[token]]), cache, len(prompt) + i)[0, -1]
+            for i, token in enumerate(ref[:width])
+        ]
+    verifier.prefill(prompt)
+    with torch.inference_mode():
+        rows = verifier._forward_rows(torch.tensor([ref[:width]]), len(prompt))
+    for r in range(width):
+        assert torch.equal(rows[r], steps[r]), r
+    for mine, theirs in zip(verifier.cache, cache, strict=True):
+        assert mine.k is not None and theirs.k is not None
+        assert torch.equal(mine.k, theirs.k) and torch.equal(mine.v, theirs.v)
+
+
 def test_the_cache_after_a_rejection_is_a_fresh_prefills() -> None:
     model = contextual()
     prompt = np.arange(20, 31, dtype=np.int64)
@@ -189,17 +240,22 @@ def test_the_cache_after_a_rejection_is_a_fresh_prefills() -> None:
     assert rest == ref[6:12]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("margin", [0.02, 0.1, 1e9])
-def test_the_margin_guard_produces_near_ties_by_the_reference_path(margin: float) -> None:
+def test_the_margin_guard_produces_near_ties_by_the_reference_path(
+    margin: float, mode: str
+) -> None:
     """A wide margin makes the guard fire often (1e9: at every position): each such token
     comes from the one-token path, after the positions a multi-token forward cached are
-    replayed that way, and the output is still the reference's. (This tiny model's top-2
+    replayed that way (guarded mode; in rows mode the cache is already the reference's and
+    nothing is replayed), and the output is still the reference's. (This tiny model's top-2
     margins are small: 0.02 fires at ~1 position in 5.)"""
+    use(mode)
     model = contextual()
     fired = replayed = 0
     for i, (prompt, n) in enumerate(prompts(11, 6)):
         ref = reference(model, prompt, n)
-        verifier = Verifier(model, margin=margin)
+        verifier = verifier_in(mode, model, margin=margin)
         got = speculative_generate(verifier, prompt, n, drafter("right", ref, len(prompt), ref, i))
         assert got.tokens == ref, f"prompt {i}"
         fired += got.stats.guard_fired
@@ -207,7 +263,7 @@ def test_the_margin_guard_produces_near_ties_by_the_reference_path(margin: float
         if margin == 1e9:
             assert got.stats.accepted == 0  # every first row is a "tie": nothing to replay
     assert fired > 0
-    assert (replayed > 0) == (margin < 1)
+    assert (replayed > 0) == (margin < 1 and mode == "guarded")
 
 
 def test_gamma_grows_with_acceptance_and_shrinks_on_rejection() -> None:
