@@ -11,21 +11,25 @@ head: nearly all of the FLOPs and all of the weight traffic) as ONE matmul over 
 tokens, (B, 1, C), and attention per stream, each query over its own cache. A single new
 token may attend to every position of its own sequence, so no mask is needed, and no cache is
 padded or copied into a shared buffer: what each stream computes is what it computes decoding
-alone (`CachedGPTDecoder.advance`), except that its rows of the matmuls are part of a larger
-one, so the logits differ in the last bits (not bit-identical, equal within 1e-5:
-tests/cloud/test_continuous.py); greedy tokens are equal unless two logits tie within rounding,
-which the tests check on real weights.
+alone (`CachedGPTDecoder.advance`). In rows mode (CPU, oneDNN, 2+ torch threads:
+`cloud/few_rows.py`) every linear computes each row exactly as the solo step does, so a
+stream's logits are its solo decode's bit for bit whatever its company (tested), and the
+weights are reordered once for that kernel in the background. Otherwise (one thread, CUDA, no
+oneDNN) its rows of the matmuls are part of a larger one, so the logits differ in the last bits
+(equal within 1e-5: tests/cloud/test_continuous.py); greedy tokens are equal unless two logits
+tie within rounding, which the tests check on real weights.
 
 Two things make a step of B > 1 streams cheap on a CPU (BENCHMARKS.md, "Batching"):
-* `PackedLinears`: torch's fp32 matmul of a few rows (MKL sgemm at M = 2..16) repacks the
-  weight matrix at every call and ran 8 rows at ~3 x the time of one row; MKL's packed GEMM
-  on weights packed once runs 8 rows at ~1.5 x, near the time of reading the weights. The
-  packed copy costs as much memory as the linear weights; it is made at the first step of
-  two or more streams (the weights are final by then: every stream's prefill ran every
-  stage), and again for a weight that was replaced or changed in place. One stream keeps
-  torch's own matmul (a matrix-vector product, faster than the packed kernel at one row).
-  Each row's result on the packed weights does not depend on the other rows (measured:
-  bit-identical at 1..16 rows), so a stream's logits do not depend on its company.
+* in rows mode, oneDNN's kernel on reordered weights reads the weights once for all rows; below
+  2 threads, `PackedLinears`: torch's fp32 matmul of a few rows (MKL sgemm at M = 2..16) repacks
+  the weight matrix at every call and ran 8 rows at ~3 x the time of one row; MKL's packed GEMM
+  on weights packed once runs 8 rows at ~1.5 x, near the time of reading the weights. The packed
+  copy costs as much memory as the linear weights; it is made at the first step of two or more
+  streams (the weights are final by then: every stream's prefill ran every stage), and again for
+  a weight that was replaced or changed in place. One stream keeps torch's own matmul (a matrix-
+  vector product, faster than the packed kernel at one row). Each row's result on the packed
+  weights does not depend on the other rows (measured: bit-identical at 1..16 rows), so a
+  stream's logits do not depend on its company.
 * `_Room`: each stream's keys and values live in a buffer with room to grow (capacity
   doubling, up to what its request can still need); a step writes the new position in place
   and hands out views, instead of a `torch.cat` that copies the whole cache every step.
@@ -50,6 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cicada.cloud.few_rows import reorder_in_background, row_linear, rows_available
 from cicada.common.generation import GenerationRequest
 
 # (keys, values) per layer, (1, nh, L, hs) each.
@@ -205,6 +210,8 @@ class Streams:
         self.active: list[DecodeStream] = []
         self.steps = 0  # batched steps run so far
         self.packed = PackedLinears() if pack and PackedLinears.available(device) else None
+        if pack and rows_available(device):  # the layout row_linear reads best (few_rows.py)
+            reorder_in_background(model)
 
     @property
     def full(self) -> bool:
@@ -290,9 +297,12 @@ class Streams:
         model = cast(Any, self.model)
         tr = model.transformer
         b = len(group)
-        packed = self.packed if b > 1 else None
+        rows = rows_available(self.device)  # each row as the solo step computes it
+        packed = self.packed if b > 1 and not rows else None
 
         def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            if rows:
+                return row_linear(layer, x)
             return packed(layer, x) if packed is not None else cast(torch.Tensor, layer(x))
 
         rooms = [_room_for(s) for s in group]

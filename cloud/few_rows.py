@@ -31,7 +31,8 @@ against 8.7–9.0 on one: hence MIN_THREADS). The copy costs the weights' size a
 of one core for GPT-2 medium, in the background.
 
 Falls back to `nn.Linear` itself where oneDNN is not built in, below MIN_THREADS, for non-fp32
-tensors and off the CPU; `probe` then says the rows are not invariant, and the verifier keeps its margin guard.
+tensors and off the CPU; `probe` then says the rows are not invariant, and the verifier keeps its
+margin guard.
 """
 
 from __future__ import annotations
@@ -60,6 +61,11 @@ def onednn_available() -> bool:
 
 
 _ONEDNN = onednn_available()
+
+
+def rows_available(device: str = "cpu") -> bool:
+    """Whether `row_linear` runs oneDNN's kernel (not `nn.Linear`) on `device` now."""
+    return _ONEDNN and torch.get_num_threads() >= MIN_THREADS and torch.device(device).type == "cpu"
 
 
 def _applies(layer: nn.Linear, x: torch.Tensor) -> bool:
@@ -161,6 +167,9 @@ def reorder_in_background(model: nn.Module) -> threading.Thread | None:
     docstring); None when oneDNN is not there. `row_linear` uses each copy once it is made."""
     if not _ONEDNN:
         return None
+    running = model.__dict__.get("_cicada_reordering")
+    if isinstance(running, threading.Thread):  # one reordering per model
+        return running
     layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
     seen: set[int] = set()  # a tied weight (GPT-2's head and embedding) is reordered once
 
@@ -175,5 +184,6 @@ def reorder_in_background(model: nn.Module) -> threading.Thread | None:
                 continue
 
     thread = threading.Thread(target=run, name="cicada-reorder", daemon=True)
+    model.__dict__["_cicada_reordering"] = thread
     thread.start()
     return thread

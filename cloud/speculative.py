@@ -8,21 +8,30 @@ between 1 and γ+1 tokens for one cloud forward, and the output is the cloud mod
 greedy decode: a draft can only be accepted where the cloud model would have produced it.
 
 Bit-identity. The reference is the cloud worker's greedy decode (`cloud/generate.py`
-`CachedGPTDecoder`: the prompt in one forward, then one token per forward). A forward over
-several new tokens runs the linear layers on more rows, and BLAS sums in another order, so its
-logits differ from the one-token path's in the last bits (~1e-6 on the tiny model,
-tests/cloud/test_speculative.py; 2.3e-6 on GPT-2-medium-like, BENCHMARKS.md) and so do the keys
-and values it caches. A token can only flip where its top two logits are that close. The margin
-guard therefore stops accepting at any position whose top-2 logit margin is below `margin` ×
-max(1, |top logit|) (default `common.generation.NEAR_TIE`, 1e-4: the rule the takeover's verify
-prefill and continuous batching apply, ~40 × the measured error; it was 1e-3 absolute, and
-fired ten times as often, each firing a replay) and produces that one token by the
-reference's own path: the cache is rebuilt as the reference would have built it (the prompt
-alone, then one token per forward, from the first position a multi-token forward made;
-`model.decode`, the very code the reference runs), so the token at a near-tie is the
-reference's bit for bit. `guard_fired` counts how often (measured: once in the 64 tokens of the
-benchmark's GPT-2-medium-like run, whose replay then cost 11 one-token forwards). A step
-without a draft (`decode_one`) is the reference's one-token step itself.
+`CachedGPTDecoder`: the prompt in one forward, then one token per forward). Two modes:
+
+* rows (`rows_exact`; CPU, oneDNN, 2+ torch threads): the reference's one-token step and the
+  verify forward (`_forward_rows`) compute every linear with `cloud/few_rows.row_linear`, which
+  gives each row the same bits whatever the number of rows, and attention one query row at a
+  time with the step's own call; so a verify forward's logits, keys and values are the
+  reference's bit for bit (tests/cloud/test_speculative.py), the cache stays exact, and a
+  near-tie costs one step, never a replay.
+* guarded (CUDA, no oneDNN, one thread): a forward over several new tokens runs the linears on
+  more rows and BLAS sums in another order, so its logits differ from the one-token path's in
+  the last bits (~1e-6 on the tiny model; 2.3e-6 on GPT-2-medium-like, BENCHMARKS.md) and so do
+  the keys and values it caches. A token can only flip where its top two logits are that close.
+
+In both, the margin guard stops accepting at any position whose top-2 logit margin is below
+`margin` × max(1, |top logit|) (default `common.generation.NEAR_TIE`, 1e-4: the rule the
+takeover's verify prefill and continuous batching apply, ~40 × the measured error) and
+produces that one token by the reference's own path: in guarded mode the cache is first
+rebuilt as the reference would have built it (the prompt alone, then one token per forward,
+from the first position a multi-token forward made; `model.decode`, the very code the reference
+runs), so the token at a near-tie is the reference's bit for bit. `guard_fired` counts how
+often, `replayed_positions` what the rebuilds cost: on the seeded GPT-2-medium-like model two
+near-ties in 128 tokens replayed 117 positions in guarded mode, more than the drafts saved, and
+none in rows mode (BENCHMARKS.md). A step without a draft (`decode_one`) is the reference's
+one-token step itself.
 
 The cache is Cicada's `LayerCache` list (what `GPT.decode` reads and writes), rolled back
 after each round by slicing to what stands: the positions of the tokens accepted so far.

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 
+from cicada.cloud import few_rows
 from cicada.cloud.continuous import DecodeStream, Streams, batchable
 from cicada.cloud.generate import CachedGPTDecoder, decoder_for
 from cicada.cloud.models import gpt2
@@ -105,6 +107,38 @@ def test_a_batched_step_matches_the_step_alone() -> None:
     assert_batched_step_matches_alone(m, streams, len(reqs))
 
 
+def test_in_rows_mode_a_batched_step_is_the_step_alone_bit_for_bit() -> None:
+    """With oneDNN and 2+ threads (cloud/few_rows.py) every linear computes each row as the
+    solo step does, so a stream's logits do not depend on its company at all, reordered
+    weights or not, and its tokens are its own greedy decode's by construction."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(few_rows.MIN_THREADS)
+    try:
+        if not few_rows.rows_available("cpu"):
+            pytest.skip("oneDNN's row-invariant matmul is not available here")
+        m = model()
+        reqs = [request(30 + i, 3 + 2 * i, 6) for i in range(5)]
+        for reordered in (False, True):
+            if reordered:
+                thread = few_rows.reorder_in_background(m)
+                assert thread is not None
+                thread.join(timeout=60)
+            streams = Streams(m)
+            for r in reqs:
+                streams.start(DecodeStream(r, lambda t: None))
+            with torch.inference_mode():
+                batched, _ = streams._forward(streams.active)
+            for j, stream in enumerate(streams.active):
+                dec = CachedGPTDecoder(m.decode, m, "cpu", m.decode)
+                dec.start(stream.request.prompt)
+                with torch.inference_mode():
+                    ids = torch.tensor([[stream.tokens[-1]]])
+                    solo = m.decode(ids, dec._cache, stream.request.prompt.size)[0, -1]
+                assert torch.equal(batched[j], solo), (reordered, j)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_only_the_reference_gpt2_is_batched() -> None:
     assert batchable(model())
     assert not batchable(torch.nn.Linear(2, 2))
@@ -114,6 +148,15 @@ def test_packed_linears_match_torch_and_follow_a_changed_weight() -> None:
     """Steps of two or more streams run the linear layers on weights packed once (MKL's
     packed GEMM): logits within 1e-5 of decoding alone, and a weight changed in place after
     the packing is packed again, not served stale."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # below few_rows.MIN_THREADS: the MKL path
+    try:
+        check_packed_linears()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_packed_linears() -> None:
     m = model()
     streams = Streams(m)
     assert streams.packed is not None  # this CPU build of torch has MKL
@@ -204,7 +247,18 @@ def test_caches_grow_in_place_and_a_replaced_cache_is_taken_as_it_is() -> None:
 
 
 def test_weights_that_are_inference_tensors_are_packed_too() -> None:
-    """A model built under torch.inference_mode has weights without a version counter."""
+    """A model built under torch.inference_mode has weights without a version counter (the
+    MKL path: one thread, below few_rows.MIN_THREADS; rows mode for them:
+    tests/cloud/test_few_rows.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_inference_tensor_weights()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_inference_tensor_weights() -> None:
     with torch.inference_mode():
         m = model()
     assert m.lm_head.weight.is_inference()

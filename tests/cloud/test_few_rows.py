@@ -101,3 +101,17 @@ def test_gpt2_decodes_the_same_tokens_after_its_weights_are_reordered() -> None:
     assert again == tokens
     for a, b in zip(logits_of_steps(), steps, strict=True):
         assert torch.equal(a, b)
+
+
+def test_inference_tensor_weights_are_reordered_and_give_the_same_bits() -> None:
+    with torch.inference_mode():
+        lin = layer(96, 200, seed=3)
+        x = torch.randn(4, 96)
+        before = row_linear(lin, x)
+    assert lin.weight.is_inference()
+    thread = reorder_in_background(nn.Sequential(lin))
+    assert thread is not None
+    thread.join(timeout=60)
+    assert REORDERED in lin.__dict__
+    with torch.inference_mode():
+        assert torch.equal(row_linear(lin, x), before)
