@@ -12,9 +12,10 @@ tokens, (B, 1, C), and attention per stream, each query over its own cache. A si
 token may attend to every position of its own sequence, so no mask is needed, and no cache is
 padded or copied into a shared buffer: what each stream computes is what it computes decoding
 alone (`CachedGPTDecoder.advance`). In rows mode (CPU, oneDNN, 2+ torch threads:
-`cloud/few_rows.py`) every linear computes each row exactly as the solo step does, so a
-stream's logits are its solo decode's bit for bit whatever its company (tested), and the
-weights are reordered once for that kernel in the background. Otherwise (one thread, CUDA, no
+`cloud/few_rows.py`) every linear computes each row exactly as the solo step does (oneDNN,
+checked for 2–17 rows), so a stream's logits are its solo decode's bit for bit whatever its
+company (tested at 5 streams), and the weights are reordered once for that kernel in the
+background. Otherwise (one thread, CUDA, no
 oneDNN) its rows of the matmuls are part of a larger one, so the logits differ in the last bits
 (equal within 1e-5: tests/cloud/test_continuous.py); greedy tokens are equal unless two logits
 tie within rounding, which the tests check on real weights.

@@ -261,7 +261,7 @@ def test_timeout(peers: Any) -> None:
     assert spent["status"] == "TIMEOUT" and not spent.get("served_by")  # it never ran
 
 
-def test_rejected_when_the_queue_is_full(peers: Any) -> None:
+def test_rejected_when_the_queue_is_full(stack: Stack, peers: Any) -> None:
     model = unique("m")
     worker, client = peers(), peers()
     worker.register(model)
@@ -271,6 +271,16 @@ def test_rejected_when_the_queue_is_full(peers: Any) -> None:
     sharers = [client, peers()]
     for i in range(QUEUE_LIMIT):
         ask(sharers[i % 2], f"queued-{i}", model, timeout_ms=60_000)
+    # Messages from different peers have no order: the late request is sent once the queue is
+    # seen full (the worker heartbeats meanwhile; it holds work and must stay registered).
+    deadline = time.monotonic() + WAIT_S
+
+    def queued() -> int:
+        return sum(q["depth"] for q in stack.status()["queues"] if q.get("model") == model)
+
+    while queued() < QUEUE_LIMIT:
+        assert worker.recv(timeout=0.05) is None
+        assert time.monotonic() < deadline, "the queue was never seen full"
     late = peers()
     ask(late, "over", model, timeout_ms=60_000)
     reply = reply_to(late, "over", alive=[worker])
