@@ -55,7 +55,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cicada.cloud.few_rows import reorder_in_background, row_linear, rows_available
+from cicada.cloud.few_rows import (
+    reorder_in_background,
+    row_linear,
+    rows_available,
+    weight_version,
+)
 from cicada.common.generation import GenerationRequest
 
 # (keys, values) per layer, (1, nh, L, hs) each.
@@ -141,8 +146,7 @@ class PackedLinears:
 
     def packing(self, weight: torch.Tensor) -> torch.Tensor:
         entry = self._packed.get(id(weight))
-        # Inference tensors have no version counter: their data pointer has to do.
-        version = -1 if weight.is_inference() else weight._version
+        version = weight_version(weight)
         if (
             entry is not None
             and entry[0] is weight

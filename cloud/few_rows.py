@@ -71,9 +71,7 @@ def rows_available(device: str = "cpu") -> bool:
 def _applies(layer: nn.Linear, x: torch.Tensor) -> bool:
     weight = layer.weight
     return (
-        _ONEDNN
-        and torch.get_num_threads() >= MIN_THREADS
-        and x.device.type == "cpu"
+        rows_available(x.device.type)
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and weight.device.type == "cpu"
@@ -95,7 +93,7 @@ def row_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         rows = rows.expand(2, -1).contiguous()
     weight = layer.weight
     reordered = layer.__dict__.get(REORDERED)
-    if reordered is not None and reordered[0] == (weight.data_ptr(), _version(weight)):
+    if reordered is not None and reordered[0] == (weight.data_ptr(), weight_version(weight)):
         weight = reordered[1]
     y = torch.ops.mkldnn._linear_pointwise(rows, weight, layer.bias, "none", [], "")
     return cast(torch.Tensor, y[:n].reshape(*x.shape[:-1], y.size(-1)))
@@ -134,8 +132,9 @@ def probe(layers: list[nn.Linear]) -> bool:
     return True
 
 
-def _version(weight: torch.Tensor) -> int:
-    # Inference tensors have no version counter: their data pointer has to do.
+def weight_version(weight: torch.Tensor) -> int:
+    """The in-place version of `weight`, to tell a stale derived copy (-1 for an inference
+    tensor, which has no version counter: its data pointer has to do)."""
     return -1 if weight.is_inference() else int(weight._version)
 
 
@@ -158,7 +157,7 @@ def _reorder(layer: nn.Linear) -> bool:
             with _probe_lock:
                 _same_reordered[key] = same
     if same:
-        layer.__dict__[REORDERED] = ((weight.data_ptr(), _version(weight)), reordered)
+        layer.__dict__[REORDERED] = ((weight.data_ptr(), weight_version(weight)), reordered)
     return bool(same)
 
 
