@@ -10,23 +10,16 @@ streams together gave each stream the tokens it gets alone.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.run import run_benchmark
 
 
 def test_quick_batching_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "batching"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.batching", "--quick", "--rounds", "1",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = run_benchmark(
+        ["-m", "benchmarks.batching", "--quick", "--rounds", "1", "--out", str(out)], 300
+    )
     assert set(last) == {"forward_per_s", "decode_tokens_per_s"}
     for key in last:
         assert set(last[key]) == {"1", "2", "4", "8"}

@@ -9,25 +9,17 @@ tiny 4-layer model measured 0.94 against 0.33 on this CPU).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.run import run_benchmark
 
 
 @pytest.mark.slow  # a whole quick benchmark run: pack, two exports, decodes (~30 s of CPU)
 def test_quick_draft_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "draft"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.draft", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = run_benchmark(["-m", "benchmarks.draft", "--quick", "--out", str(out)], 900)
     assert last["bit_identical"] is True
     assert set(last["agreement"]) == {"full", "cut"}
     assert last["agreement"]["full"] > last["agreement"]["cut"]

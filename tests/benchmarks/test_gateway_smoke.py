@@ -4,26 +4,16 @@ machines are noisy."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.run import run_benchmark
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 
 def test_quick_gateway_benchmark() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gateway", "--quick"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_benchmark(["-m", "benchmarks.gateway", "--quick"], 300)
     latency = results["latency"]
     for path in ("sdk", "json", "binary"):
         assert 0 < latency[path]["p50_ms"] <= latency[path]["p99_ms"], latency

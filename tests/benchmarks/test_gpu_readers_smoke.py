@@ -6,23 +6,13 @@ a race in tests/cloud/test_gpu_readers.py. No timing is asserted."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.run import run_benchmark
 
 
 def test_quick_gpu_readers_benchmark() -> None:
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_readers.py", "--quick", "--rounds", "1",
-         "--readers", "1,2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = run_benchmark(
+        ["benchmarks/gpu_readers.py", "--quick", "--rounds", "1", "--readers", "1,2"], 600
+    )
     assert set(last["gb_s"]) == {
         "single loop", "read only (1 thread, no hash)", "ring, 1 reader", "ring, 2 readers",
     }  # fmt: skip

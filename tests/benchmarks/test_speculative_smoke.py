@@ -8,25 +8,17 @@ must cloud-only's), the cloud must have taken it over and verified drafts.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.run import run_benchmark
 
 
 @pytest.mark.slow  # three cold stacks, a pack and an export (about a minute of a quiet CPU)
 def test_quick_speculative_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "speculative"
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.speculative", "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=dict(os.environ),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    last = run_benchmark(["-m", "benchmarks.speculative", "--quick", "--out", str(out)], 900)
     assert last["runs"] == 1
     assert last["exact_matches"] == 1, "bit for bit the cloud model's greedy decode"
     assert last["cloud_only_matches"] == 1 and last["taken_over"] == 1
