@@ -25,12 +25,7 @@ its queue drains B requests per worker per full batch. Without m: one request pe
   it busy went to a 180 ms edge (benchmarks/handoff what-if: 79 % of post-ready requests to the
   cloud; 98–99 % since).
 * quality-seeking (2): the cloud as soon as its estimate fits the deadline (it may start on a
-  loading worker: stage-pipelined execution), else the edge. While the cloud is not ready, the
-  request is held for it only as long as the edge could still answer in time (1.5 × the edge's
-  estimate + 0.25 s left), because the cloud's ETA is a forecast: in a measured handoff run six
-  quality requests held for a cold start that ended later than forecast timed out, where
-  edge-only had answered them in time. Queued work is decided again on every pass, so a held
-  request moves to the edge when that point comes.
+  loading worker: stage-pipelined execution), else the edge.
 
 With no edge at all, normal and quality work may still go to a loading cloud if it fits;
 otherwise the answer is UNAVAILABLE (nobody can serve it) or TIMEOUT (nobody in time). Either
@@ -49,10 +44,6 @@ from cicada.common.defaults import CRITICAL, NORMAL, QUALITY
 DEFAULT_EDGE_COMPUTE_S = 0.01
 DEFAULT_CLOUD_COMPUTE_S = 0.2
 DEFAULT_NETWORK_S = 0.002
-# Work held for a cloud that is not ready yet goes to the edge while the edge can still meet
-# its deadline with this margin over the edge's estimate (choose(): `fallback`).
-FALLBACK_FACTOR = 1.5
-FALLBACK_S = 0.25
 
 
 class Route(enum.Enum):
@@ -135,12 +126,6 @@ def choose(priority: int, remaining_s: float | None, edge: SideView, cloud: Side
     def decide(route: Route) -> Decision:
         return Decision(route, e, c)
 
-    def fallback(edge_estimate: float) -> bool:
-        # Time enough left to fall back to the edge if the cloud is late: a loading cloud's
-        # ETA is a forecast, and a request held for it past this point missed its deadline
-        # where the edge alone would have met it.
-        return remaining_s is None or remaining_s >= FALLBACK_FACTOR * edge_estimate + FALLBACK_S
-
     if not edge.available and not cloud.available:
         return decide(Route.UNAVAILABLE)
     if remaining_s is not None and remaining_s <= 0:
@@ -154,7 +139,7 @@ def choose(priority: int, remaining_s: float | None, edge: SideView, cloud: Side
         return decide(Route.UNAVAILABLE)  # nobody ready: critical work never waits
     if priority == NORMAL and cloud.ready and (cloud.idle_slot or c < e) and fits(c):
         return decide(Route.CLOUD)
-    if priority >= QUALITY and fits(c) and (cloud.ready or not edge_now or fallback(e)):
+    if priority >= QUALITY and fits(c):
         return decide(Route.CLOUD)
     if edge_now or (edge.available and fits(e)):
         return decide(Route.EDGE)

@@ -40,23 +40,6 @@ def test_quality_work_goes_to_the_cloud_once_its_estimate_fits_the_deadline() ->
     assert choose(QUALITY, 1.0, EDGE, READY_CLOUD).route is Route.CLOUD
 
 
-def test_quality_work_leaves_a_cold_cloud_while_the_edge_can_still_answer() -> None:
-    """Held for a loading cloud only while the edge could still meet the deadline if the
-    cloud's ETA proves optimistic: 1.5 x the edge's estimate + 0.25 s."""
-    busy_edge = SideView(workers=1, capacity=2, inflight=2, queued=8, compute_s=0.2)  # 0.9 s
-    soon = SideView(workers=1, capacity=1, inflight=0, queued=0, compute_s=0.2, ready=False,
-                    eta_s=1.0)  # fmt: skip
-    e = busy_edge.estimate()
-    assert choose(QUALITY, 4.0, busy_edge, soon).route is Route.CLOUD  # 4 s >= 1.6 s
-    assert choose(QUALITY, 1.5 * e + 0.24, busy_edge, soon).route is Route.EDGE
-    assert choose(QUALITY, 1.5 * e + 0.26, busy_edge, soon).route is Route.CLOUD
-    # A ready cloud is not a forecast: quality work stays with it while it fits.
-    ready = SideView(workers=1, capacity=1, inflight=0, queued=0, compute_s=0.2, ready=True)
-    assert choose(QUALITY, 1.0, busy_edge, ready).route is Route.CLOUD
-    # With no edge to fall back to, the loading cloud is the only chance.
-    assert choose(QUALITY, 1.5, NO_EDGE, soon).route is Route.CLOUD
-
-
 def test_normal_work_takes_the_cloud_only_when_it_is_ready() -> None:
     assert choose(NORMAL, 5.0, EDGE, COLD_CLOUD).route is Route.EDGE
     assert choose(NORMAL, 5.0, EDGE, READY_CLOUD).route is Route.CLOUD

@@ -359,11 +359,8 @@ def test_sigkill_cloud_worker_mid_load(
     assert cloud_states(s) <= {"cold", "loading"}, logs(s)
 
     # Quality-seeking work fits the loading worker's ETA, so it is dispatched to it (one slot)
-    # and held for it in the coordinator; normal work goes to the edge meanwhile. (Its 6 s
-    # deadline leaves the edge fallback the policy keeps for work held for a cold cloud, 1.5 x
-    # the edge's estimate + 0.25 s, even on a busy machine.)
-    mix = [(2, 6.0), (2, 6.0), (1, 3.0), (2, 6.0), (1, 3.0), (0, 3.0)]
-    plan: Plan = lambda i: mix[i % len(mix)]  # noqa: E731
+    # and held for it in the coordinator; normal work goes to the edge meanwhile.
+    plan = cycle([2, 2, 1, 2, 1, 0], deadline=3.0)
     with Traffic(s.address, x, plan, threads=6) as traffic:
         s.wait_for(
             lambda st: any(q["priority"] == "2" and q["depth"] > 0 for q in st["queues"]),
