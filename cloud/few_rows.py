@@ -37,6 +37,7 @@ margin guard.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from typing import cast
 
@@ -174,6 +175,8 @@ def reorder_in_background(model: nn.Module) -> threading.Thread | None:
 
     def run() -> None:
         for layer in layers:
+            if _exiting.is_set():
+                return
             if id(layer.weight) in seen or REORDERED in layer.__dict__:
                 continue
             seen.add(id(layer.weight))
@@ -184,5 +187,24 @@ def reorder_in_background(model: nn.Module) -> threading.Thread | None:
 
     thread = threading.Thread(target=run, name="cicada-reorder", daemon=True)
     model.__dict__["_cicada_reordering"] = thread
+    with _probe_lock:
+        _reordering.append(thread)
     thread.start()
     return thread
+
+
+# A process must not exit while a reordering thread is inside a native op: the C++ runtime's
+# teardown under a running thread aborts the process ("terminate called without an active
+# exception"; a cloud worker stopped by SIGTERM right after its load exited -6). At exit, the
+# threads stop after the layer they are on, and are waited for.
+_exiting = threading.Event()
+_reordering: list[threading.Thread] = []
+
+
+@atexit.register
+def _stop_reordering() -> None:
+    _exiting.set()
+    with _probe_lock:
+        threads = list(_reordering)
+    for thread in threads:
+        thread.join(timeout=30)

@@ -3,6 +3,8 @@ with, before and after its weight is reordered, and a stale reordered copy is ne
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -115,3 +117,24 @@ def test_inference_tensor_weights_are_reordered_and_give_the_same_bits() -> None
     assert REORDERED in lin.__dict__
     with torch.inference_mode():
         assert torch.equal(row_linear(lin, x), before)
+
+
+EXIT_WHILE_REORDERING = """
+import sys, torch, torch.nn as nn
+torch.set_num_threads(2)
+from cicada.cloud.few_rows import reorder_in_background
+model = nn.Sequential(*[nn.Linear(1024, 4096) for _ in range(12)]).requires_grad_(False)
+assert reorder_in_background(model) is not None
+sys.exit(0)  # at once: the reordering thread is inside a native op
+"""
+
+
+def test_a_process_exiting_while_reordering_exits_cleanly() -> None:
+    """Exiting while the background thread is inside oneDNN's reorder used to abort the
+    process (C++ teardown under a running thread: "terminate called without an active
+    exception", exit -6; a cloud worker stopped right after its load did). The thread now
+    stops after its current layer and is waited for at exit."""
+    proc = subprocess.run([sys.executable, "-c", EXIT_WHILE_REORDERING],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
