@@ -64,9 +64,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="do not pin the cloud worker to its own core (default, on 2+ cores: the last core "
              "is the cloud's, with 1 torch thread, the others everyone else's, in every mode: "
              "the edge device and the cloud machine are emulated on one host)")  # fmt: skip
+    p.add_argument(
+        "--row-invariant", choices=("auto", "always", "never"), default="auto",
+        help="the cloud worker's --row-invariant, in every mode (pinned, it has one thread: "
+             "auto then decodes on MKL, always on the row-invariant kernel, which its drafted "
+             "decode needs to skip replays)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=None, help="model cache (default: a temp dir)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "speculative")
+    p.add_argument("--logs", type=Path, default=None,
+                   help="keep each run's coordinator, edge and cloud logs here (default: dropped)")
+    p.add_argument("--modes", default="exact,cloud_only,handoff",
+                   help="comma-separated subset of exact, cloud_only, handoff")  # fmt: skip
     args = p.parse_args(argv)
+    unknown = set(args.modes.split(",")) - {"exact", "cloud_only", "handoff"}
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))}")
     if args.runs is None:
         args.runs = 1 if args.quick else 2
     if args.scale is None:
@@ -116,30 +128,33 @@ def pinning(args: argparse.Namespace) -> tuple[set[int], set[int]] | None:
     return set(cores[:-1]), {cores[-1]}
 
 
-def start_cloud(stack: Any, package: Path, pin: tuple[set[int], set[int]] | None) -> None:
+def start_cloud(
+    stack: Any, package: Path, pin: tuple[set[int], set[int]] | None, rows: str = "auto"
+) -> None:
     """A cold cloud worker; on its own core with one torch thread when pinned (the affinity is
     set on this thread only, which the spawned child inherits)."""
+    extra = ("--row-invariant", rows)
     if pin is None:
-        stack.cloud(MODEL, package, "cloud")
+        stack.cloud(MODEL, package, "cloud", *extra)
         return
     mine = os.sched_getaffinity(0)
     os.sched_setaffinity(0, pin[1])
     try:
-        stack.cloud(MODEL, package, "cloud", "--threads", "1")
+        stack.cloud(MODEL, package, "cloud", "--threads", "1", *extra)
     finally:
         os.sched_setaffinity(0, mine)
 
 
 def run_edge_first(
     stack: Any, package: Path, prompt: np.ndarray, n: int, exact: bool,
-    pin: tuple[set[int], set[int]] | None = None,
+    pin: tuple[set[int], set[int]] | None = None, rows: str = "auto",
 ) -> dict[str, Any]:
     """The generation starts on the edge while the cloud cold-starts (started with it)."""
     from cicada.client import Client
 
     with Client(stack.address, timeout=600) as client:
         start = time.perf_counter()
-        start_cloud(stack, package, pin)
+        start_cloud(stack, package, pin, rows)
         first = exact_first = rewind_at = None
         last = start
         rewind = 0
@@ -179,18 +194,19 @@ def run_edge_first(
         "rounds": timings.get("worker_rounds"),
         "guard_fired": timings.get("worker_guard_fired"),
         "replayed": timings.get("worker_replayed"),
+        "rows_exact": timings.get("worker_rows_exact"),
     }
 
 
 def run_cloud_only(
     stack: Any, package: Path, prompt: np.ndarray, n: int,
-    pin: tuple[set[int], set[int]] | None = None,
+    pin: tuple[set[int], set[int]] | None = None, rows: str = "auto",
 ) -> dict[str, Any]:
     """Start the cloud, wait until it is ready, then decode on it."""
     from cicada.client import Client
 
     start = time.perf_counter()
-    start_cloud(stack, package, pin)
+    start_cloud(stack, package, pin, rows)
     stack.wait_workers("cloud", state="ready", timeout=600)
     ready = time.perf_counter() - start
     with Client(stack.address, timeout=600) as client:
@@ -234,18 +250,22 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.runs):
             prompt = rng.integers(0, vocab, size=16).astype(np.int64)
             expected = reference(model, prompt, args.tokens)
-            for mode in ("exact", "cloud_only", "handoff"):
-                (Path(tmp) / f"{mode}-{r}").mkdir()
-                with Stack(Path(tmp) / f"{mode}-{r}") as stack:
+            for mode in args.modes.split(","):
+                logs = (args.logs or Path(tmp)) / f"{mode}-{r}"
+                logs.mkdir(parents=True)
+                with Stack(logs) as stack:
                     stack.coordinator()
                     if mode != "cloud_only":
                         stack.edge(MODEL, edge, "edge", *edge_args)
                         stack.wait_workers("edge")
                         got = run_edge_first(
-                            stack, package, prompt, args.tokens, mode == "exact", pin
+                            stack, package, prompt, args.tokens, mode == "exact", pin,
+                            args.row_invariant,
                         )
                     else:
-                        got = run_cloud_only(stack, package, prompt, args.tokens, pin)
+                        got = run_cloud_only(
+                            stack, package, prompt, args.tokens, pin, args.row_invariant
+                        )
                 got["matches_reference"] = got.pop("tokens") == expected
                 got["run"] = r
                 runs[mode].append(got)
@@ -275,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         "drafted": drafted,
         "accepted": accepted,
         "rewound": median([x["rewound"] for x in exact]),
+        "replayed": median([x["replayed"] for x in exact]),
+        "row_invariant": args.row_invariant,
+        "rows_exact": all(bool(x["rows_exact"]) for x in exact),
         "load_avg": loadavg(),
         "pinned": None if pin is None else {"others": sorted(pin[0]), "cloud": sorted(pin[1])},
     }

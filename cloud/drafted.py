@@ -56,6 +56,7 @@ class DraftStats:
     alone: int = 0  # rounds without a draft (the edge behind, or gone)
     guard_fired: int = 0
     replayed: int = 0  # one-token forwards the margin guard's replays cost
+    rows_exact: bool = False  # verify forwards computed each row as the one-token step
 
     def timings(self) -> dict[str, float]:
         return {
@@ -65,6 +66,7 @@ class DraftStats:
             "alone": float(self.alone),
             "guard_fired": float(self.guard_fired),
             "replayed": float(self.replayed),
+            "rows_exact": float(self.rows_exact),
         }
 
 
@@ -81,7 +83,7 @@ def drafted_generate(
     n = request.max_new_tokens
     eos = request.eos_token_id
     gamma = AdaptiveGamma(value=4, lo=1, hi=LOOKAHEAD_GAMMA)
-    stats = DraftStats()
+    stats = DraftStats(rows_exact=verifier.rows_exact)
     first = verifier.prefill(request.prompt, list(request.draft or ()))
     kept = first.accepted[:n]
     if eos is not None and eos in kept:

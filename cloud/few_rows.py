@@ -32,19 +32,30 @@ of one core for GPT-2 medium, in the background.
 
 Falls back to `nn.Linear` itself where oneDNN is not built in, below MIN_THREADS, for non-fp32
 tensors and off the CPU; `probe` then says the rows are not invariant, and the verifier keeps its
-margin guard.
+margin guard. A cloud worker's `--row-invariant` (`set_row_invariance`) moves the threshold:
+`always` takes oneDNN's kernel on one thread too — a one-thread worker then decodes alone ~20 %
+slower but verifies drafts without replays, which on the GPT-2-medium-like benchmark model gave
+its drafted decode 2× its decode alone (BENCHMARKS.md, "Edge drafts after the takeover") —
+and `never` keeps `nn.Linear` everywhere.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
+import sys
 import threading
 from typing import cast
 
 import torch
 import torch.nn as nn
 
-PROBE_ROWS = 9  # a verify forward's widest (γ ≤ 8, plus the last token)
+from cicada.common.defaults import ROW_INVARIANCE
+
+# A verify forward's widest: a takeover's chunk of 16 drafts (cloud/speculative.py), plus the
+# last token (a round's γ ≤ 8 drafts are fewer).
+PROBE_ROWS = 17
 # On one thread the paired-row kernel decodes GPT-2 medium ~20 % slower than MKL's one-row
 # kernel (7.0 against 8.7–9.0 tokens/s, reordered); on two, faster (11.6 against 7.7–9.0):
 # below this, row_linear is nn.Linear, and the verifier keeps its margin guard.
@@ -62,11 +73,24 @@ def onednn_available() -> bool:
 
 
 _ONEDNN = onednn_available()
+_row_invariance = "auto"
+
+
+def set_row_invariance(mode: str) -> None:
+    """When `row_linear` runs oneDNN's kernel, for the whole process: one of
+    common.defaults.ROW_INVARIANCE (set before the model's first forward: the one-token decode
+    and every verify forward must take the same kernel)."""
+    global _row_invariance
+    if mode not in ROW_INVARIANCE:
+        raise ValueError(f"row invariance {mode!r}: one of {', '.join(ROW_INVARIANCE)}")
+    _row_invariance = mode
 
 
 def rows_available(device: str = "cpu") -> bool:
     """Whether `row_linear` runs oneDNN's kernel (not `nn.Linear`) on `device` now."""
-    return _ONEDNN and torch.get_num_threads() >= MIN_THREADS and torch.device(device).type == "cpu"
+    if not _ONEDNN or torch.device(device).type != "cpu" or _row_invariance == "never":
+        return False
+    return _row_invariance == "always" or torch.get_num_threads() >= MIN_THREADS
 
 
 def _applies(layer: nn.Linear, x: torch.Tensor) -> bool:
@@ -100,7 +124,7 @@ def row_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return cast(torch.Tensor, y[:n].reshape(*x.shape[:-1], y.size(-1)))
 
 
-_probed: dict[tuple[int, int, bool, int], bool] = {}
+_probed: dict[tuple[int, int, bool, int, str], bool] = {}
 _same_reordered: dict[tuple[int, int, int], bool] = {}
 _probe_lock = threading.Lock()
 
@@ -112,7 +136,7 @@ def probe(layers: list[nn.Linear]) -> bool:
     for layer in layers:
         weight = layer.weight
         key = (int(weight.shape[0]), int(weight.shape[1]), layer.bias is not None,
-               torch.get_num_threads())  # fmt: skip
+               torch.get_num_threads(), _row_invariance)  # fmt: skip
         with _probe_lock:
             known = _probed.get(key)
         if known is None:
@@ -174,6 +198,11 @@ def reorder_in_background(model: nn.Module) -> threading.Thread | None:
     seen: set[int] = set()  # a tied weight (GPT-2's head and embedding) is reordered once
 
     def run() -> None:
+        # Below the serving threads (Linux: nice is per thread, and the OpenMP threads this one
+        # starts inherit it): with one core, a first token waited for the whole reordering.
+        if sys.platform == "linux":
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         for layer in layers:
             if _exiting.is_set():
                 return

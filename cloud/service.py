@@ -97,6 +97,9 @@ class CloudWorkerConfig:
     worker: str = ""
     device: str = "cpu"
     threads: int | None = None
+    # CPU: when the one-token decode and verify forwards run on row-invariant linears
+    # (common.defaults.ROW_INVARIANCE, cloud/few_rows.py).
+    row_invariant: str = "auto"
     heartbeat_interval: float = HEARTBEAT_INTERVAL_S
     curve: CurveKeys | None = None
     health_port: int | None = None  # serve /ready and /healthz for orchestrators (Knative)
@@ -122,6 +125,7 @@ class CloudWorkerConfig:
             worker=spec.name,
             device=spec.device,
             threads=spec.threads,
+            row_invariant=spec.row_invariant,
             heartbeat_interval=spec.heartbeat,
             curve=keys,
             trust_package_code=spec.trust_package_code,
@@ -879,8 +883,11 @@ class CloudWorker:
         with collector.quiet_import():  # no collection in the import, none of it later
             import torch
 
+        from cicada.cloud.few_rows import set_row_invariance
+
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        set_row_invariance(self.config.row_invariant)
         self._enter("constructing")
         # The rest of the load (read, verify, apply) finishes on the reader thread while
         # this thread serves: a request that arrives now starts on the resident stages.

@@ -58,11 +58,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cicada.cloud.few_rows import probe, row_linear
+from cicada.cloud.few_rows import PROBE_ROWS, probe, row_linear
 from cicada.common.errors import GenerationError
 from cicada.common.generation import NEAR_TIE
 
 DEFAULT_MARGIN = NEAR_TIE
+# A takeover's draft is verified this many tokens at a time (then the last size on): in rows
+# mode every chunk is a forward of at most few_rows.PROBE_ROWS rows, the widths `probe` checks.
+TAKEOVER_CHUNKS = (8, PROBE_ROWS - 1)
 
 
 class SpeculativeError(GenerationError):
@@ -131,7 +134,8 @@ class Verifier:
     # -- rounds -----------------------------------------------------------------------------
 
     def prefill(self, prompt: Sequence[int] | np.ndarray, draft: Sequence[int] = ()) -> Verdict:
-        """One forward over prompt + draft: the longest agreeing prefix of `draft` and the
+        """The prompt, then `draft` verified in chunks (`TAKEOVER_CHUNKS`) up to its first
+        token the cloud decides otherwise: the longest agreeing prefix of `draft` and the
         cloud's next token; the cache keeps the prompt and the accepted drafts."""
         ids = self._checked(prompt, "the prompt", allow_empty=False)
         drafts = self._checked(draft, "the draft")
@@ -141,13 +145,32 @@ class Verifier:
         self.stats = VerifierStats()
         if not drafts:  # the reference's own prefill: exact
             return Verdict([], self._reference_next())
+        chunk = drafts[: TAKEOVER_CHUNKS[0]]
         if self.rows_exact:  # the reference's prefill, then the drafts' rows as its steps
             feed = torch.tensor([self.tokens], dtype=torch.int64, device=self.device)
             with torch.inference_mode():
                 head = self.model.decode(feed, self.cache, 0)[0, -1:]
             self.exact = self.prompt_len
-            return self._round(drafts, self.prompt_len, drafts, head)
-        return self._round(self.tokens + drafts, 0, drafts)
+            first = self._round(chunk, self.prompt_len, chunk, head)
+        else:
+            first = self._round(self.tokens + chunk, 0, chunk)
+        return self._verify_on(first, drafts)
+
+    def _verify_on(self, verdict: Verdict, drafts: list[int]) -> Verdict:
+        """The rest of a long draft after `verdict` on its first chunk: while the cloud's own
+        next token is the draft's, the next chunk. A takeover's draft is every provisional
+        token the edge streamed during the cold start (154 in a benchmark run), of which the
+        first few usually stand (13 there): one forward over all of them cost 2–3× one over
+        the first eight, for nothing past the first rejection."""
+        accepted = list(verdict.accepted)
+        size = 1
+        while len(accepted) < len(drafts) and verdict.next_token == drafts[len(accepted)]:
+            accepted.append(verdict.next_token)  # (already in self.tokens)
+            chunk = drafts[len(accepted) : len(accepted) + TAKEOVER_CHUNKS[size]]
+            size = min(size + 1, len(TAKEOVER_CHUNKS) - 1)
+            verdict = self.verify(chunk) if chunk else self.decode_one()
+            accepted += verdict.accepted
+        return Verdict(accepted, verdict.next_token, verdict.guarded)
 
     def verify(self, drafts: Sequence[int]) -> Verdict:
         """One forward over [last token, d0 … dγ-1] with the cache: the longest prefix of

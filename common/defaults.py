@@ -30,3 +30,8 @@ MAX_QUEUE_DELAY_MS = 60_000.0
 BATCHING_SETTINGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes")
 
 DEFAULT_TIMEOUT_S = 30.0  # how long a client call waits at most, unless told otherwise
+
+# When a CPU cloud worker's one-token decode and verify forwards run on row-invariant linears
+# (cloud/few_rows.py): auto from 2 torch threads on; always also on one (a worker serving exact
+# generations with edge drafts gains more there than its decode alone loses); never.
+ROW_INVARIANCE = ("auto", "always", "never")

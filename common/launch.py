@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from cicada.common.defaults import BATCHING_SETTINGS, HEARTBEAT_INTERVAL_S
+from cicada.common.defaults import BATCHING_SETTINGS, HEARTBEAT_INTERVAL_S, ROW_INVARIANCE
 from cicada.common.errors import LaunchError, PackageFormatError
 from cicada.common.package import parse_batching
 
@@ -49,6 +49,7 @@ class WorkerSpec:
     name: str
     device: str = "cpu"
     threads: int | None = None
+    row_invariant: str = "auto"  # common.defaults.ROW_INVARIANCE
     heartbeat: float = HEARTBEAT_INTERVAL_S
     curve_key: str | None = None
     server_key: str | None = None
@@ -84,6 +85,8 @@ class WorkerSpec:
         ]
         if self.threads:
             args += ["--threads", str(self.threads)]
+        if self.row_invariant != "auto":
+            args += ["--row-invariant", self.row_invariant]
         if self.curve_key and self.server_key:
             args += ["--curve-key", self.curve_key, "--server-key", self.server_key]
         if self.trust_package_code:
@@ -168,6 +171,11 @@ def check_spec(spec: WorkerSpec) -> WorkerSpec:
         raise LaunchError(f"bad worker spec: heartbeat {spec.heartbeat!r} is not in (0, 3600]")
     if spec.threads is not None and not 1 <= spec.threads <= MAX_THREADS:
         raise LaunchError(f"bad worker spec: threads {spec.threads!r} is not in [1, 4096]")
+    if spec.row_invariant not in ROW_INVARIANCE:
+        raise LaunchError(
+            f"bad worker spec: row_invariant {spec.row_invariant!r} is not one of "
+            + ", ".join(ROW_INVARIANCE)
+        )
     try:  # the same bounds as a package's defaults
         parse_batching(spec.batching(), "bad worker spec: batching")
     except PackageFormatError as exc:

@@ -35,6 +35,7 @@ from cicada.common.defaults import (
     HEARTBEAT_INTERVAL_S,
     LIVENESS,
     QUEUE_LIMIT,
+    ROW_INVARIANCE,
 )
 from cicada.common.errors import CicadaError, PackageError
 
@@ -304,6 +305,7 @@ def _lifecycle(
             name=name,
             device=cfg.device,
             threads=cfg.threads,
+            row_invariant=cfg.row_invariant,
             heartbeat=heartbeat,
             curve_key=str(keys[0]) if keys else None,
             server_key=str(keys[1]) if keys else None,
@@ -507,6 +509,16 @@ def edge(
 @coordinator_option
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--threads", type=int, default=None, help="torch intra-op threads.")
+@click.option(
+    "--row-invariant",
+    type=click.Choice(ROW_INVARIANCE),
+    default="auto",
+    show_default=True,
+    help="CPU: run the one-token decode and draft verification on linears that give each "
+    "row the same bits whatever the row count (exact verification, no replays): auto from "
+    "2 threads on; always also on one thread (exact generations with edge drafts gain more "
+    "than decoding alone loses); never.",
+)
 @click.option("--name", default="", help="Worker name in replies and metrics.")
 @click.option("--heartbeat", type=float, default=HEARTBEAT_INTERVAL_S, show_default=True)
 @click.option(
@@ -532,6 +544,7 @@ def cloud(
     address: str,
     device: str,
     threads: int | None,
+    row_invariant: str,
     name: str,
     heartbeat: float,
     health_port: int | None,
@@ -568,6 +581,7 @@ def cloud(
                 worker=name,
                 device=device,
                 threads=threads,
+                row_invariant=row_invariant,
                 heartbeat_interval=heartbeat,
                 curve=keys,
                 health_port=health_port,

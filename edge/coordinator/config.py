@@ -41,6 +41,8 @@ both stay in step with them.
     package = "/models/gpt2-medium"    # required: from `cicada pack`
     device = "cpu"
     # threads = 2                      # torch intra-op threads (default: torch's own)
+    row_invariant = "auto"             # auto | always | never: CPU decode and draft checks on
+                                       # row-invariant linears (cloud/few_rows.py)
     trust_package_code = false         # true: run the package's factory even if it is not
                                        # one of Cicada's own (docs/PACKAGE.md, threat model)
     min_workers = 0                    # 0: scale to zero when idle
@@ -128,6 +130,12 @@ class ModelConfig(BaseModel):
     device: str = Field(default="cpu", description="Where workers run it: cpu, cuda or cuda:N.")
     threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads per worker (none: torch's own)."
+    )
+    row_invariant: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="CPU: decode and verify drafts on linears that give each row the same "
+        "bits whatever the row count (cloud/few_rows.py): auto from 2 threads on; always also "
+        "on one (exact generations with edge drafts gain more than decoding alone loses).",
     )
     trust_package_code: bool = Field(
         default=False,

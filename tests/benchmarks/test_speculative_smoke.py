@@ -12,13 +12,17 @@ from pathlib import Path
 
 import pytest
 
+from cicada.cloud import few_rows
 from tests.benchmarks.run import run_benchmark
 
 
 @pytest.mark.slow  # three cold stacks, a pack and an export (about a minute of a quiet CPU)
 def test_quick_speculative_benchmark(tmp_path: Path) -> None:
     out = tmp_path / "speculative"
-    last = run_benchmark(["-m", "benchmarks.speculative", "--quick", "--out", str(out)], 900)
+    # --row-invariant always: the cloud worker (one thread when pinned) verifies on the
+    # row-invariant kernel, so its verify forwards are its one-token steps and nothing replays.
+    last = run_benchmark(["-m", "benchmarks.speculative", "--quick", "--out", str(out),
+                          "--row-invariant", "always"], 900)  # fmt: skip
     assert last["runs"] == 1
     assert last["exact_matches"] == 1, "bit for bit the cloud model's greedy decode"
     assert last["cloud_only_matches"] == 1 and last["taken_over"] == 1
@@ -29,5 +33,8 @@ def test_quick_speculative_benchmark(tmp_path: Path) -> None:
     assert last["edge_ttft_s"] < last["exact_ttft_s"] <= last["exact_result_s"]
     assert 0 <= last["acceptance"] <= 1 and last["accepted"] <= last["drafted"]
     assert last["rewound"] >= 0
+    assert last["row_invariant"] == "always"
+    if few_rows.onednn_available():
+        assert last["rows_exact"] is True and last["replayed"] == 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]["exact"]) == 1 and results["machine"]

@@ -36,6 +36,28 @@ def test_below_min_threads_it_is_nn_linear() -> None:
     assert not probe([lin])
 
 
+def test_row_invariance_always_takes_onednn_on_one_thread_and_never_takes_none() -> None:
+    """A worker's --row-invariant (common.defaults.ROW_INVARIANCE), set for the process."""
+    lin = layer(64, 96, seed=2)
+    x = torch.randn(few_rows.PROBE_ROWS, 64)
+    try:
+        torch.set_num_threads(1)
+        few_rows.set_row_invariance("always")
+        assert few_rows.rows_available("cpu") and not few_rows.rows_available("meta")
+        together = row_linear(lin, x)
+        assert all(torch.equal(row_linear(lin, x[r : r + 1])[0], together[r]) for r in range(5))
+        assert probe([lin])
+        torch.set_num_threads(few_rows.MIN_THREADS)
+        few_rows.set_row_invariance("never")
+        assert not few_rows.rows_available("cpu")
+        assert torch.equal(row_linear(lin, x), lin(x)) and not probe([lin])
+        with pytest.raises(ValueError, match="one of auto, always, never"):
+            few_rows.set_row_invariance("sometimes")
+    finally:
+        few_rows.set_row_invariance("auto")
+    assert few_rows.rows_available("cpu") and probe([lin])
+
+
 def layer(n_in: int, n_out: int, bias: bool = True, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     return nn.Linear(n_in, n_out, bias=bias).requires_grad_(False)
@@ -44,9 +66,9 @@ def layer(n_in: int, n_out: int, bias: bool = True, seed: int = 0) -> nn.Linear:
 @pytest.mark.parametrize("shape", [(64, 192), (256, 64), (128, 1000)])
 def test_each_row_comes_out_the_same_alone_or_with_others(shape: tuple[int, int]) -> None:
     lin = layer(*shape)
-    x = torch.randn(9, shape[0])
+    x = torch.randn(few_rows.PROBE_ROWS, shape[0])
     together = row_linear(lin, x)
-    for r in range(9):
+    for r in range(few_rows.PROBE_ROWS):
         assert torch.equal(row_linear(lin, x[r : r + 1])[0], together[r]), r
         assert torch.equal(row_linear(lin, x[: r + 1])[r], together[r]), r
     torch.testing.assert_close(together, lin(x), rtol=1e-5, atol=1e-5)  # the same product

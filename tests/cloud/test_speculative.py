@@ -21,6 +21,7 @@ from cicada.cloud.generate import decoder_for
 from cicada.cloud.models import bert, gpt2
 from cicada.cloud.speculative import (
     DEFAULT_MARGIN,
+    TAKEOVER_CHUNKS,
     AdaptiveGamma,
     Draft,
     SpeculativeError,
@@ -214,6 +215,34 @@ def test_a_rows_forward_is_the_one_token_path_bit_for_bit(width: int) -> None:
     for mine, theirs in zip(verifier.cache, cache, strict=True):
         assert mine.k is not None and theirs.k is not None
         assert torch.equal(mine.k, theirs.k) and torch.equal(mine.v, theirs.v)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("wrong_at", [None, 0, 3, 7, 8, 9, 20, 47])
+def test_a_long_takeover_draft_is_verified_up_to_its_first_rejection(
+    mode: str, wrong_at: int | None
+) -> None:
+    """A takeover's draft (every provisional token of the cold start) is verified chunk after
+    chunk (TAKEOVER_CHUNKS) while it stands: the verdict is the one a single forward over all
+    of it gives, and the drafts past the first rejection are never computed."""
+    use(mode)
+    model = contextual(4.0, n_layer=4, seed=3)
+    prompt = np.arange(5, 10, dtype=np.int64)
+    ref = reference(model, prompt, 56)
+    draft = list(ref[:48])
+    if wrong_at is not None:
+        draft[wrong_at] = (draft[wrong_at] + 1) % VOCAB
+    verifier = verifier_in(mode, model)
+    verdict = verifier.prefill(prompt, draft)
+    stood = 48 if wrong_at is None else wrong_at
+    assert verdict.accepted == ref[:stood] and verdict.next_token == ref[stood]
+    assert verifier.tokens == [*prompt.tolist(), *ref[: stood + 1]]
+    if wrong_at is not None:  # nothing past the chunk that held the rejection was computed
+        assert verifier.stats.drafted <= wrong_at + max(TAKEOVER_CHUNKS)
+        if wrong_at < TAKEOVER_CHUNKS[0]:
+            assert verifier.stats.drafted == TAKEOVER_CHUNKS[0]
+    rest = [verifier.decode_one().next_token for _ in range(56 - stood - 1)]
+    assert rest == ref[stood + 1 :]
 
 
 def test_the_cache_after_a_rejection_is_a_fresh_prefills() -> None:

@@ -758,6 +758,7 @@ max_workers = 3
 keep_alive_s = 0.5
 keep_warm = "lazy"
 lazy_threshold = 2
+row_invariant = "always"
 """
     path = write(tmp_path, text)
     cwd = os.getcwd()
@@ -770,6 +771,13 @@ lazy_threshold = 2
     assert m.package == package_dir.resolve()
     assert (m.min_workers, m.max_workers, m.keep_alive_s, m.keep_warm, m.lazy_threshold) == (
         1, 3, 0.5, "lazy", 2)  # fmt: skip
+    # What the launcher starts: `cicada cloud ... --row-invariant always`.
+    spec = WorkerSpec(
+        "gpt2", str(m.package), "tcp://127.0.0.1:5555", "w", row_invariant=m.row_invariant
+    )
+    assert spec.cli_args()[-2:] == ["--row-invariant", "always"]
+    assert WorkerSpec.from_wire(spec.to_wire()).row_invariant == "always"
+    assert "--row-invariant" not in WorkerSpec("gpt2", "/p", "tcp://x:1", "w").cli_args()
     assert config.coordinator.pool_socket == tmp_path.resolve() / "run" / "pool.sock"
     assert config.coordinator.log_dir == tmp_path.resolve() / "logs"
     # An absolute package path is kept as it is.
@@ -790,6 +798,8 @@ lazy_threshold = 2
         ('[models.gpt2]\npackage = "pkg"\nkeep_warm = "eager"\n',
          ["models.gpt2.keep_warm", "'fixed' or 'lazy'"]),
         ('[coordinator]\nlauncher = "k8s"\n', ["coordinator.launcher", "'process'"]),
+        ('[models.gpt2]\npackage = "pkg"\nrow_invariant = "sometimes"\n',
+         ["models.gpt2.row_invariant", "'auto', 'always' or 'never'"]),
         ("[models.gpt2]\nmax_workers = 1\n", ["models.gpt2.package", "Field required"]),
         ('[models.gpt2]\npackage = "pkg"\nmax_workers = "two"\n', ["models.gpt2.max_workers"]),
     ],

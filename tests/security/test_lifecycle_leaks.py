@@ -157,6 +157,8 @@ NONSENSE = [
     {"threads": 10**9},
     {"threads": 0},
     {"threads": True},
+    {"row_invariant": "sometimes"},
+    {"row_invariant": 1},
     {"heartbeat": "often"},
     {"heartbeat": -1.0},
     {"heartbeat": float("nan")},
