@@ -191,6 +191,7 @@ def run_edge_first(
         "drafted": timings.get("worker_drafted"),
         "accepted": timings.get("worker_accepted"),
         "alone_rounds": timings.get("worker_alone"),
+        "waited": timings.get("worker_waited"),
         "rounds": timings.get("worker_rounds"),
         "guard_fired": timings.get("worker_guard_fired"),
         "replayed": timings.get("worker_replayed"),

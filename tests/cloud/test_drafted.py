@@ -150,3 +150,49 @@ def test_the_budget_and_eos_end_it_like_the_reference() -> None:
     # A takeover draft that already holds the whole budget: the verdict, nothing after.
     j, emitted, _ = run(PROMPT, 4, expected[:4], Drafts(lambda p, k: {}))
     assert (j, emitted) == (4, [])
+
+
+class RedraftingEdge(Drafts):
+    """Right drafts for a position come only once the cloud has waited for them (an edge that
+    redrafts after each of the cloud's tokens: `answers`), or never (a dead edge)."""
+
+    def __init__(self, expected: list[int], answers: bool) -> None:
+        super().__init__(lambda p, k: {})
+        self.expected, self.answers = expected, answers
+        self.arrived: set[int] = set()
+        self.waits: list[float] = []
+
+    def tokens_from(self, position: int, n: int, wait_s: float = 0.0) -> list[int]:
+        if wait_s > 0:
+            self.waits.append(wait_s)
+            if self.answers:
+                self.arrived.add(position)
+        self.rule = lambda p, k: (
+            {i: self.expected[i] for i in range(p, min(len(self.expected), p + k))}
+            if p in self.arrived else {}
+        )  # fmt: skip
+        return super().tokens_from(position, n)
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_a_round_without_drafts_waits_briefly_for_the_edges_redraft_and_only_while_it_comes(
+    answers: bool,
+) -> None:
+    """With no draft at L, a round waits at most REDRAFT_WAIT of a one-token step for the
+    first (cloud/drafted.py): drafts that come in that time are verified; a wait that gets
+    nothing is not repeated while none comes, so a dead edge costs one wait."""
+    from cicada.cloud.drafted import REDRAFT_WAIT
+
+    n = 40
+    expected = reference(PROMPT, n)
+    edge = RedraftingEdge(expected, answers)
+    j, emitted, stats = run(PROMPT, n, expected[:3], edge)
+    assert expected[:j] + emitted == expected, "bit for bit the cloud model's greedy decode"
+    assert edge.waits and all(0 < w < 60 * REDRAFT_WAIT for w in edge.waits)
+    if answers:
+        assert stats.waited == len(edge.waits) > 1  # type: ignore[attr-defined]
+        assert stats.alone == 1 and stats.accepted > 0  # type: ignore[attr-defined]
+    else:
+        assert len(edge.waits) == 1 and stats.waited == 0  # type: ignore[attr-defined]
+        assert stats.alone == stats.rounds and stats.drafted == 0  # type: ignore[attr-defined]
+
