@@ -12,7 +12,11 @@ per worker, this request included): every request of a batch waits for the whole
 its queue drains B requests per worker per full batch. Without m: one request per slot, as above.
 
 * latency-critical (0): the side that answers soonest; never waits for a cloud that is not
-  ready.
+  ready, and is never sent to one by the default compute time (DEFAULT_CLOUD_COMPUTE_S): a cloud
+  counts as sooner than the edge only once it measured its own. (Right after a CPU worker's
+  load, with nothing measured, the 0.2 s default beat a backed-up edge: critical requests with
+  0.5 s deadlines went to a worker whose first forwards took 0.5–1.4 s, and timed out there —
+  benchmarks/handoff, 2026-12-03.)
 * normal (1): the cloud when it is ready, has a slot that no request queued for it waits for,
   and its estimate fits the deadline; else the edge. Normal work is served well by the edge, so
   it does not queue for a cloud slower than the edge: the cloud's slots (one per CPU worker) go
@@ -131,8 +135,12 @@ def choose(priority: int, remaining_s: float | None, edge: SideView, cloud: Side
     if remaining_s is not None and remaining_s <= 0:
         return decide(Route.TOO_LATE)
     edge_now = edge.available and edge.ready
+    # Sooner than the edge only by a compute time the cloud measured, not by the default.
+    # (Normal work's `c < e` needs no such test: it matters only for a busy cloud, and an
+    # unmeasured busy cloud's estimate is already infinite.)
+    cloud_sooner = c < e and cloud.compute_measured
     if priority <= CRITICAL:
-        if cloud.available and cloud.ready and (c < e or not edge_now):
+        if cloud.available and cloud.ready and (cloud_sooner or not edge_now):
             return decide(Route.CLOUD)
         if edge_now:
             return decide(Route.EDGE)

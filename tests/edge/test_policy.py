@@ -95,6 +95,21 @@ def test_an_unmeasured_cloud_holds_no_queue() -> None:
     assert choose(QUALITY, 8.0, EDGE, measured).route is Route.CLOUD
 
 
+def test_a_cloud_is_sooner_than_the_edge_only_by_a_compute_time_it_measured() -> None:
+    """Latency-critical work goes to the cloud by the cloud's own measured compute time, never
+    by the default: with none measured it stays on a backed-up edge, unless there is no edge."""
+    backed_up = SideView(workers=1, capacity=2, inflight=2, queued=20, compute_s=0.09)
+    guessed = SideView(workers=1, capacity=1, inflight=0, queued=0, compute_s=0.2, ready=True,
+                       compute_measured=False)  # fmt: skip
+    measured = SideView(workers=1, capacity=1, inflight=0, queued=0, compute_s=0.2, ready=True)
+    assert guessed.estimate() < backed_up.estimate()
+    assert choose(CRITICAL, 0.5, backed_up, guessed).route is Route.EDGE
+    assert choose(CRITICAL, 0.5, backed_up, measured).route is Route.CLOUD
+    assert choose(CRITICAL, 0.5, NO_EDGE, guessed).route is Route.CLOUD
+    # An idle slot still takes normal work: that is how a cloud gets measured at all.
+    assert choose(NORMAL, 2.0, backed_up, guessed).route is Route.CLOUD
+
+
 def test_nobody_or_no_time_left() -> None:
     assert choose(NORMAL, 1.0, NO_EDGE, NO_CLOUD).route is Route.UNAVAILABLE
     assert choose(QUALITY, 0.0, EDGE, READY_CLOUD).route is Route.TOO_LATE
