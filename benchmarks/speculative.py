@@ -19,6 +19,15 @@ Real processes (cicada.testing.Stack) on loopback; each run starts from a cold c
   runs on the cloud alone). Timed from the cloud's start: the result; the cloud's own decode
   rate (tokens over the time from its first token to its last): `cloud_alone_tokens_per_s`.
 * **handoff**: today's non-exact generation (edge first, the cloud continues; nothing verified).
+* **cloud-only, auto** (only where the cloud has one thread and `--row-invariant` is not auto):
+  cloud-only again on a worker with `--row-invariant auto`, which decodes alone on MKL, faster
+  on one thread than the row-invariant kernel the drafted decode needs: the fastest decode
+  alone this machine has, which `speedup_vs_fastest_alone` and
+  `exact_sooner_than_fastest_cloud_only_s` compare against.
+
+Every cloud worker runs with `--row-invariant always` by default (`cloud/few_rows.py`: each row
+of a verify forward computed as the one-token step computes it, no replays; from 2 threads it is
+what auto does anyway).
 
 The cloud model is cloud/models/gpt2.py built eagerly (seeded, nothing downloaded) with its
 blocks' matrices scaled (benchmarks/draft.py says why), packed, and exported with
@@ -65,18 +74,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "is the cloud's, with 1 torch thread, the others everyone else's, in every mode: "
              "the edge device and the cloud machine are emulated on one host)")  # fmt: skip
     p.add_argument(
-        "--row-invariant", choices=("auto", "always", "never"), default="auto",
+        "--row-invariant", choices=("auto", "always", "never"), default="always",
         help="the cloud worker's --row-invariant, in every mode (pinned, it has one thread: "
              "auto then decodes on MKL, always on the row-invariant kernel, which its drafted "
-             "decode needs to skip replays)")  # fmt: skip
+             "decode needs to skip replays; a cloud-only run on auto is added then)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=None, help="model cache (default: a temp dir)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "speculative")
     p.add_argument("--logs", type=Path, default=None,
                    help="keep each run's coordinator, edge and cloud logs here (default: dropped)")
-    p.add_argument("--modes", default="exact,cloud_only,handoff",
-                   help="comma-separated subset of exact, cloud_only, handoff")  # fmt: skip
+    p.add_argument("--modes", default=None,
+                   help="comma-separated subset of exact, cloud_only, handoff, cloud_only_auto "
+                        "(default: all that apply)")  # fmt: skip
     args = p.parse_args(argv)
-    unknown = set(args.modes.split(",")) - {"exact", "cloud_only", "handoff"}
+    unknown = set((args.modes or "exact").split(",")) - set(MODES)
     if unknown:
         p.error(f"--modes: unknown {', '.join(sorted(unknown))}")
     if args.runs is None:
@@ -86,6 +96,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.token_interval is None:
         args.token_interval = 0.05 if args.quick else 0.0
     return args
+
+
+MODES = ("exact", "cloud_only", "handoff", "cloud_only_auto")
+
+
+def modes_for(args: argparse.Namespace, pin: tuple[set[int], set[int]] | None) -> list[str]:
+    """The modes to run: --modes, else all, cloud_only_auto only where it differs (one thread)."""
+    if args.modes:
+        return args.modes.split(",")
+    differs = (pin is not None or (os.cpu_count() or 1) < 2) and args.row_invariant != "auto"
+    return [m for m in MODES if m != "cloud_only_auto" or differs]
 
 
 def model_config(quick: bool) -> dict[str, Any]:
@@ -242,21 +263,22 @@ def main(argv: list[str] | None = None) -> int:
         model, package, edge = build_assets(args, work)
         vocab = int(model.config.vocab_size)
         rng = np.random.default_rng(11)
-        runs: dict[str, list[dict[str, Any]]] = {"exact": [], "cloud_only": [], "handoff": []}
+        runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
         edge_args = ["--token-interval", str(args.token_interval), "--draft-interval", "0"]
         pin = pinning(args)
+        modes = modes_for(args, pin)
         original_affinity = os.sched_getaffinity(0)
         if pin is not None:  # inherited by the coordinator and the edge agent
             os.sched_setaffinity(0, pin[0])
         for r in range(args.runs):
             prompt = rng.integers(0, vocab, size=16).astype(np.int64)
             expected = reference(model, prompt, args.tokens)
-            for mode in args.modes.split(","):
+            for mode in modes:
                 logs = (args.logs or Path(tmp)) / f"{mode}-{r}"
                 logs.mkdir(parents=True)
                 with Stack(logs) as stack:
                     stack.coordinator()
-                    if mode != "cloud_only":
+                    if not mode.startswith("cloud_only"):
                         stack.edge(MODEL, edge, "edge", *edge_args)
                         stack.wait_workers("edge")
                         got = run_edge_first(
@@ -264,15 +286,15 @@ def main(argv: list[str] | None = None) -> int:
                             args.row_invariant,
                         )
                     else:
-                        got = run_cloud_only(
-                            stack, package, prompt, args.tokens, pin, args.row_invariant
-                        )
+                        rows = "auto" if mode == "cloud_only_auto" else args.row_invariant
+                        got = run_cloud_only(stack, package, prompt, args.tokens, pin, rows)
                 got["matches_reference"] = got.pop("tokens") == expected
                 got["run"] = r
                 runs[mode].append(got)
                 print(f"run {r} {mode}: " + json.dumps(got), flush=True)
         os.sched_setaffinity(0, original_affinity)
     exact, cloud, handoff = runs["exact"], runs["cloud_only"], runs["handoff"]
+    cloud_auto = runs["cloud_only_auto"]
     drafted = sum(float(x["drafted"] or 0) for x in exact)
     accepted = sum(float(x["accepted"] or 0) for x in exact)
     summary: dict[str, Any] = {
@@ -292,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         "drafted_tokens_per_s": median([x["tokens_per_s_after_takeover"] for x in exact]),
         "handoff_cloud_tokens_per_s": median([x["tokens_per_s_after_takeover"] for x in handoff]),
         "cloud_alone_tokens_per_s": median([x["cloud_alone_tokens_per_s"] for x in cloud]),
+        "cloud_alone_auto_tokens_per_s": median(
+            [x["cloud_alone_tokens_per_s"] for x in cloud_auto]
+        ),
+        "cloud_only_auto_result_s": median([x["result_s"] for x in cloud_auto]),
         "acceptance": accepted / drafted if drafted else None,
         "drafted": drafted,
         "accepted": accepted,
@@ -308,6 +334,13 @@ def main(argv: list[str] | None = None) -> int:
     if s["exact_result_s"] and s["cloud_only_result_s"]:
         s["exact_sooner_than_cloud_only_s"] = s["cloud_only_result_s"] - s["exact_result_s"]
         s["exact_over_cloud_only"] = s["exact_result_s"] / s["cloud_only_result_s"]
+    # Against the fastest decode alone: the same worker's, or (one thread) MKL's on auto.
+    alone = [v for v in (s["cloud_alone_tokens_per_s"], s["cloud_alone_auto_tokens_per_s"]) if v]
+    if s["drafted_tokens_per_s"] and alone:
+        s["speedup_vs_fastest_alone"] = s["drafted_tokens_per_s"] / max(alone)
+    only = [v for v in (s["cloud_only_result_s"], s["cloud_only_auto_result_s"]) if v]
+    if s["exact_result_s"] and only:
+        s["exact_sooner_than_fastest_cloud_only_s"] = min(only) - s["exact_result_s"]
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / "results.json"
     out.write_text(json.dumps({"summary": summary, "runs": runs, "args": vars(args) | {

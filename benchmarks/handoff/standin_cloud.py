@@ -7,7 +7,11 @@ coordinator and edge agents do when the cloud is faster than the edge.
         --name cloud-0 --service-s 0.005 --cold-start-s 5 --vocab 50257
 
 It registers LOADING, sleeps `--cold-start-s` (the cold start it stands in for), logs
-"<model> resident" (the line the benchmark's `parse_ready` reads), then serves READY.
+"<model> resident" (the line the benchmark's `parse_ready` reads), then serves READY. While
+loading it reports an ETA (what is left of the cold start) and holds the work it takes until
+ready, as a real cloud worker does (it reports an ETA and finishes work only once the weights
+are resident): without one the coordinator counted no cloud at all during the cold start, so
+no quality work could wait for it, unlike with the real worker.
 SIGTERM drains (finish what runs, DISCONNECT) and exits 0, as `cicada cloud` does.
 """
 
@@ -17,6 +21,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -56,13 +61,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
-    ready = False
+    resident = threading.Event()
+    loaded_at = time.monotonic() + args.cold_start_s
 
     def status() -> WorkerStatus:
-        state = WorkerState.READY if ready else WorkerState.LOADING
-        return WorkerStatus(state=state, resident_stages=int(ready), total_stages=1)
+        if resident.is_set():
+            return WorkerStatus(state=WorkerState.READY, resident_stages=1, total_stages=1)
+        eta = max(0.0, loaded_at - time.monotonic())
+        return WorkerStatus(state=WorkerState.LOADING, total_stages=1, eta_s=eta)
 
     def handler(dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
+        resident.wait()  # work taken while loading finishes once the weights are there
         start = time.monotonic()
         time.sleep(args.service_s)  # the profile's forward
         tokens = dispatch.inputs[0].shape[-1] if dispatch.inputs else 1
@@ -80,11 +89,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("what-if stand-in %s: %.1f ms a forward, cold start %.1f s",
              args.name, args.service_s * 1e3, args.cold_start_s)  # fmt: skip
     if not stop.wait(args.cold_start_s):
-        ready = True
+        resident.set()
         log.info("%s resident", args.model)  # benchmarks/handoff/policies.parse_ready reads it
         runtime.notify()
     while not stop.wait(1.0) and not runtime.stopped.is_set():
         pass
+    resident.set()  # stopped while loading: what it holds is answered, not left waiting
     runtime.drain()
     runtime.join(30)
     return 1 if runtime.error is not None else 0

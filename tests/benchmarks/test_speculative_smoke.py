@@ -38,3 +38,6 @@ def test_quick_speculative_benchmark(tmp_path: Path) -> None:
         assert last["rows_exact"] is True and last["replayed"] == 0
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]["exact"]) == 1 and results["machine"]
+    if last["pinned"]:  # the cloud has one thread: cloud-only also ran on MKL's decode (auto)
+        assert len(results["runs"]["cloud_only_auto"]) == 1
+        assert last["cloud_alone_auto_tokens_per_s"] > 0 and last["speedup_vs_fastest_alone"] > 0
