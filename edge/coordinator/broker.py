@@ -522,11 +522,13 @@ class Coordinator:
         measured = compute is not None or not cloud  # (the edge's default is a fair guess)
         if compute is None:
             compute = DEFAULT_CLOUD_COMPUTE_S if cloud else DEFAULT_EDGE_COMPUTE_S
+        queued = self.scheduler.queued_for(model, Route.CLOUD if cloud else Route.EDGE)
         return SideView(
             workers=count + launching,
             capacity=capacity + launching,
             inflight=inflight,
-            queued=self.scheduler.queued_for(model, Route.CLOUD if cloud else Route.EDGE),
+            queued=sum(queued),
+            queued_by_priority=queued,
             compute_s=compute,
             ready=ready,
             eta_s=eta,
@@ -592,9 +594,9 @@ class Coordinator:
                     # One more running on `route`, one fewer queued for it if it was counted
                     # there: the views view() would build now, without the rebuild.
                     if route is Route.EDGE:
-                        edge = _after_dispatch(edge, was_queued_for is route)
+                        edge = _after_dispatch(edge, was_queued_for is route, priority)
                     else:
-                        cloud = _after_dispatch(cloud, was_queued_for is route)
+                        cloud = _after_dispatch(cloud, was_queued_for is route, priority)
             for priority in PRIORITIES:
                 self.metrics.set_queue_depth(model, priority, len(queues[priority]))
         if self.relay.on_edge:
@@ -1192,14 +1194,19 @@ def _recv_frames(sock: zmq.Socket[bytes], user_id: bool = False) -> tuple[list[A
     return frames, user
 
 
-def _after_dispatch(view: SideView, was_queued: bool) -> SideView:
+def _after_dispatch(view: SideView, was_queued: bool, priority: int) -> SideView:
     """`view` with one more request running and, if it was counted there, one fewer queued.
     (Spelled out: dataclasses.replace costs more than the rest of a dispatch decision.)"""
+    by_priority = view.queued_by_priority
+    if was_queued and priority < len(by_priority):
+        by_priority = (*by_priority[:priority], by_priority[priority] - 1,
+                       *by_priority[priority + 1 :])  # fmt: skip
     return SideView(
         workers=view.workers,
         capacity=view.capacity,
         inflight=view.inflight + 1,
         queued=view.queued - was_queued,
+        queued_by_priority=by_priority,
         compute_s=view.compute_s,
         ready=view.ready,
         eta_s=view.eta_s,

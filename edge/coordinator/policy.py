@@ -5,6 +5,9 @@ Pure functions of a snapshot, so they are tested without sockets or sleeping:
     edge  estimate = queue + edge compute
     cloud estimate = max(residency ETA, queue) + cloud compute + network
 
+where a side's queue is the requests queued there that are dispatched before this one (those
+of its priority or a more urgent one), when the coordinator says (`queued_by_priority`).
+
 A side whose workers batch (they report `batch_marginal` m: cloud/batching.py) runs up to
 B = capacity / workers requests as one forward costing compute_s x f(k), f(k) = 1 + (k - 1) m;
 its compute is that of the batch the request would join (k = min(B, the work running and queued
@@ -76,6 +79,17 @@ class SideView:
     compute_measured: bool = True
     # Workers that batch: what each request a forward adds costs, as a fraction of compute_s.
     batch_marginal: float | None = None
+    # `queued` by priority (index: 0 latency-critical ...), when known: a request of priority p
+    # waits only for those of priority <= p, which are dispatched before it. Counting the whole
+    # queue made a backed-up edge look slower than a 0.5 s CPU cloud to latency-critical work,
+    # which then timed out on the cloud where the edge would have served it in ~0.15 s.
+    queued_by_priority: tuple[int, ...] = ()
+
+    def ahead_of(self, priority: int | None) -> int:
+        """Queued requests that go before one of `priority` (None: all of them)."""
+        if priority is None or not self.queued_by_priority:
+            return self.queued
+        return sum(self.queued_by_priority[: priority + 1])
 
     def batch_cost(self, k: int) -> float:
         """What a forward of k requests costs, in units of compute_s (k without batching)."""
@@ -86,10 +100,10 @@ class SideView:
     def available(self) -> bool:
         return self.workers > 0 and self.capacity > 0
 
-    def queue_s(self) -> float:
+    def queue_s(self, priority: int | None = None) -> float:
         if not self.available:
             return math.inf
-        ahead = max(0, self.inflight + self.queued - self.capacity + 1)
+        ahead = max(0, self.inflight + self.ahead_of(priority) - self.capacity + 1)
         if ahead and not self.compute_measured:
             return math.inf
         if self.batch_marginal is None:
@@ -102,15 +116,17 @@ class SideView:
         """A slot is free that none of the requests queued for this side waits for."""
         return self.available and self.inflight + self.queued < self.capacity
 
-    def estimate(self) -> float:
+    def estimate(self, priority: int | None = None) -> float:
+        """When a request of `priority` (None: behind everything queued) would be answered."""
         if not self.available:
             return math.inf
         compute = self.compute_s
         if self.batch_marginal is not None:  # the batch it would join, running work counted
             per_worker = max(1, self.capacity // max(1, self.workers))
-            k = min(per_worker, -(-(self.inflight + self.queued + 1) // max(1, self.workers)))
+            ahead = self.inflight + self.ahead_of(priority) + 1
+            k = min(per_worker, -(-ahead // max(1, self.workers)))
             compute *= self.batch_cost(k)
-        return max(self.eta_s, self.queue_s()) + compute + self.network_s
+        return max(self.eta_s, self.queue_s(priority)) + compute + self.network_s
 
 
 @dataclass(frozen=True)
@@ -122,7 +138,7 @@ class Decision:
 
 def choose(priority: int, remaining_s: float | None, edge: SideView, cloud: SideView) -> Decision:
     """Route one request with `remaining_s` of its deadline left (None: no deadline)."""
-    e, c = edge.estimate(), cloud.estimate()
+    e, c = edge.estimate(priority), cloud.estimate(priority)
 
     def fits(estimate: float) -> bool:
         return math.isfinite(estimate) and (remaining_s is None or estimate <= remaining_s)

@@ -398,15 +398,18 @@ class Scheduler:
                 queue.drop(client)
         return dropped
 
-    def queued_for(self, model: str, side: Route) -> int:
-        """Requests of `model` waiting that were last routed to `side`."""
-        queued = 0
+    def queued_for(self, model: str, side: Route) -> tuple[int, ...]:
+        """Requests of `model` waiting that were last routed to `side`, by priority."""
+        counts = []
         pending = self.pending
-        for q in self.queues.get(model, {}).values():
-            for key in q:
+        queues = self.queues.get(model, {})
+        for priority in PRIORITIES:
+            queued = 0
+            for key in queues.get(priority, ()):
                 if pending[key].route is side:
                     queued += 1
-        return queued
+            counts.append(queued)
+        return tuple(counts)
 
     def cloud_demand(self, model: str) -> int:
         """Requests for `model` that want the large model: queued or running, normal and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from cicada.edge.coordinator.policy import CRITICAL, NORMAL, QUALITY, Route, SideView, choose
 
@@ -158,3 +159,75 @@ def test_the_registry_hands_the_policy_a_batching_workers_cost() -> None:
     registry.add(b"b", Ready(Role.CLOUD, "b", ["m"], capacity=4, batch_marginal=0.5), now=0.0)
     side = registry.side("m", Role.CLOUD)
     assert side.capacity == 12 and side.batch_marginal == 0.5  # the most pessimistic
+
+
+def test_a_request_waits_only_for_the_queued_work_dispatched_before_it() -> None:
+    """Queued work is dispatched by priority, so a latency-critical request waits for the
+    critical work ahead of it, not for a backlog of quality work: with one 0.46 s cloud and a
+    busy edge backed up with 20 quality requests, it stays on the edge (~0.14 s) instead of
+    going to the cloud (where, in benchmarks/handoff, 0.5 s deadlines timed out)."""
+    backlog = SideView(workers=1, capacity=2, inflight=2, queued=20, compute_s=0.09,
+                       queued_by_priority=(0, 0, 20))  # fmt: skip
+    cloud = SideView(workers=1, capacity=1, inflight=0, queued=0, compute_s=0.46, ready=True,
+                     network_s=0.002, queued_by_priority=(0, 0, 0))  # fmt: skip
+    assert math.isclose(backlog.estimate(CRITICAL), 0.09 / 2 + 0.09)
+    assert math.isclose(backlog.estimate(QUALITY), 21 * 0.09 / 2 + 0.09) and backlog.estimate(
+        QUALITY) == backlog.estimate()  # fmt: skip
+    assert choose(CRITICAL, 0.5, backlog, cloud).route is Route.EDGE
+    assert choose(QUALITY, 5.0, backlog, cloud).route is Route.CLOUD
+    # Critical work ahead does count; without the split, the whole queue does (as before).
+    critical_ahead = SideView(workers=1, capacity=2, inflight=2, queued=20, compute_s=0.09,
+                              queued_by_priority=(20, 0, 0))  # fmt: skip
+    assert choose(CRITICAL, 0.5, critical_ahead, cloud).route is Route.CLOUD
+    unsplit = SideView(workers=1, capacity=2, inflight=2, queued=20, compute_s=0.09)
+    assert choose(CRITICAL, 0.5, unsplit, cloud).route is Route.CLOUD
+
+
+def test_the_coordinator_splits_each_sides_queue_by_priority() -> None:
+    """The same case through a real Coordinator (no sockets): the views it builds count the
+    queue by priority, and the critical request waits for the edge's next free slot."""
+    import numpy as np
+
+    from cicada.common.protocol import Ready, Request, Result, Role, Status, WorkerState
+    from cicada.edge.coordinator.broker import Coordinator, CoordinatorConfig
+
+    now = [1000.0]
+    coord = Coordinator(CoordinatorConfig(heartbeat_interval=0.5), clock=lambda: now[0])
+    coord._send = lambda identity, message: True  # type: ignore[method-assign]
+    coord.register_worker(b"edge", Ready(role=Role.EDGE, worker="edge", models=["m"],
+                                         capacity=2, compute_s=0.09), now[0])  # fmt: skip
+
+    def request(rid: str, priority: int, timeout_s: float) -> None:
+        coord.accept_request(b"client", Request(
+            id=rid, model="m", inputs=[np.zeros(4, np.float32)], priority=priority,
+            timeout_ms=int(timeout_s * 1000)), now[0])  # fmt: skip
+
+    def worker_of(rid: str) -> bytes | None:
+        (p,) = [p for p in coord.pending.values() if p.request.id == rid]
+        return p.worker
+
+    for i in range(2):
+        request(f"busy{i}", CRITICAL, 5.0)
+    coord.dispatch(now[0])
+    assert worker_of("busy0") == worker_of("busy1") == b"edge"
+
+    def cloud(**state: Any) -> None:
+        ready = Ready(role=Role.CLOUD, worker="cloud", models=["m"], capacity=1,
+                      total_stages=4, **state)  # fmt: skip
+        coord.register_worker(b"cloud", ready, now[0])
+
+    cloud(state=WorkerState.LOADING, eta_s=10.0)  # too late for 5 s: quality work takes the edge
+    for i in range(20):
+        request(f"q{i}", QUALITY, 5.0)
+    coord.dispatch(now[0])
+    assert coord.view("m", Role.EDGE).queued_by_priority == (0, 0, 20)
+    cloud(state=WorkerState.READY, resident_stages=4, compute_s=0.46)
+    request("urgent", CRITICAL, 0.5)
+    coord.dispatch(now[0])
+    assert worker_of("urgent") is None  # waits for the edge, not sent to the 0.46 s cloud
+    edge = coord.workers[b"edge"]
+    first = next(iter(edge.inflight))
+    coord.complete(b"edge", Result(id=first, status=Status.OK,
+                                   outputs=[np.ones(2, np.float32)]), now[0])  # fmt: skip
+    coord.dispatch(now[0])
+    assert worker_of("urgent") == b"edge"  # the edge's next free slot
