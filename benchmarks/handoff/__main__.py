@@ -100,6 +100,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny GPT-2, 1 short burst, 2 s throughput")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "handoff")
     p.add_argument("--cache", type=Path, default=None, help="package cache (default: CICADA_CACHE)")
+    p.add_argument("--logs", type=Path, default=None,
+                   help="keep every stack's work folder (coordinator, edge and cloud logs) here "
+                        "(default: a temporary folder, removed)")  # fmt: skip
     p.add_argument("--bursts", type=int, default=None)
     p.add_argument("--burst-requests", type=int, default=None)
     p.add_argument("--rate", type=float, default=20.0, help="arrivals per second within a burst")
@@ -203,7 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker (torch threads), load generator.",
     ]
     with tempfile.TemporaryDirectory(prefix="cicada-handoff-") as tmp:
-        work = Path(tmp)
+        work = args.logs or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         if not args.skip_policies:
             console.print("[bold]assets[/] …")
             assets = gpt2_assets(args.quick, args.cache, work, args.seq_len)

@@ -36,10 +36,12 @@ def test_quick_handoff_benchmark(tmp_path: Path) -> None:
         # No emulated cold start for the stand-in: the best chance that requests of the short
         # quick burst arrive after it is ready, so that its capacity bound is computed.
         [sys.executable, "-m", "benchmarks.handoff", "--quick", "--out", str(out),
-         "--what-if-cold-start", "0"],
+         "--what-if-cold-start", "0", "--logs", str(tmp_path / "logs")],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for policy in POLICIES:  # --logs kept every stack's logs
+        assert (tmp_path / "logs" / policy / "coordinator.log").is_file(), policy
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["policies"]) == set(POLICIES)
