@@ -11,7 +11,7 @@ Bit-identity. The reference is the cloud worker's greedy decode (`cloud/generate
 `CachedGPTDecoder`: the prompt in one forward, then one token per forward). Two modes:
 
 * rows (`rows_exact`; CPU, oneDNN, 2+ torch threads): the reference's one-token step and the
-  verify forward (`_forward_rows`) compute every linear with `cloud/few_rows.row_linear`, which
+  verify forward (`_forward` over rows) compute every linear with `cloud/few_rows.row_linear`, which
   gives each row the same bits whatever the number of rows, and attention one query row at a
   time with the step's own call; so a verify forward's logits, keys and values are the
   reference's bit for bit (tests/cloud/test_speculative.py), the cache stays exact, and a
@@ -66,6 +66,10 @@ DEFAULT_MARGIN = NEAR_TIE
 # A takeover's draft is verified this many tokens at a time (then the last size on): in rows
 # mode every chunk is a forward of at most few_rows.PROBE_ROWS rows, the widths `probe` checks.
 TAKEOVER_CHUNKS = (8, PROBE_ROWS - 1)
+
+
+def _module(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return cast(torch.Tensor, layer(x))
 
 
 class SpeculativeError(GenerationError):
@@ -203,12 +207,9 @@ class Verifier:
         `head`: the logits row of position start - 1, already computed (the prefill's)."""
         ids = torch.tensor([feed], dtype=torch.int64, device=self.device)
         with torch.inference_mode():
-            if self.rows_exact:
-                logits = self._forward_rows(ids, start)  # (T, V)
-                if self.exact >= start:  # every row as the reference's step computes it
-                    self.exact = start + len(feed)
-            else:
-                logits = self._forward_many(ids, start)
+            logits = self._forward(ids, start, self.rows_exact)  # (T, V)
+            if self.rows_exact and self.exact >= start:  # each row as the reference's step
+                self.exact = start + len(feed)
         if head is not None:
             logits, start = torch.cat([head, logits]), start - 1
             feed = [-1, *feed]  # the row before (its token is already in the cache)
@@ -288,61 +289,45 @@ class Verifier:
                 self.stats.replayed_positions += 1
         self.exact = known
 
-    def _forward_rows(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """`_forward_many`, each row computed exactly as the reference's one-token step at its
-        position computes it: the linears on `row_linear` (each row as in any number of rows,
+    def _forward(self, ids: torch.Tensor, start: int, rows: bool) -> torch.Tensor:
+        """Logits (T, V) of `ids` (1, T) at positions start…start+T-1, appending their keys
+        and values to the cache: `GPT.step`'s arithmetic, over the LayerCache list. `rows`:
+        each row computed exactly as the reference's one-token step at its position computes
+        it — the linears on `row_linear` (each row as in any number of rows,
         cloud/few_rows.py), attention one query row at a time over the keys up to its own, with
-        the reference step's call. So the logits and the cached keys and values are the
-        reference's bit for bit (tests/cloud/test_speculative.py checks it)."""
+        the reference step's call — so the logits and the cached keys and values are the
+        reference's bit for bit (tests/cloud/test_speculative.py checks it); else all rows at
+        once, the linears on `nn.Linear` and attention under a causal mask."""
         model = self.model
         tr = model.transformer
         t = ids.size(1)
         pos = model.pos_ids[start : start + t]
         x = tr["drop"](tr["wte"](ids) + tr["wpe"](pos))  # (1, T, C)
-        blocks: list[Any] = list(tr["h"])
-        for block, layer in zip(blocks, self.cache, strict=True):
-            attn = block.attn
-            c, nh = attn.n_embd, attn.n_head
-            q, k, v = row_linear(attn.c_attn, block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
-            q, k, v = (u.view(1, t, nh, c // nh).transpose(1, 2) for u in (q, k, v))
-            if layer.k is not None:
-                k, v = torch.cat([layer.k, k], dim=2), torch.cat([layer.v, v], dim=2)
-            layer.k, layer.v = k, v  # (1, nh, S+T, hs)
-            rows = [
-                F.scaled_dot_product_attention(
-                    q[:, :, r : r + 1], k[:, :, : start + r + 1], v[:, :, : start + r + 1]
-                )
-                for r in range(t)
-            ]  # (1, nh, 1, hs) each
-            y = torch.cat(rows, dim=2).transpose(1, 2).contiguous().view(1, t, c)
-            x = x + attn.resid_dropout(row_linear(attn.c_proj, y))
-            x = x + block.mlp(block.ln_2(x), True)
-        return row_linear(model.lm_head, tr["ln_f"](x))[0]  # (T, V)
-
-    def _forward_many(self, ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits (T, V) of `ids` (1, T) at positions start…start+T-1, appending their keys
-        and values to the cache: `GPT.step`'s arithmetic, over the LayerCache list."""
-        model = self.model
-        tr = model.transformer
-        t = ids.size(1)
-        pos = torch.arange(start, start + t, device=ids.device)
-        x = tr["drop"](tr["wte"](ids) + tr["wpe"](pos))  # (1, T, C)
         # Query at position p sees keys 0..p: the cache and its own prefix.
-        mask = torch.arange(start + t, device=ids.device)[None, :] <= pos[:, None]  # (T, S+T)
+        mask = None if rows else torch.arange(start + t, device=ids.device)[None] <= pos[:, None]
+        linear = row_linear if rows else _module
         blocks: list[Any] = list(tr["h"])
         for block, layer in zip(blocks, self.cache, strict=True):
             attn = block.attn
             c, nh = attn.n_embd, attn.n_head
-            q, k, v = attn.c_attn(block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
+            q, k, v = linear(attn.c_attn, block.ln_1(x)).split(c, dim=2)  # (1, T, C) each
             q, k, v = (u.view(1, t, nh, c // nh).transpose(1, 2) for u in (q, k, v))
             if layer.k is not None and start > 0:
                 k, v = torch.cat([layer.k, k], dim=2), torch.cat([layer.v, v], dim=2)
             layer.k, layer.v = k, v  # (1, nh, S+T, hs)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (1, nh, T, hs)
+            if rows:
+                y = torch.cat([
+                    F.scaled_dot_product_attention(
+                        q[:, :, r : r + 1], k[:, :, : start + r + 1], v[:, :, : start + r + 1]
+                    )
+                    for r in range(t)
+                ], dim=2)  # fmt: skip
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (1, nh, T, hs)
             y = y.transpose(1, 2).contiguous().view(1, t, c)
-            x = x + attn.resid_dropout(attn.c_proj(y))
-            x = x + block.mlp(block.ln_2(x))
-        return cast(torch.Tensor, model.lm_head(tr["ln_f"](x)))[0]  # (T, V)
+            x = x + attn.resid_dropout(linear(attn.c_proj, y))
+            x = x + block.mlp(block.ln_2(x), rows)
+        return linear(model.lm_head, tr["ln_f"](x))[0]  # (T, V)
 
     def _checked(self, ids: Any, what: str, allow_empty: bool = True) -> list[int]:
         """Token ids from a peer: integers within the vocabulary, or SpeculativeError."""

@@ -185,7 +185,8 @@ def test_a_multi_token_forward_is_within_rounding_of_the_one_token_path() -> Non
     verifier.prefill(prompt)
     verifier._keep(len(prompt) - 1, [])  # feed the last prompt token again
     with torch.inference_mode():
-        many = verifier._forward_many(torch.tensor([[int(prompt[-1]), *ref[:8]]]), len(prompt) - 1)
+        feed = torch.tensor([[int(prompt[-1]), *ref[:8]]])
+        many = verifier._forward(feed, len(prompt) - 1, rows=False)
     diff = float((many - torch.stack(one_token)).abs().max())
     assert diff < DEFAULT_MARGIN / 20, diff
 
@@ -209,7 +210,7 @@ def test_a_rows_forward_is_the_one_token_path_bit_for_bit(width: int) -> None:
         ]
     verifier.prefill(prompt)
     with torch.inference_mode():
-        rows = verifier._forward_rows(torch.tensor([ref[:width]]), len(prompt))
+        rows = verifier._forward(torch.tensor([ref[:width]]), len(prompt), rows=True)
     for r in range(width):
         assert torch.equal(rows[r], steps[r]), r
     for mine, theirs in zip(verifier.cache, cache, strict=True):
