@@ -96,7 +96,10 @@ def machine_info() -> dict[str, Any]:
 
 def prime_memory(gib: float) -> None:
     """Allocate, touch and free `gib` GiB in a throwaway process: this VM hands freed memory
-    back to its host and touching it again is ~15x slower, which a cold start would pay."""
+    back to its host and touching it again is ~15x slower, which a cold start would pay. Off
+    by default (--prime-gib): the hand-back of what the cloud does not reuse comes ~2 s after
+    the free, and stalled both vCPUs for 0.1-0.5 s in the middle of the burst (BENCHMARKS.md,
+    Handoff, "What slows the edge")."""
     if gib > 0:
         code = f"import numpy as np; block = np.ones({int(gib * GiB) // 8}); del block"
         subprocess.run([sys.executable, "-c", code], check=True)
