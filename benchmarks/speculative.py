@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.machine import ROOT, loadavg, machine_info
+from cicada.common.defaults import ROW_INVARIANCE
 
 MODEL = "gpt2"
 FACTORY = "cicada.cloud.models.gpt2:build"
@@ -74,14 +75,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "is the cloud's, with 1 torch thread, the others everyone else's, in every mode: "
              "the edge device and the cloud machine are emulated on one host)")  # fmt: skip
     p.add_argument(
-        "--row-invariant", choices=("auto", "always", "never"), default="always",
+        "--row-invariant", choices=ROW_INVARIANCE, default="always",
         help="the cloud worker's --row-invariant, in every mode (pinned, it has one thread: "
              "auto then decodes on MKL, always on the row-invariant kernel, which its drafted "
              "decode needs to skip replays; a cloud-only run on auto is added then)")  # fmt: skip
     p.add_argument("--cache", type=Path, default=None, help="model cache (default: a temp dir)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "speculative")
-    p.add_argument("--logs", type=Path, default=None,
-                   help="keep each run's coordinator, edge and cloud logs here (default: dropped)")
+    p.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help="keep each run's coordinator, edge and cloud logs here (default: dropped)",
+    )
     p.add_argument("--modes", default=None,
                    help="comma-separated subset of exact, cloud_only, handoff, cloud_only_auto "
                         "(default: all that apply)")  # fmt: skip
@@ -167,8 +172,13 @@ def start_cloud(
 
 
 def run_edge_first(
-    stack: Any, package: Path, prompt: np.ndarray, n: int, exact: bool,
-    pin: tuple[set[int], set[int]] | None = None, rows: str = "auto",
+    stack: Any,
+    package: Path,
+    prompt: np.ndarray,
+    n: int,
+    exact: bool,
+    pin: tuple[set[int], set[int]] | None = None,
+    rows: str = "auto",
 ) -> dict[str, Any]:
     """The generation starts on the edge while the cloud cold-starts (started with it)."""
     from cicada.client import Client
@@ -221,8 +231,12 @@ def run_edge_first(
 
 
 def run_cloud_only(
-    stack: Any, package: Path, prompt: np.ndarray, n: int,
-    pin: tuple[set[int], set[int]] | None = None, rows: str = "auto",
+    stack: Any,
+    package: Path,
+    prompt: np.ndarray,
+    n: int,
+    pin: tuple[set[int], set[int]] | None = None,
+    rows: str = "auto",
 ) -> dict[str, Any]:
     """Start the cloud, wait until it is ready, then decode on it."""
     from cicada.client import Client
@@ -282,7 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                         stack.edge(MODEL, edge, "edge", *edge_args)
                         stack.wait_workers("edge")
                         got = run_edge_first(
-                            stack, package, prompt, args.tokens, mode == "exact", pin,
+                            stack,
+                            package,
+                            prompt,
+                            args.tokens,
+                            mode == "exact",
+                            pin,
                             args.row_invariant,
                         )
                     else:

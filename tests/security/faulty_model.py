@@ -9,7 +9,6 @@ any other input it answers exactly what the plain GPT-2 answers.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from typing import Any
 
@@ -17,9 +16,9 @@ import torch
 
 from cicada.cloud.models.gpt2 import GPT, GPTConfig
 
-STALL_ENV = "CICADA_TEST_STALL_BUILD"  # set in a worker's environment: its build never returns
-# A path, set in a worker's environment: its build waits until that file exists. A test holds
-# the worker in its cold start for as long as it needs, however fast or slow the machine.
+# A path, set in a worker's environment: its build waits until that file exists (a path never
+# created: a load that stalls, which only a signal can end). A test holds the worker in its
+# cold start for as long as it needs, however fast or slow the machine.
 GATE_ENV = "CICADA_TEST_BUILD_GATE"
 RAISE = 95  # first token: an AssertionError inside the model (the request ends FAILED)
 EXIT = 96  # first token: SystemExit, which no request handler may swallow (the loop dies)
@@ -36,8 +35,6 @@ class FaultyGPT(GPT):
 
 
 def build(**config: Any) -> FaultyGPT:
-    if os.environ.get(STALL_ENV):  # a load that stalls: only a signal can end it
-        threading.Event().wait()
     gate = os.environ.get(GATE_ENV)
     while gate and not os.path.exists(gate):
         time.sleep(0.02)

@@ -237,13 +237,13 @@ def test_sigterm_stops_a_cloud_worker_while_it_loads(stack: Stack, assets: dict[
 
 
 def test_sigterm_stops_a_cloud_worker_whose_load_stalled(
-    stack: Stack, assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    stack: Stack, assets: dict[str, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A build that never returns (the faulty model, told so by its environment): the worker
     registers, never becomes ready, and SIGTERM still ends it, without a kill."""
     s = stack
     s.coordinator()
-    monkeypatch.setenv(faulty_model.STALL_ENV, "1")
+    monkeypatch.setenv(faulty_model.GATE_ENV, str(tmp_path / "never-opened"))
     s.cloud(MODEL, assets["faulty"], "cloud", "--trust-package-code")
     s.wait_workers("cloud", 1)
     assert s.workers("cloud", "ready") == 0
