@@ -88,8 +88,9 @@ from benchmarks.handoff.common import (
 from benchmarks.handoff.overhead import measure_coordinator, plot_overhead
 from benchmarks.handoff.policies import PolicyOptions, large_share_bound, plot_policies, run_policy
 from benchmarks.handoff.report import bound_targets, evaluate_targets, print_report
+from benchmarks.handoff.rounds import compare_rounds, pool_summaries
 from benchmarks.handoff.trace import make_trace
-from benchmarks.handoff.what_if import WHAT_IF_LABEL, run_what_if
+from benchmarks.handoff.what_if import WHAT_IF_LABEL, judge_what_if, run_what_if
 from benchmarks.machine import ROOT, loadavg
 
 # -- main --------------------------------------------------------------------------------------
@@ -105,6 +106,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(default: a temporary folder, removed)")  # fmt: skip
     p.add_argument("--bursts", type=int, default=None)
     p.add_argument("--burst-requests", type=int, default=None)
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="part A: run the policies (and the what-if) this many times, alternating them, and "
+        "judge each policy on all its requests pooled (rounds.py: one run of each is two runs "
+        "half a minute apart on a drifting machine); every round is also reported alone",
+    )  # fmt: skip
     p.add_argument("--rate", type=float, default=20.0, help="arrivals per second within a burst")
     p.add_argument("--seq-len", type=int, default=32, help="tokens per request")
     p.add_argument("--keepalive", type=float, default=None, help="idle seconds before SIGTERM")
@@ -173,6 +180,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.windows = args.windows[-1:]
     if args.gap <= args.keepalive:
         p.error("--gap must be longer than --keepalive (every burst must meet a cold cloud)")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     return args
 
 
@@ -256,12 +265,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "edge's CPU (on a real deployment it runs on another machine). Other "
                     "tenants of this shared machine are not pinned."
                 )
+            runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in policies}
+            what_ifs: list[dict[str, Any]] = []
+            compared = "cooperative" in policies and "edge-only" in policies
+            for r in range(args.rounds):
+                tag = "" if args.rounds == 1 else f" (round {r + 1} of {args.rounds})"
+                for policy in policies:
+                    console.print(f"[bold]A[/] {policy}{tag} …")
+                    quiet = wait_quiet(args.wait_quiet, console)
+                    folder = work / (policy if args.rounds == 1 else f"{policy}-{r + 1}")
+                    summary = asyncio.run(run_policy(policy, trace, assets, opts, folder))
+                    summary["quiet_wait"] = quiet
+                    runs[policy].append(summary)
+                    console.print(
+                        f"  p50 {fmt_s(summary['latency_ok']['p50_s'])}, "
+                        f"p99 {fmt_s(summary['latency_ok']['p99_s'])}, "
+                        f"large model {fmt_pct(summary['large_share'])}, "
+                        f"statuses {summary['statuses']}"
+                    )
+                if compared and not args.no_what_if:
+                    console.print(f"[bold]A[/] WHAT-IF: cooperative, stand-in GPU cloud{tag} …")
+                    wait_quiet(args.wait_quiet, console)
+                    folder = work / ("what-if" if args.rounds == 1 else f"what-if-{r + 1}")
+                    this_round = {policy: runs[policy][-1] for policy in policies}
+                    what_ifs.append(asyncio.run(run_what_if(
+                        this_round, trace, assets, opts, folder, args.gpu_profile,
+                        args.what_if_cold_start,
+                    )))  # fmt: skip
             results["policies"] = {}
             for policy in policies:
-                console.print(f"[bold]A[/] {policy} …")
-                quiet = wait_quiet(args.wait_quiet, console)
-                summary = asyncio.run(run_policy(policy, trace, assets, opts, work / policy))
-                summary["quiet_wait"] = quiet
+                summary = pool_summaries(policy, runs[policy])
                 if summary["cloud_compute_median_s"]:
                     summary["cloud_capacity_share"] = min(
                         1.0, 1.0 / (summary["cloud_compute_median_s"] * args.rate)
@@ -273,33 +306,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         summary, summary["cloud_compute_median_s"],
                         summary["edge_compute_median_s"],
                     )  # fmt: skip
-                s = summary
-                console.print(
-                    f"  p50 {fmt_s(s['latency_ok']['p50_s'])}, "
-                    f"p99 {fmt_s(s['latency_ok']['p99_s'])}, "
-                    f"large model {fmt_pct(s['large_share'])}, statuses {s['statuses']}"
-                )
             plot_policies(
                 results["policies"], out / "handoff.png",
                 f"Handoff on a bursty trace: {results['config']['trace_description']}",
             )  # fmt: skip
             pol = results["policies"]
-            if "cooperative" in pol and "edge-only" in pol:
+            if compared:
                 results["comparison"] = compare_modes(pol["cooperative"], pol["edge-only"])
-                if not args.no_what_if:
-                    console.print("[bold]A[/] WHAT-IF: cooperative with a stand-in GPU cloud …")
-                    wait_quiet(args.wait_quiet, console)
-                    results["what_if"] = asyncio.run(
-                        run_what_if(
-                            pol,
-                            trace,
-                            assets,
-                            opts,
-                            work / "what-if",
-                            args.gpu_profile,
-                            args.what_if_cold_start,
-                        )
-                    )
+                if args.rounds > 1:
+                    results["rounds"] = compare_rounds(runs, what_ifs)
+                if what_ifs:
+                    results["what_if"] = judge_what_if(
+                        pool_summaries("cooperative", [w["summary"] for w in what_ifs]),
+                        pol["edge-only"], what_ifs[0]["profile"],
+                        [w["cold_start_s"] for w in what_ifs],
+                    )  # fmt: skip
                     plot_policies(
                         {WHAT_IF_LABEL: results["what_if"]["summary"]}, out / "what_if.png",
                         f"{WHAT_IF_LABEL}: {results['what_if']['profile']['source']}",

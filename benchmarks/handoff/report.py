@@ -173,10 +173,46 @@ def print_bounds(results: dict[str, Any], console: Any) -> None:
         )
 
 
+def print_rounds(results: dict[str, Any], console: Any) -> None:
+    """With --rounds: each round judged alone, beside the pooled verdicts above."""
+    from rich.table import Table
+
+    rounds = results.get("rounds") or []
+    if not rounds:
+        return
+    table = Table(title="A. each round alone (the verdicts above pool every round's requests)")
+    for col in (
+        "round",
+        "critical p99 coop / edge-only",
+        "never worse",
+        "reached/bound",
+        "edge forward (median) coop / edge-only",
+        "WHAT-IF critical / overall p99",
+    ):
+        table.add_column(col, justify="right")
+    for r in rounds:
+        p99, edge = r["critical_p99_s"], r["edge_compute_median_s"]
+        crit, reached, w = r["critical_p99_ratio"], r["reached_of_bound"], r.get("what_if")
+        table.add_row(
+            str(r["round"] + 1),
+            f"{fmt_s(p99['cooperative'])} / {fmt_s(p99['edge_only'])} = "
+            + ("-" if crit is None else f"{crit:.2f}x"),
+            verdict(r["never_worse"]),
+            "-" if reached is None else f"{reached:.2f}",
+            f"{fmt_s(edge['cooperative'])} / {fmt_s(edge['edge_only'])}",
+            "-" if w is None else " / ".join(
+                "-" if x is None else f"{x:.2f}x"
+                for x in (w["critical_p99_ratio"], w["overall_p99_ratio"])
+            ),
+        )  # fmt: skip
+    console.print(table)
+
+
 def print_report(results: dict[str, Any], console: Any) -> None:
     if "policies" in results:
         print_policies(results, console)
         print_bounds(results, console)
+        print_rounds(results, console)
     if results["coordinator"] is not None:
         print_coordinator(results["coordinator"], console)
         print_logic(results["coordinator"].get("logic", {}), console)

@@ -54,14 +54,25 @@ async def run_what_if(
     summary = await run_policy(
         "cooperative", trace, assets, dataclasses.replace(opts, standin=standin), work
     )
-    edge = policies["edge-only"]
+    return judge_what_if(summary, policies["edge-only"], profile, [cold])
+
+
+def judge_what_if(
+    summary: dict[str, Any], edge: dict[str, Any], profile: dict[str, Any], colds: list[float]
+) -> dict[str, Any]:
+    """The what-if's figures: its capacity bound, and its comparison with `edge` (edge-only's
+    summary) — for one run, or for the pooled runs of `--rounds` (rounds.py)."""
+    cold = median(colds)
+    cold = DEFAULT_COLD_START_S if cold is None else cold
+    pooled = f" (pooled over {len(colds)} rounds)" if len(colds) > 1 else ""
     return {
         "label": WHAT_IF_LABEL,
         "note": "WHAT-IF, not a measurement of a GPU: real coordinator and edge agent, a "
         f"stand-in cloud worker process that sleeps {profile['service_s'] * 1e3:g} ms a "
-        f"forward ({profile['source']}) after a {cold:.2f} s emulated cold start",
+        f"forward ({profile['source']}) after a {cold:.2f} s emulated cold start{pooled}",
         "profile": profile,
         "cold_start_s": cold,
+        "cold_starts_s": colds,
         "summary": summary,
         "capacity_bound": run_capacity_bound(
             summary, summary["cloud_compute_median_s"], edge["edge_compute_median_s"]
