@@ -206,16 +206,23 @@ class DecodeStream:
 
 class Streams:
     """The active streams of one model, at most `limit` of them. `pack`: run the linear
-    layers of steps of two or more streams on packed weights (PackedLinears; CPU, MKL)."""
+    layers of steps of two or more streams on packed weights (PackedLinears; CPU, MKL).
+    `reorder`: start reordering the weights for row_linear now (few_rows.py); a cloud worker
+    passes False and starts it itself once the weights are resident and a generation came."""
 
     def __init__(
-        self, model: nn.Module, device: str = "cpu", limit: int = 8, pack: bool = True
+        self,
+        model: nn.Module,
+        device: str = "cpu",
+        limit: int = 8,
+        pack: bool = True,
+        reorder: bool = True,
     ) -> None:
         self.model, self.device, self.limit = model, device, limit
         self.active: list[DecodeStream] = []
         self.steps = 0  # batched steps run so far
         self.packed = PackedLinears() if pack and PackedLinears.available(device) else None
-        if pack and rows_available(device):  # the layout row_linear reads best (few_rows.py)
+        if pack and reorder and rows_available(device):  # the layout row_linear reads best
             reorder_in_background(model)
 
     @property

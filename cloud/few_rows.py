@@ -22,8 +22,10 @@ Reordered weights. oneDNN's kernel on the weights as they lie decodes GPT-2 medi
 tokens/s on one thread against MKL's 8.7–9.0 (7.6–7.9 against 7.7–8.1 on two).
 `reorder_in_background` reorders each layer's weight once into oneDNN's blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight`: the same bits, checked per shape) on a background
-thread after the model is ready, so no first token waits for it; `row_linear` takes the
-reordered copy once it is there. Then the 24 layers' linears and the head of GPT-2 medium cost,
+thread, so no token waits for it; `row_linear` takes the reordered copy once it is there. A
+cloud worker starts it once every stage is resident and a generation has come, and only where
+row_linear takes oneDNN's kernel (cloud/service.py: a worker that only runs forwards, or runs
+on one thread, never reads the copy). Then the 24 layers' linears and the head of GPT-2 medium cost,
 paired row / 9 rows / MKL's one row: 118.5 / 124.1 / 111.4 ms on one thread, 79.6 / 81.6 / 102.9
 ms on two, and a whole decode runs 11.5–11.7 tokens/s on two threads against MKL's 7.7–9.0 (7.0
 against 8.7–9.0 on one: hence MIN_THREADS). The copy costs the weights' size again in memory
@@ -191,35 +193,36 @@ def reorder_in_background(model: nn.Module) -> threading.Thread | None:
     docstring); None when oneDNN is not there. `row_linear` uses each copy once it is made."""
     if not _ONEDNN:
         return None
-    running = model.__dict__.get("_cicada_reordering")
-    if isinstance(running, threading.Thread):  # one reordering per model
-        return running
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    seen: set[int] = set()  # a tied weight (GPT-2's head and embedding) is reordered once
-
-    def run() -> None:
-        # Below the serving threads (Linux: nice is per thread, and the OpenMP threads this one
-        # starts inherit it): with one core, a first token waited for the whole reordering.
-        if sys.platform == "linux":
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        for layer in layers:
-            if _exiting.is_set():
-                return
-            if id(layer.weight) in seen or REORDERED in layer.__dict__:
-                continue
-            seen.add(id(layer.weight))
-            try:
-                _reorder(layer)
-            except RuntimeError:  # a shape oneDNN will not reorder: that layer stays as it is
-                continue
-
-    thread = threading.Thread(target=run, name="cicada-reorder", daemon=True)
-    model.__dict__["_cicada_reordering"] = thread
-    with _probe_lock:
+    with _probe_lock:  # callers on two threads (a worker's loader and its main) start one
+        running = model.__dict__.get("_cicada_reordering")
+        if isinstance(running, threading.Thread):  # one reordering per model
+            return running
+        thread = threading.Thread(target=_reorder_all, args=(model,), name="cicada-reorder",
+                                  daemon=True)  # fmt: skip
+        model.__dict__["_cicada_reordering"] = thread
         _reordering.append(thread)
     thread.start()
     return thread
+
+
+def _reorder_all(model: nn.Module) -> None:
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    seen: set[int] = set()  # a tied weight (GPT-2's head and embedding) is reordered once
+    # Below the serving threads (Linux: nice is per thread, and the OpenMP threads this one
+    # starts inherit it): with one core, a first token waited for the whole reordering.
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    for layer in layers:
+        if _exiting.is_set():
+            return
+        if id(layer.weight) in seen or REORDERED in layer.__dict__:
+            continue
+        seen.add(id(layer.weight))
+        try:
+            _reorder(layer)
+        except RuntimeError:  # a shape oneDNN will not reorder: that layer stays as it is
+            continue
 
 
 # A process must not exit while a reordering thread is inside a native op: the C++ runtime's

@@ -165,6 +165,7 @@ class CloudWorker:
         # and only where it batches: else generation runs one request at a time.
         self._streams: Streams | None = None
         self._waiting: deque[Work] = deque()  # generations past the streams' limit, in order
+        self._generations = False  # one has arrived: the weights are worth reordering
         name = config.worker or f"cloud-{socket.gethostname()}-{os.getpid()}"
         self.runtime = WorkerRuntime(
             RuntimeConfig(
@@ -242,21 +243,34 @@ class CloudWorker:
         self._last = event
         if event.done:
             log.info("%s resident: %d stages", self.config.model_name, event.total_stages)
-            self._reorder_for_decoding()
+            if self._generations:
+                self._reorder_for_decoding()
         self.runtime.notify()
 
+    def _generation_arrived(self) -> None:
+        self._generations = True
+        if self.cold.all_resident:
+            self._reorder_for_decoding()
+
     def _reorder_for_decoding(self) -> None:
-        """The reference GPT-2's one-token steps and verify forwards run on oneDNN with each
-        row computed alike (cloud/few_rows.py); its weights are reordered for that kernel in
-        the background, after the load, so that no first token waits for it."""
-        from cicada.cloud.few_rows import reorder_in_background
+        """One-token steps and verify forwards of the reference GPT-2 and of continuous
+        batching run on oneDNN with each row computed alike (cloud/few_rows.py); the weights
+        are reordered for that kernel on a background thread, so that no token waits for it.
+        Only once every stage is resident (a copy of weights not yet loaded is stale, and is
+        never made again) and a generation has come (the copy is the weights' size again:
+        1.42 GB for GPT-2 medium, which a worker that only runs forwards never reads), and
+        only where row_linear takes that kernel (not on one thread, by default)."""
+        from cicada.cloud.few_rows import reorder_in_background, rows_available
         from cicada.cloud.models.gpt2 import GPT
 
         try:
             model = self.cold.model
         except RuntimeError:  # not built (a failed load reports itself elsewhere)
             return
-        if isinstance(model, GPT) and self.config.device == "cpu":
+        if not rows_available(self.config.device):
+            return
+        if isinstance(model, GPT) or self._streams is not None:
+            log.info("reordering %s's weights for decoding", self.config.model_name)
             reorder_in_background(model)
 
     def handle(self, dispatch: Dispatch, deadline: float | None, stream: Stream) -> Result:
@@ -564,6 +578,7 @@ class CloudWorker:
         from cicada.cloud.generate import can_verify, context_of, decoder_for, verify
 
         model = self.cold.model
+        self._generation_arrived()
         try:
             request = GenerationRequest.parse(dispatch.options, list(dispatch.inputs))
             request.check_fits(*context_of(model))
@@ -657,7 +672,8 @@ class CloudWorker:
         model = self.cold.model
         if not self.batching.batching or not batchable(model):
             return None
-        return Streams(model, self.config.device, limit=self.batching.max_batch_size)
+        # Built before the weights are resident: _reorder_for_decoding reorders them later.
+        return Streams(model, self.config.device, limit=self.batching.max_batch_size, reorder=False)
 
     @property
     def _decoding(self) -> bool:
@@ -695,6 +711,7 @@ class CloudWorker:
         from cicada.cloud.generate import context_of
 
         dispatch, deadline, stream, done = work
+        self._generation_arrived()
         refusal = self._refusal(dispatch, deadline)
         if refusal is not None:
             done.set_result(refusal)
