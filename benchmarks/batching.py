@@ -111,7 +111,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     median = {k: statistics.median(v) for k, v in times.items()}
     per_s = {k: k / median[k] for k in args.sizes}
     base = per_s[args.sizes[0]]
-    return {
+    return measure_padded(args, model, ids) | {
         "model": "gpt2-tiny" if args.quick else "gpt2-medium-like (24 x 1024, fp32)",
         "config": config,
         "tokens": args.tokens,
@@ -122,6 +122,49 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "ratio_to_smallest": {str(k): per_s[k] / base for k in args.sizes},
         "bit_identical_to_alone": {str(k): identical[k] for k in args.sizes},
         "max_abs_diff_to_alone": {str(k): max_diff[k] for k in args.sizes},
+    }
+
+
+def measure_padded(args: argparse.Namespace, model: Any, ids: Any) -> dict[str, Any]:
+    """Requests of different lengths (`pad_sequences`, cloud/batching.py): the largest batch
+    size's requests cut to lengths spread evenly from a quarter of `--tokens` to all of it, run
+    as one forward padded to the longest (what the worker runs) against one forward each;
+    interleaved rounds, medians. And each request's logits, cut back, against it alone."""
+    import numpy as np
+    import torch
+
+    from cicada.cloud.batching import cut_sequences, pad_and_join
+
+    k = max(args.sizes)
+    low = max(1, args.tokens // 4)
+    lengths = [low + (args.tokens - low) * i // max(1, k - 1) for i in range(k)]
+    requests = [[ids[i : i + 1, :n].numpy()] for i, n in enumerate(lengths)]
+    (joined,), longest = pad_and_join(requests)
+    batch = torch.from_numpy(joined)
+    alone_s: list[float] = []
+    padded_s: list[float] = []
+    with torch.inference_mode():
+        alone = [model(torch.from_numpy(r[0])).numpy() for r in requests]  # also the warm-up
+        out = model(batch).numpy()
+        diffs = []
+        for i, n in enumerate(lengths):
+            (mine,) = cut_sequences([out[i : i + 1]], n, longest, [0])
+            diffs.append(float(np.abs(mine - alone[i]).max()))
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            for r in requests:
+                model(torch.from_numpy(r[0]))
+            alone_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            model(batch)
+            padded_s.append(time.perf_counter() - start)
+    return {
+        "padded_lengths": lengths,
+        "padded_alone_s": alone_s,
+        "padded_batch_s": padded_s,
+        "padded_ratio_to_alone": statistics.median(alone_s) / statistics.median(padded_s),
+        "padded_max_abs_diff_to_alone": max(diffs),
+        "padded_bit_identical_to_alone": all(d == 0 for d in diffs),
     }
 
 
@@ -288,6 +331,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{results['forward_per_s'][k]:>10.2f}  {results['ratio_to_smallest'][k]:>9.2f}  "
               f"{results['bit_identical_to_alone'][k]!s:>5} "
               f"(max |diff| {results['max_abs_diff_to_alone'][k]:.2e})")  # fmt: skip
+    lengths = results["padded_lengths"]
+    print(f"{len(lengths)} requests of {lengths[0]}-{lengths[-1]} tokens, one forward padded "
+          f"to the longest: {statistics.median(results['padded_batch_s']):.4f} s against "
+          f"{statistics.median(results['padded_alone_s']):.4f} s one by one = "
+          f"{results['padded_ratio_to_alone']:.2f} x the requests/s; bit-identical to alone "
+          f"{results['padded_bit_identical_to_alone']} "
+          f"(max |diff| {results['padded_max_abs_diff_to_alone']:.2e})")  # fmt: skip
     print(f"streams  decode tokens/s  x 1 stream  tokens equal to alone "
           f"({results['decode_steps']} steps, {results['decode_clock']} clock, "
           f"packed: {results['decode_packed']})")  # fmt: skip

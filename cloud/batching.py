@@ -5,10 +5,20 @@ long the first dispatch of a batch may wait for others to join) and `preferred_b
 (a batch that reaches one of them goes at once when no more work is waiting, without waiting
 out the delay). A batch holds dispatches whose inputs are *compatible*: the same number of
 tensors, the same dtypes and the same trailing dimensions, so that they concatenate along the
-first (batch) dimension. Token ids of different lengths are not padded: they do not batch
-(GPT-2's forward takes no attention mask, so padding would change the result). Generations
-are not batched here but continuously, a token at a time (cloud/continuous.py): the batcher
-only hands them over together, under one key.
+first (batch) dimension. Generations are not batched here but continuously, a token at a time
+(cloud/continuous.py): the batcher only hands them over together, under one key.
+
+Sequences of different lengths (`pad_sequences`, a package's setting: what the model allows,
+not a deployment's choice). Requests whose inputs differ only in their second dimension, the
+sequence, share a forward where the package says the model allows it: each is padded on the
+right with 0 (the pad id of Cicada's tokenizers) to the batch's longest, and each output the
+package names in `sequence_outputs` is cut back to the request's own length. That is exact in
+two kinds of model: a causal one, where position t depends on positions <= t alone, so no
+real position sees the padding (GPT-2; its logits are output 0); and one that masks its pad id
+(MiniLM masks 0; its output is pooled, so it has no sequence output). A bidirectional model
+without a mask would see the padding: its package must not set it. The result is the same
+forward's, bit for bit, as that padded batch run eagerly; against the request run alone the
+kernels see other shapes (BENCHMARKS.md, "Batching sequences of different lengths").
 
 Everything here is torch-free and clock-injectable: `Batcher` is tested without a model, and
 `BatchCost` is the cost model the worker reports (docs/PROTOCOL.md, READY `batch_marginal`).
@@ -40,6 +50,8 @@ class BatchPolicy:
     max_batch_size: int = 1
     max_queue_delay_ms: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
+    pad_sequences: bool = False  # token requests of different lengths may share a forward
+    sequence_outputs: tuple[int, ...] = ()  # the outputs cut back to each request's length
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_batch_size <= MAX_BATCH_SIZE:
@@ -51,6 +63,8 @@ class BatchPolicy:
             raise BatchConfigError(
                 f"max_queue_delay_ms {delay!r} is not in [0, {MAX_QUEUE_DELAY_MS:g}]"
             )
+        if self.sequence_outputs and not self.pad_sequences:
+            raise BatchConfigError("sequence_outputs goes with pad_sequences")
         for size in self.preferred_batch_sizes:
             if not 1 <= size <= self.max_batch_size:
                 raise BatchConfigError(
@@ -65,6 +79,8 @@ class BatchPolicy:
             int(settings.get("max_batch_size", 1)),
             float(settings.get("max_queue_delay_ms", 0.0)),
             tuple(settings.get("preferred_batch_sizes", ())),
+            bool(settings.get("pad_sequences", False)),
+            tuple(settings.get("sequence_outputs", ())),
         )
 
     @property
@@ -72,15 +88,68 @@ class BatchPolicy:
         return self.max_batch_size > 1
 
 
-def shape_key(arrays: Sequence[np.ndarray]) -> Hashable | None:
+PADDED = "padded"  # the first element of a key under which sequences are padded
+
+
+def shape_key(arrays: Sequence[np.ndarray], pad: bool = False) -> Hashable | None:
     """What two requests must share to run as one forward: per input, its dtype and trailing
     dimensions. None: the request cannot be batched (a scalar input, or inputs whose first
-    dimensions differ, so that the outputs could not be split back by rows)."""
+    dimensions differ, so that the outputs could not be split back by rows). With `pad`
+    (BatchPolicy.pad_sequences) the second dimension, the sequence, is left out where every
+    input has one and all have the same length: such requests are padded to share a forward."""
     if not arrays or any(a.ndim == 0 for a in arrays):
         return None
     if len({a.shape[0] for a in arrays}) != 1 or arrays[0].shape[0] == 0:
         return None
+    if pad and sequence_length(arrays) is not None:
+        return (PADDED, *((a.dtype.str, a.shape[2:]) for a in arrays))
     return tuple((a.dtype.str, a.shape[1:]) for a in arrays)
+
+
+def sequence_length(arrays: Sequence[np.ndarray]) -> int | None:
+    """The length every input shares along its second dimension; None if they do not."""
+    lengths = {a.shape[1] if a.ndim >= 2 else -1 for a in arrays}
+    if len(lengths) != 1 or min(lengths) < 1:
+        return None
+    return int(next(iter(lengths)))
+
+
+def pad_and_join(requests: Sequence[Sequence[np.ndarray]]) -> tuple[list[np.ndarray], int]:
+    """The inputs of a padded batch: each request's inputs padded on the right with 0 along
+    the sequence to the longest, then joined along the rows; and that longest length."""
+    lengths = [sequence_length(arrays) for arrays in requests]
+    if any(n is None for n in lengths):
+        raise ValueError("a request of a padded batch has no common sequence length")
+    longest = max(n for n in lengths if n is not None)
+    joined = []
+    for j in range(len(requests[0])):
+        parts = []
+        for arrays in requests:
+            a = arrays[j]
+            widths = [(0, 0)] * a.ndim
+            widths[1] = (0, longest - a.shape[1])
+            parts.append(np.pad(a, widths) if a.shape[1] < longest else a)
+        joined.append(np.concatenate(parts))
+    return joined, longest
+
+
+def cut_sequences(
+    outputs: Sequence[np.ndarray], length: int, longest: int, sequence_outputs: Sequence[int]
+) -> list[np.ndarray]:
+    """One request's outputs of a padded batch (its rows already taken) cut back to its own
+    `length` along the sequence, for the outputs the package names. An output named that
+    does not have the batch's `longest` as its second dimension is a ValueError: the package
+    says something the model does not do."""
+    out = list(outputs)
+    for i in sequence_outputs:
+        if i >= len(out) or out[i].ndim < 2 or out[i].shape[1] != longest:
+            shape = tuple(out[i].shape) if i < len(out) else None
+            raise ValueError(
+                f"sequence output {i} is not (rows, {longest}, ...) in a batch padded to "
+                f"{longest} (its shape: {shape})"
+            )
+        out[i] = np.ascontiguousarray(out[i][:, :length])
+    return out
 
 
 def rows(arrays: Sequence[np.ndarray]) -> int:

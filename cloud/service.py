@@ -34,7 +34,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from cicada.cloud import collector
-from cicada.cloud.batching import BatchCost, Batcher, BatchPolicy, Item, rows, shape_key
+from cicada.cloud.batching import (
+    PADDED,
+    BatchCost,
+    Batcher,
+    BatchPolicy,
+    Item,
+    cut_sequences,
+    pad_and_join,
+    rows,
+    sequence_length,
+    shape_key,
+)
 from cicada.cloud.loading.base import device_failure
 from cicada.cloud.pipeline import ColdStart, ResidencyEvent
 from cicada.cloud.timeline import Timeline
@@ -454,7 +465,7 @@ class CloudWorker:
         if isinstance(arrays, Result):
             done.set_result(arrays)
             return None
-        return Item(work, shape_key(arrays), now, arrays)
+        return Item(work, shape_key(arrays, pad=self.batching.pad_sequences), now, arrays)
 
     def _serve_batch(self, batch: list[Item[Work]]) -> None:
         """Run a batch as one forward; each request gets its own RESULT. Whatever happens,
@@ -505,16 +516,32 @@ class CloudWorker:
             return
         sizes = [rows(item.inputs) for item in live]
         total = sum(sizes)
+        padded = isinstance(live[0].key, tuple) and live[0].key[:1] == (PADDED,)
         during_load = not self.cold.all_resident
         start = time.monotonic()
         try:
-            joined = [
-                np.concatenate([item.inputs[j] for item in live])
-                for j in range(len(live[0].inputs))
-            ]
+            if padded:  # sequences of different lengths, each padded to the longest
+                joined, longest = pad_and_join([item.inputs for item in live])
+            else:
+                joined = [
+                    np.concatenate([item.inputs[j] for item in live])
+                    for j in range(len(live[0].inputs))
+                ]
             outputs = self._arrays(self.cold.forward(*self._tensors(joined)))
             if any(o.ndim == 0 or o.shape[0] != total for o in outputs):
                 raise ValueError("an output does not have one row per input row")
+            mine = []
+            offset = 0
+            for item, size in zip(live, sizes, strict=True):
+                rows_of = [o[offset : offset + size] for o in outputs]
+                if padded:
+                    length = sequence_length(item.inputs)
+                    assert length is not None  # the key says every input has one
+                    rows_of = cut_sequences(
+                        rows_of, length, longest, self.batching.sequence_outputs
+                    )
+                mine.append(rows_of)
+                offset += size
         except CicadaError as exc:  # the load failed: nothing can run
             self._fail(exc)
             for item in live:
@@ -531,15 +558,17 @@ class CloudWorker:
                 self._serve_batch([item])
             return
         timings = self._forward_timings(len(live), time.monotonic() - start, during_load)
+        if padded:
+            timings["batch_padded_to"] = float(longest)
         self._batches += 1
         offset = 0
-        for item, size in zip(live, sizes, strict=True):
+        for item, size, outs in zip(live, sizes, mine, strict=True):
             dispatch, _deadline, _stream, done = item.work
-            mine = [o[offset : offset + size] for o in outputs]
-            # Where its rows sat in the batch: with `batch_size`, enough to replay the forward.
+            # Where its rows sat in the batch: with `batch_size` (and `batch_padded_to`), enough
+            # to replay the forward.
             own = {**timings, "batch_row": float(offset), "batch_seq": float(self._batches)}
             offset += size
-            done.set_result(Result(id=dispatch.id, status=Status.OK, outputs=mine, timings=own))
+            done.set_result(Result(id=dispatch.id, status=Status.OK, outputs=outs, timings=own))
 
     def _guarded(self, dispatch: Dispatch, what: str, run: Callable[[], T]) -> T | Result:
         """Run the model; a failed load makes the worker UNAVAILABLE, and so does a device

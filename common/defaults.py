@@ -28,6 +28,11 @@ DEFAULT_DEADLINE_S = 60.0
 MAX_BATCH_SIZE = 1024
 MAX_QUEUE_DELAY_MS = 60_000.0
 BATCHING_SETTINGS = ("max_batch_size", "max_queue_delay_ms", "preferred_batch_sizes")
+# What the model allows, so only its package says it (never a deployment's override): token
+# requests of different lengths padded to share a forward (cloud/batching.py), and which of its
+# outputs have the sequence as their second dimension (cut back to each request's length).
+PADDING_SETTINGS = ("pad_sequences", "sequence_outputs")
+MAX_OUTPUTS = 64  # a sequence output's index is below this
 
 DEFAULT_TIMEOUT_S = 30.0  # how long a client call waits at most, unless told otherwise
 

@@ -31,7 +31,13 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cicada.common.checksums import block_count, block_spans
-from cicada.common.defaults import BATCHING_SETTINGS, MAX_BATCH_SIZE, MAX_QUEUE_DELAY_MS
+from cicada.common.defaults import (
+    BATCHING_SETTINGS,
+    MAX_BATCH_SIZE,
+    MAX_OUTPUTS,
+    MAX_QUEUE_DELAY_MS,
+    PADDING_SETTINGS,
+)
 from cicada.common.errors import PackageFormatError, PackageIntegrityError
 from cicada.common.factory import canonical_factory
 from cicada.common.files import write_text_atomic
@@ -667,11 +673,12 @@ def check_weights_file(package_dir: Path, manifest: Manifest) -> Path:
 
 def parse_batching(doc: Any, where: str) -> dict[str, Any]:
     """A manifest's `batching` defaults, checked: a map of some of `max_batch_size` (1 ...
-    1024), `max_queue_delay_ms` (0 ... 60000) and `preferred_batch_sizes` (integers in
-    [1, max_batch_size])."""
+    1024), `max_queue_delay_ms` (0 ... 60000), `preferred_batch_sizes` (integers in
+    [1, max_batch_size]), `pad_sequences` (a boolean) and `sequence_outputs` (distinct output
+    indices in [0, 64), only with `pad_sequences`)."""
     if not isinstance(doc, dict):
         raise PackageFormatError(f"{where}: not an object")
-    unknown = set(doc) - set(BATCHING_SETTINGS)
+    unknown = set(doc) - set(BATCHING_SETTINGS) - set(PADDING_SETTINGS)
     if unknown:
         raise PackageFormatError(f"{where}: unknown setting(s) {sorted(unknown)}")
     size = doc.get("max_batch_size", MAX_BATCH_SIZE)  # absent: checked where it is combined
@@ -691,6 +698,20 @@ def parse_batching(doc: Any, where: str) -> dict[str, Any]:
         raise PackageFormatError(
             f"{where}: preferred_batch_sizes must be integers in 1 ... max_batch_size"
         )
+    pad = doc.get("pad_sequences", False)
+    if not isinstance(pad, bool):
+        raise PackageFormatError(f"{where}: pad_sequences must be true or false")
+    outputs = doc.get("sequence_outputs", [])
+    if (
+        not isinstance(outputs, list)
+        or not all(_plain_int(i) and 0 <= i < MAX_OUTPUTS for i in outputs)
+        or len(set(outputs)) != len(outputs)
+    ):
+        raise PackageFormatError(
+            f"{where}: sequence_outputs must be distinct output indices in 0 ... {MAX_OUTPUTS - 1}"
+        )
+    if outputs and not pad:
+        raise PackageFormatError(f"{where}: sequence_outputs goes with pad_sequences: true")
     return dict(doc)
 
 

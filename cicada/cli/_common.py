@@ -186,26 +186,45 @@ def batching_settings(
     max_batch_size: int | None, max_queue_delay_ms: float | None, preferred: str | None
 ) -> dict[str, Any]:
     """The batching settings given as options, checked (docs/PACKAGE.md `batching`)."""
-    from cicada.common.errors import PackageFormatError
-    from cicada.common.package import parse_batching
-
     settings: dict[str, Any] = {}
     if max_batch_size is not None:
         settings["max_batch_size"] = max_batch_size
     if max_queue_delay_ms is not None:
         settings["max_queue_delay_ms"] = max_queue_delay_ms
     if preferred is not None:
-        try:
-            settings["preferred_batch_sizes"] = [int(s) for s in preferred.split(",") if s.strip()]
-        except ValueError:
-            raise click.BadParameter(
-                f"{preferred!r} is not a comma-separated list of integers",
-                param_hint="--preferred-batch-sizes",
-            ) from None
+        settings["preferred_batch_sizes"] = _integers(preferred, "--preferred-batch-sizes")
+    return _checked_batching(settings, "batching options", "--preferred-batch-sizes")
+
+
+def padding_settings(pad: bool, outputs: str | None) -> dict[str, Any]:
+    """`cicada pack --pad-sequences [--sequence-outputs I,J]` as batching settings, checked."""
+    if outputs is not None and not pad:
+        raise click.UsageError("--sequence-outputs goes with --pad-sequences")
+    if not pad:
+        return {}
+    settings: dict[str, Any] = {"pad_sequences": True}
+    if outputs is not None:
+        settings["sequence_outputs"] = _integers(outputs, "--sequence-outputs")
+    return _checked_batching(settings, "padding options", "--sequence-outputs")
+
+
+def _integers(text: str, option: str) -> list[int]:
     try:
-        return parse_batching(settings, "batching options")
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a comma-separated list of integers", param_hint=option
+        ) from None
+
+
+def _checked_batching(settings: dict[str, Any], what: str, option: str) -> dict[str, Any]:
+    from cicada.common.errors import PackageFormatError
+    from cicada.common.package import parse_batching
+
+    try:
+        return parse_batching(settings, what)
     except PackageFormatError as exc:
-        raise click.BadParameter(str(exc), param_hint="--preferred-batch-sizes") from None
+        raise click.BadParameter(str(exc), param_hint=option) from None
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from cicada.cli._common import (
     batching_options,
     batching_settings,
     fail,
+    padding_settings,
     read_config,
     trust_option,
 )
@@ -92,6 +93,20 @@ from cicada.common.errors import CicadaError, PackageMismatchError
     "the package's default for its workers, which a coordinator's config or "
     "`cicada cloud` options override; unset: "
 )
+@click.option(
+    "--pad-sequences",
+    is_flag=True,
+    help="Let token requests of different lengths share a batch, each padded on the right with "
+    "0 to the longest: only for a causal model (GPT-2) or one that masks its pad id 0 (MiniLM). "
+    "What the model allows, so only the package says it (docs/PACKAGE.md `batching`).",
+)
+@click.option(
+    "--sequence-outputs",
+    default=None,
+    metavar="I,J",
+    help="With --pad-sequences: the outputs (by index) whose second dimension is the sequence, "
+    "cut back to each request's length (GPT-2: 0, its logits; default: none).",
+)
 @trust_option
 def pack(
     factory: str | None,
@@ -108,6 +123,8 @@ def pack(
     max_batch_size: int | None,
     max_queue_delay_ms: float | None,
     preferred_batch_sizes: str | None,
+    pad_sequences: bool,
+    sequence_outputs: str | None,
     trust_package_code: bool,
 ) -> None:
     """Write a model package: manifest.json + safetensors weights in stage order.
@@ -156,6 +173,7 @@ def pack(
                 "--torchvision (or --verify DIR)"
             )
         batching = batching_settings(max_batch_size, max_queue_delay_ms, preferred_batch_sizes)
+        batching |= padding_settings(pad_sequences, sequence_outputs)
         from cicada.cloud.batching import BatchConfigError, BatchPolicy
 
         try:

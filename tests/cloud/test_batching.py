@@ -14,6 +14,8 @@ from cicada.cloud.batching import (
     Batcher,
     BatchPolicy,
     Item,
+    cut_sequences,
+    pad_and_join,
     shape_key,
 )
 
@@ -174,7 +176,11 @@ def test_a_launch_spec_from_the_wire_refuses_batch_settings_out_of_bounds(
      {"max_batch_size": True}, {"max_batch_size": 4.0}, {"max_queue_delay_ms": -1},
      {"max_queue_delay_ms": float("inf")}, {"max_queue_delay_ms": "5"},
      {"preferred_batch_sizes": 4}, {"max_batch_size": 4, "preferred_batch_sizes": [8]},
-     {"preferred_batch_sizes": [0]}],
+     {"preferred_batch_sizes": [0]}, {"pad_sequences": 1}, {"pad_sequences": "yes"},
+     {"sequence_outputs": [0]}, {"pad_sequences": True, "sequence_outputs": [64]},
+     {"pad_sequences": True, "sequence_outputs": [0, 0]},
+     {"pad_sequences": True, "sequence_outputs": 0},
+     {"pad_sequences": True, "sequence_outputs": [True]}],
 )  # fmt: skip
 def test_a_manifests_batching_defaults_are_checked_before_use(doc: object) -> None:
     from cicada.common.errors import PackageFormatError
@@ -194,3 +200,40 @@ def test_a_package_without_batching_defaults_keeps_its_manifest_as_it_was(
     ok = {"max_batch_size": 8, "max_queue_delay_ms": 5, "preferred_batch_sizes": [4, 8]}
     assert parse_batching(ok, "x") == ok
     assert BatchPolicy.of(ok) == BatchPolicy(8, 5.0, (4, 8))
+
+
+def test_padded_keys_leave_the_sequence_out_only_where_the_package_says() -> None:
+    short, long = np.zeros((1, 5), np.int64), np.zeros((2, 9), np.int64)
+    assert shape_key([short]) != shape_key([long])
+    assert shape_key([short], pad=True) == shape_key([long], pad=True)
+    assert shape_key([short], pad=True) != shape_key([short])  # never mixed with exact keys
+    assert shape_key([short], pad=True) != shape_key([short.astype(np.int32)], pad=True)
+    # Inputs whose sequences disagree, or an input without one: exact shapes as before.
+    mixed = [np.zeros((1, 5), np.int64), np.zeros((1, 6), np.int64)]
+    assert shape_key(mixed, pad=True) == shape_key(mixed)
+    flat = [np.zeros((1,), np.float32)]
+    assert shape_key(flat, pad=True) == shape_key(flat)
+
+
+def test_padding_joins_on_the_right_and_cuts_back_each_requests_own_length() -> None:
+    a = np.arange(1, 4, dtype=np.int64).reshape(1, 3)
+    b = np.arange(10, 20, dtype=np.int64).reshape(2, 5)
+    (joined,), longest = pad_and_join([[a], [b]])
+    assert longest == 5 and joined.shape == (3, 5)
+    assert joined[0].tolist() == [1, 2, 3, 0, 0] and np.array_equal(joined[1:], b)
+    logits = np.random.default_rng(0).standard_normal((1, 5, 7)).astype(np.float32)
+    pooled = np.ones((1, 4), np.float32)
+    out = cut_sequences([logits, pooled], 3, 5, [0])
+    assert np.array_equal(out[0], logits[:, :3]) and out[0].flags.c_contiguous
+    assert out[1] is pooled  # not a sequence output: left whole
+    with pytest.raises(ValueError, match="sequence output 1"):
+        cut_sequences([logits, pooled], 3, 5, [1])  # (1, 4) is not (rows, 5, ...)
+    with pytest.raises(ValueError, match="sequence output 2"):
+        cut_sequences([logits, pooled], 3, 5, [2])  # no such output
+
+
+def test_sequence_outputs_go_with_padding() -> None:
+    with pytest.raises(BatchConfigError, match="pad_sequences"):
+        BatchPolicy(4, sequence_outputs=(0,))
+    policy = BatchPolicy.of({"max_batch_size": 4, "pad_sequences": True, "sequence_outputs": [0]})
+    assert policy.pad_sequences and policy.sequence_outputs == (0,)

@@ -24,7 +24,7 @@ from cicada.client import AsyncClient, Client, InvokeResult
 from cicada.cloud.models import gpt2
 from cicada.cloud.packing import pack
 from cicada.common.generation import GenerationRequest, RecomputeDecoder, generate
-from cicada.common.package import WEIGHTS_NAME
+from cicada.common.package import WEIGHTS_NAME, Manifest
 from cicada.testing import Stack, tiny_gpt2_config
 from tests.cloud import toy_models
 
@@ -111,6 +111,89 @@ def test_only_compatible_shapes_batch(tmp_path: Path, tiny_package: dict[str, Pa
         assert len({inputs[i].shape for i, _ in members}) == 1, "shapes mixed in one forward"
     assert sorted(len(m) for m in groups.values()) == [4, 4]
     replay(eager_gpt2(package), inputs, groups)
+
+
+def padded_package(tmp_path: Path, sequence_outputs: str) -> Path:
+    """The tiny GPT-2 packed by `cicada pack --pad-sequences --sequence-outputs ...`."""
+    package = tmp_path / "padded"
+    packed = subprocess.run(
+        [sys.executable, "-m", "cicada", "pack", "--model", "gpt2-tiny", "--out", str(package),
+         "--pad-sequences", "--sequence-outputs", sequence_outputs],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert packed.returncode == 0, packed.stderr[-4000:]
+    outputs = [int(i) for i in sequence_outputs.split(",")]
+    assert Manifest.load(package).batching == {"pad_sequences": True, "sequence_outputs": outputs}
+    return package
+
+
+def test_pack_refuses_sequence_outputs_without_padding(tmp_path: Path) -> None:
+    for args in (["--sequence-outputs", "0"], ["--pad-sequences", "--sequence-outputs", "x"],
+                 ["--pad-sequences", "--sequence-outputs", "64"]):  # fmt: skip
+        packed = subprocess.run(
+            [sys.executable, "-m", "cicada", "pack", "--model", "gpt2-tiny", "--out",
+             str(tmp_path / "p"), *args],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert packed.returncode == 2, (args, packed.stderr[-2000:])
+        assert "sequence" in packed.stderr, packed.stderr[-2000:]
+        assert not (tmp_path / "p").exists()
+
+
+def test_sequences_of_different_lengths_share_a_forward_padded(tmp_path: Path) -> None:
+    """A package that says its model is causal (`pad_sequences`, logits a sequence output):
+    token requests of 4 lengths run as one forward, each padded to the longest and its logits
+    cut back to its own length; each equals that padded forward run eagerly, bit for bit."""
+    package = padded_package(tmp_path, "0")
+    config = tiny_gpt2_config()
+    lengths = [32, 5, 17, 9, 32, 1, 24, 12]
+    inputs = [gpt2.example_input(config, batch=1 + i % 2, seed=i).numpy()[:, :n]
+              for i, n in enumerate(lengths)]  # fmt: skip
+    groups = by_batch(served_in_batches(tmp_path, package, inputs, preferred="8"))
+    assert len(groups) == 1, "the 8 requests of 6 lengths ran as one forward"
+    model = eager_gpt2(package)
+    with torch.inference_mode():
+        for members in groups.values():
+            longest = members[0][1].timings["worker_batch_padded_to"]
+            assert longest == max(inputs[i].shape[1] for i, _ in members)
+            batch = np.concatenate(
+                [np.pad(inputs[i], [(0, 0), (0, int(longest) - inputs[i].shape[1])])
+                 for i, _ in members]
+            )  # fmt: skip
+            eager = model(torch.from_numpy(batch))
+            row = 0
+            for i, result in members:
+                rows, n = inputs[i].shape
+                mine = torch.from_numpy(result.output)
+                assert mine.shape == (rows, n, config["vocab_size"])
+                assert torch.equal(mine, eager[row : row + rows, :n]), f"request {i}"
+                # Alone: the tolerance same-length batching has (BENCHMARKS.md).
+                alone = model(torch.from_numpy(inputs[i]))
+                torch.testing.assert_close(mine, alone, rtol=1e-5, atol=1e-5)
+                row += rows
+
+
+def test_a_package_that_names_a_wrong_sequence_output_runs_them_one_by_one(
+    tmp_path: Path,
+) -> None:
+    """`sequence_outputs` names an output the model does not have: the padded batch fails and
+    its requests run alone, unpadded; every one is answered with its own exact result."""
+    package = padded_package(tmp_path, "1")
+    config = tiny_gpt2_config()
+    inputs = [gpt2.example_input(config, seed=i).numpy()[:, : 8 + 8 * i] for i in range(4)]
+    with Stack(tmp_path) as stack:
+        stack.coordinator()
+        stack.cloud("m", package, "cloud", "--max-batch-size", "4", "--max-queue-delay-ms",
+                    DELAY_MS, "--preferred-batch-sizes", "4")  # fmt: skip
+        stack.wait_workers("cloud", state="ready")
+        results = asyncio.run(invoke_all(stack.address, inputs))
+        log = stack.log("cloud", 20_000)
+    assert "a batch of 4 failed" in log and "sequence output 1" in log
+    model = eager_gpt2(package)
+    with torch.inference_mode():
+        for x, result in zip(inputs, results, strict=True):
+            assert torch.equal(torch.from_numpy(result.output), model(torch.from_numpy(x)))
+            assert result.timings["worker_batch_size"] == 1.0
 
 
 def test_a_failed_batch_falls_back_to_one_by_one(tmp_path: Path) -> None:
@@ -205,8 +288,6 @@ def test_the_coordinator_sees_the_batch_capacity_and_cost_the_worker_measured(
 def test_the_package_carries_default_batching_that_options_override(tmp_path: Path) -> None:
     """`cicada pack --max-batch-size ...` writes the defaults into the manifest; a worker
     started without batching options batches by them; its own options win."""
-    from cicada.common.package import Manifest
-
     package = tmp_path / "pkg"
     packed = subprocess.run(
         [sys.executable, "-m", "cicada", "pack", "--model", "gpt2-tiny", "--out", str(package),
