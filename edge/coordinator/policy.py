@@ -32,7 +32,14 @@ its queue drains B requests per worker per full batch. Without m: one request pe
   it busy went to a 180 ms edge (benchmarks/handoff what-if: 79 % of post-ready requests to the
   cloud; 98–99 % since).
 * quality-seeking (2): the cloud as soon as its estimate fits the deadline (it may start on a
-  loading worker: stage-pipelined execution), else the edge.
+  loading worker: stage-pipelined execution), else the edge — and, where an edge is ready,
+  only while the deadline also leaves the edge's estimate after the cloud's (c + e <= time
+  left). A request is decided again whenever a slot frees, so one held for a cloud that falls
+  behind its estimate (its forwards slowed by another process, a cold start longer than its
+  ETA) moves to the edge while the edge can still answer it in time, not once the cloud's
+  estimate no longer fits: by then the edge, busy with the more urgent classes, could not
+  either (9 quality requests expired queued in one cooperative round with another process on
+  the cloud's core that edge-only met; benchmarks/handoff, 2026-12-03).
 
 With no edge at all, normal and quality work may still go to a loading cloud if it fits;
 otherwise the answer is UNAVAILABLE (nobody can serve it) or TIMEOUT (nobody in time). Either
@@ -163,7 +170,10 @@ def choose(priority: int, remaining_s: float | None, edge: SideView, cloud: Side
         return decide(Route.UNAVAILABLE)  # nobody ready: critical work never waits
     if priority == NORMAL and cloud.ready and (cloud.idle_slot or c < e) and fits(c):
         return decide(Route.CLOUD)
-    if priority >= QUALITY and fits(c):
+    # (An edge whose estimate is unknown, nothing measured behind a queue, offers no fallback
+    # to keep time for.)
+    edge_fallback = edge_now and math.isfinite(e)
+    if priority >= QUALITY and fits(c) and (not edge_fallback or fits(c + e)):
         return decide(Route.CLOUD)
     if edge_now or (edge.available and fits(e)):
         return decide(Route.EDGE)

@@ -231,3 +231,24 @@ def test_the_coordinator_splits_each_sides_queue_by_priority() -> None:
                                    outputs=[np.ones(2, np.float32)]), now[0])  # fmt: skip
     coord.dispatch(now[0])
     assert worker_of("urgent") == b"edge"  # the edge's next free slot
+
+
+def test_quality_work_leaves_a_late_cloud_while_the_edge_can_still_answer_it() -> None:
+    """Held for the cloud only while the time left covers the cloud's estimate and then the
+    edge's: a cloud that falls behind loses the request to the edge in time for the edge,
+    not once its own estimate no longer fits (when the edge could not make it either)."""
+    busy_edge = SideView(workers=1, capacity=2, inflight=2, queued=4, compute_s=0.1)  # e 0.35 s
+    busy_cloud = SideView(workers=1, capacity=1, inflight=1, queued=3, compute_s=0.8)  # c 4.0 s
+    e, c = busy_edge.estimate(QUALITY), busy_cloud.estimate(QUALITY)
+    assert (round(e, 3), round(c, 3)) == (0.35, 4.0)
+    assert choose(QUALITY, 5.0, busy_edge, busy_cloud).route is Route.CLOUD  # 4.35 s fits
+    # The cloud fell behind: 4.2 s left, still 4.0 s to go. It would fit alone; with the
+    # edge's 0.35 s after it, it does not: the edge now, while 4.2 s > 0.35 s.
+    assert choose(QUALITY, 4.2, busy_edge, busy_cloud).route is Route.EDGE
+    # No edge to fall back to (none ready, or none estimated): the cloud while it fits.
+    cold_edge = SideView(workers=1, capacity=2, inflight=0, queued=0, compute_s=0.1, ready=False,
+                         eta_s=5.0)  # fmt: skip
+    assert choose(QUALITY, 4.2, cold_edge, busy_cloud).route is Route.CLOUD
+    unmeasured = SideView(workers=1, capacity=2, inflight=2, queued=4, compute_s=0.01,
+                          compute_measured=False)  # fmt: skip
+    assert choose(QUALITY, 4.2, unmeasured, busy_cloud).route is Route.CLOUD
