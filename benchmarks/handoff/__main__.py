@@ -76,10 +76,12 @@ from typing import Any
 from benchmarks.handoff.assets import gpt2_assets
 from benchmarks.handoff.bound import compare_modes, run_capacity_bound
 from benchmarks.handoff.common import (
+    BURNERS,
     CLASSES,
     CLOUD_ONLY_DEADLINE_S,
     MIX,
     POLICIES,
+    burner,
     fmt_pct,
     fmt_s,
     machine_info,
@@ -123,6 +125,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "the middle of the burst; the cold start then pays the host's page faults instead)",
     )  # fmt: skip
     p.add_argument("--cloud-threads", type=int, default=None, help="torch threads (cloud)")
+    p.add_argument(
+        "--burner", choices=BURNERS, default=None,
+        help="part A under load: another process busy on one core all along, pinned to the "
+        "edge's cores, to the cloud's, or left free to the scheduler (default: none)",
+    )  # fmt: skip
     p.add_argument("--edge-capacity", type=int, default=2)
     p.add_argument(
         "--no-pin", action="store_true",
@@ -183,6 +190,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
     return args
+
+
+def run_rounds(
+    args: argparse.Namespace,
+    policies: list[str],
+    trace: list[Any],
+    assets: Any,
+    opts: PolicyOptions,
+    work: Path,
+    console: Any,
+) -> tuple[dict[str, list[dict[str, Any]]], list[dict[str, Any]]]:
+    """Part A's runs: every policy, then the what-if, round after round (rounds.py)."""
+    runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in policies}
+    what_ifs: list[dict[str, Any]] = []
+    compared = "cooperative" in policies and "edge-only" in policies
+    for r in range(args.rounds):
+        tag = "" if args.rounds == 1 else f" (round {r + 1} of {args.rounds})"
+        for policy in policies:
+            console.print(f"[bold]A[/] {policy}{tag} …")
+            quiet = wait_quiet(args.wait_quiet, console)
+            folder = work / (policy if args.rounds == 1 else f"{policy}-{r + 1}")
+            summary = asyncio.run(run_policy(policy, trace, assets, opts, folder))
+            summary["quiet_wait"] = quiet
+            runs[policy].append(summary)
+            console.print(
+                f"  p50 {fmt_s(summary['latency_ok']['p50_s'])}, "
+                f"p99 {fmt_s(summary['latency_ok']['p99_s'])}, "
+                f"large model {fmt_pct(summary['large_share'])}, "
+                f"statuses {summary['statuses']}"
+            )
+        if compared and not args.no_what_if:
+            console.print(f"[bold]A[/] WHAT-IF: cooperative, stand-in GPU cloud{tag} …")
+            wait_quiet(args.wait_quiet, console)
+            folder = work / ("what-if" if args.rounds == 1 else f"what-if-{r + 1}")
+            this_round = {policy: runs[policy][-1] for policy in policies}
+            what_ifs.append(asyncio.run(run_what_if(
+                this_round, trace, assets, opts, folder, args.gpu_profile,
+                args.what_if_cold_start,
+            )))  # fmt: skip
+    return runs, what_ifs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -265,33 +312,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "edge's CPU (on a real deployment it runs on another machine). Other "
                     "tenants of this shared machine are not pinned."
                 )
-            runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in policies}
-            what_ifs: list[dict[str, Any]] = []
-            compared = "cooperative" in policies and "edge-only" in policies
-            for r in range(args.rounds):
-                tag = "" if args.rounds == 1 else f" (round {r + 1} of {args.rounds})"
-                for policy in policies:
-                    console.print(f"[bold]A[/] {policy}{tag} …")
-                    quiet = wait_quiet(args.wait_quiet, console)
-                    folder = work / (policy if args.rounds == 1 else f"{policy}-{r + 1}")
-                    summary = asyncio.run(run_policy(policy, trace, assets, opts, folder))
-                    summary["quiet_wait"] = quiet
-                    runs[policy].append(summary)
-                    console.print(
-                        f"  p50 {fmt_s(summary['latency_ok']['p50_s'])}, "
-                        f"p99 {fmt_s(summary['latency_ok']['p99_s'])}, "
-                        f"large model {fmt_pct(summary['large_share'])}, "
-                        f"statuses {summary['statuses']}"
+            with burner(args.burner, pin) as burning:
+                results["config"]["burner"] = burning
+                if burning is not None:
+                    notes.append(
+                        f"Another process (a busy loop) used one core all through part A: "
+                        f"{args.burner} ({burning['cores'] or 'unpinned'})."
                     )
-                if compared and not args.no_what_if:
-                    console.print(f"[bold]A[/] WHAT-IF: cooperative, stand-in GPU cloud{tag} …")
-                    wait_quiet(args.wait_quiet, console)
-                    folder = work / ("what-if" if args.rounds == 1 else f"what-if-{r + 1}")
-                    this_round = {policy: runs[policy][-1] for policy in policies}
-                    what_ifs.append(asyncio.run(run_what_if(
-                        this_round, trace, assets, opts, folder, args.gpu_profile,
-                        args.what_if_cold_start,
-                    )))  # fmt: skip
+                runs, what_ifs = run_rounds(args, policies, trace, assets, opts, work, console)
+            compared = "cooperative" in policies and "edge-only" in policies
             results["policies"] = {}
             for policy in policies:
                 summary = pool_summaries(policy, runs[policy])

@@ -105,6 +105,33 @@ def prime_memory(gib: float) -> None:
         subprocess.run([sys.executable, "-c", code], check=True)
 
 
+BURNERS = ("edge", "cloud", "free")
+
+
+@contextlib.contextmanager
+def burner(where: str | None, pin: tuple[set[int], set[int]] | None) -> Any:
+    """Another process using one core all along (a Python busy loop), for part A's runs under
+    load: pinned to the edge's cores ("edge": those of the coordinator, the edge agent and the
+    load generator), to the emulated cloud's ("cloud"), or left to the scheduler ("free").
+    Yields what it did, for the results; None: no burner."""
+    if where is None:
+        yield None
+        return
+    if where not in BURNERS:
+        raise ValueError(f"burner {where!r}: one of {', '.join(BURNERS)}")
+    if where != "free" and pin is None:
+        raise ValueError(f"a burner on the {where}'s cores needs part A's pinning (not --no-pin)")
+    cores = None if where == "free" or pin is None else pin[0] if where == "edge" else pin[1]
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        if cores is not None:
+            os.sched_setaffinity(proc.pid, cores)
+        yield {"where": where, "cores": None if cores is None else sorted(cores), "pid": proc.pid}
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy CPU seconds of the whole machine, wall seconds), for utilisation over a window."""
     import psutil
