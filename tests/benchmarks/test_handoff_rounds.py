@@ -78,3 +78,27 @@ def test_each_round_is_judged_alone() -> None:
     assert rounds[0]["critical_p99_ratio"] == pytest.approx(1.0)
     assert rounds[1]["critical_p99_ratio"] > 1.1
     assert all("what_if" not in r for r in rounds)
+
+
+def test_a_burner_keeps_to_the_cores_asked_and_is_gone_after() -> None:
+    import os
+
+    import psutil
+
+    from benchmarks.handoff.common import burner
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("pinning a burner apart needs two cores")
+    pin = (set(cores[:-1]), {cores[-1]})
+    with burner(None, pin) as none:
+        assert none is None
+    for where, expected in (("cloud", pin[1]), ("edge", pin[0]), ("free", None)):
+        with burner(where, pin) as burning:
+            proc = psutil.Process(burning["pid"])
+            assert proc.is_running() and burning["where"] == where
+            if expected is not None:
+                assert set(proc.cpu_affinity()) == expected == set(burning["cores"])
+        assert not proc.is_running()  # killed and reaped
+    with pytest.raises(ValueError, match="pinning"), burner("edge", None):
+        pass
