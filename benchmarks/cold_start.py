@@ -8,13 +8,19 @@
 
 Every run is `python3 -m cicada run PKG --input X --strategy S --timings T` launched with
 CICADA_LAUNCH_TIME set just before the process is spawned, so process start-up is counted.
-Before every run (and every floor sample) memory is primed (this VM hands freed memory back to
-its host, and touching it again costs ~2.4 s/GB: a few GB are allocated, touched and freed) and
-the page cache is put in the requested state: *warm* reads the package's files once (and the
-warm block starts with one untimed start of every strategy, so python, torch and the peer
-libraries are cached too); *cold* drops the page cache (/proc/sys/vm/drop_caches where writable,
-else, or with --evict fadvise, posix_fadvise DONTNEED on the package files after an fsync) and
-mincore(2) records how much of the weights was still resident at launch. Repetitions interleave
+Before every cold run (and every floor sample of the cold state) memory is primed (this VM hands
+freed memory back to its host, and touching it again costs ~2.4 s/GB: a few GB are allocated,
+touched and freed), so that the weights read into the page cache and the model's own memory do
+not pay the host's page faults. Warm runs are not primed by default: they need little new
+memory, and the hand-back of a prime, ~2 s after the free, lands inside a run of 1.4–2 s and
+stalls it (primed warm runs were slow exactly when 0.19–0.27 s of other CPU time, the kernel's,
+fell in them; unprimed, no run had more than 0.06 s: BENCHMARKS.md, "Priming, A/B"). Before
+every run and floor sample the page cache is put in the requested state: *warm* reads the
+package's files once (and the warm block starts with one untimed start of every strategy, so
+python, torch and the peer libraries are cached too); *cold* drops the page cache
+(/proc/sys/vm/drop_caches where writable, else, or with --evict fadvise, posix_fadvise DONTNEED
+on the package files after an fsync) and mincore(2) records how much of the weights was still
+resident at launch. Repetitions interleave
 strategies (run 1 of each, then run 2 ...; the order rotates) so that machine noise spreads
 evenly. The launcher never imports torch and resets its own peak RSS before every spawn: Linux
 carries a parent's peak RSS into the ru_maxrss of its children.
@@ -770,7 +776,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--prime-gb",
         type=float,
         default=None,
-        help="GiB to touch and free before every run (default 3; 0.25 with --quick)",
+        help="GiB to touch and free before every run and floor sample (default: 3 before cold "
+        "ones, 0 before warm ones, whose runs the hand-back of a prime would stall; 0.25 / 0 "
+        "with --quick)",
     )
     p.add_argument(
         "--evict",
@@ -806,7 +814,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.models = (args.models or ("gpt2-tiny" if quick else "gpt2-medium")).split(",")
     args.cache = (args.cache or ("warm" if quick else "warm,cold")).split(",")
     args.runs = args.runs if args.runs is not None else (2 if quick else 5)
-    args.prime_gb = args.prime_gb if args.prime_gb is not None else (0.25 if quick else 3.0)
+    if args.prime_gb is None:
+        args.prime_gb = {"cold": 0.25 if quick else 3.0, "warm": 0.0}
+    else:
+        args.prime_gb = {"cold": args.prime_gb, "warm": args.prime_gb}
     if args.quiet_wait is None:
         args.quiet_wait = 0.0 if quick else 30.0
     if args.nice is None:
@@ -853,7 +864,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if "cold" in args.cache and page_cache.method == "none":
         console.print("[red]warning: the page cache cannot be dropped here; cold = warm[/]")
-    console.print(f"memory priming: {args.prime_gb:g} GiB touched and freed before every run")
+    console.print(
+        "memory priming: GiB touched and freed before every run, "
+        + ", ".join(f"{state} {gib:g}" for state, gib in args.prime_gb.items())
+    )
     nice = set_priority(args.nice, console) if args.nice else 0
     console.print(
         f"priority: nice {nice} ({own_autogroup()}) for the benchmark and every process it "
@@ -942,18 +956,18 @@ def main(argv: list[str] | None = None) -> int:
                     # The floor's parts, in the same state as the runs.
                     s = samples[cache]
                     wait_for_quiet(args.quiet_wait)
-                    prime_memory(args.prime_gb)
+                    prime_memory(args.prime_gb[cache])
                     page_cache.prepare(cache, all_files)
                     s["python_start_s"].append(time_python_start())
                     wait_for_quiet(args.quiet_wait)
-                    prime_memory(args.prime_gb)
+                    prime_memory(args.prime_gb[cache])
                     page_cache.prepare(cache, all_files)
                     imp, rss, wall = time_torch_import()
                     s["torch_import_s"].append(imp)
                     s["torch_rss_bytes"].append(rss)
                     s["torch_import_wall_s"].append(wall)
                     wait_for_quiet(args.quiet_wait)
-                    prime_memory(args.prime_gb)
+                    prime_memory(args.prime_gb[cache])
                     page_cache.prepare(cache, [weights])
                     s["resident_before_read"].append(resident_fraction(weights) or 0.0)
                     if cache == "cold" and s["resident_before_read"][-1] > NOT_COLD:
@@ -968,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
                     for position, strategy in enumerate(order):
                         # Wait first: memory primed and then left idle goes back to the host.
                         waited = wait_for_quiet(args.quiet_wait)
-                        prime_memory(args.prime_gb)
+                        prime_memory(args.prime_gb[cache])
                         page_cache.prepare(cache, files[strategy])
                         resident = resident_fraction(files[strategy][0])
                         for _ in range(3):  # pages some other process maps stay resident
