@@ -139,7 +139,8 @@ def measure_padded(args: argparse.Namespace, model: Any, ids: Any) -> dict[str, 
     low = max(1, args.tokens // 4)
     lengths = [low + (args.tokens - low) * i // max(1, k - 1) for i in range(k)]
     requests = [[ids[i : i + 1, :n].numpy()] for i, n in enumerate(lengths)]
-    (joined,), longest = pad_and_join(requests)
+    (joined,), lengths = pad_and_join(requests)
+    longest = max(lengths)
     batch = torch.from_numpy(joined)
     alone_s: list[float] = []
     padded_s: list[float] = []

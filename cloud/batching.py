@@ -114,13 +114,18 @@ def sequence_length(arrays: Sequence[np.ndarray]) -> int | None:
     return int(next(iter(lengths)))
 
 
-def pad_and_join(requests: Sequence[Sequence[np.ndarray]]) -> tuple[list[np.ndarray], int]:
+def pad_and_join(
+    requests: Sequence[Sequence[np.ndarray]],
+) -> tuple[list[np.ndarray], list[int]]:
     """The inputs of a padded batch: each request's inputs padded on the right with 0 along
-    the sequence to the longest, then joined along the rows; and that longest length."""
-    lengths = [sequence_length(arrays) for arrays in requests]
-    if any(n is None for n in lengths):
-        raise ValueError("a request of a padded batch has no common sequence length")
-    longest = max(n for n in lengths if n is not None)
+    the sequence to the longest, then joined along the rows; and each request's own length."""
+    lengths = []
+    for arrays in requests:
+        n = sequence_length(arrays)
+        if n is None:
+            raise ValueError("a request of a padded batch has no common sequence length")
+        lengths.append(n)
+    longest = max(lengths)
     joined = []
     for j in range(len(requests[0])):
         parts = []
@@ -130,7 +135,7 @@ def pad_and_join(requests: Sequence[Sequence[np.ndarray]]) -> tuple[list[np.ndar
             widths[1] = (0, longest - a.shape[1])
             parts.append(np.pad(a, widths) if a.shape[1] < longest else a)
         joined.append(np.concatenate(parts))
-    return joined, longest
+    return joined, lengths
 
 
 def cut_sequences(

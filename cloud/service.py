@@ -43,7 +43,6 @@ from cicada.cloud.batching import (
     cut_sequences,
     pad_and_join,
     rows,
-    sequence_length,
     shape_key,
 )
 from cicada.cloud.loading.base import device_failure
@@ -520,8 +519,9 @@ class CloudWorker:
         during_load = not self.cold.all_resident
         start = time.monotonic()
         try:
+            lengths: list[int] = []  # each request's sequence, where padded
             if padded:  # sequences of different lengths, each padded to the longest
-                joined, longest = pad_and_join([item.inputs for item in live])
+                joined, lengths = pad_and_join([item.inputs for item in live])
             else:
                 joined = [
                     np.concatenate([item.inputs[j] for item in live])
@@ -532,13 +532,11 @@ class CloudWorker:
                 raise ValueError("an output does not have one row per input row")
             mine = []
             offset = 0
-            for item, size in zip(live, sizes, strict=True):
+            for k, size in enumerate(sizes):
                 rows_of = [o[offset : offset + size] for o in outputs]
                 if padded:
-                    length = sequence_length(item.inputs)
-                    assert length is not None  # the key says every input has one
                     rows_of = cut_sequences(
-                        rows_of, length, longest, self.batching.sequence_outputs
+                        rows_of, lengths[k], max(lengths), self.batching.sequence_outputs
                     )
                 mine.append(rows_of)
                 offset += size
@@ -559,7 +557,7 @@ class CloudWorker:
             return
         timings = self._forward_timings(len(live), time.monotonic() - start, during_load)
         if padded:
-            timings["batch_padded_to"] = float(longest)
+            timings["batch_padded_to"] = float(max(lengths))
         self._batches += 1
         offset = 0
         for item, size, outs in zip(live, sizes, mine, strict=True):

@@ -218,8 +218,8 @@ def test_padded_keys_leave_the_sequence_out_only_where_the_package_says() -> Non
 def test_padding_joins_on_the_right_and_cuts_back_each_requests_own_length() -> None:
     a = np.arange(1, 4, dtype=np.int64).reshape(1, 3)
     b = np.arange(10, 20, dtype=np.int64).reshape(2, 5)
-    (joined,), longest = pad_and_join([[a], [b]])
-    assert longest == 5 and joined.shape == (3, 5)
+    (joined,), lengths = pad_and_join([[a], [b]])
+    assert lengths == [3, 5] and joined.shape == (3, 5)
     assert joined[0].tolist() == [1, 2, 3, 0, 0] and np.array_equal(joined[1:], b)
     logits = np.random.default_rng(0).standard_normal((1, 5, 7)).astype(np.float32)
     pooled = np.ones((1, 4), np.float32)
