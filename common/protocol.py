@@ -237,13 +237,19 @@ def check_tensor(spec: Any, frame: bytes | memoryview, limits: Limits) -> RawTen
         raise ProtocolError(f"tensor dtype {spec.get('dtype')!r} is not one of {sorted(DTYPES)}")
     shape = spec.get("shape")
     if isinstance(shape, list) and any(type(d) is float for d in shape):
-        shape = [int(d) if type(d) is float and d.is_integer() else d for d in shape]
+        shape = [_wire_int(d) if type(d) is float else d for d in shape]
     if (
         not isinstance(shape, list)
         or len(shape) > limits.max_dims
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise ProtocolError(f"tensor shape {shape!r} is invalid")
+    # An empty tensor's frame says nothing of its other dimensions; bounding them as a
+    # non-empty tensor's are keeps (2**63, 0) from reaching numpy (section 2).
+    if math.prod(d for d in shape if d) > limits.max_tensor_bytes:
+        raise ProtocolError(
+            f"tensor shape {shape!r} names more than {limits.max_tensor_bytes} elements"
+        )
     size = len(frame)
     if size > limits.max_tensor_bytes:
         raise ProtocolError(f"tensor of {size} bytes exceeds {limits.max_tensor_bytes}")
@@ -285,6 +291,18 @@ def _body_fields(cls: type[Message]) -> tuple[str, ...]:
     return names
 
 
+# The integers msgpack carries: an integral float beyond them could not be sent on.
+WIRE_INT_MIN, WIRE_INT_MAX = -(2**63), 2**64 - 1
+
+
+def _wire_int(value: float) -> int | float:
+    """An integral float within msgpack's integers as that int; any other float unchanged (the
+    caller's type check then refuses it)."""
+    if value.is_integer() and WIRE_INT_MIN <= value <= WIRE_INT_MAX:
+        return int(value)
+    return value
+
+
 def _check(body: dict[str, Any], name: str, kind: type | tuple[type, ...], optional: bool) -> Any:
     value = body.get(name)
     if value is None:
@@ -293,8 +311,10 @@ def _check(body: dict[str, Any], name: str, kind: type | tuple[type, ...], optio
         raise ProtocolError(f"missing field {name!r}")
     if isinstance(value, bool) and kind in (int, float, (int, float)):
         raise ProtocolError(f"field {name!r} must be a number, not a bool")
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)  # 1500.0: many msgpack encoders write every number as a float
+    if kind is int and isinstance(value, float):
+        value = _wire_int(value)  # 1500.0: many msgpack encoders write every number as a float
+        if isinstance(value, float):
+            raise ProtocolError(f"field {name!r} must be an integer, not {value!r}")
     if not isinstance(value, kind):
         raise ProtocolError(f"field {name!r} has type {type(value).__name__}")
     return value

@@ -959,6 +959,42 @@ def test_integral_floats_are_accepted_for_integer_fields() -> None:
     assert isinstance(ready, Ready) and ready.capacity == 2 and type(ready.capacity) is int
 
 
+@pytest.mark.parametrize("value", [2.0**64, -(2.0**63) - 2048, 1e20, -1e300])
+def test_integral_floats_beyond_msgpack_integers_are_refused(value: float) -> None:
+    """Regression (hypothesis, in CI): 2.0**64 for HEARTBEAT's inflight decoded as the int
+    2**64, which msgpack cannot encode: a message accepted that could not be sent on. An
+    integral float is an integer only within -2**63 ... 2**64 - 1 (PROTOCOL.md, section 4)."""
+    for field_name in ("inflight", "resident_stages"):
+        frames = [SIGNATURE, b"\x11", msgpack.packb({field_name: value})]
+        for materialize in (True, False):
+            with pytest.raises(ProtocolError, match="must be an integer"):
+                decode(frames, materialize=materialize)
+    frames = spec_request({"dtype": "uint8", "shape": [value, 0.0]}, b"")
+    for materialize in (True, False):
+        with pytest.raises(ProtocolError, match="shape"):
+            decode(frames, materialize=materialize)
+    # The edges themselves are integers, and the largest re-encodes as itself.
+    top = decode([SIGNATURE, b"\x11", msgpack.packb({"inflight": float(2**63)})])
+    assert isinstance(top, Heartbeat) and top.inflight == 2**63
+    assert as_bytes(encode(top))[2] == msgpack.packb({**top.body(), "inflight": 2**63})
+
+
+@pytest.mark.parametrize("shape", [[2**63, 0], [2**64 - 1, 0], [2**40, 2**40, 0], [0, 2**29]])
+def test_an_empty_tensor_cannot_name_an_impossible_shape(shape: list[int]) -> None:
+    """Regression: an empty frame matched any shape with a 0 in it, so (2**63, 0) passed the
+    coordinator's forwarding decode and raised numpy's ValueError, not ProtocolError, where
+    the values were read (a client's SDK). The nonzero dimensions are bounded as a non-empty
+    tensor's are: their product at most max_tensor_bytes (PROTOCOL.md, section 2)."""
+    frames = spec_request({"dtype": "uint8", "shape": shape}, b"")
+    for materialize in (True, False):
+        with pytest.raises(ProtocolError, match="names more than"):
+            decode(frames, materialize=materialize)
+    limit = DEFAULT_LIMITS.max_tensor_bytes
+    for edge in ([limit, 0], [0, 1, limit], [2, limit // 2, 0, 1]):
+        message = decode(spec_request({"dtype": "float64", "shape": edge}, b""))
+        assert isinstance(message, Request) and message.inputs[0].shape == tuple(edge)
+
+
 def test_start_up_phase_fields_are_optional_and_bounded() -> None:
     """`phase`, `phase_s` and `read_*` were added within version 1: a READY without them (an
     older worker) decodes to their defaults; out of bounds they name the field refused."""

@@ -115,7 +115,8 @@ def _integer(value: Any) -> int | None:
     if isinstance(value, int):
         return value
     if isinstance(value, float) and math.isfinite(value) and value == int(value):
-        return int(value)  # section 4: integral floats are integers
+        number = int(value)  # section 4: integral floats are integers, within msgpack's
+        return number if -(2**63) <= number <= 2**64 - 1 else None
     return None
 
 
@@ -203,6 +204,8 @@ def _tensor(spec: Any, data: bytes) -> Tensor:
     shape = spec.get("shape")
     dims = [_integer(d) for d in shape] if isinstance(shape, list) else None
     if dims is None or len(dims) > MAX_DIMS or any(d is None or d < 0 for d in dims):
+        raise WireError(f"tensor shape {shape!r}")
+    if math.prod(d for d in dims if d) > MAX_TENSOR:  # section 2: even of an empty tensor
         raise WireError(f"tensor shape {shape!r}")
     size = math.prod(d for d in dims if d is not None) * DTYPES[spec["dtype"]][1]
     if len(data) > MAX_TENSOR or len(data) != size:
