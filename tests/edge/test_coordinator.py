@@ -39,13 +39,24 @@ class FakeClock:
         return self.now
 
 
+# A frame the harness passes between its peers and the coordinator's socket to know that all
+# sent before it has arrived (ZeroMQ keeps each connection's order); never a CCD1 message, and
+# never handed to the coordinator.
+MARK = b"harness-mark:"
+MARK_WAIT_S = 30.0  # a bound on waiting for a marker, never a latency claim
+
+
 class Peer:
     """A DEALER that speaks CCD/1 to the coordinator under test."""
 
-    def __init__(self, ctx: zmq.Context[Any], endpoint: str) -> None:
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, harness: Harness | None = None,
+                 identity: bytes | None = None) -> None:  # fmt: skip
         self.sock = ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, identity)
         self.sock.connect(endpoint)
+        self.harness, self.identity = harness, identity
 
     def send(self, message: Message) -> None:
         self.sock.send_multipart(encode(message))
@@ -56,7 +67,18 @@ class Peer:
         return decode(self.sock.recv_multipart())
 
     def drain(self, timeout: float = 0.2) -> list[Message]:
+        """What the coordinator has sent this peer. Under a harness, whose coordinator runs only
+        in this thread, everything up to the harness's marker: nothing more is on its way.
+        Else what arrives until `timeout` passes without a message."""
+        marker = self.harness.mark(self) if self.harness is not None else None
         out = []
+        if marker is not None:
+            while True:
+                assert self.sock.poll(int(MARK_WAIT_S * 1000)), "the harness's marker is lost"
+                frames = self.sock.recv_multipart()
+                if frames == [marker]:
+                    return out
+                out.append(decode(frames))
         while (m := self.recv(timeout)) is not None:
             out.append(m)
         return out
@@ -70,15 +92,50 @@ class Harness:
         self.ctx: zmq.Context[Any] = zmq.Context()
         assert self.coord._sock is not None
         self.router = self.coord._sock
+        self.peers: list[Peer] = []
+        self._marks = 0
 
     def peer(self) -> Peer:
-        return Peer(self.ctx, self.endpoint)
+        peer = Peer(self.ctx, self.endpoint, self, b"peer-%d" % len(self.peers))
+        self.peers.append(peer)
+        return peer
+
+    def _marker(self) -> bytes:
+        self._marks += 1
+        return MARK + b"%d" % self._marks
+
+    def mark(self, peer: Peer) -> bytes | None:
+        """Send `peer` a marker behind what the coordinator has sent it; None when the socket
+        does not know the peer yet (it has sent nothing: nothing can be on its way to it)."""
+        marker = self._marker()
+        try:
+            self.router.send_multipart([peer.identity, marker])
+        except zmq.ZMQError:  # EHOSTUNREACH under ROUTER_MANDATORY
+            return None
+        return marker
 
     def pump(self, rounds: int = 20) -> None:
-        """Deliver what has arrived, then run one round of bookkeeping."""
-        for _ in range(rounds):
-            if self.router.poll(20):
-                self.coord.handle(self.router.recv_multipart())
+        """Deliver what has arrived (at most `rounds` messages), then run one round of
+        bookkeeping. Every peer sends a marker behind what it sent, so once all are in, all
+        it sent is here: no waiting for silence. (A test's own sockets, outside `peer()`, get
+        what arrives within 20 ms polls.)"""
+        marker = self._marker()
+        waiting = {peer.identity for peer in self.peers}
+        for peer in self.peers:
+            peer.sock.send(marker)
+        handled = 0
+        while handled < rounds:
+            wait_ms = int(MARK_WAIT_S * 1000) if waiting else (20 if not self.peers else 0)
+            if not self.router.poll(wait_ms):
+                assert not waiting, "a peer's marker is lost"
+                break
+            frames = self.router.recv_multipart()
+            if len(frames) == 2 and frames[1].startswith(MARK):
+                if frames[1] == marker:
+                    waiting.discard(frames[0])
+                continue  # an earlier pump's, left when it stopped at `rounds`
+            self.coord.handle(frames)
+            handled += 1
         self.coord.expire_requests(self.clock.now)
         self.coord.dispatch(self.clock.now)
 

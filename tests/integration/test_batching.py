@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cicada.client import AsyncClient, Client, InvokeResult
+from cicada.client import AsyncClient, InvokeResult
 from cicada.cloud.models import gpt2
 from cicada.cloud.packing import pack
 from cicada.common.generation import GenerationRequest, RecomputeDecoder, generate
@@ -41,10 +41,11 @@ def eager_gpt2(package: Path) -> torch.nn.Module:
 
 
 async def invoke_all(
-    address: str, inputs: list[np.ndarray], model: str = "m"
+    address: str, inputs: list[np.ndarray], model: str = "m", **options: Any
 ) -> list[InvokeResult]:
     async with AsyncClient(address, timeout=120) as client:
-        return await asyncio.gather(*(client.invoke(model, x, priority=2) for x in inputs))
+        calls = (client.invoke(model, x, priority=2, **options) for x in inputs)
+        return await asyncio.gather(*calls)
 
 
 def served_in_batches(
@@ -306,15 +307,17 @@ def test_the_package_carries_default_batching_that_options_override(tmp_path: Pa
         stack.wait_workers("cloud", state="ready")
         results = asyncio.run(invoke_all(stack.address, [x] * 4))
         assert {r.timings["worker_batch_size"] for r in results} == {4.0}
-        # Generation on a batching worker runs alone, as before: its tokens are eager greedy's.
-        prompt = x[:, :6]
-        with Client(stack.address, timeout=120) as client:
-            tokens = client.invoke("m", prompt, max_new_tokens=5, priority=2).output.tolist()
+        # Generations decode together, four (the package's preferred size: they start at
+        # once) of different lengths; each gets eager greedy's tokens.
+        prompts = [x[:, :n] for n in (3, 4, 5, 6)]
+        generated = asyncio.run(invoke_all(stack.address, prompts, max_new_tokens=5))
         model = eager_gpt2(package)
         with torch.inference_mode():
             logits = lambda ids: model(torch.from_numpy(ids)).numpy()  # noqa: E731
-            request = GenerationRequest.parse({"max_new_tokens": 5}, [prompt])
-            assert tokens == generate(RecomputeDecoder(logits), request, lambda t: None).tokens
+            for prompt, result in zip(prompts, generated, strict=True):
+                request = GenerationRequest.parse({"max_new_tokens": 5}, [prompt])
+                greedy = generate(RecomputeDecoder(logits), request, lambda t: None).tokens
+                assert result.output.tolist() == greedy
         stack.cloud("m2", package, "cloud-2", "--max-batch-size", "1")  # the option wins
         stack.wait_workers("cloud", 2, state="ready")
         results = asyncio.run(invoke_all(stack.address, [x] * 2, model="m2"))
