@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from cicada.client import AsyncTokenStream, InvokeResult, Piece, TokenSequence
 from cicada.common.defaults import MAX_NEW_TOKENS
+from cicada.common.protocol import MAX_TOKEN_ID
 from cicada.common.text import MAX_TEXTS
 from cicada.errors import CallError
 from cicada.gateway import jsonio
@@ -97,9 +98,13 @@ async def _body(request: Request) -> tuple[Gateway, dict[str, Any], str, Admissi
 
 
 def _token_ids(value: Any, what: str, param: str) -> list[int]:
-    if not value or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                            for t in value):  # fmt: skip
-        raise bad_request(f"{what} must be a non-empty list of non-negative token ids", param)
+    """Ids within the protocol's bound (no vocabulary is larger), so that they make an int64
+    tensor; the worker checks them against its own vocabulary."""
+    if not value or not all(isinstance(t, int) and not isinstance(t, bool)
+                            and 0 <= t <= MAX_TOKEN_ID for t in value):  # fmt: skip
+        raise bad_request(
+            f"{what} must be a non-empty list of token ids (0 ... {MAX_TOKEN_ID})", param
+        )
     return list(value)
 
 

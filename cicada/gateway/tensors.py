@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from cicada.common.protocol import DEFAULT_LIMITS
 from cicada.gateway import jsonio
 from cicada.gateway.errors import bad_request
 
 HEADER_LENGTH = "inference-header-content-length"
 MAX_RANK = 8  # the protocol's bound (docs/PROTOCOL.md section 9)
 MAX_TENSORS = 61  # 64 frames less the signature, command and body
+MAX_ELEMENTS = DEFAULT_LIMITS.max_tensor_bytes  # no tensor the protocol carries has more
 
 # KServe datatype -> numpy dtype (little-endian, as the wire and the protocol's frames are).
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -88,6 +90,11 @@ def _decode_one(
             f"got {str(shape)[:100]}",
             "shape",
         )
+    # An empty tensor's data cannot contradict its other dimensions: bound them as a
+    # non-empty tensor's are (the protocol's tensor limit, docs/PROTOCOL.md section 2).
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise bad_request(f"{where}: shape {shape} names more than {MAX_ELEMENTS} elements",
+                          "shape")  # fmt: skip
     count = math.prod(shape)
     parameters = entry.get("parameters") or {}
     if not isinstance(parameters, dict):

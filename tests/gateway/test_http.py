@@ -88,6 +88,7 @@ TENSOR_CASES = [
     "rank9",
     "nodata",
     "noname",
+    "vast-empty",
 ]
 
 
@@ -105,6 +106,8 @@ TENSOR_CASES = [
         {"name": "input", "shape": [1] * 9, "datatype": "INT64", "data": [1]},
         {"name": "input", "shape": [1, 3], "datatype": "INT64"},  # no data
         {"shape": [1, 3], "datatype": "INT64", "data": [1, 2, 3]},  # no name
+        # Regression: no values to contradict it, so numpy's ValueError: a 500, not a 400.
+        {"name": "input", "shape": [2**63, 0], "datatype": "INT64", "data": []},
     ],
     ids=TENSOR_CASES,
 )
@@ -125,6 +128,12 @@ def test_binary_data_that_does_not_add_up_is_400(gw: GatewayStack) -> None:
             {"Inference-Header-Content-Length": str(length)},
         )  # fmt: skip
         assert status == 400, (length, body)
+    vast = {**tensor, "shape": [2**63, 0], "parameters": {"binary_data_size": 0}}
+    header = json.dumps({"inputs": [vast]}).encode()
+    status, _, body = _request(gw, "POST", "/v2/models/emb/infer", header,
+                               {"Inference-Header-Content-Length": str(len(header))})  # fmt: skip
+    assert status == 400 and "shape" in body["error"], body
+    header = json.dumps({"inputs": [tensor]}).encode()
     status, _, raw = _request(  # what does add up is served, binary out on request
         gw, "POST", "/v2/models/emb/infer", header + (b"\1" + b"\0" * 7) * 3,
         {"Inference-Header-Content-Length": str(len(header))},
@@ -186,6 +195,12 @@ def test_refused_completion_fields_are_400(gw: GatewayStack) -> None:
     # One prompt the model refuses (outside its vocabulary of 97) fails the whole batch.
     status, _, body = _post(gw, "/v1/completions", {**COMPLETION, "prompt": [[1, 2], [500]]})
     assert status == 400 and "0..96" in _openai_error(body)["message"]
+    # Regression: an id past int64 failed the conversion to a tensor: a 500, not a 400.
+    for route, name in (("/v1/completions", "prompt"), ("/v1/embeddings", "input")):
+        for ids in ([1, 10**30], [[1], [2**63]]):
+            body_in = {**COMPLETION, "model": "gpt2" if name == "prompt" else "emb", name: ids}
+            status, _, body = _post(gw, route, body_in)
+            assert status == 400 and _openai_error(body)["param"] == name, (route, ids, body)
 
 
 curl = shutil.which("curl")
