@@ -185,15 +185,17 @@ def expect_error(package: Path, device: str, source: Any, x: Any, match: str) ->
     from cicada.common.errors import CicadaError, LoadStalledError
 
     start = time.perf_counter()
+    cold = ColdStart(package, device=device, source=source, stall_timeout=BOUND_S / 2)
     try:
-        ColdStart(package, device=device, source=source, stall_timeout=BOUND_S / 2).forward(
-            x.to(device)
-        )
+        cold.forward(x.to(device))
     except LoadStalledError as exc:
         raise AssertionError(f"only the stall bound ended it: {exc}") from None
     except CicadaError as exc:
         assert match in str(exc), f"unexpected error: {exc}"
-        return f"{type(exc).__name__} after {time.perf_counter() - start:.3f} s"
+        took = time.perf_counter() - start
+        # The failed load's threads end too (one inside a torch op at exit aborts the script).
+        assert cold.join_loader(BOUND_S / 2), "the failed load's threads are still running"
+        return f"{type(exc).__name__} after {took:.3f} s"
     raise AssertionError("the load succeeded")
 
 

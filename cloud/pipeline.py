@@ -168,6 +168,12 @@ class ColdStart:
         """The load's failure, if it failed."""
         return self._error
 
+    def join_loader(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the load's own threads to end, as they do once it has
+        finished or failed; True when none runs. Call it before a process exits after a
+        failure: a loader thread still inside a torch op at interpreter exit can abort it."""
+        return self.source.join(timeout)
+
     def residency(self, timeout: float | None = None) -> Iterator[ResidencyEvent]:
         """Every residency event, past ones first, ending when every stage is resident.
 

@@ -81,6 +81,7 @@ Work = tuple[Dispatch, float | None, Stream, "Future[Result]"]
 
 # The batching key of generation requests where the model decodes streams together.
 GENERATE_KEY = ("generate",)
+LOADER_EXIT_WAIT_S = 10.0  # after a failed load, its threads' time to end before the exit
 
 # Before the first stage lands the worker can only guess its ETA from what is left of the
 # import (`import torch`: ~1.25 s on an idle 2-core machine, longer in proportion to the load),
@@ -1010,6 +1011,11 @@ class CloudWorker:
         while not self.runtime.join(0.05):
             self._serve_pending()
         self._serve_pending()
+        # A failed load's threads end by themselves: let them before the process exits, where
+        # one still inside a torch op would abort it instead of exiting with `code`.
+        if self.cold.error is not None and not self.cold.join_loader(LOADER_EXIT_WAIT_S):
+            log.warning("the failed load's threads did not end within %.0f s; exiting anyway",
+                        LOADER_EXIT_WAIT_S)  # fmt: skip
         return code
 
 

@@ -54,7 +54,8 @@ class StageSource:
     3. `attach(slots)`: the model is built; where each tensor goes is known.
     4. `tensors(stage)` for each verified stage, unless `in_place` (the source already wrote
        the bytes into the model's own storage, and there is nothing to apply).
-    5. `abandon()` from any thread if the load fails, whatever failed.
+    5. `abandon()` from any thread if the load fails, whatever failed; `join(timeout)` to wait
+       for the source's own threads to end (before a process exits after a failure).
     6. `order_compute_after(stages)` before a module runs whose stages are resident, and
        `synchronize()` when the forward ends.
     """
@@ -91,6 +92,11 @@ class StageSource:
 
     def abandon(self) -> None:
         """The load has failed (from any thread): stop reading. Must not block."""
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for the source's threads that run torch to end (they end by
+        themselves once the load has finished or failed); True when none runs."""
+        return True
 
     def order_compute_after(self, stages: Sequence[int]) -> None:
         """Make the compute that follows wait for these (host-resident) stages' bytes."""

@@ -42,6 +42,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -196,11 +197,26 @@ class CudaStageSource(StageSource):
             self.backend.pin(host)
         self.completions: queue.Queue[tuple[StageEntry, float, Any] | None] = queue.Queue()
         self.attached_at = self.timeline.now()
-        threading.Thread(target=self._watch, name="cicada-gpu-watcher", daemon=True).start()
-        threading.Thread(target=self._run, name="cicada-gpu-loader", daemon=True).start()
+        self._threads = [
+            threading.Thread(target=self._watch, name="cicada-gpu-watcher", daemon=True),
+            threading.Thread(target=self._run, name="cicada-gpu-loader", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def abandon(self) -> None:
         self.ring.stop()
+
+    def join(self, timeout: float) -> bool:
+        # The loader and the watcher run torch (copies, event waits; the simulated device's
+        # copies run on the watcher): one still inside an op at interpreter exit can abort the
+        # process ("terminate called without an active exception").
+        end = time.monotonic() + timeout
+        threads: list[threading.Thread] = getattr(self, "_threads", [])  # none before attach
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in threads if t is not threading.current_thread())
 
     def _place(self, slots: dict[str, list[Slot]]) -> None:
         """One device buffer per stage; every stored tensor (and its aliases) becomes a view

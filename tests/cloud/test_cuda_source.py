@@ -115,6 +115,10 @@ def test_any_loader_exception_fails_the_forward_instead_of_hanging(
         cold.forward(x)
     assert not isinstance(caught.value, LoadStalledError)  # woken by the error, not the bound
     assert isinstance(caught.value, expected) and heard == [caught.value]
+    # The failed load's threads end by themselves (before a process exits, it waits for
+    # them: one inside a torch op at interpreter exit aborts the process).
+    assert cold.join_loader(BOUND_S)
+    assert not [t.name for t in cold.source._threads if t.is_alive()]
 
 
 def test_a_failure_while_attaching_reaches_every_listener(tmp_path: Path) -> None:
