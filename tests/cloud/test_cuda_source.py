@@ -170,13 +170,14 @@ def test_an_alias_the_constructor_does_not_tie_is_tied(tmp_path: Path) -> None:
 
 def test_the_pinned_ring_is_released_after_the_load(tmp_path: Path) -> None:
     package, x, _ = _gpt2(tmp_path)
-    sim = SimulatedCuda()
+    sim = SimulatedCuda(hold=True)  # the load cannot end (and release the ring) before we look
     cold = _cold(package, sim)
     cold.build()
     source = cold.source
     assert isinstance(source, CudaStageSource)
     rings = [weakref.ref(buf) for buf in sim.pinned_buffers]
     assert len(rings) == len(source.ring.buffers) == source.readers + 2  # the sizing rule
+    sim.release()
     cold.forward(x)
     assert source.loaded.wait(BOUND_S)
     gc.collect()
