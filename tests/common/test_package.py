@@ -3,6 +3,7 @@ header reader, and the weights file `pack` writes."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import struct
@@ -12,6 +13,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -372,3 +375,72 @@ def test_weights_file_data_is_64_byte_aligned_and_in_stage_order(pkg: Path) -> N
     # No gaps: the data section is exactly the stages, back to back, to the end of the file.
     assert manifest.stages[0].begin == data_start
     assert manifest.stages[-1].end == len(raw)
+
+
+# -- generated hostile manifests and headers (hypothesis) -----------------------------------
+
+EDGES = [0, 1, -1, 7, 63, 64, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, -(2**63), 10**30]
+hostile_values = st.recursive(
+    st.one_of(st.sampled_from(EDGES), st.integers(), st.floats(), st.booleans(), st.none(),
+              st.text(max_size=8), st.sampled_from(["F32", "I64", "../x", "/etc/passwd", ""])),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                  max_size=3),
+    max_leaves=12,
+)  # fmt: skip
+PROPERTY = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def json_paths(node: Any, at: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON document: map keys and list indices, down to the leaves."""
+    paths = [at] if at else []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            paths += json_paths(value, (*at, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            paths += json_paths(value, (*at, i))
+    return paths
+
+
+def replaced(doc: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(doc)
+    node: Any = out
+    for step in path[:-1]:
+        node = node[step]
+    node[path[-1]] = value
+    return out
+
+
+@PROPERTY
+@given(data=st.data())
+def test_a_manifest_with_hostile_fields_parses_or_is_a_format_error(
+    pkg: Path, data: st.DataObject
+) -> None:
+    """Whatever one or two of its fields hold, a manifest is a Manifest that round-trips, or
+    PackageFormatError - never another exception (docs/PACKAGE.md, "Threat model")."""
+    doc = json.loads((pkg / MANIFEST_NAME).read_text())
+    for _ in range(data.draw(st.integers(1, 2))):
+        path = data.draw(st.sampled_from(json_paths(doc)))
+        doc = replaced(doc, path, data.draw(hostile_values))
+    try:
+        manifest = Manifest.from_json(doc)
+    except PackageFormatError:
+        return
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    with contextlib.suppress(PackageError):  # then checked against the real weights file
+        check_weights_file(pkg, manifest)
+
+
+@PROPERTY
+@given(header=st.dictionaries(st.text(max_size=12), hostile_values, max_size=4))
+def test_a_hostile_safetensors_header_is_read_or_an_integrity_error(
+    header: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    body = json.dumps(header).encode()
+    path = tmp_path_factory.mktemp("header") / "w.safetensors"
+    path.write_bytes(struct.pack("<Q", len(body)) + body + b"\0" * 64)
+    try:
+        entries, start = read_safetensors_header(path)
+    except PackageIntegrityError:
+        return
+    assert start == 8 + len(body) and set(entries) <= set(header)
