@@ -139,7 +139,7 @@ def measure_padded(args: argparse.Namespace, model: Any, ids: Any) -> dict[str, 
     low = max(1, args.tokens // 4)
     lengths = [low + (args.tokens - low) * i // max(1, k - 1) for i in range(k)]
     requests = [[ids[i : i + 1, :n].numpy()] for i, n in enumerate(lengths)]
-    (joined,), lengths = pad_and_join(requests)
+    (joined,), _ = pad_and_join(requests)  # the lengths it returns are `lengths`
     longest = max(lengths)
     batch = torch.from_numpy(joined)
     alone_s: list[float] = []

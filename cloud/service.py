@@ -521,8 +521,10 @@ class CloudWorker:
         start = time.monotonic()
         try:
             lengths: list[int] = []  # each request's sequence, where padded
+            longest = 0
             if padded:  # sequences of different lengths, each padded to the longest
                 joined, lengths = pad_and_join([item.inputs for item in live])
+                longest = max(lengths)
             else:
                 joined = [
                     np.concatenate([item.inputs[j] for item in live])
@@ -537,7 +539,7 @@ class CloudWorker:
                 rows_of = [o[offset : offset + size] for o in outputs]
                 if padded:
                     rows_of = cut_sequences(
-                        rows_of, lengths[k], max(lengths), self.batching.sequence_outputs
+                        rows_of, lengths[k], longest, self.batching.sequence_outputs
                     )
                 mine.append(rows_of)
                 offset += size
@@ -558,7 +560,7 @@ class CloudWorker:
             return
         timings = self._forward_timings(len(live), time.monotonic() - start, during_load)
         if padded:
-            timings["batch_padded_to"] = float(max(lengths))
+            timings["batch_padded_to"] = float(longest)
         self._batches += 1
         offset = 0
         for item, size, outs in zip(live, sizes, mine, strict=True):

@@ -228,6 +228,13 @@ class RawTensor:
     frame: bytes | memoryview
 
 
+def too_vast(shape: Sequence[int], limits: Limits = DEFAULT_LIMITS) -> bool:
+    """Does a shape name more elements, its zero dimensions left out, than a tensor may have
+    bytes? An empty tensor's data says nothing of its other dimensions; bounded as a non-empty
+    tensor's are, (2**63, 0) never reaches numpy (docs/PROTOCOL.md section 2)."""
+    return math.prod(d for d in shape if d) > limits.max_tensor_bytes
+
+
 def check_tensor(spec: Any, frame: bytes | memoryview, limits: Limits) -> RawTensor:
     if not isinstance(spec, dict):
         raise ProtocolError("tensor spec is not a map")
@@ -244,9 +251,7 @@ def check_tensor(spec: Any, frame: bytes | memoryview, limits: Limits) -> RawTen
         or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
     ):
         raise ProtocolError(f"tensor shape {shape!r} is invalid")
-    # An empty tensor's frame says nothing of its other dimensions; bounding them as a
-    # non-empty tensor's are keeps (2**63, 0) from reaching numpy (section 2).
-    if math.prod(d for d in shape if d) > limits.max_tensor_bytes:
+    if too_vast(shape, limits):
         raise ProtocolError(
             f"tensor shape {shape!r} names more than {limits.max_tensor_bytes} elements"
         )

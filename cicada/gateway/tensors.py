@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cicada.common.protocol import DEFAULT_LIMITS
+from cicada.common.protocol import DEFAULT_LIMITS, too_vast
 from cicada.gateway import jsonio
 from cicada.gateway.errors import bad_request
 
@@ -90,9 +90,7 @@ def _decode_one(
             f"got {str(shape)[:100]}",
             "shape",
         )
-    # An empty tensor's data cannot contradict its other dimensions: bound them as a
-    # non-empty tensor's are (the protocol's tensor limit, docs/PROTOCOL.md section 2).
-    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+    if too_vast(shape):  # even an empty tensor's (the protocol's bound)
         raise bad_request(f"{where}: shape {shape} names more than {MAX_ELEMENTS} elements",
                           "shape")  # fmt: skip
     count = math.prod(shape)

@@ -153,6 +153,7 @@ class CudaStageSource(StageSource):
         # Torch-free: the readers fill the ring while torch imports; the kernel is asked to
         # pull the rest of the file into the page cache meanwhile.
         self.on_stage = on_stage
+        self._threads: list[threading.Thread] = []  # the loader and watcher, once attached
         self._reported = False
         self._report_lock = threading.Lock()
         self.loaded = threading.Event()  # set once the consumer ended and the ring is released
@@ -211,12 +212,12 @@ class CudaStageSource(StageSource):
         # The loader and the watcher run torch (copies, event waits; the simulated device's
         # copies run on the watcher): one still inside an op at interpreter exit can abort the
         # process ("terminate called without an active exception").
+        me = threading.current_thread()
+        others = [t for t in self._threads if t is not me]
         end = time.monotonic() + timeout
-        threads: list[threading.Thread] = getattr(self, "_threads", [])  # none before attach
-        for thread in threads:
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, end - time.monotonic()))
-        return not any(t.is_alive() for t in threads if t is not threading.current_thread())
+        for thread in others:
+            thread.join(max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in others)
 
     def _place(self, slots: dict[str, list[Slot]]) -> None:
         """One device buffer per stage; every stored tensor (and its aliases) becomes a view
